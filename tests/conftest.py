@@ -1,0 +1,32 @@
+"""Shared helpers: a tiny configuration for fast end-to-end runs, and running the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# A network small enough that a training step takes tens of milliseconds on 2 CPU cores.
+TINY = [
+    "model.backbone_kwargs.depth=1", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
+    "model.head_output_dim=256", "train.batch_size=16", "augment.num_local_crops=2", "data.num_workers=0",
+]
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    """Run ``python -m unsupdistill ARGS`` in a fresh process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "unsupdistill", *args], cwd=cwd, env=env, timeout=timeout,
+                          capture_output=True, text=True, **popen)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    return list(TINY)

@@ -1,0 +1,65 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from unsupdistill.train.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+
+
+def test_roundtrip_with_tensors_and_rng(tmp_path):
+    state = {"step": 7, "model": {"w": torch.randn(3, 3)}, "rng": [{"torch": torch.get_rng_state()}]}
+    save_checkpoint(state, tmp_path / "last.pt")
+    loaded = load_checkpoint(tmp_path / "last.pt")
+    assert loaded["step"] == 7
+    torch.testing.assert_close(loaded["model"]["w"], state["model"]["w"])
+
+
+def test_failed_write_keeps_previous_checkpoint_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1}, path)
+
+    def write_then_fail(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(path, write_then_fail)
+    assert load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = ""
+
+
+def test_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path):
+    global MARKER
+    MARKER = str(tmp_path / "pwned")
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"format": "unsupdistill.checkpoint/1", "payload": RunsCode()}, f)
+    # also in torch's zip format
+    torch.save({"format": "unsupdistill.checkpoint/1", "payload": RunsCode()}, tmp_path / "evil_zip.pt")
+    for path in (evil, tmp_path / "evil_zip.pt"):
+        with pytest.raises(CheckpointError, match="not a safe unsupdistill checkpoint"):
+            load_checkpoint(path)
+    assert not os.path.exists(MARKER)
+
+
+def test_truncated_and_foreign_files_are_refused(tmp_path):
+    save_checkpoint({"step": 1}, tmp_path / "ok.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not an unsupdistill checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")

@@ -1,0 +1,136 @@
+"""End-to-end pretraining: run directory, resume after SIGKILL, torchrun, dry run, CLI errors."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from conftest import cli, read_metrics
+from safetensors.torch import load_file
+
+from unsupdistill.cli import main
+from unsupdistill.models.backbone import BackboneSpec, rebuild_backbone
+from unsupdistill.train.checkpoint import load_checkpoint
+
+
+def test_run_directory_holds_everything(tmp_path, tiny):
+    out = tmp_path / "run"
+    result = cli("pretrain", "--out", str(out), *tiny, "train.max_steps=6", "train.log_every_steps=2",
+                 "train.save_every_steps=3")
+    assert result.returncode == 0, result.stderr
+    assert f"run directory: {out}" in result.stdout
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["train"]["batch_size"] == 16 and config["data"]["path"] is None  # fully resolved
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [2, 4, 6]
+    for key in ("loss", "lr", "weight_decay", "teacher_momentum", "teacher_temp", "teacher_entropy",
+                "teacher_kl_uniform", "student_feature_std", "images_per_s"):
+        assert key in metrics[-1], key
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tensorboard").iterdir())
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 6
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    # the exported backbone rebuilds from its JSON with plain timm and gives the recorded feature size
+    meta = json.loads((out / "backbone.json").read_text())
+    spec = BackboneSpec(meta["timm_name"], meta["timm_kwargs"], meta["small_image_stem"], meta["feature_dim"])
+    model = rebuild_backbone(spec)
+    model.load_state_dict(load_file(out / "backbone.safetensors"), strict=True)
+    size = meta["input_size"]
+    assert model.eval()(torch.rand(2, 3, size, size)).shape == (2, meta["feature_dim"])
+
+
+def test_resume_after_sigkill_matches_uninterrupted_losses(tmp_path, tiny):
+    args = [*tiny, "train.max_steps=60", "train.log_every_steps=1", "train.save_every_steps=4", "train.seed=3"]
+    reference = tmp_path / "reference"
+    assert cli("pretrain", "--out", str(reference), *args).returncode == 0
+    expected = {m["step"]: m["loss"] for m in read_metrics(reference)}
+    assert sorted(expected) == list(range(1, 61))
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "unsupdistill", "pretrain", "--out", str(killed), *args],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if any(m["step"] >= 10 for m in read_metrics(killed)):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = load_checkpoint(killed / "checkpoints" / "last.pt")["step"]
+    assert 8 <= resumed_from < 60 and resumed_from % 4 == 0
+
+    result = cli("pretrain", "--resume", str(killed))
+    assert result.returncode == 0, result.stderr
+    got = read_metrics(killed)
+    assert [m["step"] for m in got] == list(range(1, 61))  # lines after the checkpoint were replaced
+    after = {m["step"]: m["loss"] for m in got if m["step"] > resumed_from}
+    assert len(after) == 60 - resumed_from
+    for step, loss in after.items():
+        assert loss == pytest.approx(expected[step], rel=1e-6, abs=1e-7), f"step {step}"
+
+
+def test_two_process_torchrun_on_cpu(tmp_path, tiny):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "unsupdistill", "pretrain", "--out", str(out), *tiny, "train.max_steps=4",
+         "train.log_every_steps=1"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # written once, by rank 0
+    assert "over 2 process(es)" in (out / "train.log").read_text()
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert (out / "backbone.safetensors").exists()
+
+
+def test_dry_run_of_a_recipe_too_large_for_this_machine(tmp_path, capsys):
+    code = main(["pretrain", "--recipe", "imagenet_vit_small", "--dry-run", "--out", str(tmp_path / "x"),
+                 "data.num_workers=0"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dry_run"] == "ok" and report["batch_used"] == 2 and report["feature_dim"] == 384
+    assert torch.isfinite(torch.tensor(report["loss"]))
+    assert not (tmp_path / "x").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train.epoch=5"], "did you mean 'train.epochs'"),
+    (["optim.lr=-1"], "optim.lr: expected a number > 0"),
+    (["/no/such/folder"], "/no/such/folder"),
+    (["--recipe", "nope"], "unknown recipe 'nope'"),
+    (["model.backbone=not_a_model"], "model.backbone='not_a_model' is not a timm model"),
+    (["model.backbone=resnet18", "model.small_image_stem=false"], "model.backbone_kwargs"),
+    (["model.backbone=vit_tiny_patch16_224", "model.small_image_stem=true"], "small_image_stem"),
+])
+def test_bad_input_exits_with_a_clear_error(tmp_path, caplog, args, expected):
+    with caplog.at_level(logging.ERROR):
+        assert main(["pretrain", "--out", str(tmp_path / "run"), *args]) == 2
+    assert expected in caplog.text
+
+
+def test_empty_folder_and_too_few_images(tmp_path, caplog):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with caplog.at_level(logging.ERROR):
+        assert main(["pretrain", str(empty), "--out", str(tmp_path / "r1")]) == 2
+    assert str(empty) in caplog.text
+
+    few = tmp_path / "few"
+    few.mkdir()
+    from PIL import Image
+    for i in range(3):
+        Image.new("RGB", (20, 20), (i * 50, 0, 0)).save(few / f"{i}.png")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(["pretrain", str(few), "--out", str(tmp_path / "r2"), "train.batch_size=8"]) == 2
+    assert "fewer than one batch" in caplog.text and "train.batch_size" in caplog.text

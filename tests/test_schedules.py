@@ -1,0 +1,54 @@
+import math
+
+import pytest
+
+from unsupdistill.config import LossConfig, OptimConfig
+from unsupdistill.train.schedules import scaled_lr, schedule_at, teacher_temperature
+
+STEPS_PER_EPOCH, EPOCHS, BATCH = 10, 20, 512
+TOTAL = STEPS_PER_EPOCH * EPOCHS
+
+
+def at(step, optim=None, loss=None):
+    return schedule_at(step, TOTAL, STEPS_PER_EPOCH, BATCH, optim or OptimConfig(warmup_epochs=2),
+                       loss or LossConfig(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=5))
+
+
+def test_learning_rate_scales_warms_up_and_decays_to_min():
+    peak = scaled_lr(OptimConfig(), BATCH)
+    assert peak == pytest.approx(5e-4 * 2)
+    warmup = 2 * STEPS_PER_EPOCH
+    assert at(0).lr == pytest.approx(peak / warmup)
+    assert at(warmup - 1).lr == pytest.approx(peak)
+    assert at(warmup).lr == pytest.approx(peak)
+    lrs = [at(s).lr for s in range(warmup, TOTAL)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone cosine decay
+    assert at(TOTAL - 1).lr == pytest.approx(1e-6)
+
+
+def test_weight_decay_and_teacher_momentum_cosine_endpoints():
+    assert at(0).weight_decay == pytest.approx(0.04)
+    assert at(TOTAL - 1).weight_decay == pytest.approx(0.4)
+    assert at(0).teacher_momentum == pytest.approx(0.996)
+    assert at(TOTAL - 1).teacher_momentum == pytest.approx(1.0)
+    mid = at(TOTAL // 2).teacher_momentum
+    assert 0.996 < mid < 1.0
+
+
+def test_teacher_temperature_warmup_then_constant():
+    cfg = LossConfig(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=5)
+    assert teacher_temperature(0, STEPS_PER_EPOCH, cfg) == pytest.approx(0.04)
+    assert teacher_temperature(25, STEPS_PER_EPOCH, cfg) == pytest.approx(0.055)
+    assert teacher_temperature(50, STEPS_PER_EPOCH, cfg) == pytest.approx(0.07)
+    assert teacher_temperature(TOTAL - 1, STEPS_PER_EPOCH, cfg) == pytest.approx(0.07)
+    assert teacher_temperature(0, STEPS_PER_EPOCH, LossConfig()) == LossConfig().teacher_temp  # no warmup
+
+
+def test_last_layer_frozen_for_first_epoch_only():
+    assert at(0).freeze_last_layer and at(STEPS_PER_EPOCH - 1).freeze_last_layer
+    assert not at(STEPS_PER_EPOCH).freeze_last_layer
+
+
+def test_warmup_longer_than_run_is_clamped():
+    short = schedule_at(3, 5, 5, 256, OptimConfig(warmup_epochs=10), LossConfig())
+    assert math.isfinite(short.lr) and short.lr > 0

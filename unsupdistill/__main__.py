@@ -1,0 +1,5 @@
+import sys
+
+from unsupdistill.cli import main
+
+sys.exit(main())

@@ -1,0 +1,110 @@
+"""Multi-crop augmentation (DINO, Caron et al. 2021, Sec. 3.1 and App. D), batched on any device with kornia.
+
+Each view kind runs DINO's torchvision pipeline in the same order: random resized crop, horizontal flip,
+colour jitter, grayscale, Gaussian blur, solarization, normalisation. Every sample of a batch draws its own
+parameters from torch's global RNG, so ``torch.manual_seed`` makes a run reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+
+import kornia.augmentation as K
+import torch
+from torch import Tensor, nn
+
+from unsupdistill.config import AugmentConfig, CropSpec
+
+REFERENCE_SIZE = 224
+"""Crop size that ``CropSpec.blur_sigma`` is expressed in (DINO's 224-px global crops)."""
+MIN_BLUR_SIGMA = 0.1
+"""Smallest blur sigma in output pixels; below it a Gaussian kernel is the identity."""
+
+
+def blur_sigma(spec: CropSpec) -> tuple[float, float]:
+    """Return the blur sigma range for ``spec.size``-px crops, scaled from the 224-px reference."""
+    low, high = (max(s * spec.size / REFERENCE_SIZE, MIN_BLUR_SIGMA) for s in spec.blur_sigma)
+    return low, high
+
+
+def blur_kernel_size(size: int, sigma_max: float) -> int:
+    """Odd kernel side covering +/- 3 sigma, at most the (odd) crop size and at least 3."""
+    kernel = 2 * math.ceil(3 * sigma_max) + 1
+    largest = size if size % 2 else size - 1
+    return max(min(kernel, largest), 3)
+
+
+def build_view_transform(
+    spec: CropSpec, mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> nn.Module:
+    """Build the kornia pipeline for one kind of view; stages whose probability is 0 are left out.
+
+    Args:
+        spec: crop size, scale range and the probabilities and strengths of the photometric ops.
+        mean: per-channel mean subtracted at the end.
+        std: per-channel standard deviation divided by at the end.
+
+    Returns:
+        A module mapping float images (B, 3, H, W) in [0, 1] to normalised views (B, 3, size, size).
+    """
+    stages: list[nn.Module] = [
+        # Bilinear with half-pixel centres as torchvision's tensor resize (DINO uses PIL bicubic, whose
+        # overshoot PIL clamps away); kornia has no antialiasing here, so strong downscaling aliases.
+        K.RandomResizedCrop(
+            (spec.size, spec.size), scale=spec.scale, ratio=(3 / 4, 4 / 3), resample="bilinear",
+            align_corners=False,
+        )
+    ]
+    if spec.flip_p > 0:
+        stages.append(K.RandomHorizontalFlip(p=spec.flip_p))
+    if spec.color_jitter_p > 0 and any(spec.color_jitter):
+        # ColorJitter uses torchvision's formulas (ColorJiggle does not); one random op order per batch.
+        stages.append(K.ColorJitter(*spec.color_jitter, p=spec.color_jitter_p))
+    if spec.grayscale_p > 0:
+        stages.append(K.RandomGrayscale(p=spec.grayscale_p))
+    if spec.blur_p > 0 and spec.size >= 3:  # a 3-px kernel cannot reflect-pad a 1- or 2-px crop
+        sigma = blur_sigma(spec)
+        stages.append(K.RandomGaussianBlur(blur_kernel_size(spec.size, sigma[1]), sigma, p=spec.blur_p))
+    if spec.solarize_p > 0:
+        # thresholds=0.0 is a zero half-width around 0.5: DINO's fixed threshold (PIL's 128 of 255).
+        stages.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=spec.solarize_p))
+    stages.append(K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std)))
+    return nn.Sequential(*stages)
+
+
+class MultiCropAugmentation(nn.Module):
+    """DINO's multi-crop: two global views that differ in blur and solarization, and N local views.
+
+    Args:
+        cfg: the augmentation section of the config.
+    """
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        super().__init__()
+        self.num_local_crops = cfg.num_local_crops
+        self.global_1 = build_view_transform(cfg.global_1, cfg.mean, cfg.std)
+        self.global_2 = build_view_transform(cfg.global_2, cfg.mean, cfg.std)
+        self.local = build_view_transform(cfg.local, cfg.mean, cfg.std) if cfg.num_local_crops > 0 else None
+
+    @property
+    def num_views(self) -> int:
+        """Views per image: two global plus the local ones."""
+        return 2 + self.num_local_crops
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Augment a batch into global and local views, with independent parameters for every view.
+
+        Args:
+            images: (B, 3, H, W), uint8 in 0..255 or float in [0, 1], on any device.
+
+        Returns:
+            global_views: (2B, 3, G, G), view 1 of all B images, then view 2 in the same order.
+            local_views: (N*B, 3, L, L), local view 1 of all B images, then view 2, ...; None when N is 0.
+        """
+        images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+        global_views = torch.cat([self.global_1(images), self.global_2(images)])  # (2B, 3, G, G)
+        if self.local is None:
+            return global_views.contiguous(), None
+        local_views = self.local(images.repeat(self.num_local_crops, 1, 1, 1))  # (N*B, 3, L, L)
+        return global_views.contiguous(), local_views.contiguous()

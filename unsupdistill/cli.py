@@ -1,0 +1,106 @@
+"""The ``unsupdistill`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from unsupdistill import distributed
+from unsupdistill.config import ConfigError, apply_overrides, config_from_dict, load_config, recipe_names
+from unsupdistill.data import DataError
+from unsupdistill.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+
+logger = logging.getLogger("unsupdistill")
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="unsupdistill", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser(
+        "pretrain", help="DINO pretraining on a folder of unlabeled images (default: built-in digits)",
+        description="Train a DINO student/teacher on unlabeled images and export the teacher backbone. "
+                    "Arguments with '=' override the config, e.g. train.epochs=5 optim.lr=1e-3.",
+    )
+    p.add_argument("args", nargs="*", metavar="[PATH] [key=value ...]",
+                   help="image folder (omit for scikit-learn's digits) and config overrides")
+    p.add_argument("--recipe", help=f"shipped recipe ({', '.join(recipe_names())}) or a YAML file")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_OR_CHECKPOINT",
+                   help="continue a run from its checkpoints/last.pt (or the given .pt file)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build everything and run one step on a batch of 2 per process; write nothing")
+
+    args, extra = parser.parse_known_args(argv)  # paths and key=value may follow options
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.args += extra
+    logging.basicConfig(level=logging.INFO if distributed.local_rank() == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return pretrain_command(args)
+    except USER_ERRORS as err:
+        logger.error("%s", err)
+        return 2
+
+
+def pretrain_command(args: argparse.Namespace) -> int:
+    from unsupdistill.train.loop import TrainingError, pretrain  # heavy imports after argument checks
+
+    paths = [a for a in args.args if "=" not in a]
+    overrides = [a for a in args.args if "=" in a]
+    if len(paths) > 1:
+        raise ConfigError(f"expected at most one image folder, got {paths}; overrides need key=value")
+    if paths:
+        overrides.append(f"data.path={paths[0]}")
+
+    checkpoint = None
+    if args.resume:
+        if args.recipe:
+            raise ConfigError("--resume takes the run's own config; pass changes as key=value, not --recipe")
+        ckpt_path = find_checkpoint(args.resume)
+        checkpoint = load_checkpoint(ckpt_path)
+        config = config_from_dict(checkpoint["config"], str(ckpt_path))
+        if overrides:
+            config = config_from_dict(apply_overrides(config, overrides).to_dict(), "command line")
+        run_dir = args.out or ckpt_path.parent.parent
+    else:
+        config = load_config(args.recipe, overrides)
+        run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+    if args.dry_run:
+        report = pretrain(config, run_dir, checkpoint, dry_run=True)
+        print(json.dumps({"dry_run": "ok", **report}, indent=2))
+        return 0
+    if distributed.local_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        logging.getLogger().addHandler(_file_handler(run_dir / "train.log"))
+    try:
+        backbone = pretrain(config, run_dir, checkpoint)
+    except TrainingError as err:
+        logger.error("%s", err)
+        return 1
+    if backbone is not None:
+        print(f"\nrun directory: {run_dir}\n"
+              f"  backbone:    {backbone} (+ backbone.json)\n"
+              f"  checkpoint:  {run_dir / 'checkpoints' / 'last.pt'}\n"
+              f"  metrics:     {run_dir / 'metrics.jsonl'}  (tensorboard --logdir {run_dir / 'tensorboard'})\n"
+              f"  config:      {run_dir / 'config.yaml'}")
+    return 0
+
+
+def _file_handler(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    return handler
+
+
+if __name__ == "__main__":
+    sys.exit(main())

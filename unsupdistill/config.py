@@ -1,0 +1,403 @@
+"""Typed configuration: one dataclass per component, YAML recipes and ``key=value`` overrides.
+
+A recipe holds only its differences from the defaults below; the defaults are the built-in
+run (a small ViT on scikit-learn's digits). ``load_config`` merges defaults, recipe and
+overrides, checks every key and value, and raises :class:`ConfigError` naming the key, the
+source and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override names an unknown key or holds a bad value."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CropSpec:
+    """One kind of view in the multi-crop augmentation (DINO, Caron et al. 2021, Sec. 3.1)."""
+
+    size: int
+    """Output side length in pixels."""
+    scale: tuple[float, float]
+    """Range of the crop's area as a fraction of the image (RandomResizedCrop)."""
+    flip_p: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    """Brightness, contrast, saturation, hue strengths."""
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """Gaussian blur sigma range, in pixels of a 224-px crop; scaled with ``size``."""
+    solarize_p: float = 0.0
+
+
+@dataclass
+class AugmentConfig:
+    """DINO's multi-crop recipe: two global views that differ in blur/solarize, N local views."""
+
+    global_1: CropSpec = field(default_factory=lambda: CropSpec(size=32, scale=(0.4, 1.0), blur_p=1.0))
+    global_2: CropSpec = field(
+        default_factory=lambda: CropSpec(size=32, scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2)
+    )
+    local: CropSpec = field(default_factory=lambda: CropSpec(size=16, scale=(0.05, 0.4), blur_p=0.5))
+    num_local_crops: int = 6
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """Folder of unlabeled images (searched recursively); null trains on scikit-learn's digits."""
+    image_size: int | None = None
+    """Side of the square each image is decoded to (shorter side resized, centre crop) before
+    the batched augmentation crops it; null means the global crop size."""
+    num_workers: int = 2
+    """DataLoader worker processes that decode images."""
+    strict: bool = False
+    """Fail on the first unreadable file instead of skipping and counting it."""
+    verify: Literal["full", "header"] = "full"
+    """How the scan checks each file: a full decode (catches truncated files) or the header only
+    (much faster on huge folders; a file that fails later stops the run with its path)."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vit_tiny_patch16_224"
+    """Any timm model name."""
+    backbone_kwargs: dict[str, Any] = field(
+        default_factory=lambda: {"img_size": 32, "patch_size": 4, "depth": 4}
+    )
+    """Extra keyword arguments for ``timm.create_model`` (e.g. img_size, patch_size)."""
+    small_image_stem: bool = False
+    """ResNets only: 3x3 stride-1 first convolution and no max-pool, for 32-px images."""
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_output_dim: int = 65536
+    head_batch_norm: bool = False
+    norm_last_layer: bool = True
+    """Weight-normalise the head's last layer with a fixed norm (more stable, DINO default)."""
+
+
+@dataclass
+class LossConfig:
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    """Teacher temperature after warmup; raise towards 0.07 only if training is stable."""
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 5e-4
+    """Peak learning rate per 256 images; the used value is lr * global_batch / 256."""
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    sgd_momentum: float = 0.9
+    clip_grad: float = 3.0
+    """Max gradient norm per parameter tensor; 0 disables clipping."""
+    freeze_last_layer_epochs: float = 1
+    teacher_momentum: float = 0.996
+    teacher_momentum_end: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 64
+    """Global batch size, split evenly across processes under torchrun."""
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on CPU and on CUDA when supported; fp16 (CUDA only) uses a GradScaler."""
+    log_every_steps: int = 10
+    save_every_steps: int = 100
+    """Write checkpoints/last.pt every this many steps (and at every epoch end)."""
+    keep_every_epochs: int = 0
+    """Also keep checkpoints/epoch_NNNN.pt every this many epochs; 0 keeps none."""
+    threads: int | None = None
+    """torch intra-op threads on CPU; null leaves torch's default."""
+    max_steps: int | None = None
+    """Stop after this many steps (for smoke tests); schedules still span all epochs."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped with the package."""
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("unsupdistill.recipes").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def read_recipe(recipe: str) -> tuple[dict[str, Any], str]:
+    """Return the recipe's mapping and a label for error messages.
+
+    Args:
+        recipe: a shipped recipe name (``cifar10``) or a path to a YAML file.
+    """
+    if recipe.endswith((".yaml", ".yml")) or "/" in recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe file {recipe} does not exist")
+        text, label = path.read_text(), str(path)
+    else:
+        candidate = resources.files("unsupdistill.recipes") / f"{recipe}.yaml"
+        if not candidate.is_file():
+            raise ConfigError(
+                f"unknown recipe '{recipe}'; shipped recipes: {', '.join(recipe_names())} "
+                "(or pass a path to a .yaml file)"
+            )
+        text, label = candidate.read_text(), f"recipes/{recipe}.yaml"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{label} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label} must be a mapping of sections (data, model, train, ...)")
+    return data, label
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``"train.epochs=5"`` into ``(["train", "epochs"], 5)``; the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{item}': value is not valid YAML ({err})") from err
+    return key.split("."), value
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply ``key=value`` overrides in order.
+
+    A key that reaches into a mapping field (``model.backbone_kwargs.img_size=16``) sets that one
+    entry; a mapping given whole (``model.backbone_kwargs={}``) replaces the field, as in a recipe.
+    """
+    for item in overrides:
+        parts, value = parse_override(item)
+        nested: Any = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        config = merge(config, nested, "command line", update_dicts=_reaches_into_mapping(config, parts))
+    return config
+
+
+def _reaches_into_mapping(config: Any, parts: list[str]) -> bool:
+    node = config
+    for part in parts[:-1]:
+        node = getattr(node, part, None) if dataclasses.is_dataclass(node) else None
+        if isinstance(node, dict):
+            return True
+    return False
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the recipe's differences, then ``key=value`` overrides; validated."""
+    config = Config()
+    if recipe:
+        data, label = read_recipe(recipe)
+        config = merge(config, data, label)
+    config = apply_overrides(config, overrides or [])
+    validate(config)
+    return config
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Rebuild a full config (e.g. one stored in a checkpoint) and validate it."""
+    config = merge(Config(), data, source)
+    validate(config)
+    return config
+
+
+def merge(config: Any, data: dict[str, Any], source: str, prefix: str = "", update_dicts: bool = False) -> Any:
+    """Return a copy of dataclass ``config`` with the values in ``data`` checked and applied.
+
+    Mapping fields (``model.backbone_kwargs``) are replaced whole, unless ``update_dicts`` is set
+    (an override that names one entry of the mapping).
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(config))
+    names = [f.name for f in dataclasses.fields(config)]
+    changes = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+            where = f"'{prefix.rstrip('.')}'" if prefix else "the top level"
+            raise ConfigError(
+                f"{source}: unknown key '{path}'{hint}; allowed keys in {where}: {', '.join(names)}"
+            )
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = merge(current, value, source, f"{path}.", update_dicts)
+        elif update_dicts and isinstance(current, dict) and isinstance(value, dict):
+            changes[key] = {**current, **value}
+        else:
+            changes[key] = _coerce(value, hints[key], path, source)
+    return dataclasses.replace(config, **changes)
+
+
+def _coerce(value: Any, hint: Any, path: str, source: str) -> Any:
+    """Check ``value`` against the type hint; return it in the field's type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    bad = f"{source}: {path}={value!r} is invalid; "
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path, source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(bad + f"allowed values: {', '.join(map(str, args))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(bad + "expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(bad + "expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(bad + "expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(bad + "expected a string")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(bad + f"expected a list of {len(args)} numbers")
+        return tuple(_coerce(v, a, path, source) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(bad + "expected a mapping")
+        return dict(value)
+    raise TypeError(f"config field {path} has an unsupported type {hint}")  # a bug, not user input
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: ranges and relations that types cannot express
+# ----------------------------------------------------------------------------------------------
+
+
+def validate(config: Config) -> None:
+    """Raise ConfigError for out-of-range values, naming the key and what is allowed."""
+    checks: list[tuple[bool, str, str]] = []
+
+    def need(ok: bool, key: str, allowed: str) -> None:
+        checks.append((ok, key, allowed))
+
+    a = config.augment
+    for name in ("global_1", "global_2", "local"):
+        spec: CropSpec = getattr(a, name)
+        key = f"augment.{name}"
+        need(spec.size >= 1, f"{key}.size", "an integer >= 1")
+        need(0 < spec.scale[0] <= spec.scale[1] <= 1, f"{key}.scale", "[min, max] with 0 < min <= max <= 1")
+        for p in ("flip_p", "color_jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            need(0 <= getattr(spec, p) <= 1, f"{key}.{p}", "a probability in [0, 1]")
+        need(all(v >= 0 for v in spec.color_jitter) and spec.color_jitter[3] <= 0.5,
+             f"{key}.color_jitter", "[brightness, contrast, saturation, hue], all >= 0, hue <= 0.5")
+        need(0 < spec.blur_sigma[0] <= spec.blur_sigma[1], f"{key}.blur_sigma", "[min, max] with 0 < min <= max")
+    need(a.global_1.size == a.global_2.size, "augment.global_2.size",
+         f"the same size as augment.global_1.size ({a.global_1.size})")
+    need(a.num_local_crops >= 0, "augment.num_local_crops", "an integer >= 0")
+    need(a.local.size <= a.global_1.size, "augment.local.size",
+         f"at most the global crop size ({a.global_1.size})")
+    need(all(s > 0 for s in a.std), "augment.std", "three positive numbers")
+
+    d = config.data
+    need(d.image_size is None or d.image_size >= 1, "data.image_size", "null or an integer >= 1")
+    need(d.num_workers >= 0, "data.num_workers", "an integer >= 0")
+
+    m = config.model
+    need(bool(m.backbone), "model.backbone", "a timm model name, e.g. resnet18 or vit_small_patch16_224")
+    for key in ("head_hidden_dim", "head_bottleneck_dim", "head_output_dim"):
+        need(getattr(m, key) >= 1, f"model.{key}", "an integer >= 1")
+
+    lo = config.loss
+    for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+        need(getattr(lo, key) > 0, f"loss.{key}", "a number > 0")
+    need(lo.warmup_teacher_temp_epochs >= 0, "loss.warmup_teacher_temp_epochs", "an integer >= 0")
+    need(0 <= lo.center_momentum < 1, "loss.center_momentum", "a number in [0, 1)")
+
+    o = config.optim
+    need(o.lr > 0, "optim.lr", "a number > 0")
+    need(0 <= o.min_lr <= o.lr, "optim.min_lr", f"a number in [0, optim.lr={o.lr}]")
+    need(o.warmup_epochs >= 0, "optim.warmup_epochs", "a number >= 0")
+    need(o.weight_decay >= 0 and o.weight_decay_end >= 0, "optim.weight_decay", "numbers >= 0")
+    need(0 <= o.sgd_momentum < 1, "optim.sgd_momentum", "a number in [0, 1)")
+    need(o.clip_grad >= 0, "optim.clip_grad", "a number >= 0 (0 disables clipping)")
+    need(o.freeze_last_layer_epochs >= 0, "optim.freeze_last_layer_epochs", "a number >= 0")
+    need(0 <= o.teacher_momentum <= 1, "optim.teacher_momentum", "a number in [0, 1]")
+    need(0 <= o.teacher_momentum_end <= 1, "optim.teacher_momentum_end", "a number in [0, 1]")
+
+    t = config.train
+    need(t.epochs >= 1, "train.epochs", "an integer >= 1")
+    need(t.batch_size >= 1, "train.batch_size", "an integer >= 1")
+    need(t.log_every_steps >= 1, "train.log_every_steps", "an integer >= 1")
+    need(t.save_every_steps >= 1, "train.save_every_steps", "an integer >= 1")
+    need(t.keep_every_epochs >= 0, "train.keep_every_epochs", "an integer >= 0")
+    need(t.threads is None or t.threads >= 1, "train.threads", "null or an integer >= 1")
+    need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "null or an integer >= 1")
+
+    errors = [f"{key}: expected {allowed}" for ok, key, allowed in checks if not ok]
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def _to_plain(value: Any) -> Any:
+    """Tuples to lists, recursively, so the config dumps as plain YAML."""
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value

@@ -1,0 +1,70 @@
+"""Unlabeled image datasets: a recursive image folder, or scikit-learn's built-in digits.
+
+Every dataset returns ``uint8`` tensors of shape ``(3, S, S)``: the image decoded to RGB, its
+shorter side resized to ``S`` and centre-cropped. The multi-crop augmentation runs batched on
+these tensors afterwards, so decoding is the only per-image work done in DataLoader workers.
+
+An image folder is scanned once at start-up: files that cannot be decoded (empty, truncated,
+corrupt, not an image, unreadable, decompression bombs) are skipped and counted, or stop the run
+when ``data.strict`` is true.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from unsupdistill.config import DataConfig
+from unsupdistill.data.digits import DigitsDataset, digits_split
+from unsupdistill.data.folder import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    ImageFolderDataset,
+    list_image_files,
+    load_rgb,
+    resize_center_crop,
+)
+
+__all__ = ["IMAGE_EXTENSIONS", "DataError", "DigitsDataset", "ImageFolderDataset", "build_dataset",
+           "digits_split", "list_image_files", "load_rgb", "resize_center_crop", "write_skipped"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_dataset(cfg: DataConfig, image_size: int) -> Dataset:
+    """The dataset ``cfg`` describes.
+
+    Args:
+        cfg: the data section of the config.
+        image_size: the global crop size, used when ``cfg.image_size`` is null.
+    """
+    size = cfg.image_size or image_size
+    if cfg.path is None:
+        logger.info("no image folder given: training on scikit-learn's built-in digits (1,797 images)")
+        return DigitsDataset(size)
+    dataset = ImageFolderDataset(
+        cfg.path, size, strict=cfg.strict, verify=cfg.verify, num_threads=max(1, cfg.num_workers)
+    )
+    logger.info("%d images in %s (%d skipped)", len(dataset), dataset.root, len(dataset.skipped))
+    return dataset
+
+
+def write_skipped(dataset: Dataset, path: Path) -> int:
+    """Write the dataset's skipped files as "path<TAB>reason" lines, if there are any.
+
+    Args:
+        dataset: a dataset with a ``skipped`` list of ``(path, reason)``.
+        path: the file to write, or an existing folder to write ``skipped.txt`` in.
+
+    Returns:
+        The number of skipped files.
+    """
+    skipped: list[tuple[str, str]] = getattr(dataset, "skipped", [])
+    if skipped:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "skipped.txt"
+        path.write_text("".join(f"{file}\t{reason}\n" for file, reason in skipped))
+    return len(skipped)

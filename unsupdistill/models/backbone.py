@@ -1,0 +1,81 @@
+"""Backbones: any timm model by name, made to accept the crop sizes DINO feeds it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import timm
+from torch import nn
+
+from unsupdistill.config import ConfigError, ModelConfig
+
+
+@dataclass
+class BackboneSpec:
+    """Everything needed to rebuild a backbone without this package: ``timm.create_model(name,
+    num_classes=0, **kwargs)``, then the small-image stem if set."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    small_image_stem: bool = False
+    feature_dim: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def create_backbone(cfg: ModelConfig, crop_sizes: tuple[int, ...] = ()) -> tuple[nn.Module, BackboneSpec]:
+    """Create the timm backbone named in ``cfg`` with its classifier removed.
+
+    Args:
+        cfg: the model section.
+        crop_sizes: the view sizes the network will see; a ViT given more than one gets
+            ``dynamic_img_size=True`` (interpolated position embeddings) unless set already.
+
+    Returns:
+        The backbone (forward gives pooled features ``(B, feature_dim)``) and its spec.
+    """
+    if not timm.is_model(cfg.backbone):
+        raise ConfigError(
+            f"model.backbone='{cfg.backbone}' is not a timm model; list names with "
+            "python -c \"import timm; print(timm.list_models('*vit*'))\""
+        )
+    kwargs = dict(cfg.backbone_kwargs)
+    try:
+        model = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **kwargs)
+        if len(set(crop_sizes)) > 1 and getattr(model, "dynamic_img_size", True) is False:
+            kwargs["dynamic_img_size"] = True
+            model = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model.backbone_kwargs={cfg.backbone_kwargs} rejected by timm "
+                          f"'{cfg.backbone}': {err}. Give the keyword arguments this model takes, "
+                          "or model.backbone_kwargs={} for none") from err
+    if cfg.small_image_stem:
+        apply_small_image_stem(model)
+    spec = BackboneSpec(cfg.backbone, kwargs, cfg.small_image_stem, int(model.num_features))
+    return model, spec
+
+
+def apply_small_image_stem(model: nn.Module) -> None:
+    """Replace a ResNet's 7x7/2 convolution and max-pool by a 3x3/1 convolution (CIFAR-style).
+
+    timm has no keyword for this stem, so it is done here; ``BackboneSpec.small_image_stem``
+    records it so exports can rebuild the same network.
+    """
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise ConfigError(
+            "model.small_image_stem=true needs a ResNet-style timm model (with conv1 and maxpool), "
+            f"got '{type(model).__name__}'; set it to false for this backbone"
+        )
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def rebuild_backbone(spec: BackboneSpec) -> nn.Module:
+    """Create an uninitialised backbone from a saved spec (for loading weights)."""
+    model = timm.create_model(spec.name, pretrained=False, num_classes=0, **spec.kwargs)
+    if spec.small_image_stem:
+        apply_small_image_stem(model)
+    return model

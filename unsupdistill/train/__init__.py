@@ -1,0 +1,1 @@
+"""Pretraining: schedules, the DINO training step, health signals, checkpoints and the run loop."""

@@ -1,0 +1,71 @@
+"""Health signals that catch DINO's two collapse modes (Caron et al. 2021, Sec. 5.3).
+
+Centering alone pushes the teacher towards a uniform output; sharpening alone towards a
+one-hot output that ignores the input. Both show in the teacher's output distribution.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def health_signals(teacher_logits: Tensor, center: Tensor, teacher_temp: float, student_features: Tensor) -> dict:
+    """Collapse metrics of one step.
+
+    Args:
+        teacher_logits: (N, K) teacher head outputs before centering.
+        center: (1, K) or (1, 1, K) the loss's centre.
+        teacher_temp: the teacher temperature of this step.
+        student_features: (M, D) student backbone features.
+
+    Returns:
+        teacher_entropy (mean per-sample entropy, nats), teacher_kl_uniform (log K minus that),
+        teacher_top_share (fraction of samples whose argmax is the batch's most common one),
+        student_feature_std (std over the batch of L2-normalised features, mean over dims;
+        about 1/sqrt(D) when features spread, 0 when they collapse to a point).
+    """
+    logits = teacher_logits.float()
+    probs = F.softmax((logits - center.reshape(1, -1).float()) / teacher_temp, dim=-1)  # (N, K)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1).mean()
+    top = probs.argmax(dim=-1)
+    top_share = torch.bincount(top).max().float() / top.numel()
+    feature_std = F.normalize(student_features.float(), dim=-1).std(dim=0).mean()
+    log_k = math.log(logits.shape[-1])
+    return {
+        "teacher_entropy": entropy.item(),
+        "teacher_kl_uniform": log_k - entropy.item(),
+        "teacher_top_share": top_share.item(),
+        "student_feature_std": feature_std.item(),
+    }
+
+
+def collapse_warnings(signals: dict, num_outputs: int, feature_dim: int) -> list[str]:
+    """Plain-words diagnoses of collapse, empty when the signals look healthy."""
+    log_k = math.log(num_outputs)
+    messages = []
+    if signals["teacher_kl_uniform"] < 0.01 * log_k:
+        messages.append(
+            "teacher output is nearly uniform (entropy {:.2f} of max {:.2f} nats): collapse to uniform. "
+            "Lower loss.teacher_temp or raise optim.teacher_momentum.".format(signals["teacher_entropy"], log_k)
+        )
+    if signals["teacher_entropy"] < 0.05 * log_k and signals["teacher_top_share"] > 0.9:
+        messages.append(
+            "teacher output is one-hot on the same dimension for {:.0%} of images: collapse to one "
+            "output. Lower loss.center_momentum (a faster centre) or raise loss.teacher_temp."
+            .format(signals["teacher_top_share"])
+        )
+    if signals["student_feature_std"] < 0.1 / math.sqrt(feature_dim):
+        messages.append(
+            "student features have collapsed to a point (std {:.2e}, healthy about {:.2e}). "
+            "Lower optim.lr or check the augmentation.".format(signals["student_feature_std"],
+                                                               1 / math.sqrt(feature_dim))
+        )
+    return messages

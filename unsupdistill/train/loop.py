@@ -1,0 +1,354 @@
+"""The pretraining run: build everything from a config, train, checkpoint, export the teacher."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import yaml
+from lightly.loss import DINOLoss
+from lightly.models.utils import get_weight_decay_parameters, update_momentum
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from unsupdistill import distributed
+from unsupdistill.augment import MultiCropAugmentation
+from unsupdistill.config import Config, ConfigError, LossConfig
+from unsupdistill.data import DataError, build_dataset, write_skipped
+from unsupdistill.models import build_student_teacher
+from unsupdistill.train.checkpoint import save_backbone, save_checkpoint
+from unsupdistill.train.health import collapse_warnings, health_signals
+from unsupdistill.train.metrics import MetricsLogger
+from unsupdistill.train.schedules import ScheduleValues, scaled_lr, schedule_at
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last checkpoint is kept."""
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start mid-epoch (it has no such option), for exact resumes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", distributed.local_rank())
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None for float32). bf16 is the CPU default: ~2.3x faster matmuls there."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
+    if precision == "auto":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def build_loss(cfg: LossConfig, output_dim: int) -> DINOLoss:
+    """lightly's DINO loss: centre and sharpen the teacher, cross-entropy over all pairs but same views,
+    centre all-reduced across processes. The teacher temperature is passed per call (a schedule)."""
+    return DINOLoss(output_dim=output_dim, teacher_temp=cfg.teacher_temp, student_temp=cfg.student_temp,
+                    center_momentum=cfg.center_momentum)
+
+
+class Pretrainer:
+    """One DINO pretraining run (Caron et al. 2021, Algorithm 1) in one process of possibly many."""
+
+    def __init__(self, config: Config, run_dir: Path, checkpoint: dict | None = None, dry_run: bool = False):
+        self.config, self.run_dir, self.dry_run = config, run_dir, dry_run
+        train = config.train
+        self.device = resolve_device(train.device)
+        distributed.init_distributed(self.device)
+        self.is_main = distributed.is_main_process()
+        self.world = distributed.world_size()
+        if train.batch_size % self.world:
+            raise ConfigError(f"train.batch_size={train.batch_size} must divide evenly over {self.world} processes")
+        self.global_batch = train.batch_size if not dry_run else 2 * self.world
+        self.local_batch = self.global_batch // self.world
+        if train.threads:
+            torch.set_num_threads(train.threads)
+        self.autocast_dtype = resolve_precision(train.precision, self.device)
+        torch.manual_seed(train.seed)  # identical initial weights in every process
+
+        # ---- data: decoding in workers, augmentation batched on the device --------------------
+        a = config.augment
+        self.dataset = build_dataset(config.data, a.global_1.size)
+        per_process = len(self.dataset) // self.world
+        if per_process < self.local_batch:
+            raise DataError(
+                f"{len(self.dataset)} readable images are fewer than one batch (train.batch_size="
+                f"{train.batch_size}); lower train.batch_size to at most {per_process * self.world}"
+            )
+        self.sampler = ResumableSampler(self.dataset, num_replicas=self.world, rank=distributed.rank(),
+                                        shuffle=True, seed=train.seed, drop_last=True)
+        workers = config.data.num_workers
+        self.loader = DataLoader(
+            self.dataset, batch_size=self.local_batch, sampler=self.sampler, drop_last=True,
+            num_workers=workers, persistent_workers=workers > 0, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(train.seed),  # keeps the global RNG for augmentation
+        )
+        self.steps_per_epoch = per_process // self.local_batch
+        self.total_steps = self.steps_per_epoch * train.epochs
+        self.augment = MultiCropAugmentation(a).to(self.device)
+        self.num_local = a.num_local_crops
+
+        # ---- student, EMA teacher, loss, optimizer ----------------------------------------------
+        crop_sizes = (a.global_1.size,) + ((a.local.size,) if a.num_local_crops else ())
+        student, self.teacher, self.backbone_spec = build_student_teacher(config.model, crop_sizes)
+        student.to(self.device)
+        self.teacher.to(self.device)
+        self.student_module = student
+        if self.world > 1:
+            if self.device.type == "cuda":
+                student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+                self.student_module = student
+            student = DistributedDataParallel(student, device_ids=[self.device.index] if self.device.index is not None
+                                              else None)
+        self.student = student
+        self.loss_fn = build_loss(config.loss, config.model.head_output_dim).to(self.device)
+        decay, no_decay = get_weight_decay_parameters([self.student_module])
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        o = config.optim
+        if o.name == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.sgd_momentum, weight_decay=o.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.params = [p for p in self.student_module.parameters() if p.requires_grad]
+
+        self.step = 0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        else:
+            torch.manual_seed(train.seed + distributed.rank())  # per-process augmentation randomness
+
+    # ---- one step, in the order of the algorithm -------------------------------------------------
+
+    def train_step(self, images: Tensor, sched: ScheduleValues, with_signals: bool) -> dict:
+        """One DINO step on a batch of uint8 images (B, 3, H, W); returns loss and health signals."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = sched.lr
+        self.optimizer.param_groups[0]["weight_decay"] = sched.weight_decay
+
+        global_views, local_views = self.augment(images.to(self.device, non_blocking=True))
+        views = [global_views] if local_views is None else [global_views, local_views]
+        with self._autocast():
+            # teacher on global crops
+            with torch.no_grad():
+                _, teacher_out = self.teacher([global_views])  # (2B, K)
+            # student on all crops
+            student_features, student_out = self.student(views)  # (V*B, D), (V*B, K)
+
+        # loss (in float32, outside autocast): every teacher-global x student-view pair but same views
+        teacher_chunks = teacher_out.float().chunk(2)
+        student_chunks = student_out.float().chunk(2 + self.num_local)
+        signals = (health_signals(teacher_out, self.loss_fn.center, sched.teacher_temp, student_features)
+                   if with_signals else {})
+        loss = self.loss_fn(list(teacher_chunks), list(student_chunks), teacher_temp=sched.teacher_temp)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"loss is {loss.item()} at step {self.step} (lr {sched.lr:.3g}, teacher temperature "
+                f"{sched.teacher_temp:.3g}, loss scale {self.scaler.get_scale() if self.scaler else 'n/a'}); "
+                "the teacher was not updated and checkpoints/last.pt holds the last good state. "
+                "Lower optim.lr, raise optim.warmup_epochs or use train.precision=fp32."
+            )
+
+        # backward, clip, freeze last layer, optimizer step
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.config.optim.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.clip_grad)
+        if sched.freeze_last_layer:
+            for p in self.student_module.head.last_layer.parameters():
+                p.grad = None
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+        # EMA update of the teacher
+        update_momentum(self.student_module, self.teacher, m=sched.teacher_momentum)
+        return {"loss": loss.detach(), **signals}
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ---- the run ---------------------------------------------------------------------------------
+
+    def fit(self) -> Path | None:
+        """Train to the end (or ``train.max_steps``), then export the teacher backbone."""
+        cfg = self.config.train
+        last_step = self.total_steps if cfg.max_steps is None else min(cfg.max_steps, self.total_steps)
+        metrics = None
+        if self.is_main:
+            self._write_run_files()
+            metrics = MetricsLogger(self.run_dir, resume_step=self.step if self.step else None)
+            logger.info(
+                "training %s on %d images: %d epochs x %d steps, global batch %d over %d process(es), "
+                "lr %.3g (scaled), precision %s, device %s", self.backbone_spec.name, len(self.dataset),
+                cfg.epochs, self.steps_per_epoch, self.global_batch, self.world,
+                scaled_lr(self.config.optim, self.global_batch), self.autocast_dtype or "fp32", self.device)
+        warned: set[str] = set()
+        tic, images_since = time.perf_counter(), 0
+        try:
+            while self.step < last_step:
+                epoch, offset = divmod(self.step, self.steps_per_epoch)
+                self.sampler.set_epoch(epoch)
+                self.sampler.start = offset * self.local_batch
+                steps_left = min(self.steps_per_epoch - offset, last_step - self.step)
+                bar = tqdm(total=steps_left, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                           disable=not self.is_main, mininterval=1.0, file=sys.stderr)
+                for images in itertools.islice(self.loader, steps_left):
+                    sched = schedule_at(self.step, self.total_steps, self.steps_per_epoch, self.global_batch,
+                                        self.config.optim, self.config.loss)
+                    log_now = (self.step + 1) % cfg.log_every_steps == 0 or self.step + 1 == last_step
+                    out = self.train_step(images, sched, with_signals=log_now)
+                    self.step += 1
+                    images_since += self.global_batch
+                    bar.update()
+                    if log_now:
+                        loss = distributed.all_reduce_mean(out.pop("loss")).item()
+                        elapsed = time.perf_counter() - tic
+                        record = {"epoch": self.step / self.steps_per_epoch, "loss": loss, "lr": sched.lr,
+                                  "weight_decay": sched.weight_decay, "teacher_momentum": sched.teacher_momentum,
+                                  "teacher_temp": sched.teacher_temp, **out,
+                                  "images_per_s": images_since / elapsed}
+                        tic, images_since = time.perf_counter(), 0
+                        bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{record['images_per_s']:.0f}")
+                        if metrics is not None:
+                            metrics.log(self.step, record)
+                            self._warn_collapse(out, warned)
+                    end_of_epoch = self.step % self.steps_per_epoch == 0
+                    if self.step % cfg.save_every_steps == 0 or end_of_epoch or self.step == last_step:
+                        self.save(keep=end_of_epoch and cfg.keep_every_epochs > 0
+                                  and (self.step // self.steps_per_epoch) % cfg.keep_every_epochs == 0)
+                bar.close()
+        finally:
+            if metrics is not None:
+                metrics.close()
+        if self.is_main:
+            return self.export_backbone()
+        return None
+
+    def dry_run_step(self) -> dict:
+        """Run one step on a tiny batch and report what a full run would do; writes nothing."""
+        images = next(iter(self.loader))
+        sched = schedule_at(0, self.total_steps, self.steps_per_epoch, self.config.train.batch_size,
+                            self.config.optim, self.config.loss)
+        tic = time.perf_counter()
+        out = self.train_step(images, sched, with_signals=True)
+        n_params = sum(p.numel() for p in self.student_module.parameters())
+        return {"loss": out["loss"].item(), "step_seconds": time.perf_counter() - tic,
+                "batch_used": self.global_batch, "student_parameters": n_params,
+                "feature_dim": self.backbone_spec.feature_dim, "images": len(self.dataset)}
+
+    def _warn_collapse(self, signals: dict, warned: set[str]) -> None:
+        messages = collapse_warnings(signals, self.config.model.head_output_dim, self.backbone_spec.feature_dim)
+        for message in messages:
+            if message.split(" (")[0] not in warned:
+                logger.warning("step %d: %s", self.step, message)
+        warned.clear()
+        warned.update(m.split(" (")[0] for m in messages)
+
+    # ---- checkpoints and outputs -----------------------------------------------------------------
+
+    def save(self, keep: bool = False) -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rngs = distributed.gather_objects(rng)  # every process's RNG, for an exact resume
+        if not self.is_main:
+            return
+        state = {
+            "config": self.config.to_dict(), "backbone": self.backbone_spec.to_dict(), "step": self.step,
+            "world_size": self.world, "student": self.student_module.state_dict(),
+            "teacher": self.teacher.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else {}, "center": self.loss_fn.center, "rng": rngs,
+        }
+        save_checkpoint(state, self.run_dir / "checkpoints" / "last.pt")
+        if keep:
+            epoch = self.step // self.steps_per_epoch
+            save_checkpoint(state, self.run_dir / "checkpoints" / f"epoch_{epoch:04d}.pt")
+
+    def _restore(self, state: dict) -> None:
+        self.student_module.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.loss_fn.center.copy_(state["center"])
+        self.step = int(state["step"])
+        rngs = state["rng"]
+        if len(rngs) == self.world:
+            rng = rngs[distributed.rank()]
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        else:
+            logger.warning("checkpoint was written by %d process(es), now %d: augmentation randomness is "
+                           "reseeded, so the run continues but not bit-for-bit", len(rngs), self.world)
+            torch.manual_seed(self.config.train.seed + self.step + distributed.rank())
+        logger.info("resumed at step %d (epoch %.2f)", self.step, self.step / self.steps_per_epoch)
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        skipped = write_skipped(self.dataset, self.run_dir / "skipped.txt")
+        if skipped:
+            logger.info("%d unreadable files listed in %s", skipped, self.run_dir / "skipped.txt")
+
+    def export_backbone(self) -> Path:
+        a = self.config.augment
+        spec = self.backbone_spec
+        metadata = {
+            "format": "unsupdistill.backbone/1",
+            "timm_name": spec.name, "timm_kwargs": spec.kwargs, "small_image_stem": spec.small_image_stem,
+            "feature_dim": spec.feature_dim, "input_size": a.global_1.size,
+            "resize": {"shorter_side": self.config.data.image_size or a.global_1.size,
+                       "center_crop": a.global_1.size, "interpolation": "bilinear"},
+            "mean": list(a.mean), "std": list(a.std), "step": self.step, "source": "teacher",
+        }
+        return save_backbone(self.teacher.backbone.state_dict(), metadata, self.run_dir)
+
+
+def pretrain(config: Config, run_dir: Path, checkpoint: dict | None = None, dry_run: bool = False) -> Path | dict:
+    """Run pretraining (or one dry-run step) and return the exported backbone's path (or the dry-run report)."""
+    try:
+        trainer = Pretrainer(config, run_dir, checkpoint, dry_run)
+        if dry_run:
+            return trainer.dry_run_step()
+        return trainer.fit()
+    finally:
+        distributed.cleanup()
