@@ -19,10 +19,10 @@ def test_defaults_are_the_builtin_digits_run():
 
 def test_overrides_parse_yaml_values_and_nested_keys():
     cfg = load_config(None, ["train.epochs=5", "optim.lr=1e-3", "augment.local.scale=[0.1, 0.3]",
-                             "model.backbone_kwargs.depth=2", "train.threads=null"])
+                             "model.backbone_kwargs.stem_width=16", "train.threads=null"])
     assert cfg.train.epochs == 5 and cfg.optim.lr == pytest.approx(1e-3)
     assert cfg.augment.local.scale == (0.1, 0.3)
-    assert cfg.model.backbone_kwargs["depth"] == 2 and cfg.model.backbone_kwargs["patch_size"] == 4
+    assert cfg.model.backbone_kwargs == {"channels": [32, 64, 128, 256], "stem_width": 16}
     assert cfg.train.threads is None
 
 
@@ -90,6 +90,8 @@ def test_shipped_recipes_load_and_hold_only_differences(name):
 
 
 def test_recipe_backbone_kwargs_replace_defaults_but_overrides_update_them():
+    cfg = load_config("imagenet_vit_small")
+    assert cfg.model.backbone_kwargs == {"drop_path_rate": 0.1}
     cfg = load_config("cifar10")
     assert cfg.model.backbone == "resnet18" and cfg.model.backbone_kwargs == {}
     cfg = load_config("cifar10", ["model.backbone_kwargs.drop_rate=0.1"])

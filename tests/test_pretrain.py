@@ -109,8 +109,9 @@ def test_dry_run_of_a_recipe_too_large_for_this_machine(tmp_path, capsys):
     (["/no/such/folder"], "/no/such/folder"),
     (["--recipe", "nope"], "unknown recipe 'nope'"),
     (["model.backbone=not_a_model"], "model.backbone='not_a_model' is not a timm model"),
-    (["model.backbone=resnet18", "model.small_image_stem=false"], "model.backbone_kwargs"),
-    (["model.backbone=vit_tiny_patch16_224", "model.small_image_stem=true"], "small_image_stem"),
+    (["model.backbone=vit_tiny_patch16_224"], "model.backbone_kwargs"),  # the default ResNet kwargs
+    (["model.backbone=vit_tiny_patch16_224", "model.backbone_kwargs={img_size: 16, patch_size: 4}"],
+     "small_image_stem"),
 ])
 def test_bad_input_exits_with_a_clear_error(tmp_path, caplog, args, expected):
     with caplog.at_level(logging.ERROR):
@@ -134,3 +135,13 @@ def test_empty_folder_and_too_few_images(tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         assert main(["pretrain", str(few), "--out", str(tmp_path / "r2"), "train.batch_size=8"]) == 2
     assert "fewer than one batch" in caplog.text and "train.batch_size" in caplog.text
+
+
+def test_collapse_is_reported_in_plain_words_during_training(tmp_path, tiny, caplog):
+    """A teacher temperature of 100 flattens the teacher's output: the run must say so."""
+    with caplog.at_level(logging.WARNING):
+        code = main(["pretrain", "--out", str(tmp_path / "run"), *tiny, "train.max_steps=2",
+                     "train.log_every_steps=1", "loss.teacher_temp=100", "loss.warmup_teacher_temp=100"])
+    assert code == 0
+    assert "collapse to uniform" in caplog.text and "loss.teacher_temp" in caplog.text
+    assert caplog.text.count("nearly uniform") == 1  # once while it lasts, not every log step

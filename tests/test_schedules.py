@@ -9,13 +9,17 @@ STEPS_PER_EPOCH, EPOCHS, BATCH = 10, 20, 512
 TOTAL = STEPS_PER_EPOCH * EPOCHS
 
 
+DINO_OPTIM = OptimConfig(lr=5e-4, min_lr=1e-6, warmup_epochs=2, weight_decay=0.04, weight_decay_end=0.4,
+                         teacher_momentum=0.996, teacher_momentum_end=1.0, freeze_last_layer_epochs=1)
+
+
 def at(step, optim=None, loss=None):
-    return schedule_at(step, TOTAL, STEPS_PER_EPOCH, BATCH, optim or OptimConfig(warmup_epochs=2),
+    return schedule_at(step, TOTAL, STEPS_PER_EPOCH, BATCH, optim or DINO_OPTIM,
                        loss or LossConfig(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=5))
 
 
 def test_learning_rate_scales_warms_up_and_decays_to_min():
-    peak = scaled_lr(OptimConfig(), BATCH)
+    peak = scaled_lr(DINO_OPTIM, BATCH)
     assert peak == pytest.approx(5e-4 * 2)
     warmup = 2 * STEPS_PER_EPOCH
     assert at(0).lr == pytest.approx(peak / warmup)

@@ -11,6 +11,8 @@ import torch.distributed as dist
 def init_distributed(device: torch.device) -> None:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise do nothing."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL binds each process to its own GPU
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 

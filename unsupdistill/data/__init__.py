@@ -12,6 +12,7 @@ when ``data.strict`` is true.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -28,7 +29,7 @@ from unsupdistill.data.folder import (
 )
 
 __all__ = ["IMAGE_EXTENSIONS", "DataError", "DigitsDataset", "ImageFolderDataset", "build_dataset",
-           "digits_split", "list_image_files", "load_rgb", "resize_center_crop", "write_skipped"]
+           "digits_split", "list_image_files", "load_rgb", "num_workers", "resize_center_crop", "write_skipped"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +45,17 @@ def build_dataset(cfg: DataConfig, image_size: int) -> Dataset:
     if cfg.path is None:
         logger.info("no image folder given: training on scikit-learn's built-in digits (1,797 images)")
         return DigitsDataset(size)
-    dataset = ImageFolderDataset(
-        cfg.path, size, strict=cfg.strict, verify=cfg.verify, num_threads=max(1, cfg.num_workers)
-    )
+    dataset = ImageFolderDataset(cfg.path, size, strict=cfg.strict, verify=cfg.verify,
+                                 num_threads=max(1, num_workers(cfg)))
     logger.info("%d images in %s (%d skipped)", len(dataset), dataset.root, len(dataset.skipped))
     return dataset
+
+
+def num_workers(cfg: DataConfig) -> int:
+    """DataLoader workers: as configured, else none for in-memory digits and one per core (max 8)."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return 0 if cfg.path is None else min(8, os.cpu_count() or 1)
 
 
 def write_skipped(dataset: Dataset, path: Path) -> int:

@@ -47,23 +47,23 @@ def health_signals(teacher_logits: Tensor, center: Tensor, teacher_temp: float, 
     }
 
 
-def collapse_warnings(signals: dict, num_outputs: int, feature_dim: int) -> list[str]:
-    """Plain-words diagnoses of collapse, empty when the signals look healthy."""
+def collapse_warnings(signals: dict, num_outputs: int, feature_dim: int) -> dict[str, str]:
+    """Plain-words diagnoses of collapse by kind (uniform, one_hot, features); empty when healthy."""
     log_k = math.log(num_outputs)
-    messages = []
+    messages = {}
     if signals["teacher_kl_uniform"] < 0.01 * log_k:
-        messages.append(
+        messages["uniform"] = (
             "teacher output is nearly uniform (entropy {:.2f} of max {:.2f} nats): collapse to uniform. "
             "Lower loss.teacher_temp or raise optim.teacher_momentum.".format(signals["teacher_entropy"], log_k)
         )
     if signals["teacher_entropy"] < 0.05 * log_k and signals["teacher_top_share"] > 0.9:
-        messages.append(
+        messages["one_hot"] = (
             "teacher output is one-hot on the same dimension for {:.0%} of images: collapse to one "
             "output. Lower loss.center_momentum (a faster centre) or raise loss.teacher_temp."
             .format(signals["teacher_top_share"])
         )
     if signals["student_feature_std"] < 0.1 / math.sqrt(feature_dim):
-        messages.append(
+        messages["features"] = (
             "student features have collapsed to a point (std {:.2e}, healthy about {:.2e}). "
             "Lower optim.lr or check the augmentation.".format(signals["student_feature_std"],
                                                                1 / math.sqrt(feature_dim))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from unsupdistill import distributed
 from unsupdistill.augment import MultiCropAugmentation
 from unsupdistill.config import Config, ConfigError, LossConfig
-from unsupdistill.data import DataError, build_dataset, write_skipped
+from unsupdistill.data import DataError, build_dataset, num_workers, write_skipped
 from unsupdistill.models import build_student_teacher
 from unsupdistill.train.checkpoint import save_backbone, save_checkpoint
 from unsupdistill.train.health import collapse_warnings, health_signals
@@ -106,7 +106,7 @@ class Pretrainer:
             )
         self.sampler = ResumableSampler(self.dataset, num_replicas=self.world, rank=distributed.rank(),
                                         shuffle=True, seed=train.seed, drop_last=True)
-        workers = config.data.num_workers
+        workers = num_workers(config.data)
         self.loader = DataLoader(
             self.dataset, batch_size=self.local_batch, sampler=self.sampler, drop_last=True,
             num_workers=workers, persistent_workers=workers > 0, pin_memory=self.device.type == "cuda",
@@ -220,7 +220,7 @@ class Pretrainer:
                 "lr %.3g (scaled), precision %s, device %s", self.backbone_spec.name, len(self.dataset),
                 cfg.epochs, self.steps_per_epoch, self.global_batch, self.world,
                 scaled_lr(self.config.optim, self.global_batch), self.autocast_dtype or "fp32", self.device)
-        warned: set[str] = set()
+        collapse_active: set[str] = set()
         tic, images_since = time.perf_counter(), 0
         try:
             while self.step < last_step:
@@ -249,7 +249,7 @@ class Pretrainer:
                         bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{record['images_per_s']:.0f}")
                         if metrics is not None:
                             metrics.log(self.step, record)
-                            self._warn_collapse(out, warned)
+                            self._warn_collapse(out, collapse_active)
                     end_of_epoch = self.step % self.steps_per_epoch == 0
                     if self.step % cfg.save_every_steps == 0 or end_of_epoch or self.step == last_step:
                         self.save(keep=end_of_epoch and cfg.keep_every_epochs > 0
@@ -274,13 +274,13 @@ class Pretrainer:
                 "batch_used": self.global_batch, "student_parameters": n_params,
                 "feature_dim": self.backbone_spec.feature_dim, "images": len(self.dataset)}
 
-    def _warn_collapse(self, signals: dict, warned: set[str]) -> None:
+    def _warn_collapse(self, signals: dict, active: set[str]) -> None:
+        """Warn when a kind of collapse appears (not again while it lasts)."""
         messages = collapse_warnings(signals, self.config.model.head_output_dim, self.backbone_spec.feature_dim)
-        for message in messages:
-            if message.split(" (")[0] not in warned:
-                logger.warning("step %d: %s", self.step, message)
-        warned.clear()
-        warned.update(m.split(" (")[0] for m in messages)
+        for kind in messages.keys() - active:
+            logger.warning("step %d: %s", self.step, messages[kind])
+        active.clear()
+        active.update(messages)
 
     # ---- checkpoints and outputs -----------------------------------------------------------------
 
