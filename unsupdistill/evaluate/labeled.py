@@ -1,0 +1,220 @@
+"""Labeled image datasets for evaluation: the built-in digits, a folder of class subfolders, or a CSV.
+
+Every dataset returns ``uint8`` tensors of shape ``(3, S, S)`` like the pretraining datasets and
+carries ``labels`` (int64 class indices) and ``classes`` (class names, index order). Unlike
+pretraining, evaluation data must be complete: an unreadable image is an error naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from unsupdistill.data import DataError, DigitsDataset, digits_split, list_image_files, load_rgb, resize_center_crop
+
+logger = logging.getLogger(__name__)
+
+_MAX_LISTED = 5  # paths named in one error message
+_SPEC_HELP = ("give 'digits', a folder with one subfolder of images per class, "
+              "or a .csv file with a 'path,label' header")
+
+
+class LabeledDataset(Protocol):
+    """What evaluation needs: ``(3, S, S)`` uint8 images, their class indices and the class names."""
+
+    labels: Tensor
+    classes: list[str]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Tensor: ...
+
+
+class LabeledImages(Dataset):
+    """Image files with class labels, each decoded to RGB, shorter side resized to ``S`` and centre-cropped.
+
+    Args:
+        paths: the image files.
+        labels: class index of each file, into ``classes``.
+        classes: class names, in index order.
+        image_size: side ``S`` of the returned square images.
+        verify: open every file's header now, so a missing or non-image file fails before
+            feature extraction starts (truncated files still fail when read).
+    """
+
+    def __init__(
+        self, paths: Sequence[str | Path], labels: Sequence[int], classes: Sequence[str], image_size: int,
+        verify: bool = True,
+    ) -> None:
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        self.paths = [str(path) for path in paths]
+        self.labels = torch.as_tensor(list(labels), dtype=torch.int64)
+        self.classes = list(classes)
+        self.image_size = image_size
+        if verify:
+            self._verify_headers()
+
+    def _verify_headers(self) -> None:
+        """Raise :class:`DataError` naming the files whose header cannot be read."""
+        failed = []
+        for path in tqdm(self.paths, desc="checking images", unit="file", disable=len(self.paths) < 1000):
+            try:
+                load_rgb(path, verify_only=True)
+            except Exception as err:  # noqa: BLE001 - decoders raise many types on corrupt data
+                failed.append(f"{path}: {type(err).__name__}: {err}")
+        if failed:
+            listed = "\n  ".join(failed[:_MAX_LISTED])
+            more = f"\n  ... and {len(failed) - _MAX_LISTED} more" if len(failed) > _MAX_LISTED else ""
+            raise DataError(f"{len(failed)} of {len(self.paths)} labeled images cannot be read:\n  {listed}{more}\n"
+                            "evaluation needs every image: fix or remove them")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Tensor:
+        """The image as a ``uint8`` tensor of shape ``(3, image_size, image_size)``."""
+        path = self.paths[index]
+        try:
+            img = load_rgb(path, draft_size=self.image_size)
+        except Exception as err:  # noqa: BLE001 - decoders raise many types on corrupt data
+            raise DataError(f"labeled image {path} cannot be read ({type(err).__name__}: {err}); "
+                            "evaluation needs every image: fix or remove it") from err
+        return resize_center_crop(img, self.image_size)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(images={len(self.paths)}, classes={len(self.classes)}, "
+                f"image_size={self.image_size})")
+
+
+class LabeledDigits(DigitsDataset):
+    """scikit-learn's digits with class names "0".."9"; see :func:`unsupdistill.data.digits_split`."""
+
+    classes = [str(digit) for digit in range(10)]
+
+
+def load_labeled(spec: str | Path, image_size: int, split: Literal["train", "test"]) -> LabeledDataset:
+    """Load one split of a labeled evaluation set.
+
+    Args:
+        spec: ``"digits"``: scikit-learn's digits, split by :func:`unsupdistill.data.digits_split`
+            (stratified, ``random_state=0``: 1,257 train and 540 test images); a folder with one
+            subfolder per class (class = subfolder name, in sorted order; images found recursively
+            inside it); or a ``.csv`` file with a ``path,label`` header (paths absolute or relative
+            to the CSV's folder; labels are names, indexed in sorted order). A folder or CSV holds
+            one split already: pass the train and test sets as two specs.
+        image_size: side ``S`` of the returned ``(3, S, S)`` uint8 images.
+        split: ``"train"`` or ``"test"``; selects the digits split, and names the set in errors.
+
+    Raises:
+        DataError: the folder or CSV is missing, malformed, has fewer than two classes, an empty
+            class, or files that cannot be read; the message names the offending path.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r} is invalid; allowed values: train, test")
+    if str(spec) == "digits":
+        train, test = digits_split()
+        return LabeledDigits(image_size, train if split == "train" else test)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".csv":
+        paths, names = _read_csv(path, split)
+    elif path.is_dir():
+        paths, names = _read_class_folders(path, split)
+    elif path.exists():
+        raise DataError(f"{split} set {path} is neither a folder nor a .csv file; {_SPEC_HELP}")
+    else:
+        raise DataError(f"{split} set folder {path} does not exist; {_SPEC_HELP}")
+    classes = sorted(set(names))
+    if len(classes) < 2:
+        raise DataError(f"{split} set {path} has only one class ({classes[0]!r}); "
+                        "classification needs at least two: add the other classes' images")
+    index = {name: i for i, name in enumerate(classes)}
+    return LabeledImages(paths, [index[name] for name in names], classes, image_size)
+
+
+def _read_class_folders(root: Path, split: str) -> tuple[list[Path], list[str]]:
+    """Image paths and class names of a folder holding one subfolder per class."""
+    class_dirs = sorted(entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{split} set folder {root} has no class subfolders; put each class's images "
+                        f"in a subfolder named after the class ({root}/<class>/<image>)")
+    loose = [entry for entry in root.iterdir() if entry.is_file() and not entry.name.startswith(".")]
+    if loose:
+        logger.warning("%d files directly in %s are ignored: only images inside class subfolders are used",
+                       len(loose), root)
+    paths: list[Path] = []
+    names: list[str] = []
+    for class_dir in class_dirs:
+        files = list_image_files(class_dir)
+        if not files:
+            raise DataError(f"class folder {class_dir} of {split} set {root} holds no images; "
+                            "add images or remove the folder")
+        paths += files
+        names += [class_dir.name] * len(files)
+    return paths, names
+
+
+def _read_csv(csv_path: Path, split: str) -> tuple[list[Path], list[str]]:
+    """Image paths and class names from a ``path,label`` CSV file."""
+    if not csv_path.is_file():
+        raise DataError(f"{split} set CSV {csv_path} does not exist; {_SPEC_HELP}")
+    with open(csv_path, newline="", encoding="utf-8-sig") as file:  # utf-8-sig: tolerate a byte-order mark
+        reader = csv.DictReader(file)
+        columns = [name.strip() for name in reader.fieldnames or []]
+        if not columns:
+            raise DataError(f"{split} set CSV {csv_path} is empty; it needs a 'path,label' header and one row "
+                            "per image")
+        missing_columns = [name for name in ("path", "label") if name not in columns]
+        if missing_columns:
+            raise DataError(f"{split} set CSV {csv_path} has no {' or '.join(repr(c) for c in missing_columns)} "
+                            f"column (header: {','.join(columns)}); the header must be 'path,label'")
+        reader.fieldnames = columns
+        paths: list[Path] = []
+        names: list[str] = []
+        missing_files: list[str] = []
+        for row in reader:
+            file_cell, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+            if not file_cell or not label:
+                raise DataError(f"{split} set CSV {csv_path}, line {reader.line_num}: empty path or label")
+            image = Path(os.path.expanduser(file_cell))
+            image = image if image.is_absolute() else csv_path.parent / image
+            if not image.is_file():
+                missing_files.append(f"line {reader.line_num}: {image}")
+            paths.append(image)
+            names.append(label)
+    if not paths:
+        raise DataError(f"{split} set CSV {csv_path} has a header but no rows; add one 'path,label' row per image")
+    if missing_files:
+        listed = "\n  ".join(missing_files[:_MAX_LISTED])
+        more = f"\n  ... and {len(missing_files) - _MAX_LISTED} more" if len(missing_files) > _MAX_LISTED else ""
+        raise DataError(f"{len(missing_files)} files named in {split} set CSV {csv_path} do not exist "
+                        f"(relative paths are taken from the CSV's folder):\n  {listed}{more}")
+    return paths, names
+
+
+def align_labels(train: LabeledDataset, test: LabeledDataset) -> Tensor:
+    """The test set's labels as indices into ``train.classes``, matching classes by name.
+
+    Raises:
+        DataError: the test set has classes the train set lacks.
+    """
+    index = {name: i for i, name in enumerate(train.classes)}
+    unknown = [name for name in test.classes if name not in index]
+    if unknown:
+        shown = ", ".join(repr(name) for name in unknown[:_MAX_LISTED]) + (", ..." if len(unknown) > _MAX_LISTED
+                                                                           else "")
+        raise DataError(f"{len(unknown)} test classes are not among the {len(train.classes)} train classes "
+                        f"({shown}); both sets must name their classes the same way")
+    mapping = torch.tensor([index[name] for name in test.classes], dtype=torch.int64)
+    return mapping[test.labels]
