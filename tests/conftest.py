@@ -11,7 +11,8 @@ import pytest
 # A network small enough that a training step takes tens of milliseconds on 2 CPU cores.
 TINY = [
     "model.backbone_kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
-    "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "model.head_output_dim=256", "train.batch_size=16", "augment.num_local_crops=2", "data.num_workers=0",
+    "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "model.head_output_dim=256",
+    "train.batch_size=16", "augment.num_local_crops=2", "data.num_workers=0",
 ]
 
 
