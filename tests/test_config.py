@@ -48,6 +48,8 @@ def test_unknown_key_names_key_suggestion_and_allowed_keys():
     ("augment.global_1.grayscale_p=2", "augment.global_1.grayscale_p", "probability"),
     ("train.batch_size=0", "train.batch_size", ">= 1"),
     ("augment.mean=[0.5, 0.5]", "augment.mean", "list of 3"),
+    ("eval.train=digits", "eval.test", "both eval.train and eval.test"),
+    ("eval.every_epochs=0", "eval.every_epochs", ">= 1"),
 ])
 def test_bad_values_name_key_and_allowed_values(override, key, allowed):
     message = error_of(overrides=[override])
@@ -99,7 +101,8 @@ def test_recipe_backbone_kwargs_replace_defaults_but_overrides_update_them():
 
 
 def test_config_is_dataclasses_per_component():
-    assert {f.name for f in dataclasses.fields(Config)} == {"data", "augment", "model", "loss", "optim", "train"}
+    assert {f.name for f in dataclasses.fields(Config)} == {"data", "augment", "model", "loss", "optim", "train",
+                                                            "eval"}
 
 
 def test_whole_mapping_override_replaces_and_dotted_override_updates():

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from unsupdistill.config import load_config
 from unsupdistill.data import DigitsDataset, ImageFolderDataset, digits_split
 from unsupdistill.evaluate import extract_features, knn_accuracy
+from unsupdistill.evaluate.run import EvalOptions, evaluate
 from unsupdistill.models.backbone import create_backbone
 from unsupdistill.train.loop import pretrain
 
@@ -54,6 +55,19 @@ def test_pretrained_teacher_beats_random_init_by_5_knn_points(tmp_path):
           f"{recalibrated_accuracy:.1f} %, pretrained {trained_accuracy:.1f} %")
     assert trained_accuracy >= random_accuracy + 5
     assert trained_accuracy >= recalibrated_accuracy + 2
+
+    # the evaluation pipeline (as `unsupdistill eval` runs it) on the same run: the pretrained teacher
+    # beats `timm:` random init of the same architecture on k-NN, linear probe and NMI
+    options = EvalOptions(image_size=size, cache=False, plots=False, cluster_seeds=(0, 1, 2))
+    kwargs = ",".join(f"{k}={v}".replace(" ", "") for k, v in config.model.backbone_kwargs.items())
+    baseline = evaluate(f"timm:{config.model.backbone},small_image_stem=true,{kwargs}", "digits", "digits", options)
+    pretrained = evaluate(str(tmp_path / "run"), "digits", "digits", options)
+    for result in (baseline, pretrained):
+        print(result["model"], result["knn"][20]["top1"], result["linear"]["top1"], result["clustering"]["nmi"])
+    assert baseline["feature_dim"] == pretrained["feature_dim"]
+    assert pretrained["knn"][20]["top1"] > baseline["knn"][20]["top1"]
+    assert pretrained["linear"]["top1"] > baseline["linear"]["top1"]
+    assert pretrained["clustering"]["nmi"] > baseline["clustering"]["nmi"]
 
 
 @torch.no_grad()

@@ -145,3 +145,45 @@ def test_collapse_is_reported_in_plain_words_during_training(tmp_path, tiny, cap
     assert code == 0
     assert "collapse to uniform" in caplog.text and "loss.teacher_temp" in caplog.text
     assert caplog.text.count("nearly uniform") == 1  # once while it lasts, not every log step
+
+
+def test_knn_on_a_labeled_probe_set_during_pretraining(tmp_path, tiny):
+    out = tmp_path / "run"
+    code = main(["pretrain", "--out", str(out), *tiny, "train.max_steps=3", "train.log_every_steps=1",
+                 "eval.train=digits", "eval.test=digits"])
+    assert code == 0
+    evals = [m for m in read_metrics(out) if "knn_top1" in m]
+    assert len(evals) == 1 and evals[0]["step"] == 3 and evals[0]["knn_k"] == 20
+    assert 10 < evals[0]["knn_top1"] <= 100  # a real accuracy on the held-out digits, above chance
+
+
+def test_bad_probe_set_fails_before_training(tmp_path, tiny, caplog):
+    with caplog.at_level(logging.ERROR):
+        code = main(["pretrain", "--out", str(tmp_path / "run"), *tiny, "eval.train=/no/such/set",
+                     "eval.test=digits"])
+    assert code == 2 and "/no/such/set" in caplog.text
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_eval_command_writes_table_json_and_plots(tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["eval", "pixels", "--train", "digits", "--test", "digits", "--image-size", "8", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "k-NN top-1" in printed and "linear top-1" in printed and "NMI" in printed
+    results = json.loads((out / "eval.json").read_text())
+    assert results["knn"]["20"]["top1"] > 90 and results["linear"]["top1"] >= 95
+    for plot in ("feature_map.png", "knn_vs_k.png", "confusion.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "cache").iterdir())  # features were cached
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("/no/such/model", "/no/such/model"),
+    ("timm:resnet18", "--image-size"),
+])
+def test_eval_rejects_a_model_that_is_not_a_model(tmp_path, caplog, model, expected):
+    with caplog.at_level(logging.ERROR):
+        assert main(["eval", model, "--train", "digits", "--test", "digits", "--out", str(tmp_path / "r")]) == 2
+    assert expected in caplog.text

@@ -154,6 +154,20 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """k-NN of the teacher's features on a labeled set during pretraining (logged as eval/knn_top1)."""
+
+    train: str | None = None
+    """Labeled set the k-NN memory is built from: a folder with one subfolder per class, a CSV of
+    path,label, or digits; null turns evaluation during pretraining off."""
+    test: str | None = None
+    """Labeled set that is scored."""
+    every_epochs: int = 1
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -161,6 +175,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -398,6 +413,13 @@ def validate(config: Config) -> None:
     need(t.keep_every_epochs >= 0, "train.keep_every_epochs", "an integer >= 0")
     need(t.threads is None or t.threads >= 1, "train.threads", "null or an integer >= 1")
     need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "null or an integer >= 1")
+
+    e = config.eval
+    need((e.train is None) == (e.test is None), "eval.test" if e.test is None else "eval.train",
+         "both eval.train and eval.test set (or neither)")
+    need(e.every_epochs >= 1, "eval.every_epochs", "an integer >= 1")
+    need(e.k >= 1, "eval.k", "an integer >= 1")
+    need(e.temperature > 0, "eval.temperature", "a number > 0")
 
     errors = [f"{key}: expected {allowed}" for ok, key, allowed in checks if not ok]
     if errors:

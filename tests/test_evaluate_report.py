@@ -1,0 +1,242 @@
+"""Multi-k k-NN evaluation, report tables and JSON, PNG plots, and the k-NN benchmark script."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unsupdistill.evaluate.knn import knn_accuracy, knn_evaluate
+from unsupdistill.evaluate.report import (
+    embed_features_2d,
+    format_table,
+    plot_confusion,
+    plot_feature_map,
+    plot_knn_vs_k,
+    write_json,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def clusters(num_points: int, num_classes: int, dim: int = 16, noise: float = 1.5, seed: int = 0):
+    """Gaussian class clusters: features (N, D) and labels (N,), hard enough that k-NN makes mistakes."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=generator)
+    labels = torch.randint(num_classes, (num_points,), generator=generator)
+    return centres[labels] + noise * torch.randn(num_points, dim, generator=generator), labels
+
+
+def split(num_classes: int, num_train: int = 600, num_test: int = 200, **kwargs):
+    x, y = clusters(num_train + num_test, num_classes, **kwargs)
+    return x[:num_train], y[:num_train], x[num_train:], y[num_train:]
+
+
+def reference_knn(train_x, train_y, test_x, test_y, k: int, temperature: float = 0.07) -> tuple[float, float]:
+    """Top-1 and top-5 (%) by the textbook recipe: full cosine matrix, top-k, one-hot weighted votes."""
+    normalise = lambda x: torch.nn.functional.normalize(x.double(), dim=1)  # noqa: E731
+    similarity = normalise(test_x) @ normalise(train_x).T  # (Q, N)
+    top, index = similarity.topk(min(k, len(train_x)), dim=1)  # (Q, k)
+    one_hot = torch.nn.functional.one_hot(train_y[index], int(train_y.max()) + 1).double()  # (Q, k, C)
+    votes = (one_hot * (top / temperature).exp()[..., None]).sum(dim=1)  # (Q, C)
+    top1 = (votes.argmax(dim=1) == test_y).double().mean().item() * 100
+    top5 = (votes.topk(5, dim=1).indices == test_y[:, None]).any(dim=1).double().mean().item() * 100
+    return top1, top5
+
+
+# ----------------------------------------------------------------------------------------------
+# knn_evaluate
+# ----------------------------------------------------------------------------------------------
+
+
+def test_knn_evaluate_agrees_with_knn_accuracy_for_each_k():
+    data = split(10)
+    ks = (1, 5, 10, 20, 100, 200)
+    results = knn_evaluate(*data, ks=ks)
+    assert sorted(results) == list(ks)
+    for k in ks:
+        assert results[k]["top1"] == pytest.approx(knn_accuracy(*data, k=k), abs=1e-9), k
+    top1s = [results[k]["top1"] for k in ks]
+    assert 30 < max(top1s) < 100 and len(set(top1s)) > 1  # a real task whose accuracy depends on k
+
+
+def test_knn_evaluate_matches_a_dense_reference_including_top5():
+    data = split(12)
+    results = knn_evaluate(*data, ks=(3, 20, 50))
+    for k in (3, 20, 50):
+        top1, top5 = reference_knn(*data, k)
+        assert results[k]["top1"] == pytest.approx(top1, abs=1e-9), k
+        assert results[k]["top5"] == pytest.approx(top5, abs=1e-9), k
+
+
+def test_knn_evaluate_batches_and_k_order_do_not_change_results():
+    data = split(10)
+    whole = knn_evaluate(*data, ks=(50, 5, 20), batch_size=10_000)
+    assert knn_evaluate(*data, ks=(5, 20, 50), batch_size=7) == whole
+
+
+def test_knn_evaluate_top5_only_with_more_than_five_classes():
+    five = knn_evaluate(*split(5), ks=(10, 20))
+    assert all(set(scores) == {"top1"} for scores in five.values())
+    ten = knn_evaluate(*split(10), ks=(10, 20))
+    for scores in ten.values():
+        assert set(scores) == {"top1", "top5"}
+        assert scores["top5"] >= scores["top1"]
+    assert any(scores["top5"] > scores["top1"] for scores in ten.values())
+
+
+def test_knn_evaluate_with_k_larger_than_the_train_set():
+    train_x, train_y, test_x, test_y = split(8, num_train=30, num_test=50)
+    results = knn_evaluate(train_x, train_y, test_x, test_y, ks=(10, 30, 100, 200))
+    assert results[100] == results[200] == results[30]  # every k >= 30 votes with all 30 points
+    assert results[100]["top1"] == pytest.approx(knn_accuracy(train_x, train_y, test_x, test_y, k=100), abs=1e-9)
+    assert results[100]["top1"] == pytest.approx(reference_knn(train_x, train_y, test_x, test_y, 30)[0], abs=1e-9)
+
+
+def test_knn_evaluate_rejects_bad_arguments():
+    data = split(5, num_train=20, num_test=5)
+    with pytest.raises(ValueError, match="ks"):
+        knn_evaluate(*data, ks=())
+    with pytest.raises(ValueError, match="ks"):
+        knn_evaluate(*data, ks=(0, 10))
+    with pytest.raises(ValueError, match="batch_size"):
+        knn_evaluate(*data, ks=(10,), batch_size=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables and JSON
+# ----------------------------------------------------------------------------------------------
+
+
+ROWS = [{"model": "dino-resnet18", "k": 20, "top1": 91.234}, {"model": "random", "k": 200, "top1": 9.5},
+        {"model": "x", "top1": float("nan")}]
+
+
+def test_format_table_aligns_columns():
+    lines = format_table(ROWS, ["model", "k", "top1"]).splitlines()
+    assert lines[0].split() == ["model", "k", "top1"]
+    assert set(lines[1]) == {"-", " "}
+    assert lines[2].split() == ["dino-resnet18", "20", "91.23"]
+    assert lines[3].split() == ["random", "200", "9.50"]
+    assert lines[4].split() == ["x", "nan"]  # the missing k is blank
+    # numbers are right-aligned: their last characters line up under the header's
+    for column in ("k", "top1"):
+        end = lines[0].index(column) + len(column)
+        assert all(line[end - 1] != " " for line in lines[2:4]), column
+    assert len(lines[2]) == len(lines[3]) == len(lines[4]) == len(lines[0])  # the last column ends in line
+
+
+def test_format_table_markdown_has_a_separator_row():
+    lines = format_table(ROWS[:2], ["model", "top1"], markdown=True, precision=1).splitlines()
+    assert len(lines) == 4
+    assert [cell.strip() for cell in lines[0].strip("|").split("|")] == ["model", "top1"]
+    separator = [cell.strip() for cell in lines[1].strip("|").split("|")]
+    assert set(separator[0]) == {"-"} and separator[1].startswith("-") and separator[1].endswith(":")
+    assert [cell.strip() for cell in lines[2].strip("|").split("|")] == ["dino-resnet18", "91.2"]
+    assert len({len(line) for line in lines}) == 1 and all(line.startswith("| ") for line in lines)
+
+
+def test_write_json_round_trips_and_replaces_atomically(tmp_path):
+    results = {"knn": {"top1": 0.1 + 0.2, "per_k": [1 / 3, 2.5e-12]}, "confusion": torch.tensor([[1, 0], [2, 3]]),
+               "weights": np.array([0.25, 0.5], dtype=np.float32), "count": np.int64(7), "ok": True}
+    path = tmp_path / "out" / "results.json"
+    path.parent.mkdir()
+    path.write_text("old")
+    write_json(results, path)
+    loaded = json.loads(path.read_text())
+    assert loaded == {"knn": {"top1": 0.1 + 0.2, "per_k": [1 / 3, 2.5e-12]}, "confusion": [[1, 0], [2, 3]],
+                      "weights": [0.25, 0.5], "count": 7, "ok": True}
+    assert loaded["knn"]["top1"] == 0.30000000000000004  # floats are not rounded
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temporary file left behind
+    (tmp_path / "plain").touch()
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode  # the usual permissions, not 0600
+    write_json({20: {"top1": 50.0}}, path)
+    assert json.loads(path.read_text()) == {"20": {"top1": 50.0}}
+
+
+def test_write_json_leaves_the_old_file_when_serialisation_fails(tmp_path):
+    path = tmp_path / "results.json"
+    write_json({"a": 1}, path)
+    with pytest.raises(TypeError):
+        write_json({"a": object()}, path)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_like() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """300 points in 10 classes, 64 dimensions (like the 8x8 digits)."""
+    features, labels = clusters(300, 10, dim=64, noise=1.0)
+    return features, labels, [f"digit {i}" for i in range(10)]
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5_000, (path, len(data))
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne"])
+def test_plot_feature_map_writes_a_png(tmp_path, digits_like, method):
+    features, labels, classes = digits_like
+    path = tmp_path / f"map-{method}.png"
+    plot_feature_map(features, labels, classes, path, method=method, title="digits")
+    assert_png(path)
+
+
+def test_embed_features_2d_separates_classes_and_auto_subsamples_deterministically(digits_like):
+    features, labels, _ = digits_like
+    coordinates, indices, name = embed_features_2d(features, "pca")
+    assert name == "PCA" and coordinates.shape == (300, 2) and (indices == np.arange(300)).all()
+    coordinates, indices, name = embed_features_2d(features, "auto", max_points=120)
+    assert name == "t-SNE" and coordinates.shape == (120, 2) and len(set(indices)) == 120
+    again = embed_features_2d(features, "auto", max_points=120)
+    assert (again[1] == indices).all() and np.allclose(again[0], coordinates)
+    # t-SNE keeps clusters apart: a point's nearest 2-D neighbour is mostly of its class
+    distances = np.linalg.norm(coordinates[:, None] - coordinates[None], axis=-1)
+    np.fill_diagonal(distances, np.inf)
+    shown = labels.numpy()[indices]
+    assert (shown[distances.argmin(axis=1)] == shown).mean() > 0.9
+    with pytest.raises(ValueError, match="allowed values"):
+        embed_features_2d(features, "umap")
+
+
+def test_plot_confusion_writes_a_png(tmp_path, digits_like):
+    _, labels, classes = digits_like
+    predicted = labels.clone()
+    predicted[::7] = (predicted[::7] + 1) % 10
+    path = tmp_path / "confusion.png"
+    plot_confusion(labels, predicted, classes, path, title="k-NN, k=20")
+    assert_png(path)
+
+
+def test_plot_knn_vs_k_writes_a_png(tmp_path):
+    path = tmp_path / "knn.png"
+    plot_knn_vs_k({"dino": {10: 80.0, 20: 81.5, 100: 79.0, 200: 77.2}, "random init": {"10": 20.0, "200": 15.0}},
+                  path)
+    assert_png(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark script
+# ----------------------------------------------------------------------------------------------
+
+
+def test_bench_knn_quick_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "eval/bench_knn.py", "--quick", "--repeats", "1", "--json", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "knn_evaluate:" in run.stdout and "scikit-learn:" in run.stdout and "| method" in run.stdout
+    results = json.loads(out.read_text())
+    assert results["knn_evaluate"]["seconds"] > 0 and results["sklearn"]["seconds"] > 0
+    assert results["config"]["train"] == 2000 and results["config"]["dim"] == 64 and results["config"]["test"] == 500
+    assert results["accuracies_agree"], results

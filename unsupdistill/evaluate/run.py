@@ -1,0 +1,146 @@
+"""One evaluation: frozen features of a model on a labeled train/test pair, scored three ways.
+
+k-NN (weighted votes, Wu et al. 2018, as in DINO), a linear probe whose regularisation is chosen on
+a held-out part of the training split, and k-means clustering (NMI, ARI, Hungarian accuracy).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from unsupdistill.evaluate.cache import cached_features, data_fingerprint, default_cache_dir
+from unsupdistill.evaluate.clustering import cluster
+from unsupdistill.evaluate.features import extract_features
+from unsupdistill.evaluate.knn import knn_evaluate
+from unsupdistill.evaluate.labeled import align_labels, load_labeled
+from unsupdistill.evaluate.linear import DINOViTFeatures, linear_probe
+from unsupdistill.evaluate.models import FeatureModel, load_model
+from unsupdistill.evaluate.report import plot_confusion, plot_feature_map, plot_knn_vs_k, write_json
+
+logger = logging.getLogger(__name__)
+
+HEADLINE_K = 20
+
+
+@dataclass
+class EvalOptions:
+    """How to evaluate; the defaults are the DINO protocol's."""
+
+    image_size: int | None = None
+    """Input size for models that do not record one (``pixels``, ``timm:``)."""
+    batch_size: int = 256
+    precision: str = "auto"
+    """auto is fp32: bf16 autocast halves extraction time on CPU but moved results by more than 0.2 points
+    on digits (linear probe 93.1 -> 91.3, random-init k-NN 69.1 -> 69.8; see BENCHMARKS.md); bf16 is opt-in."""
+    ks: tuple[int, ...] = (10, 20, 100, 200)
+    temperature: float = 0.07
+    linear: bool = True
+    clustering: bool = True
+    cluster_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    vit_blocks: int | None = None
+    """ViTs: concatenate the class tokens of the last n blocks (DINO's linear protocol uses 4)."""
+    avgpool: bool = False
+    """With vit_blocks: also append the average-pooled patch tokens of the last block."""
+    student: bool = False
+    cache: bool = True
+    cache_dir: Path | None = None
+    plots: bool = True
+    device: str = "auto"
+
+
+def resolve_precision(name: str) -> torch.dtype | None:
+    if name not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {name!r}")
+    return torch.bfloat16 if name == "bf16" else None
+
+
+def model_features(model: FeatureModel, dataset, options: EvalOptions, device: torch.device) -> torch.Tensor:
+    """Features of every image of ``dataset``, from the cache when the model and data are unchanged."""
+    backbone: nn.Module = model.backbone
+    if options.vit_blocks:
+        backbone = DINOViTFeatures(backbone, options.vit_blocks, options.avgpool)
+    precision = resolve_precision(options.precision)
+    extra = f"{precision}|{options.vit_blocks}|{options.avgpool}"
+    cache_dir = (options.cache_dir or default_cache_dir()) if options.cache else None
+    features, hit = cached_features(
+        model.cache_key, data_fingerprint(dataset), extra, cache_dir,
+        lambda: extract_features(backbone, dataset, model.input_size, model.mean, model.std,
+                                 batch_size=options.batch_size, precision=precision, device=device),
+    )
+    if hit:
+        logger.info("features of %s on %d images read from the cache", model.name, len(dataset))
+    return features
+
+
+def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOptions | None = None,
+             out_dir: Path | None = None) -> dict:
+    """Evaluate one model; write ``eval.json`` and plots to ``out_dir`` when given. Returns the results."""
+    options = options or EvalOptions()
+    device = torch.device("cuda" if options.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if options.device == "auto" else options.device)
+    model = load_model(model_spec, image_size=options.image_size, student=options.student)
+    train_set = load_labeled(train_spec, model.input_size, "train")
+    test_set = load_labeled(test_spec, model.input_size, "test")
+    train_labels, test_labels = train_set.labels, align_labels(train_set, test_set)
+    classes = train_set.classes
+
+    timings = {}
+    tic = time.perf_counter()
+    train_features = model_features(model, train_set, options, device)
+    test_features = model_features(model, test_set, options, device)
+    timings["features_s"] = time.perf_counter() - tic
+
+    results: dict = {"model": model.name, "model_spec": model_spec, "train": train_spec, "test": test_spec,
+                     "num_train": len(train_set), "num_test": len(test_set), "num_classes": len(classes),
+                     "feature_dim": int(train_features.shape[1]), "input_size": model.input_size,
+                     "precision": options.precision}
+    tic = time.perf_counter()
+    results["knn"] = knn_evaluate(train_features, train_labels, test_features, test_labels, options.ks,
+                                  options.temperature)
+    timings["knn_s"] = time.perf_counter() - tic
+    linear = None
+    if options.linear:
+        tic = time.perf_counter()
+        linear = linear_probe(train_features, train_labels, test_features, test_labels)
+        results["linear"] = {k: v for k, v in linear.items() if k != "predictions"}
+        timings["linear_s"] = time.perf_counter() - tic
+    if options.clustering:
+        tic = time.perf_counter()
+        clusters = cluster(test_features, test_labels, seeds=options.cluster_seeds)
+        results["clustering"] = {k: v for k, v in clusters.items() if k != "assignments"}
+        timings["clustering_s"] = time.perf_counter() - tic
+    results["seconds"] = timings
+
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(results, out_dir / "eval.json")
+        if options.plots:
+            plot_feature_map(test_features, test_labels, classes, out_dir / "feature_map.png",
+                             title=f"{model.name}: test features")
+            plot_knn_vs_k({model.name: {k: r["top1"] for k, r in results["knn"].items()}}, out_dir / "knn_vs_k.png")
+            if linear is not None:
+                plot_confusion(test_labels, linear["predictions"], classes, out_dir / "confusion.png",
+                               title=f"{model.name}: linear probe")
+    return results
+
+
+def summary_row(results: dict) -> dict:
+    """The headline numbers of one evaluation, for a table."""
+    knn = results["knn"][HEADLINE_K] if HEADLINE_K in results["knn"] else next(iter(results["knn"].values()))
+    row = {"model": results["model"], "k-NN top-1": f"{knn['top1']:.1f}"}
+    if "top5" in knn:
+        row["k-NN top-5"] = f"{knn['top5']:.1f}"
+    if "linear" in results:
+        row["linear top-1"] = f"{results['linear']['top1']:.1f}"
+    if "clustering" in results:
+        c = results["clustering"]
+        row["NMI"] = f"{c['nmi']:.3f}"
+        row["ARI"] = f"{c['ari']:.3f}"
+        row["cluster acc"] = f"{c['accuracy']:.1f}"
+    return row
