@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--image-size", type=int, help="input size for pixels and timm: models")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: fp32 (bf16 is ~2x faster on CPU but moved results by more than 0.2 points)")
+                   help="auto: fp32 (bf16 moved results by more than 0.2 points on digits)")
     e.add_argument("--vit-blocks", type=int, help="ViTs: concatenate class tokens of the last N blocks (DINO: 4)")
     e.add_argument("--avgpool", action="store_true", help="with --vit-blocks: add average-pooled patch tokens")
     e.add_argument("--student", action="store_true", help="evaluate the student instead of the teacher")
