@@ -12,6 +12,9 @@ def test_roundtrip_with_tensors_and_rng(tmp_path):
     save_checkpoint(state, tmp_path / "last.pt")
     loaded = load_checkpoint(tmp_path / "last.pt")
     assert loaded["step"] == 7
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o666 & ~umask  # not private like a mkstemp file
     torch.testing.assert_close(loaded["model"]["w"], state["model"]["w"])
 
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +23,8 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
 from threadpoolctl import threadpool_limits
 from torch import Tensor
+
+from unsupdistill.train.checkpoint import atomic_write
 
 EMBEDDING_METHODS = ("auto", "pca", "tsne")
 MAX_TSNE_POINTS = 2000
@@ -100,24 +100,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``, so a reader
-    never sees a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # not tempfile.mkstemp: its files are private (0600); open() gives the usual umask permissions
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_json(results: Mapping[str, Any], path: Path) -> None:
     """Write ``results`` as indented JSON, atomically (temporary file + ``os.replace``).
 
@@ -125,7 +107,7 @@ def write_json(results: Mapping[str, Any], path: Path) -> None:
     JSON object keys are strings, so integer keys (``{20: ...}``) read back as ``"20"``.
     """
     text = json.dumps(_jsonable(results), indent=2) + "\n"
-    _replace_atomically(Path(path), lambda file: file.write(text.encode()))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +121,7 @@ def _numpy(values: Tensor | np.ndarray) -> np.ndarray:
 
 def _save_png(figure: Figure, path: Path) -> None:
     FigureCanvasAgg(figure)
-    _replace_atomically(Path(path), lambda file: figure.savefig(file, format="png", dpi=120, bbox_inches="tight"))
+    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
 def _class_colours(num_classes: int) -> np.ndarray:
