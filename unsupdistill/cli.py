@@ -13,11 +13,13 @@ from unsupdistill import distributed
 from unsupdistill.config import ConfigError, apply_overrides, config_from_dict, load_config, recipe_names
 from unsupdistill.data import DataError
 from unsupdistill.evaluate.models import ModelSpecError
+from unsupdistill.export import EXPORT_FORMATS, ExportError, embed_folder, export_model
+from unsupdistill.export.formats import ATOL, RTOL
 from unsupdistill.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 
 logger = logging.getLogger("unsupdistill")
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelSpecError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelSpecError, ExportError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +64,39 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--cache-dir", type=Path, help="feature cache (default $UNSUPDISTILL_CACHE or "
                                                     "~/.cache/unsupdistill/features)")
 
+    x = commands.add_parser(
+        "export", help="export a trained backbone as safetensors, TorchScript or ONNX, checked for parity",
+        description="Export the teacher (or student) backbone of a run directory or checkpoint. After writing, "
+                    "the export is reloaded (plain timm, torch.jit.load, onnxruntime) and run next to the PyTorch "
+                    "model on real images; it is kept only if the features agree within the tolerance. "
+                    "TorchScript and ONNX graphs take float RGB batches in [0, 1] and include the normalisation.",
+    )
+    x.add_argument("model", metavar="MODEL", help="run directory or checkpoint (.pt)")
+    x.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    x.add_argument("--out", type=Path, help="file to write (default <run>/export/<teacher|student>.<ext>); "
+                                            "a .json sidecar with the same stem describes input and parity")
+    x.add_argument("--student", action="store_true", help="export the student instead of the teacher")
+    x.add_argument("--data", help="real images for the parity check: an image folder or digits "
+                                  "(default: the run's training folder if it still exists, else digits)")
+    x.add_argument("--atol", type=float, default=ATOL, help=f"absolute parity tolerance (default {ATOL})")
+    x.add_argument("--rtol", type=float, default=RTOL,
+                   help=f"parity tolerance relative to the largest feature magnitude (default {RTOL})")
+
+    m = commands.add_parser(
+        "embed", help="features of every image in a folder, to .npy + .csv of paths or one .npz",
+        description="Embed every readable image under DATA (recursively) with a frozen backbone. Unreadable "
+                    "files are skipped, counted and listed in <out>.skipped.txt.",
+    )
+    m.add_argument("model", metavar="MODEL", help="run directory, checkpoint, exported .safetensors, "
+                                                  "timm:<name>[,key=value...] or pixels")
+    m.add_argument("data", metavar="DATA", help="image folder")
+    m.add_argument("--out", type=Path, required=True, help="features.npy (+ features.csv of paths) or features.npz")
+    m.add_argument("--student", action="store_true", help="embed with the student's backbone")
+    m.add_argument("--image-size", type=int, help="input size for pixels and timm: models")
+    m.add_argument("--batch-size", type=int, default=256)
+    m.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    m.add_argument("--workers", type=int, help="image-decoding processes (default: one per core, up to 8)")
+
     args, extra = parser.parse_known_args(argv)  # paths and key=value may follow options
     if extra and (args.command != "pretrain" or any(a.startswith("-") for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -70,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "eval":
             return eval_command(args)
+        if args.command == "export":
+            return export_command(args)
+        if args.command == "embed":
+            return embed_command(args)
         args.args += extra
         return pretrain_command(args)
     except USER_ERRORS as err:
@@ -97,6 +136,30 @@ def eval_command(args: argparse.Namespace) -> int:
     print(f"\nreport: {out / 'eval.json'}" + ("" if args.no_plots else
           f"\nplots:  {out / 'feature_map.png'}, {out / 'knn_vs_k.png'}"
           + ("" if args.no_linear else f", {out / 'confusion.png'}")))
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    result = export_model(args.model, args.format, args.out, student=args.student, data=args.data,
+                          atol=args.atol, rtol=args.rtol)
+    parity = result.parity
+    print(f"\n{args.format} parity against PyTorch on {parity.batch_sizes[0]} real images from {parity.images} "
+          f"(and a batch of 1):\n  max abs error {parity.max_abs_error:.3g}, max rel error "
+          f"{parity.max_rel_error:.3g}, tolerance {parity.tolerance:.3g}: passed\n"
+          f"export:  {result.path}\nsidecar: {result.sidecar}")
+    return 0
+
+
+def embed_command(args: argparse.Namespace) -> int:
+    import torch
+
+    result = embed_folder(args.model, args.data, args.out, student=args.student, image_size=args.image_size,
+                          batch_size=args.batch_size, workers=args.workers,
+                          precision=torch.bfloat16 if args.precision == "bf16" else None)
+    print(f"\nembedded {result.count} images ({result.feature_dim} features each) at "
+          f"{result.images_per_s:.0f} images/s; {result.skipped} unreadable files skipped\n"
+          f"features: {result.features}\npaths:    {result.paths}\nsummary:  {result.summary}"
+          + (f"\nskipped:  {result.skipped_list}" if result.skipped_list else ""))
     return 0
 
 

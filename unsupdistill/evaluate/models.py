@@ -19,8 +19,13 @@ import yaml
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from unsupdistill.config import ConfigError
-from unsupdistill.models.backbone import BackboneSpec, apply_small_image_stem, rebuild_backbone
+from unsupdistill.config import ConfigError, config_from_dict
+from unsupdistill.models.backbone import (
+    BackboneSpec,
+    apply_small_image_stem,
+    describe_backbone,
+    rebuild_backbone,
+)
 from unsupdistill.train.checkpoint import CheckpointError, load_checkpoint
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -53,6 +58,8 @@ class FeatureModel:
         std: per-channel standard deviation they are divided by.
         cache_key: sha256 hex identity of the weights and preprocessing, for feature caching.
         architecture: the timm model name, or ``"pixels"``.
+        description: for trained models, the exported backbone's JSON sidecar (timm name and
+            arguments, resize policy, normalisation, step); None for baselines.
     """
 
     name: str
@@ -62,6 +69,7 @@ class FeatureModel:
     std: tuple[float, float, float]
     cache_key: str
     architecture: str
+    description: dict[str, Any] | None = None
 
 
 class PixelFeatures(nn.Module):
@@ -146,10 +154,11 @@ def _load_checkpoint(spec: str, path: Path, image_size: int | None, student: boo
         raise ModelSpecError(f"model '{spec}': {err}") from err
     try:
         backbone_spec = BackboneSpec(**state["backbone"])
-        augment = state["config"]["augment"]
-        input_size = int(augment["global_1"]["size"])
-        mean, std = _triple(augment["mean"]), _triple(augment["std"])
+        config = config_from_dict(state["config"], f"{path} config")
+        input_size = config.augment.global_1.size
+        mean, std = config.augment.mean, config.augment.std
         network = state["student" if student else "teacher"]
+        description = describe_backbone(backbone_spec, config, int(state["step"]), "student" if student else "teacher")
     except (KeyError, TypeError, ValueError) as err:
         raise ModelSpecError(f"model '{spec}': checkpoint {path} lacks the backbone spec, augment config or "
                              f"weights ({type(err).__name__}: {err}); it may come from an older version") from err
@@ -157,7 +166,7 @@ def _load_checkpoint(spec: str, path: Path, image_size: int | None, student: boo
     backbone = _rebuild(spec, backbone_spec, weights)
     size = image_size or input_size
     key = _digest(_file_sha256(path), backbone_spec.to_dict(), size, mean, std, student)
-    return FeatureModel(name, backbone, size, mean, std, key, backbone_spec.name)
+    return FeatureModel(name, backbone, size, mean, std, key, backbone_spec.name, description)
 
 
 def _load_export(spec: str, weights_path: Path, image_size: int | None, name: str) -> FeatureModel:
@@ -183,7 +192,7 @@ def _load_export(spec: str, weights_path: Path, image_size: int | None, name: st
     backbone = _rebuild(spec, backbone_spec, weights)
     size = image_size or input_size
     key = _digest(_file_sha256(weights_path), backbone_spec.to_dict(), size, mean, std, False)
-    return FeatureModel(name, backbone, size, mean, std, key, backbone_spec.name)
+    return FeatureModel(name, backbone, size, mean, std, key, backbone_spec.name, meta)
 
 
 def _rebuild(spec: str, backbone_spec: BackboneSpec, weights: dict[str, Tensor]) -> nn.Module:

@@ -8,7 +8,9 @@ from typing import Any
 import timm
 from torch import nn
 
-from unsupdistill.config import ConfigError, ModelConfig
+from unsupdistill.config import Config, ConfigError, ModelConfig
+
+BACKBONE_FORMAT = "unsupdistill.backbone/1"
 
 
 @dataclass
@@ -79,3 +81,29 @@ def rebuild_backbone(spec: BackboneSpec) -> nn.Module:
     if spec.small_image_stem:
         apply_small_image_stem(model)
     return model
+
+
+def describe_backbone(spec: BackboneSpec, config: Config, step: int, source: str) -> dict[str, Any]:
+    """The JSON sidecar of an exported backbone: how to rebuild it with plain timm and how to feed it.
+
+    Args:
+        spec: the backbone's timm name and arguments.
+        config: the run's config (crop size, resize policy, normalisation, training data).
+        step: the training step the weights are from.
+        source: ``"teacher"`` or ``"student"``.
+    """
+    a = config.augment
+    rebuild = "timm.create_model(timm_name, num_classes=0, **timm_kwargs)"
+    if spec.small_image_stem:
+        rebuild += ("; then model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=1, padding=1, "
+                    "bias=False) and model.maxpool = nn.Identity() (small-image stem)")
+    return {
+        "format": BACKBONE_FORMAT,
+        "timm_name": spec.name, "timm_kwargs": spec.kwargs, "small_image_stem": spec.small_image_stem,
+        "rebuild": rebuild + "; then load_state_dict(safetensors.torch.load_file(...), strict=True)",
+        "feature_dim": spec.feature_dim, "input_size": a.global_1.size,
+        "resize": {"shorter_side": config.data.image_size or a.global_1.size,
+                   "center_crop": a.global_1.size, "interpolation": "bilinear"},
+        "mean": list(a.mean), "std": list(a.std), "step": step, "source": source,
+        "trained_on": config.data.path or "digits",
+    }

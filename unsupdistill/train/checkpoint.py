@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +19,25 @@ class CheckpointError(ValueError):
     """A file is not a readable unsupdistill checkpoint."""
 
 
-def atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Callable[[str], Any], check: Callable[[str], Any] | None = None) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one.
 
-    ``write`` creates the temporary file itself, so it gets the usual umask permissions (a
-    ``tempfile.mkstemp`` file would stay private, 0600, after the rename).
+    The file gets the usual umask permissions, whatever ``write`` created it with (safetensors and
+    ``tempfile.mkstemp`` make private 0600 files). ``check(tmp_path)``, if given, runs before the
+    rename; an exception from it leaves ``path`` as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if check is not None:
+            check(str(tmp))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -73,7 +80,7 @@ def save_backbone(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any],
     """Write ``backbone.safetensors`` (plain tensors) and ``backbone.json`` (how to rebuild and feed it)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     weights = out_dir / "backbone.safetensors"
-    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "unsupdistill.backbone/1"}))
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": metadata["format"]}))
     sidecar = out_dir / "backbone.json"
     atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2) + "\n"))
     return weights

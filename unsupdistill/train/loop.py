@@ -27,6 +27,7 @@ from unsupdistill.evaluate.features import extract_features
 from unsupdistill.evaluate.knn import knn_accuracy
 from unsupdistill.evaluate.labeled import align_labels, load_labeled
 from unsupdistill.models import build_student_teacher
+from unsupdistill.models.backbone import describe_backbone
 from unsupdistill.train.checkpoint import save_backbone, save_checkpoint
 from unsupdistill.train.health import collapse_warnings, health_signals
 from unsupdistill.train.metrics import MetricsLogger
@@ -357,16 +358,7 @@ class Pretrainer:
             logger.info("%d unreadable files listed in %s", skipped, self.run_dir / "skipped.txt")
 
     def export_backbone(self) -> Path:
-        a = self.config.augment
-        spec = self.backbone_spec
-        metadata = {
-            "format": "unsupdistill.backbone/1",
-            "timm_name": spec.name, "timm_kwargs": spec.kwargs, "small_image_stem": spec.small_image_stem,
-            "feature_dim": spec.feature_dim, "input_size": a.global_1.size,
-            "resize": {"shorter_side": self.config.data.image_size or a.global_1.size,
-                       "center_crop": a.global_1.size, "interpolation": "bilinear"},
-            "mean": list(a.mean), "std": list(a.std), "step": self.step, "source": "teacher",
-        }
+        metadata = describe_backbone(self.backbone_spec, self.config, self.step, "teacher")
         return save_backbone(self.teacher.backbone.state_dict(), metadata, self.run_dir)
 
 

@@ -1,0 +1,111 @@
+"""``unsupdistill embed``: the features of every image in a folder, in a file any tool reads."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unsupdistill.config import DataConfig
+from unsupdistill.data import ImageFolderDataset, num_workers, write_skipped
+from unsupdistill.evaluate.features import extract_features
+from unsupdistill.evaluate.models import load_model
+from unsupdistill.export.formats import ExportError
+from unsupdistill.train.checkpoint import atomic_write
+
+logger = logging.getLogger(__name__)
+
+EMBED_SUFFIXES = (".npy", ".npz")
+
+
+@dataclass
+class EmbedResult:
+    """What ``embed_folder`` wrote and how fast."""
+
+    features: Path
+    paths: Path
+    summary: Path
+    skipped_list: Path | None
+    count: int
+    feature_dim: int
+    skipped: int
+    images_per_s: float
+
+
+def embed_folder(model: str, data: str | Path, out: str | Path, *, student: bool = False,
+                 image_size: int | None = None, batch_size: int = 256, precision: torch.dtype | None = None,
+                 workers: int | None = None, device: str = "cpu") -> EmbedResult:
+    """Embed every readable image under ``data`` (recursively) with a frozen backbone.
+
+    Writes ``out``: either ``.npy`` (features ``(N, D)`` float32) with a ``.csv`` of the image paths
+    in the same row order beside it, or one ``.npz`` holding ``features`` and ``paths``. Unreadable
+    files are skipped, counted and listed in ``<out stem>.skipped.txt``; a ``.json`` summary says
+    what was embedded and how fast.
+
+    Args:
+        model: anything ``unsupdistill eval`` takes as MODEL (run, checkpoint, export, ``timm:``, ``pixels``).
+        data: an image folder.
+        out: the ``.npy`` or ``.npz`` file to write.
+        student: embed with the student's backbone.
+        image_size: input size for models that do not record one.
+        batch_size: images per forward pass.
+        precision: autocast dtype, or None for float32.
+        workers: DataLoader processes decoding images; None: one per core, up to 8.
+        device: where the network runs.
+    """
+    out = Path(out)
+    if out.suffix.lower() not in EMBED_SUFFIXES:
+        raise ExportError(f"--out {out}: expected a file ending in .npy (features, plus a .csv of paths) or .npz "
+                          "(features and paths in one file)")
+    loaded = load_model(model, image_size=image_size, student=student)
+    workers = num_workers(DataConfig(path=str(data), num_workers=workers))
+    dataset = ImageFolderDataset(data, loaded.input_size, num_threads=max(1, workers))
+    tic = time.perf_counter()
+    features = extract_features(loaded.backbone, dataset, loaded.input_size, loaded.mean, loaded.std,
+                                batch_size=batch_size, precision=precision, device=device, num_workers=workers)
+    seconds = time.perf_counter() - tic
+    array = features.numpy().astype(np.float32)  # (N, D)
+    paths = [str(path) for path in dataset.files]
+
+    if out.suffix.lower() == ".npz":
+        paths_file = out
+        atomic_write(out, lambda tmp: _save_npz(tmp, array, paths))
+    else:
+        paths_file = out.with_suffix(".csv")
+        atomic_write(out, lambda tmp: _save_npy(tmp, array))
+        atomic_write(paths_file, lambda tmp: _save_csv(tmp, paths))
+    skipped_list = out.with_suffix(".skipped.txt")
+    skipped = write_skipped(dataset, skipped_list)
+    if not skipped:
+        skipped_list.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
+    result = EmbedResult(out, paths_file, out.with_suffix(".json"), skipped_list if skipped else None,
+                         len(paths), int(array.shape[1]), skipped, len(paths) / seconds)
+    summary = {"model": loaded.name, "model_spec": str(model), "data": str(data), "images": result.count,
+               "feature_dim": result.feature_dim, "skipped": skipped, "input_size": loaded.input_size,
+               "precision": str(precision or "fp32"), "seconds": seconds, "images_per_s": result.images_per_s,
+               "features": str(out), "paths": str(paths_file)}
+    atomic_write(result.summary, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    return result
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to a name
+        np.save(f, array)
+
+
+def _save_npz(path: str, array: np.ndarray, paths: list[str]) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, features=array, paths=np.array(paths))
+
+
+def _save_csv(path: str, paths: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "path"])
+        writer.writerows(enumerate(paths))

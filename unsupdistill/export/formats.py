@@ -1,0 +1,279 @@
+"""Export a trained backbone as safetensors (for plain timm), TorchScript or ONNX, checked for parity.
+
+Every export is written to a temporary file, reloaded the way a user would load it (plain timm,
+``torch.jit.load``, onnxruntime) and run on a batch of real images next to the PyTorch model. Only
+if the features agree within the tolerance is the file renamed into place, so a failed export
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from unsupdistill.data import DataError, DigitsDataset, list_image_files, load_rgb, resize_center_crop
+from unsupdistill.evaluate.features import NormalizedBackbone
+from unsupdistill.evaluate.models import FeatureModel, load_model
+from unsupdistill.models.backbone import BackboneSpec, rebuild_backbone
+from unsupdistill.train.checkpoint import atomic_write
+
+logger = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("safetensors", "torchscript", "onnx")
+SUFFIXES = {"safetensors": (".safetensors",), "torchscript": (".pt", ".ts"), "onnx": (".onnx",)}
+ONNX_OPSET = 18
+"""The ONNX opset of exported graphs (torch.export-based exporter)."""
+ATOL, RTOL = 1e-4, 1e-3
+"""Parity tolerance: the export passes when max |exported - pytorch| <= ATOL + RTOL * max |pytorch|."""
+PARITY_IMAGES = 16
+INPUT_NAME, OUTPUT_NAME = "images", "features"
+
+
+class ExportError(ValueError):
+    """An export that cannot be made or does not match the PyTorch model; nothing was written."""
+
+
+@dataclass
+class Parity:
+    """How closely an exported model reproduces the PyTorch model's features."""
+
+    max_abs_error: float
+    max_rel_error: float
+    """max |exported - pytorch| / max |pytorch|."""
+    tolerance: float
+    """The max_abs_error allowed: atol + rtol * max |pytorch|."""
+    batch_sizes: list[int]
+    images: str
+    """Where the real images came from."""
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_error <= self.tolerance
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    sidecar: Path
+    format: str
+    parity: Parity
+
+
+def export_model(model: str, fmt: str, out: str | Path | None = None, *, student: bool = False,
+                 data: str | None = None, atol: float = ATOL, rtol: float = RTOL) -> ExportResult:
+    """Export the teacher (or student) backbone of a run directory or checkpoint.
+
+    Args:
+        model: a run directory, a checkpoint (``.pt``) or an exported ``.safetensors`` backbone.
+        fmt: one of :data:`EXPORT_FORMATS`.
+        out: the file to write; by default ``<run>/export/<teacher|student>.<ext>``. A JSON sidecar
+            with the same stem describes the input, the normalisation and the parity check.
+        student: export the student instead of the teacher.
+        data: where the real parity images come from: an image folder or ``digits``; by default the
+            run's training folder if it still exists, else the built-in digits.
+        atol: absolute parity tolerance.
+        rtol: tolerance relative to the largest feature magnitude.
+
+    Raises:
+        ExportError: bad format or path, a model that is not a trained one, or a failed parity check.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"export format '{fmt}' is unknown; allowed formats: {', '.join(EXPORT_FORMATS)}")
+    if model == "pixels" or str(model).startswith("timm:"):
+        raise ExportError(f"model '{model}' has no trained weights to export; give a run directory or a checkpoint")
+    loaded = load_model(str(model), student=student)
+    if loaded.description is None:
+        raise ExportError(f"model '{model}' does not describe its backbone; give a run directory or a checkpoint")
+    out_path = Path(out) if out is not None else default_export_path(Path(model), fmt, student)
+    if out_path.suffix.lower() not in SUFFIXES[fmt]:
+        raise ExportError(f"--out {out_path}: a {fmt} export must end in {' or '.join(SUFFIXES[fmt])}")
+    if out_path.is_dir():
+        raise ExportError(f"--out {out_path} is a directory; give a file name ending in {SUFFIXES[fmt][0]}")
+
+    reference = NormalizedBackbone(loaded.backbone, loaded.mean, loaded.std).eval()
+    images, source = parity_images(data, loaded)
+    with torch.no_grad():
+        expected = reference(images)  # (B, D)
+    parity: list[Parity] = []
+
+    def check(tmp: str) -> None:
+        result = measure_parity(_RUNNERS[fmt](tmp, loaded), images, expected, atol, rtol, source)
+        parity.append(result)
+        logger.info("%s parity on %d real images from %s: max abs error %.3g, max rel error %.3g (tolerance %.3g)",
+                    fmt, len(images), source, result.max_abs_error, result.max_rel_error, result.tolerance)
+        if not result.passed:
+            raise ExportError(
+                f"the {fmt} export does not match the PyTorch model: max abs error {result.max_abs_error:.3g} > "
+                f"tolerance {result.tolerance:.3g} (atol {atol} + rtol {rtol} x max |feature|); nothing was "
+                "written. Retry with another format, or loosen --atol/--rtol if the difference is acceptable"
+            )
+
+    _WRITERS[fmt](out_path, loaded, reference, images, check)
+    sidecar = sidecar_path(out_path)
+    meta = export_description(loaded, fmt, parity[0], atol, rtol)
+    atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    return ExportResult(out_path, sidecar, fmt, parity[0])
+
+
+def default_export_path(model: Path, fmt: str, student: bool) -> Path:
+    """``<run>/export/<teacher|student>.<ext>`` for a run directory or one of its checkpoints."""
+    source = "student" if student else "teacher"
+    ext = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx"}[fmt]
+    if model.is_dir():
+        return model / "export" / f"{source}{ext}"
+    run = model.parent.parent if model.parent.name == "checkpoints" else model.parent
+    return run / "export" / f"{model.stem}-{source}{ext}"
+
+
+def sidecar_path(export: Path) -> Path:
+    """``teacher.safetensors`` -> ``teacher.json`` (where evaluation looks for it); other formats append
+    ``.json`` to the whole name (``teacher.onnx.json``), so exports of one model never share a sidecar."""
+    if export.suffix.lower() == ".safetensors":
+        return export.with_suffix(".json")
+    return export.with_name(export.name + ".json")
+
+
+def export_description(model: FeatureModel, fmt: str, parity: Parity, atol: float, rtol: float) -> dict[str, Any]:
+    """The JSON sidecar: the backbone's description plus what the exported file takes and returns."""
+    meta = dict(model.description or {})
+    if fmt != "safetensors":
+        meta.update({
+            "format": f"unsupdistill.{fmt}/1",
+            "input": f"float32 RGB batch (N, 3, {model.input_size}, {model.input_size}) with values in [0, 1], "
+                     "any N; the mean/std normalisation is inside the graph",
+            "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
+            "output": f"features (N, {meta.get('feature_dim')})",
+        })
+        meta.pop("rebuild", None)
+    if fmt == "onnx":
+        meta["onnx_opset"] = ONNX_OPSET
+    meta["parity"] = {**asdict(parity), "atol": atol, "rtol": rtol}
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Real images for the parity check
+# ----------------------------------------------------------------------------------------------
+
+
+def parity_images(data: str | None, model: FeatureModel, count: int = PARITY_IMAGES) -> tuple[Tensor, str]:
+    """``count`` real images spread over ``data`` as float ``(B, 3, S, S)`` in [0, 1], and where they came from.
+
+    Unreadable files among the chosen ones are skipped (and logged); the images are decoded and
+    resized exactly as training and evaluation decode them.
+    """
+    size = model.input_size
+    if data is None:
+        trained_on = (model.description or {}).get("trained_on")
+        if trained_on and trained_on != "digits" and Path(trained_on).is_dir():
+            data = trained_on
+        else:
+            if trained_on and trained_on != "digits":
+                logger.info("the run's training folder %s is gone: checking parity on the built-in digits", trained_on)
+            data = "digits"
+    if data == "digits":
+        digits = DigitsDataset(size)
+        picks = np.linspace(0, len(digits) - 1, count).round().astype(int)
+        return torch.stack([digits[int(i)] for i in picks]).float() / 255, "digits"
+    try:
+        files = list_image_files(data)
+    except DataError as err:
+        raise ExportError(f"--data {data}: {err}") from err
+    picks = np.linspace(0, len(files) - 1, min(count * 2, len(files))).round().astype(int) if files else []
+    images, unreadable = [], 0
+    for i in picks:
+        if len(images) == count:
+            break
+        try:
+            images.append(resize_center_crop(load_rgb(files[int(i)], draft_size=size), size))
+        except Exception:  # noqa: BLE001 - decoders raise many types; the count is reported
+            unreadable += 1
+    if unreadable:
+        logger.warning("%d unreadable files skipped while choosing parity images in %s", unreadable, data)
+    if not images:
+        raise ExportError(f"--data {data} holds no readable image for the parity check; give an image folder "
+                          "or digits")
+    return torch.stack(images).float() / 255, str(data)
+
+
+def measure_parity(run: Any, images: Tensor, expected: Tensor, atol: float, rtol: float, source: str) -> Parity:
+    """Run the exported model on the whole batch and on a single image (the dynamic batch axis)."""
+    errors = []
+    for batch in (images, images[:1]):
+        got = torch.as_tensor(np.asarray(run(batch)), dtype=torch.float32)
+        want = expected[: len(batch)]
+        if got.shape != want.shape:
+            raise ExportError(f"the export returned features of shape {tuple(got.shape)} for a batch of "
+                              f"{len(batch)}; the PyTorch model returns {tuple(want.shape)}")
+        errors.append((got - want).abs().max().item())
+    scale = expected.abs().max().item()
+    max_abs = max(errors)
+    return Parity(max_abs, max_abs / max(scale, 1e-12), atol + rtol * scale, [len(images), 1], source)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writers (to a temporary file) and runners (loading the file back the way a user would)
+# ----------------------------------------------------------------------------------------------
+
+
+def _write_safetensors(out: Path, model: FeatureModel, reference: nn.Module, images: Tensor, check: Any) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+    meta = {"format": str(model.description["format"]) if model.description else "unsupdistill.backbone/1"}
+    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=meta), check)
+
+
+def _write_torchscript(out: Path, model: FeatureModel, reference: nn.Module, images: Tensor, check: Any) -> None:
+    with warnings.catch_warnings():  # torch.jit is deprecated upstream but is what TorchScript users load
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(reference, images[:2], check_trace=False)
+        atomic_write(out, lambda tmp: torch.jit.save(traced, tmp), check)
+
+
+def _write_onnx(out: Path, model: FeatureModel, reference: nn.Module, images: Tensor, check: Any) -> None:
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                reference, (images[:2],), tmp, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                opset_version=ONNX_OPSET, dynamo=True, external_data=False, verbose=False,
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},  # (N, 3, S, S) with any N
+            )
+
+    atomic_write(out, write, check)
+
+
+def _run_safetensors(path: str, model: FeatureModel) -> Any:
+    description = model.description or {}
+    spec = BackboneSpec(description["timm_name"], dict(description.get("timm_kwargs") or {}),
+                        bool(description.get("small_image_stem")))
+    backbone = rebuild_backbone(spec)
+    backbone.load_state_dict(load_file(path), strict=True)
+    network = NormalizedBackbone(backbone, model.mean, model.std).eval()
+    return torch.no_grad()(network)
+
+
+def _run_torchscript(path: str, model: FeatureModel) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        network = torch.jit.load(path, map_location="cpu").eval()
+    return torch.no_grad()(network)
+
+
+def _run_onnx(path: str, model: FeatureModel) -> Any:
+    import onnxruntime  # imported here: only ONNX exports need it
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return lambda batch: session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+
+
+_WRITERS = {"safetensors": _write_safetensors, "torchscript": _write_torchscript, "onnx": _write_onnx}
+_RUNNERS = {"safetensors": _run_safetensors, "torchscript": _run_torchscript, "onnx": _run_onnx}
