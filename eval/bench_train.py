@@ -1,0 +1,565 @@
+"""Pretraining throughput of unsupdistill against the DINO pipeline that lightly's documentation shows.
+
+Both pipelines train the same timm backbone and DINO head on the same views of the same image folder,
+read and decoded from disk, with the same batch size, DataLoader workers and torch threads:
+
+- ``ours``: :class:`~unsupdistill.train.loop.Pretrainer` built from ``recipes/bench_cifar10_r18.yaml``:
+  images decoded in DataLoader workers, multi-crop batched with kornia in the training process, its real
+  ``train_step`` on batches of its real ``loader`` with the schedule of ``schedule_at``, as ``Pretrainer.fit``
+  runs it (health signals every ``train.log_every_steps`` steps; no checkpoints); its default precision.
+- ``ref-fp32``: DINO written as in lightly's examples: ``DINOTransform`` per sample in DataLoader workers,
+  one student forward per view and one teacher forward per global view, ``DINOProjectionHead``,
+  ``DINOLoss``, ``update_momentum`` before each step, AdamW, float32.
+- ``ref-bf16``: the same with ``torch.autocast(bfloat16)`` around the forward passes.
+
+The variants run in alternating rounds (ours, ref-fp32, ref-bf16, ours, ...), each round warm-up steps
+then timed steps. Reported: source images per second of each round, the ratio of ours to each reference
+per round, and their medians. ``--breakdown`` adds the time of each stage of one unsupdistill step, its
+FLOPs per source image and the utilisation of this machine's measured peak.
+
+Run it from the repository root (see ../shared/data/README.md for the CIFAR-10 folder)::
+
+    python eval/bench_train.py --data /tmp/cifar10/train --breakdown --json /tmp/bench/train.json
+    python eval/bench_train.py --quick --breakdown --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import kornia
+import lightly
+import numpy as np
+import timm
+import torch
+from lightly.data import LightlyDataset
+from lightly.loss import DINOLoss
+from lightly.models.modules import DINOProjectionHead
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.transforms import DINOTransform
+from lightly.utils.scheduler import cosine_schedule
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from unsupdistill.augment import blur_sigma
+from unsupdistill.config import AugmentConfig, Config, DataConfig, load_config
+from unsupdistill.data import num_workers
+from unsupdistill.evaluate.report import format_table, write_json
+from unsupdistill.models.backbone import create_backbone
+from unsupdistill.train.loop import Pretrainer, ResumableSampler
+from unsupdistill.train.schedules import ScheduleValues, scaled_lr, schedule_at
+
+logger = logging.getLogger("bench_train")
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "bench_cifar10_r18.yaml"
+WORKLOADS = {"cifar10": [], "multicrop": ["augment.num_local_crops=6"]}
+VARIANTS = ("ours", "ref-fp32", "ref-bf16")
+QUICK = ["model.backbone_kwargs={channels: [8, 16, 32, 64], stem_width: 8}", "model.head_hidden_dim=64",
+         "model.head_bottleneck_dim=32", "model.head_output_dim=256"]
+"""A network small enough for a smoke run in seconds (as tests/conftest.py's TINY)."""
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype``, or nothing for float32."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def write_random_images(folder: Path, count: int, size: int, seed: int = 0) -> Path:
+    """Write ``count`` random-ish RGB JPEGs of ``size`` px (smooth colour blobs plus noise, quality 75)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        blobs = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(
+            (size, size), Image.Resampling.BICUBIC)
+        pixels = np.asarray(blobs, dtype=np.int16) + rng.integers(-20, 21, (size, size, 3))
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=75)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# The two pipelines
+# ----------------------------------------------------------------------------------------------
+
+
+class UnsupdistillPipeline:
+    """unsupdistill's training as ``Pretrainer.fit`` runs it, one step per call, without checkpoints.
+
+    Args:
+        config: the full config (data.path set).
+        run_dir: the Pretrainer's run directory (nothing is written there).
+    """
+
+    def __init__(self, config: Config, run_dir: Path) -> None:
+        self.trainer = Pretrainer(config, run_dir)
+        self.batches = endless(self.trainer.loader, self.trainer.sampler)
+
+    def schedule(self) -> ScheduleValues:
+        """The schedules at the trainer's current step."""
+        t = self.trainer
+        return schedule_at(t.step, t.total_steps, t.steps_per_epoch, t.global_batch, t.config.optim, t.config.loss)
+
+    def step(self) -> None:
+        """Fetch a batch and run ``train_step``; at log steps read the loss, as ``fit`` does."""
+        t = self.trainer
+        log_now = (t.step + 1) % t.config.train.log_every_steps == 0
+        out = t.train_step(next(self.batches), self.schedule(), with_signals=log_now)
+        if log_now:
+            out["loss"].item()
+        t.step += 1
+
+
+def endless(loader: DataLoader, sampler: ResumableSampler | None = None) -> Iterator:
+    """The loader's batches, epoch after epoch; ``sampler`` is set up for each epoch as ``Pretrainer.fit`` does.
+
+    A function, not a method: a generator held by the object whose method made it is a reference cycle, which
+    would leave the DataLoader workers running until a garbage collection.
+    """
+    epoch = 0
+    while True:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            sampler.start = 0
+        yield from loader
+        epoch += 1
+
+
+def dino_transform(cfg: AugmentConfig) -> DINOTransform:
+    """lightly's DINOTransform with the crops, scales, probabilities and normalisation of ``cfg``."""
+    g1, g2, local = cfg.global_1, cfg.global_2, cfg.local
+    shared = ("flip_p", "color_jitter", "color_jitter_p", "grayscale_p")
+    differing = [f"{view}.{key}" for key in shared for view, spec in (("global_2", g2), ("local", local))
+                 if getattr(spec, key) != getattr(g1, key)]
+    if differing or g1.solarize_p or local.solarize_p or g2.size != g1.size or g2.scale != g1.scale:
+        raise ValueError(f"DINOTransform cannot express this augmentation config (differs: {differing}, "
+                         "or solarization outside global_2, or unequal global crops)")
+    brightness, contrast, saturation, hue = g1.color_jitter
+    return DINOTransform(
+        global_crop_size=g1.size, global_crop_scale=g1.scale, local_crop_size=local.size,
+        local_crop_scale=local.scale, n_local_views=cfg.num_local_crops, hf_prob=g1.flip_p,
+        cj_prob=g1.color_jitter_p, cj_strength=1.0, cj_bright=brightness, cj_contrast=contrast,
+        cj_sat=saturation, cj_hue=hue, random_gray_scale=g1.grayscale_p,
+        gaussian_blur=(g1.blur_p, g2.blur_p, local.blur_p), sigmas=blur_sigma(g1),
+        solarization_prob=g2.solarize_p, normalize={"mean": list(cfg.mean), "std": list(cfg.std)},
+    )
+
+
+class LightlyReference:
+    """DINO as lightly's documentation writes it (examples/pytorch/dino.py, the CIFAR-10 benchmark).
+
+    Per-sample ``DINOTransform`` in DataLoader workers; ``update_momentum`` at the start of each step; the
+    teacher on each global view and the student on each view, one forward per view; ``DINOLoss``;
+    ``cancel_last_layer_gradients``; AdamW. The backbone is the same timm model as unsupdistill's.
+
+    Args:
+        config: the config of the unsupdistill side; its augment, model, loss and optim sections are used.
+        workers: DataLoader worker processes.
+        device: the training device.
+        autocast_dtype: ``torch.autocast`` dtype around the forward passes; None for float32.
+    """
+
+    def __init__(self, config: Config, workers: int, device: torch.device, autocast_dtype: torch.dtype | None):
+        a, m, o = config.augment, config.model, config.optim
+        self.device, self.autocast_dtype = device, autocast_dtype
+        self.dataset = LightlyDataset(input_dir=config.data.path, transform=dino_transform(a))
+        self.loader = DataLoader(self.dataset, batch_size=config.train.batch_size, shuffle=True, drop_last=True,
+                                 num_workers=workers, persistent_workers=workers > 0,
+                                 pin_memory=device.type == "cuda")
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = self.steps_per_epoch * config.train.epochs
+        self.momentum = (o.teacher_momentum, o.teacher_momentum_end)
+
+        crop_sizes = (a.global_1.size,) + ((a.local.size,) if a.num_local_crops else ())
+        self.student_backbone, spec = create_backbone(m, crop_sizes)
+        self.teacher_backbone = copy.deepcopy(self.student_backbone)
+        heads = [DINOProjectionHead(spec.feature_dim, m.head_hidden_dim, m.head_bottleneck_dim, m.head_output_dim,
+                                    batch_norm=m.head_batch_norm, freeze_last_layer=round(o.freeze_last_layer_epochs),
+                                    norm_last_layer=m.norm_last_layer) for _ in range(2)]
+        self.student_head, self.teacher_head = heads
+        self.teacher_head.load_state_dict(self.student_head.state_dict())  # weight_norm cannot be deep-copied
+        deactivate_requires_grad(self.teacher_backbone)
+        deactivate_requires_grad(self.teacher_head)
+        for module in (self.student_backbone, self.student_head, self.teacher_backbone, self.teacher_head):
+            module.to(device)
+        lo = config.loss
+        self.criterion = DINOLoss(
+            output_dim=m.head_output_dim, warmup_teacher_temp=lo.warmup_teacher_temp, teacher_temp=lo.teacher_temp,
+            warmup_teacher_temp_epochs=lo.warmup_teacher_temp_epochs, student_temp=lo.student_temp,
+            center_momentum=lo.center_momentum,
+        ).to(device)
+        params = [*self.student_backbone.parameters(), *self.student_head.parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=scaled_lr(o, config.train.batch_size),
+                                           weight_decay=o.weight_decay)
+        self.step_index = 0
+        self.batches = endless(self.loader)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.student_head(self.student_backbone(x).flatten(start_dim=1))
+
+    def forward_teacher(self, x: Tensor) -> Tensor:
+        return self.teacher_head(self.teacher_backbone(x).flatten(start_dim=1))
+
+    def step(self) -> None:
+        """One DINO step on the next batch of views."""
+        epoch = self.step_index // self.steps_per_epoch
+        momentum = cosine_schedule(self.step_index, self.total_steps, *self.momentum)
+        update_momentum(self.student_backbone, self.teacher_backbone, m=momentum)
+        update_momentum(self.student_head, self.teacher_head, m=momentum)
+        views, _, _ = next(self.batches)
+        views = [view.to(self.device, non_blocking=True) for view in views]
+        with autocast(self.device, self.autocast_dtype):
+            teacher_out = [self.forward_teacher(view) for view in views[:2]]
+            student_out = [self.forward(view) for view in views]
+        loss = self.criterion([t.float() for t in teacher_out], [s.float() for s in student_out], epoch=epoch)
+        loss.backward()
+        self.student_head.cancel_last_layer_gradients(current_epoch=epoch)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.step_index += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Throughput in alternating rounds
+# ----------------------------------------------------------------------------------------------
+
+
+def images_per_second(step: Callable[[], None], warmup_steps: int, steps: int, batch_size: int,
+                      device: torch.device) -> float:
+    """Source images per second over ``steps`` timed steps after ``warmup_steps`` untimed ones."""
+    for _ in range(warmup_steps):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def compare(pipelines: dict[str, Callable[[], None]], rounds: int, warmup_steps: int, steps: int,
+            batch_size: int, device: torch.device) -> dict:
+    """Run the pipelines in alternating rounds; images/s per round, ours/reference ratios and medians."""
+    per_round = []
+    for index in range(rounds):
+        result = {}
+        for name, step in pipelines.items():
+            result[name] = images_per_second(step, warmup_steps, steps, batch_size, device)
+            logger.info("round %d/%d %s: %.1f images/s", index + 1, rounds, name, result[name])
+        per_round.append(result)
+    ratios = {f"ours/{ref}": [r["ours"] / r[ref] for r in per_round]
+              for ref in pipelines if ref != "ours" and "ours" in pipelines}
+    return {
+        "rounds": per_round,
+        "median_images_per_s": {name: statistics.median(r[name] for r in per_round) for name in pipelines},
+        "ratios": ratios,
+        "median_ratio": {pair: statistics.median(values) for pair, values in ratios.items()},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Breakdown of one unsupdistill step, FLOPs and peak
+# ----------------------------------------------------------------------------------------------
+
+
+class StageTimer:
+    """Wall time of named stages, with the device synchronised before and after each."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.seconds.setdefault(name, []).append(time.perf_counter() - start)
+
+
+def timed_step(pipeline: UnsupdistillPipeline, timer: StageTimer) -> None:
+    """One step of ``Pretrainer.train_step`` from the trainer's own components, in its order, stage by stage
+    (no health signals: ``fit`` computes them only every ``train.log_every_steps`` steps)."""
+    t, sched = pipeline.trainer, pipeline.schedule()
+    with timer("data loader wait (decode in workers)"):
+        images = next(pipeline.batches)
+    with timer("augmentation (kornia, batched)"):
+        global_views, local_views = t.augment(images.to(t.device, non_blocking=True))
+        views = [global_views] if local_views is None else [global_views, local_views]
+    with timer("teacher forward"), autocast(t.device, t.autocast_dtype), torch.no_grad():
+        _, teacher_out = t.teacher([global_views])  # (2B, K)
+    with timer("student forward"), autocast(t.device, t.autocast_dtype):
+        _, student_out = t.student(views)  # (V*B, K)
+    with timer("loss"):
+        loss = t.loss_fn(list(teacher_out.float().chunk(2)), list(student_out.float().chunk(2 + t.num_local)),
+                         teacher_temp=sched.teacher_temp)
+    with timer("student backward (+ clip, freeze last layer)"):
+        t.optimizer.zero_grad(set_to_none=True)
+        (t.scaler.scale(loss) if t.scaler else loss).backward()
+        if t.scaler:
+            t.scaler.unscale_(t.optimizer)
+        if t.config.optim.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(t.params, t.config.optim.clip_grad)
+        if sched.freeze_last_layer:
+            for p in t.student_module.head.last_layer.parameters():
+                p.grad = None
+    with timer("optimizer step"):
+        for group in t.optimizer.param_groups:
+            group["lr"] = sched.lr
+        t.optimizer.param_groups[0]["weight_decay"] = sched.weight_decay
+        if t.scaler:
+            t.scaler.step(t.optimizer)
+            t.scaler.update()
+        else:
+            t.optimizer.step()
+    with timer("EMA update of the teacher"):
+        update_momentum(t.student_module, t.teacher, m=sched.teacher_momentum)
+    t.step += 1
+
+
+def flops_per_image(pipeline: UnsupdistillPipeline) -> float:
+    """Matmul and convolution FLOPs per source image: the teacher on the global views, the student forward and
+    backward on all views, and the loss (``FlopCounterMode`` counts no element-wise operations)."""
+    t = pipeline.trainer
+    images = next(pipeline.batches)
+    global_views, local_views = t.augment(images.to(t.device))
+    views = [global_views] if local_views is None else [global_views, local_views]
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            _, teacher_out = t.teacher([global_views])
+        _, student_out = t.student(views)
+        loss = t.loss_fn(list(teacher_out.chunk(2)), list(student_out.chunk(2 + t.num_local)),
+                         teacher_temp=pipeline.schedule().teacher_temp)
+        loss.backward()
+    t.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(images)
+
+
+def best_seconds(run: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    """Best wall time of ``run`` over ``repeats`` calls after one warm-up call."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_peak(device: torch.device, dtype: torch.dtype, quick: bool) -> dict[str, float]:
+    """GFLOP/s of a square matmul and of a ResNet-18-style 3x3 convolution (64 channels, 32x32) in ``dtype``."""
+    n = 512 if quick else (8192 if device.type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    matmul = 2 * n**3 / best_seconds(lambda: a @ b, device) / 1e9
+    batch = 16 if quick else 128
+    x = torch.randn(batch, 64, 32, 32, device=device, dtype=dtype)
+    w = torch.randn(64, 64, 3, 3, device=device, dtype=dtype)
+    conv_flops = 2 * batch * 64 * 32 * 32 * 64 * 9
+    conv = conv_flops / best_seconds(lambda: torch.nn.functional.conv2d(x, w, padding=1), device) / 1e9
+    return {"matmul_gflop_per_s": matmul, "conv2d_gflop_per_s": conv, "peak_gflop_per_s": max(matmul, conv)}
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def breakdown(pipeline: UnsupdistillPipeline, warmup_steps: int, steps: int, quick: bool) -> dict:
+    """Median time of each stage of an unsupdistill step, FLOPs per image, measured peaks and utilisation."""
+    t = pipeline.trainer
+    timer = StageTimer(t.device)
+    for _ in range(warmup_steps):
+        timed_step(pipeline, StageTimer(t.device))
+    for _ in range(max(steps, 1)):
+        timed_step(pipeline, timer)
+    stages = {name: statistics.median(values) for name, values in timer.seconds.items()}
+    step_seconds = sum(stages.values())
+    decode = best_seconds(lambda: [t.dataset[i] for i in range(t.local_batch)], torch.device("cpu"), repeats=3)
+    flops = flops_per_image(pipeline)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, dtype_name(t.autocast_dtype): t.autocast_dtype}
+    peaks = {name: measure_peak(t.device, dtype or torch.float32, quick) for name, dtype in dtypes.items()}
+    achieved = flops * t.local_batch / step_seconds / 1e9
+    return {
+        "stage_seconds": stages,
+        "step_seconds": step_seconds,
+        "images_per_s": t.local_batch / step_seconds,
+        "decode_batch_in_process_seconds": decode,
+        "gflop_per_image": flops / 1e9,
+        "achieved_gflop_per_s": achieved,
+        "precision": dtype_name(t.autocast_dtype),
+        "peaks": peaks,
+        "utilisation": achieved / peaks[dtype_name(t.autocast_dtype)]["peak_gflop_per_s"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+def bench_config(args: argparse.Namespace, workload: str, folder: Path) -> Config:
+    """The recipe plus the workload's and the command line's overrides."""
+    overrides = [f"data.path={folder}", f"train.threads={args.threads}", f"train.device={args.device}",
+                 f"train.batch_size={args.batch_size}", *WORKLOADS[workload], *(QUICK if args.quick else [])]
+    if args.workers is not None:
+        overrides.append(f"data.num_workers={args.workers}")
+    return load_config(str(RECIPE), overrides)
+
+
+def run_workload(config: Config, args: argparse.Namespace, device: torch.device, tmp: Path) -> dict:
+    """Build the pipelines of one workload, compare them and (with --breakdown) break ours down."""
+    ours = UnsupdistillPipeline(config, tmp / "run")
+    workers = num_workers(config.data)
+    refs = {"ref-fp32": None, "ref-bf16": torch.bfloat16}
+    pipelines: dict[str, Callable[[], None]] = {}
+    for name in args.variants:
+        pipelines[name] = ours.step if name == "ours" else LightlyReference(config, workers, device, refs[name]).step
+    result: dict = {"precision": {"ours": dtype_name(ours.trainer.autocast_dtype), "ref-fp32": "fp32",
+                                  "ref-bf16": "bf16"},
+                    "images": len(ours.trainer.dataset), "workers": workers}
+    if args.rounds > 0:
+        result.update(compare(pipelines, args.rounds, args.warmup_steps, args.steps, args.batch_size, device))
+    if args.breakdown:
+        result["breakdown"] = b = breakdown(ours, args.warmup_steps, args.steps, args.quick)
+        if args.rounds > 0:
+            result["utilisation"] = {
+                name: ips * b["gflop_per_image"] / b["peaks"][result["precision"][name]]["peak_gflop_per_s"]
+                for name, ips in result["median_images_per_s"].items()}
+    return result
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "timm": timm.__version__, "kornia": kornia.__version__,
+        "lightly": lightly.__version__,
+    }
+
+
+def print_report(results: dict) -> None:
+    """Markdown tables of the rounds, the breakdown and the utilisation."""
+    for workload, r in results["workloads"].items():
+        precisions = ", ".join(f"{name} {p}" for name, p in r["precision"].items())
+        print(f"\n## {workload}: {r['images']:,} images, batch {results['config']['batch_size']}, "
+              f"{r['workers']} workers, precision: {precisions}\n")
+        if "rounds" in r:
+            names = list(r["median_images_per_s"])
+            rows = [{"round": str(i + 1), **{f"{n} img/s": x[n] for n in names},
+                     **{p: v[i] for p, v in r["ratios"].items()}} for i, x in enumerate(r["rounds"])]
+            rows.append({"round": "median", **{f"{n} img/s": r["median_images_per_s"][n] for n in names},
+                         **r["median_ratio"]})
+            print(format_table(rows, list(rows[0]), markdown=True))
+        if "breakdown" in r:
+            b = r["breakdown"]
+            rows = [{"stage": name, "ms per step": s * 1e3, "share %": 100 * s / b["step_seconds"]}
+                    for name, s in b["stage_seconds"].items()]
+            rows.append({"stage": "step total", "ms per step": b["step_seconds"] * 1e3, "share %": 100.0})
+            rows.append({"stage": "(decode one batch in the training process, for reference)",
+                         "ms per step": b["decode_batch_in_process_seconds"] * 1e3})
+            print("\nStages of one unsupdistill step (median):\n")
+            print(format_table(rows, ["stage", "ms per step", "share %"], markdown=True, precision=1))
+            rows = [{"dtype": d, "matmul GFLOP/s": p["matmul_gflop_per_s"], "conv2d GFLOP/s": p["conv2d_gflop_per_s"]}
+                    for d, p in b["peaks"].items()]
+            print("\nMeasured peak of this machine:\n")
+            print(format_table(rows, list(rows[0]), markdown=True, precision=1))
+            rows = [{"pipeline": "ours (breakdown step)", "precision": b["precision"],
+                     "images/s": b["images_per_s"], "GFLOP/s": b["achieved_gflop_per_s"],
+                     "utilisation %": 100 * b["utilisation"]}]
+            for name, u in r.get("utilisation", {}).items():
+                ips = r["median_images_per_s"][name]
+                rows.append({"pipeline": f"{name} (rounds, median)", "precision": r["precision"][name],
+                             "images/s": ips, "GFLOP/s": ips * b["gflop_per_image"], "utilisation %": 100 * u})
+            print(f"\nModel FLOPs: {b['gflop_per_image']:.3f} GFLOP per source image (matmul and conv only); "
+                  "utilisation = achieved / measured peak of the precision used:\n")
+            print(format_table(rows, list(rows[0]), markdown=True, precision=1))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, help="image folder read by both pipelines (default: generated JPEGs)")
+    parser.add_argument("--workload", choices=[*WORKLOADS, "both"], default="both",
+                        help="cifar10: 2x32-px views; multicrop: plus 6x16-px local views")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="pipelines to run, in this order within each round (default: all three)")
+    parser.add_argument("--threads", type=int, help="torch threads, both pipelines (default: torch's; --quick 1, "
+                                                    "as tiny ops on shared cores stall in thread barriers)")
+    parser.add_argument("--workers", type=int, help="DataLoader workers (both; default: unsupdistill's)")
+    parser.add_argument("--rounds", type=int, help="alternating rounds (default 3; --quick 1); 0: breakdown only")
+    parser.add_argument("--warmup-steps", type=int,
+                        help="untimed steps per round (default 2 x workers + 1, which drains the prefetched "
+                             "batches; --quick 1)")
+    parser.add_argument("--steps", type=int, help="timed steps per round (default 10; --quick 2)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default 128, the recipe's; --quick 8)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="training device (both)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time each stage of an unsupdistill step, its FLOPs and the machine's peak")
+    parser.add_argument("--quick", action="store_true", help="tiny network and sizes, a smoke run in seconds")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
+    args.steps = args.steps if args.steps is not None else (2 if quick else 10)
+    args.batch_size = args.batch_size or (8 if quick else 128)
+    args.threads = args.threads or (1 if quick else torch.get_num_threads())
+    if args.warmup_steps is None:
+        workers = num_workers(DataConfig(path=str(args.data), num_workers=args.workers))
+        args.warmup_steps = 1 if quick else 2 * workers + 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported() and "ref-bf16" in args.variants:
+        logger.warning("this GPU has no bfloat16: ref-bf16 left out")
+        args.variants.remove("ref-bf16")
+    workloads = list(WORKLOADS) if args.workload == "both" else [args.workload]
+    results: dict = {"config": {key: str(value) if isinstance(value, Path) else value
+                                for key, value in vars(args).items()},
+                     "environment": environment(device), "workloads": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.data
+        if folder is None:
+            size = load_config(str(RECIPE)).augment.global_1.size
+            folder = write_random_images(Path(tmp) / "images", max(64, 4 * args.batch_size), size)
+        for workload in workloads:
+            config = bench_config(args, workload, folder)
+            results["workloads"][workload] = run_workload(config, args, device, Path(tmp))
+            gc.collect()  # any cycle left holds DataLoader workers, whose shutdown at interpreter exit can hang
+    print(", ".join(f"{key}={value}" for key, value in results["environment"].items()))
+    print_report(results)
+    if args.json is not None:
+        write_json(results, args.json)
+        print(f"\nwrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The benchmark scripts run end to end (--quick) and report positive, finite figures; the training benchmark's
+two pipelines see the same views. No timing is asserted: the figures depend on the machine."""
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from unsupdistill.augment import MultiCropAugmentation
+from unsupdistill.config import Config, load_config, read_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "eval"))
+import bench_train  # noqa: E402  (a script folder, not a package)
+
+STAGES = ["data loader wait (decode in workers)", "augmentation (kornia, batched)", "teacher forward",
+          "student forward", "loss", "student backward (+ clip, freeze last layer)", "optimizer step",
+          "EMA update of the teacher"]
+
+
+def run_script(name: str, *args: str) -> dict:
+    """Run eval/NAME with ARGS in a fresh process and return the JSON it wrote."""
+    out = Path(args[args.index("--json") + 1])
+    result = subprocess.run([sys.executable, str(ROOT / "eval" / name), *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| " in result.stdout  # a markdown table
+    return json.loads(out.read_text())
+
+
+def numbers(tree: object) -> Iterator[float]:
+    """Every number in a JSON tree."""
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from numbers(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from numbers(value)
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield float(tree)
+
+
+def assert_positive_finite(tree: object) -> None:
+    values = list(numbers(tree))
+    assert values and all(math.isfinite(v) and v > 0 for v in values), values
+
+
+def test_bench_train_quick_reports_every_variant_ratio_and_stage(tmp_path):
+    results = run_script("bench_train.py", "--quick", "--breakdown", "--json", str(tmp_path / "train.json"))
+    assert set(results["workloads"]) == {"cifar10", "multicrop"}
+    for workload in results["workloads"].values():
+        assert workload["precision"] == {"ours": "bf16", "ref-fp32": "fp32", "ref-bf16": "bf16"}
+        assert len(workload["rounds"]) == 1
+        assert set(workload["median_images_per_s"]) == {"ours", "ref-fp32", "ref-bf16"}
+        assert set(workload["median_ratio"]) == {"ours/ref-fp32", "ours/ref-bf16"}
+        breakdown = workload["breakdown"]
+        assert list(breakdown["stage_seconds"]) == STAGES
+        assert set(breakdown["peaks"]) == {"fp32", "bf16"}
+        assert set(workload["utilisation"]) == {"ours", "ref-fp32", "ref-bf16"}
+        assert_positive_finite({key: value for key, value in workload.items() if key != "precision"})
+    # local crops add FLOPs
+    multicrop, cifar10 = (results["workloads"][w]["breakdown"]["gflop_per_image"] for w in ("multicrop", "cifar10"))
+    assert multicrop > cifar10
+
+
+def test_bench_eval_quick_reports_knn_kmeans_and_extraction(tmp_path):
+    results = run_script("bench_eval.py", "--quick", "--json", str(tmp_path / "eval.json"))
+    assert set(results["classes"]) == {"10", "100"}
+    for per_class in results["classes"].values():
+        for task in ("knn", "kmeans"):
+            assert {"ours", "sklearn", "sklearn_over_ours"} <= set(per_class[task])
+        assert_positive_finite(per_class)
+    extraction = results["extraction"]
+    assert {"fp32", "bf16", "bf16_over_fp32"} <= set(extraction)
+    assert extraction["fp32"]["images"] == extraction["bf16"]["images"] == 64
+    assert_positive_finite(extraction)
+
+
+def test_bench_recipe_is_lightlys_cifar10_setting_and_holds_only_differences():
+    cfg = load_config(str(bench_train.RECIPE))
+    a, m = cfg.augment, cfg.model
+    assert (a.global_1.size, a.local.size, a.num_local_crops) == (32, 16, 0)
+    assert (a.global_1.blur_p, a.global_2.blur_p, a.local.blur_p) == (0, 0, 0)
+    assert (m.backbone, m.backbone_kwargs, m.small_image_stem) == ("resnet18", {}, True)
+    assert (m.head_hidden_dim, m.head_bottleneck_dim, m.head_output_dim) == (2048, 256, 2048)
+    assert cfg.train.batch_size == 128
+    data, _ = read_recipe(str(bench_train.RECIPE))
+
+    def leaves(tree: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
+        for key, value in tree.items():
+            if isinstance(value, dict) and key != "backbone_kwargs":
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", list(value) if isinstance(value, tuple) else value
+
+    defaults = dict(leaves(Config().to_dict()))
+    for key, value in leaves(data):
+        assert defaults[key] != value, f"{key} repeats the default"
+
+
+@pytest.mark.parametrize("workload", ["cifar10", "multicrop"])
+def test_both_pipelines_make_the_same_views(workload):
+    cfg = load_config(str(bench_train.RECIPE), bench_train.WORKLOADS[workload])
+    image = Image.new("RGB", (32, 32), (120, 30, 200))
+    reference = bench_train.dino_transform(cfg.augment)(image)
+    global_views, local_views = MultiCropAugmentation(cfg.augment)(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
+    ours = [tuple(global_views.shape[1:])] * 2
+    if local_views is not None:
+        ours += [tuple(local_views.shape[1:])] * (local_views.shape[0] // 4)
+    assert [tuple(view.shape) for view in reference] == ours
