@@ -1,10 +1,18 @@
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from unsupdistill.train.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from unsupdistill.train.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
 
 
 def test_roundtrip_with_tensors_and_rng(tmp_path):
@@ -66,3 +74,25 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
         load_checkpoint(tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_mapped_look_at_a_checkpoint_refuses_truncated_files_too(tmp_path):
+    save_checkpoint({"step": 3, "weights": torch.randn(10_000)}, tmp_path / "ok.pt")
+    assert load_checkpoint(tmp_path / "ok.pt", mmap=True)["step"] == 3
+    data = (tmp_path / "ok.pt").read_bytes()
+    for size in (0, 100, len(data) // 2, len(data) - 10):
+        (tmp_path / "cut.pt").write_bytes(data[:size])
+        with pytest.raises(CheckpointError, match="may be truncated"):
+            load_checkpoint(tmp_path / "cut.pt", mmap=True)
+
+
+def test_temp_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".last.pt.{dead.pid}.0123abcd.tmp"
+    live = tmp_path / f".last.pt.{os.getpid()}.4567ef01.tmp"
+    other = tmp_path / ".notes.tmp"
+    for path in (stale, live, other):
+        path.write_bytes(b"partial")
+    assert remove_stale_temp_files(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()

@@ -15,11 +15,12 @@ from unsupdistill.data import DataError
 from unsupdistill.evaluate.models import ModelSpecError
 from unsupdistill.export import EXPORT_FORMATS, ExportError, embed_folder, export_model
 from unsupdistill.export.formats import ATOL, RTOL
-from unsupdistill.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from unsupdistill.train.checkpoint import CheckpointError, latest_checkpoint
 
 logger = logging.getLogger("unsupdistill")
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelSpecError, ExportError)
+EXIT_STOPPED = 75  # EX_TEMPFAIL (sysexits.h): stopped by SIGTERM/SIGINT with a checkpoint; --resume continues
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,13 +31,17 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain", help="DINO pretraining on a folder of unlabeled images (default: built-in digits)",
         description="Train a DINO student/teacher on unlabeled images and export the teacher backbone. "
                     "Arguments with '=' override the config, e.g. train.epochs=5 optim.lr=1e-3.",
+        epilog=f"exit status: 0 done; 1 training error (non-finite loss or gradients, a "
+               f"checkpoint that cannot be written; the last good checkpoint is kept); 2 bad input; {EXIT_STOPPED} "
+               "stopped by SIGTERM or SIGINT after writing a checkpoint (--resume continues the run).",
     )
     p.add_argument("args", nargs="*", metavar="[PATH] [key=value ...]",
                    help="image folder (omit for scikit-learn's digits) and config overrides")
     p.add_argument("--recipe", help=f"shipped recipe ({', '.join(recipe_names())}) or a YAML file")
     p.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
     p.add_argument("--resume", type=Path, metavar="RUN_OR_CHECKPOINT",
-                   help="continue a run from its checkpoints/last.pt (or the given .pt file)")
+                   help="continue a run from its newest checkpoint that loads (checkpoints/last.pt or "
+                        "epoch_*.pt; corrupt ones are skipped with a warning), or from the given .pt file")
     p.add_argument("--dry-run", action="store_true",
                    help="build everything and run one step on a batch of 2 per process; write nothing")
 
@@ -164,7 +169,7 @@ def embed_command(args: argparse.Namespace) -> int:
 
 
 def pretrain_command(args: argparse.Namespace) -> int:
-    from unsupdistill.train.loop import TrainingError, pretrain  # heavy imports after argument checks
+    from unsupdistill.train.loop import TrainingError, TrainingStopped, pretrain  # heavy imports after checks
 
     paths = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
@@ -177,8 +182,8 @@ def pretrain_command(args: argparse.Namespace) -> int:
     if args.resume:
         if args.recipe:
             raise ConfigError("--resume takes the run's own config; pass changes as key=value, not --recipe")
-        ckpt_path = find_checkpoint(args.resume)
-        checkpoint = load_checkpoint(ckpt_path)
+        ckpt_path, checkpoint = latest_checkpoint(args.resume)
+        logger.info("resuming from %s (step %d)", ckpt_path, checkpoint["step"])
         config = config_from_dict(checkpoint["config"], str(ckpt_path))
         if overrides:
             config = config_from_dict(apply_overrides(config, overrides).to_dict(), "command line")
@@ -191,14 +196,24 @@ def pretrain_command(args: argparse.Namespace) -> int:
         report = pretrain(config, run_dir, checkpoint, dry_run=True)
         print(json.dumps({"dry_run": "ok", **report}, indent=2))
         return 0
+    log_file = None
     if distributed.local_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        logging.getLogger().addHandler(_file_handler(run_dir / "train.log"))
+        log_file = _file_handler(run_dir / "train.log")
+        logging.getLogger().addHandler(log_file)
     try:
         backbone = pretrain(config, run_dir, checkpoint)
+    except TrainingStopped as stop:
+        if log_file is not None:
+            logger.warning("%s", stop)
+        return EXIT_STOPPED
     except TrainingError as err:
         logger.error("%s", err)
         return 1
+    finally:
+        if log_file is not None:
+            logging.getLogger().removeHandler(log_file)
+            log_file.close()
     if backbone is not None:
         print(f"\nrun directory: {run_dir}\n"
               f"  backbone:    {backbone} (+ backbone.json)\n"

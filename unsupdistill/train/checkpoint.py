@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import uuid
 from collections.abc import Callable
@@ -13,6 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 CHECKPOINT_FORMAT = "unsupdistill.checkpoint/1"
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -39,8 +43,21 @@ def atomic_write(path: Path, write: Callable[[str], Any], check: Callable[[str],
         if check is not None:
             check(str(tmp))
         os.replace(tmp, path)
+        _fsync_folder(path.parent)  # the rename itself survives a machine crash
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Best effort: Windows cannot open a folder, and some network file systems refuse the fsync."""
+    if os.name == "nt":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -48,13 +65,17 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``: a file that would run code is refused."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``: a file that would run code is refused.
+
+    ``mmap=True`` maps the tensors instead of reading them: a cheap look at a large file's step
+    that still checks its structure (a truncated file has no zip directory and is refused).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
         raise CheckpointError(
             f"{path} is not a safe unsupdistill checkpoint (it may be truncated, from another tool, "
@@ -65,15 +86,66 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def find_checkpoint(run_or_file: str | Path) -> Path:
-    """The checkpoint to resume from: the file itself, or a run directory's ``checkpoints/last.pt``."""
+def latest_checkpoint(run_or_file: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to resume from, loaded: the file itself, or a run's newest readable checkpoint.
+
+    In a run directory, ``checkpoints/last.pt`` and ``checkpoints/epoch_*.pt`` are candidates; the
+    one with the highest step that loads wins (``last.pt`` on a tie). A candidate that does not load
+    (truncated, corrupt, not a checkpoint) is skipped with a warning naming it and the reason.
+
+    Raises:
+        CheckpointError: a given file does not load, or no candidate in the run loads.
+    """
     path = Path(run_or_file)
     if path.is_file():
-        return path
-    last = path / "checkpoints" / "last.pt"
-    if last.is_file():
-        return last
-    raise CheckpointError(f"no checkpoint to resume in {path}: expected {last} or a .pt file")
+        return path, load_checkpoint(path)
+    folder = path / "checkpoints"
+    candidates = [c for c in (folder / "last.pt", *sorted(folder.glob("epoch_*.pt"))) if c.is_file()]
+    if not candidates:
+        raise CheckpointError(f"no checkpoint to resume in {path}: expected {folder / 'last.pt'} or a .pt file")
+
+    # a cheap look at every candidate's step (tensors mapped, not read), then a full load, newest first
+    steps = {}
+    for candidate in candidates:
+        try:
+            steps[candidate] = int(load_checkpoint(candidate, mmap=True)["step"])
+        except (CheckpointError, KeyError, TypeError, ValueError) as err:
+            _warn_skipped(candidate, err)
+    for candidate in sorted(steps, key=steps.get, reverse=True):  # a stable sort: last.pt first on a tie
+        try:
+            return candidate, load_checkpoint(candidate)
+        except CheckpointError as err:
+            _warn_skipped(candidate, err)
+    raise CheckpointError(f"no readable checkpoint in {folder}: {len(candidates)} file(s) tried, none loads "
+                          "(see the warnings above)")
+
+
+def _warn_skipped(path: Path, err: Exception) -> None:
+    reason = str(err) if isinstance(err, CheckpointError) else f"{path} has no valid step ({type(err).__name__})"
+    logger.warning("resume skips a checkpoint that does not load: %s", reason)
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_write` calls whose process is gone (killed mid-write)."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        parts = tmp.name.split(".")  # "", NAME..., PID, HEX, "tmp"
+        if len(parts) >= 5 and parts[-3].isdigit() and not _process_exists(int(parts[-3])):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
 
 
 def save_backbone(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], out_dir: Path) -> Path:

@@ -28,16 +28,19 @@ from unsupdistill.evaluate.knn import knn_accuracy
 from unsupdistill.evaluate.labeled import align_labels, load_labeled
 from unsupdistill.models import build_student_teacher
 from unsupdistill.models.backbone import describe_backbone
-from unsupdistill.train.checkpoint import save_backbone, save_checkpoint
+from unsupdistill.train.checkpoint import remove_stale_temp_files, save_backbone, save_checkpoint
+from unsupdistill.train.faults import (
+    StopRequest,
+    TrainingError,
+    TrainingStopped,
+    first_non_finite,
+    ignore_stop_signals,
+)
 from unsupdistill.train.health import collapse_warnings, health_signals
 from unsupdistill.train.metrics import MetricsLogger
 from unsupdistill.train.schedules import ScheduleValues, scaled_lr, schedule_at
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the last checkpoint is kept."""
 
 
 class ResumableSampler(DistributedSampler):
@@ -115,6 +118,7 @@ class Pretrainer:
             self.dataset, batch_size=self.local_batch, sampler=self.sampler, drop_last=True,
             num_workers=workers, persistent_workers=workers > 0, pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(train.seed),  # keeps the global RNG for augmentation
+            worker_init_fn=ignore_stop_signals,
         )
         self.steps_per_epoch = per_process // self.local_batch
         self.total_steps = self.steps_per_epoch * train.epochs
@@ -153,6 +157,8 @@ class Pretrainer:
             self.probe = (train_set, test_set, align_labels(train_set, test_set))
 
         self.step = 0
+        self.saved_step: int | None = None  # step of the last checkpoint written or resumed from
+        self.stop_request = StopRequest()
         if checkpoint is not None:
             self._restore(checkpoint)
         else:
@@ -161,7 +167,17 @@ class Pretrainer:
     # ---- one step, in the order of the algorithm -------------------------------------------------
 
     def train_step(self, images: Tensor, sched: ScheduleValues, with_signals: bool) -> dict:
-        """One DINO step on a batch of uint8 images (B, 3, H, W); returns loss and health signals."""
+        """One DINO step on a batch of uint8 images (B, 3, H, W).
+
+        Returns:
+            The loss; health signals and the gradient norm when ``with_signals``; ``stop``: whether any
+            process was asked to stop (SIGTERM, SIGINT), the same answer in every process.
+
+        Raises:
+            TrainingError: the loss, or the gradients (except with fp16's GradScaler, which skips such
+                steps), are not finite in some process. Nothing of this step reached the optimizer or the
+                teacher.
+        """
         for group in self.optimizer.param_groups:
             group["lr"] = sched.lr
         self.optimizer.param_groups[0]["weight_decay"] = sched.weight_decay
@@ -181,23 +197,26 @@ class Pretrainer:
         signals = (health_signals(teacher_out, self.loss_fn.center, sched.teacher_temp, student_features)
                    if with_signals else {})
         loss = self.loss_fn(list(teacher_chunks), list(student_chunks), teacher_temp=sched.teacher_temp)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"loss is {loss.item()} at step {self.step} (lr {sched.lr:.3g}, teacher temperature "
-                f"{sched.teacher_temp:.3g}, loss scale {self.scaler.get_scale() if self.scaler else 'n/a'}); "
-                "the teacher was not updated and checkpoints/last.pt holds the last good state. "
-                "Lower optim.lr, raise optim.warmup_epochs or use train.precision=fp32."
-            )
 
-        # backward, clip, freeze last layer, optimizer step
+        # backward, total gradient norm (for clipping, and to catch non-finite gradients)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+
+        # stop before a non-finite value reaches the optimizer or the teacher; agree on stop signals
+        loss_bad, grads_bad, stop = self._agree(loss, grad_norm)
+        if loss_bad or (grads_bad and self.scaler is None):  # fp16: the GradScaler skips inf gradients
+            signals = signals or health_signals(teacher_out, self.loss_fn.center, sched.teacher_temp,
+                                                student_features)
+            raise self._non_finite_error("loss" if loss_bad else "gradients", loss, grad_norm, sched, signals)
+
+        # clip, freeze last layer, optimizer step
         if self.config.optim.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.clip_grad)
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.config.optim.clip_grad, grad_norm)
         if sched.freeze_last_layer:
             for p in self.student_module.head.last_layer.parameters():
                 p.grad = None
@@ -209,7 +228,54 @@ class Pretrainer:
 
         # EMA update of the teacher
         update_momentum(self.student_module, self.teacher, m=sched.teacher_momentum)
-        return {"loss": loss.detach(), **signals}
+        if with_signals:
+            signals["grad_norm"] = grad_norm.item()
+        return {"loss": loss.detach(), **signals, "stop": stop}
+
+    def _agree(self, loss: Tensor, grad_norm: Tensor) -> tuple[bool, bool, bool]:
+        """Whether, in any process, the loss is not finite, the gradients are not finite, a stop was requested.
+
+        One all-reduce of three numbers per step (none in a single process), so that every process takes
+        the same branch; its host sync is the one a finiteness check needs anyway.
+        """
+        stop = torch.tensor(self.stop_request.received is not None, device=loss.device)
+        flags = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm), stop]).float()
+        loss_bad, grads_bad, stop_any = (distributed.all_reduce_mean(flags) > 0).tolist()
+        return loss_bad, grads_bad, stop_any
+
+    def _non_finite_error(self, what: str, loss: Tensor, grad_norm: Tensor, sched: ScheduleValues,
+                          signals: dict) -> TrainingError:
+        """The diagnosis of a non-finite loss or gradient: where, the settings and health then, what to try."""
+        step = self.step + 1
+        where = f" in at least one of {self.world} processes" if self.world > 1 else ""
+        scale = f"{self.scaler.get_scale():.4g}" if self.scaler is not None else "n/a (no GradScaler)"
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+        lines = [
+            f"non-finite {what}{where} at step {step} (epoch {step / self.steps_per_epoch:.2f}): loss "
+            f"{loss.item():.4g}, total gradient norm {grad_norm.item():.4g}, lr {sched.lr:.3g}, teacher "
+            f"temperature {sched.teacher_temp:.3g}, loss scale {scale}, precision {precision} on {self.device.type}",
+        ]
+        if what == "gradients":
+            names = [name for name, p in self.student_module.named_parameters()
+                     if p.grad is not None and not torch.isfinite(p.grad).all()]
+            lines.append(f"{len(names)} parameter(s) with non-finite gradients, first: {', '.join(names[:4])}")
+        lines.append("health at this step: " + ", ".join(f"{key} {value:.4g}" for key, value in signals.items()))
+        lines += collapse_warnings(signals, self.config.model.head_output_dim, self.backbone_spec.feature_dim).values()
+        kept = ("no checkpoint was written yet" if self.saved_step is None else
+                f"the last good checkpoint (step {self.saved_step}) is kept")
+        lines.append(f"nothing of this step was applied (no optimizer step, no teacher update); {kept}")
+        o = self.config.optim
+        advice = [f"lower optim.lr (now {o.lr:g})", f"raise optim.warmup_epochs (now {o.warmup_epochs:g})"]
+        if o.clip_grad <= 0:
+            advice.append("clip gradients (optim.clip_grad=3)")
+        if self.autocast_dtype == torch.bfloat16 and self.device.type == "cpu":
+            advice.insert(0, "use train.precision=fp32 (bf16 autocast on CPU can give non-finite gradients in "
+                             "oneDNN kernels, e.g. a ResNet with model.small_image_stem=false)")
+        elif self.autocast_dtype is not None:
+            advice.append("use train.precision=fp32")
+        lines.append(f"try: {'; '.join(advice)}; then resume with: unsupdistill pretrain --resume {self.run_dir} "
+                     "KEY=VALUE")
+        return TrainingError("\n  ".join(lines))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -219,7 +285,13 @@ class Pretrainer:
     # ---- the run ---------------------------------------------------------------------------------
 
     def fit(self) -> Path | None:
-        """Train to the end (or ``train.max_steps``), then export the teacher backbone."""
+        """Train to the end (or ``train.max_steps``), then export the teacher backbone.
+
+        Raises:
+            TrainingStopped: SIGTERM or SIGINT arrived; every process stopped after the same step and a
+                checkpoint of that step was written.
+            TrainingError: a non-finite loss or gradient, or a checkpoint that could not be written.
+        """
         cfg = self.config.train
         last_step = self.total_steps if cfg.max_steps is None else min(cfg.max_steps, self.total_steps)
         metrics = None
@@ -233,8 +305,12 @@ class Pretrainer:
                 scaled_lr(self.config.optim, self.global_batch), self.autocast_dtype or "fp32", self.device)
         collapse_active: set[str] = set()
         tic, images_since = time.perf_counter(), 0
-        try:
-            while self.step < last_step:
+        stop = False
+        with contextlib.ExitStack() as cleanup:
+            cleanup.enter_context(self.stop_request)  # SIGTERM and SIGINT now stop at the next step boundary
+            if metrics is not None:
+                cleanup.callback(metrics.close)
+            while self.step < last_step and not stop:
                 epoch, offset = divmod(self.step, self.steps_per_epoch)
                 self.sampler.set_epoch(epoch)
                 self.sampler.start = offset * self.local_batch
@@ -246,6 +322,7 @@ class Pretrainer:
                                         self.config.optim, self.config.loss)
                     log_now = (self.step + 1) % cfg.log_every_steps == 0 or self.step + 1 == last_step
                     out = self.train_step(images, sched, with_signals=log_now)
+                    stop = out.pop("stop")
                     self.step += 1
                     images_since += self.global_batch
                     bar.update()
@@ -262,17 +339,24 @@ class Pretrainer:
                             metrics.log(self.step, record)
                             self._warn_collapse(out, collapse_active)
                     end_of_epoch = self.step % self.steps_per_epoch == 0
-                    if metrics is not None and self.probe is not None and (self.step == last_step or (
-                            end_of_epoch and (self.step // self.steps_per_epoch) % self.config.eval.every_epochs == 0)):
+                    epochs_done = self.step // self.steps_per_epoch
+                    probe_now = self.step == last_step or (
+                        end_of_epoch and epochs_done % self.config.eval.every_epochs == 0)
+                    if metrics is not None and self.probe is not None and probe_now and not stop:
                         metrics.log(self.step, {"epoch": self.step / self.steps_per_epoch, **self.probe_knn()},
                                     prefix="eval")
-                    if self.step % cfg.save_every_steps == 0 or end_of_epoch or self.step == last_step:
+                    if stop or self.step % cfg.save_every_steps == 0 or end_of_epoch or self.step == last_step:
                         self.save(keep=end_of_epoch and cfg.keep_every_epochs > 0
-                                  and (self.step // self.steps_per_epoch) % cfg.keep_every_epochs == 0)
+                                  and epochs_done % cfg.keep_every_epochs == 0)
+                    if stop:
+                        break
                 bar.close()
-        finally:
-            if metrics is not None:
-                metrics.close()
+        if stop and self.step < last_step:
+            raise TrainingStopped(
+                f"stopped by {self.stop_request.received or 'a signal to another process'} after step {self.step} "
+                f"of {last_step} (epoch {self.step / self.steps_per_epoch:.2f}); checkpoint "
+                f"{self.run_dir / 'checkpoints' / 'last.pt'} written. Resume with: unsupdistill pretrain "
+                f"--resume {self.run_dir}")
         if self.is_main:
             return self.export_backbone()
         return None
@@ -313,22 +397,45 @@ class Pretrainer:
     # ---- checkpoints and outputs -----------------------------------------------------------------
 
     def save(self, keep: bool = False) -> None:
+        """Write ``checkpoints/last.pt`` (and ``epoch_NNNN.pt`` when ``keep``) from the main process.
+
+        Every process calls it: their RNG states are gathered, and all of them raise TrainingError
+        when the main process could not write (the files it failed to replace are as they were).
+        """
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         rngs = distributed.gather_objects(rng)  # every process's RNG, for an exact resume
-        if not self.is_main:
-            return
+        error = self._write_checkpoints(rngs, keep) if self.is_main else None
+        failed = torch.tensor(float(error is not None), device=self.device)
+        if distributed.all_reduce_mean(failed).item() > 0:
+            raise TrainingError(error or "process 0 could not write a checkpoint (see its log)")
+        self.saved_step = self.step
+
+    def _write_checkpoints(self, rngs: list[dict], keep: bool) -> str | None:
+        """Write the checkpoint files atomically; the reason if one could not be written, else None."""
+        last = self.run_dir / "checkpoints" / "last.pt"
+        kept = ("no checkpoint exists yet" if self.saved_step is None else
+                f"the last good checkpoint (step {self.saved_step}) is kept")
+        for name, module in (("student", self.student_module), ("teacher", self.teacher)):
+            if bad := first_non_finite(module.state_dict()):
+                return f"refusing to write {last}: {name} tensor {bad} is not finite; {kept}"
         state = {
             "config": self.config.to_dict(), "backbone": self.backbone_spec.to_dict(), "step": self.step,
             "world_size": self.world, "student": self.student_module.state_dict(),
             "teacher": self.teacher.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {}, "center": self.loss_fn.center, "rng": rngs,
         }
-        save_checkpoint(state, self.run_dir / "checkpoints" / "last.pt")
-        if keep:
-            epoch = self.step // self.steps_per_epoch
-            save_checkpoint(state, self.run_dir / "checkpoints" / f"epoch_{epoch:04d}.pt")
+        paths = [last] + ([last.with_name(f"epoch_{self.step // self.steps_per_epoch:04d}.pt")] if keep else [])
+        for path in paths:
+            try:
+                save_checkpoint(state, path)
+            except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+                newest = f"{last.name} holds step {self.step}" if path != last else kept
+                return (f"could not write checkpoint {path}: {str(err).splitlines()[0]}. The file is as it was "
+                        f"(written atomically) and {newest}. Fix the cause (e.g. free disk space), then resume "
+                        f"with: unsupdistill pretrain --resume {self.run_dir}")
+        return None
 
     def _restore(self, state: dict) -> None:
         self.student_module.load_state_dict(state["student"])
@@ -337,7 +444,7 @@ class Pretrainer:
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.loss_fn.center.copy_(state["center"])
-        self.step = int(state["step"])
+        self.step = self.saved_step = int(state["step"])
         rngs = state["rng"]
         if len(rngs) == self.world:
             rng = rngs[distributed.rank()]
@@ -352,14 +459,20 @@ class Pretrainer:
 
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.run_dir, self.run_dir / "checkpoints"):
+            for tmp in remove_stale_temp_files(folder):
+                logger.info("removed %s, left by a process killed while writing", tmp)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         skipped = write_skipped(self.dataset, self.run_dir / "skipped.txt")
         if skipped:
             logger.info("%d unreadable files listed in %s", skipped, self.run_dir / "skipped.txt")
 
     def export_backbone(self) -> Path:
+        state_dict = self.teacher.backbone.state_dict()
+        if bad := first_non_finite(state_dict):
+            raise TrainingError(f"refusing to export the teacher backbone: tensor {bad} is not finite")
         metadata = describe_backbone(self.backbone_spec, self.config, self.step, "teacher")
-        return save_backbone(self.teacher.backbone.state_dict(), metadata, self.run_dir)
+        return save_backbone(state_dict, metadata, self.run_dir)
 
 
 def pretrain(config: Config, run_dir: Path, checkpoint: dict | None = None, dry_run: bool = False) -> Path | dict:
