@@ -1,4 +1,6 @@
 import dataclasses
+import logging
+import re
 
 import pytest
 
@@ -50,10 +52,79 @@ def test_unknown_key_names_key_suggestion_and_allowed_keys():
     ("augment.mean=[0.5, 0.5]", "augment.mean", "list of 3"),
     ("eval.train=digits", "eval.test", "both eval.train and eval.test"),
     ("eval.every_epochs=0", "eval.every_epochs", ">= 1"),
+    # momentum outside [0, 1]
+    ("optim.teacher_momentum=-0.1", "optim.teacher_momentum", "[0, 1]"),
+    ("optim.teacher_momentum_end=1.01", "optim.teacher_momentum_end", "[0, 1]"),
+    ("loss.center_momentum=1", "loss.center_momentum", "[0, 1)"),
+    ("optim.sgd_momentum=-0.5", "optim.sgd_momentum", "[0, 1)"),
+    # zero-size crops, zero or negative epochs and batch
+    ("augment.local.size=0", "augment.local.size", ">= 1"),
+    ("augment.global_1.size=0", "augment.global_1.size", ">= 1"),
+    ("augment.local.scale=[0, 0.4]", "augment.local.scale", "0 < min"),
+    ("train.epochs=0", "train.epochs", ">= 1"),
+    ("train.epochs=-3", "train.epochs", ">= 1"),
+    ("train.batch_size=-8", "train.batch_size", ">= 1"),
+    ("optim.min_lr=0.1", "optim.min_lr", "[0, optim.lr=0.008]"),
+    # NaN and infinity, however they are written
+    ("optim.lr=.nan", "optim.lr", "finite"),
+    ("optim.lr=nan", "optim.lr", "finite"),
+    ("optim.clip_grad=.inf", "optim.clip_grad", "finite"),
+    ("optim.warmup_epochs=1e400", "optim.warmup_epochs", "finite"),  # YAML reads it as a string
+    ("optim.weight_decay=1.0e+400", "optim.weight_decay", "finite"),
+    ("optim.lr=1" + "0" * 400, "optim.lr", "finite"),  # an integer too large for a float
+    ("loss.teacher_temp=-.inf", "loss.teacher_temp", "finite"),
+    ("augment.local.scale=[.nan, 0.4]", "augment.local.scale", "finite"),
+    ("augment.std=[0.2, .inf, 0.2]", "augment.std", "finite"),
+    # values that break later stages
+    ("train.seed=-1", "train.seed", "[0, 4294967295]"),
+    ("train.seed=4294967296", "train.seed", "[0, 4294967295]"),
+    ("data.path=''", "data.path", "folder path"),
+    ("eval.train=' '", "eval.train", "digits, a folder or a CSV file"),
+    ("model.backbone=''", "model.backbone", "timm model name"),
+    ("model.backbone_kwargs={1: 2}", "model.backbone_kwargs", "argument names"),
+    ("model.backbone_kwargs.start=2020-01-01", "model.backbone_kwargs", "argument names"),  # a YAML date
+    # values YAML cannot build
+    ("train.seed=2020-13-45", "train.seed", "not valid YAML"),
+    ("train.epochs=" + "[" * 2000, "train.epochs", "not valid YAML"),
 ])
 def test_bad_values_name_key_and_allowed_values(override, key, allowed):
     message = error_of(overrides=[override])
     assert key in message and allowed in message
+
+
+def test_non_finite_value_is_reported_once_not_with_every_range_check():
+    message = error_of(overrides=["optim.lr=.nan", "loss.student_temp=.inf"])
+    assert "optim.lr: expected a finite number, got nan" in message
+    assert "loss.student_temp: expected a finite number, got inf" in message
+    assert "optim.lr: expected a number > 0" not in message
+    assert message.count("\n") == 3  # the header line, the two keys, and min_lr that compares against lr
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"optim": {"lr": float("nan")}}, "optim.lr"),
+    ({"optim": {"lr": 10**400}}, "optim.lr"),
+    ({"optim": {"teacher_momentum": float("inf")}}, "optim.teacher_momentum"),
+    ({"augment": {"local": {"blur_sigma": [0.1, float("inf")]}}}, "augment.local.blur_sigma"),
+    ({"train": "fast"}, "train"),
+    ({"train": {"epochs": None}}, "train.epochs"),
+    ({"model": {"backbone_kwargs": {"img_size": {3, 4}}}}, "model.backbone_kwargs"),  # a set: not YAML
+    ({7: 1}, "7"),
+    ({"train": {"epochs": 2**64}}, "train.epochs"),
+    ({"augment": {"global_1": {"size": 10**5000}}}, "augment.global_1.size"),  # too long even to print
+])
+def test_config_from_dict_rejects_bad_values_with_config_error(data, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        config_from_dict(data)
+
+
+def test_recipe_file_that_is_not_utf8_or_holds_a_bad_date_names_the_file(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"data:\n  path: /photos/caf\xe9\n")
+    assert str(latin) in error_of(recipe=str(latin)) and "UTF-8" in error_of(recipe=str(latin))
+    dated = tmp_path / "dated.yaml"
+    dated.write_text("train:\n  seed: 2020-02-30\n")
+    message = error_of(recipe=str(dated))
+    assert str(dated) in message and "not valid YAML" in message
 
 
 def test_malformed_override_and_unknown_recipe():
@@ -109,3 +180,25 @@ def test_whole_mapping_override_replaces_and_dotted_override_updates():
     cfg = load_config(None, ["model.backbone=resnet18", "model.backbone_kwargs={channels: [8, 16, 32, 64]}",
                              "model.backbone_kwargs.stem_width=8"])
     assert cfg.model.backbone_kwargs == {"channels": [8, 16, 32, 64], "stem_width": 8}
+
+
+@pytest.mark.parametrize("override", ["optim.lr=-1", "train.epochs=0", "augment.local.size=99", "optim.lr=.nan",
+                                      "train.batch_size=0", "colour=red"])
+def test_bad_config_stops_the_run_before_any_data_is_read(tmp_path, monkeypatch, caplog, override):
+    import unsupdistill.data
+    from unsupdistill.cli import main
+    from unsupdistill.config import DataConfig
+
+    def read_data(*args, **kwargs):
+        raise AssertionError("the data was read before the config was checked")
+
+    monkeypatch.setattr(unsupdistill.data, "ImageFolderDataset", read_data)
+    images = tmp_path / "images"
+    images.mkdir()
+    with pytest.raises(AssertionError, match="data was read"):  # the trap is on the path a run reads data by
+        unsupdistill.data.build_dataset(DataConfig(path=str(images)), 16)
+
+    with caplog.at_level(logging.ERROR):
+        assert main(["pretrain", str(images), "--out", str(tmp_path / "bad"), override]) == 2
+    assert override.split("=")[0] in caplog.text
+    assert not (tmp_path / "bad").exists()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
 import logging
 import os
 import pickle
+import struct
+import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +49,26 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("unsupdistill.data")]
 
 
+def _png_bytes(width: int, height: int, bit_depth: int, color_type: int, rows: bytes) -> bytes:
+    """A PNG written by hand, for what Pillow will not write: 16-bit RGB, or a header that lies.
+
+    Args:
+        rows: the raw scanlines, each starting with its filter byte.
+    """
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def _centre(dataset: ImageFolderDataset, name: str) -> np.ndarray:
+    index = [p.name for p in dataset.files].index(name)
+    return dataset[index][:, SIZE // 2, SIZE // 2].numpy().astype(int)
+
+
 # ----------------------------------------------------------------------------------------------
 # Listing
 # ----------------------------------------------------------------------------------------------
@@ -81,6 +106,47 @@ def test_list_image_files_follows_symlinks_without_looping(tmp_path: Path) -> No
     rel = [p.relative_to(tmp_path / "data").as_posix() for p in list_image_files(tmp_path / "data")]
 
     assert rel == ["a.png", "linked/b.png"]
+
+
+def test_symlink_loops_to_files_are_listed_and_reported_not_dropped(tmp_path: Path) -> None:
+    _rgb(tmp_path / "good.png")
+    os.symlink("self.png", tmp_path / "self.png")  # a link to itself
+    os.symlink("pong.jpg", tmp_path / "ping.jpg")  # two links pointing at each other
+    os.symlink("ping.jpg", tmp_path / "pong.jpg")
+    os.symlink(tmp_path, tmp_path / "again")  # and a folder loop, visited once
+
+    assert [p.name for p in list_image_files(tmp_path)] == ["good.png", "ping.jpg", "pong.jpg", "self.png"]
+    dataset = ImageFolderDataset(tmp_path, SIZE)
+
+    assert [p.name for p in dataset.files] == ["good.png"]
+    assert [(Path(path).name, reason) for path, reason in dataset.skipped] == [
+        (name, "symlink loop (too many levels of symbolic links)") for name in ("ping.jpg", "pong.jpg", "self.png")
+    ]
+
+
+def test_unlistable_subfolder_is_warned_about_even_as_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Root lists any folder, so EACCES is raised where the listing calls ``os.scandir``."""
+    _rgb(tmp_path / "a.png")
+    _rgb(tmp_path / "locked" / "b.png")
+    locked = {str(tmp_path / "locked")}
+    real_scandir = os.scandir
+
+    def scandir(path: str | os.PathLike = ".") -> object:
+        if os.fspath(path) in locked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING, logger="unsupdistill.data"):
+        files = list_image_files(tmp_path)
+
+    assert [p.name for p in files] == ["a.png"]
+    assert f"cannot list folder {tmp_path / 'locked'}" in caplog.text and "Permission denied" in caplog.text
+    locked.add(str(tmp_path))
+    with pytest.raises(DataError, match="cannot list image folder .*Permission denied"):
+        list_image_files(tmp_path)
 
 
 def test_list_image_files_missing_or_not_a_folder(tmp_path: Path) -> None:
@@ -173,6 +239,62 @@ def test_animated_gif_gives_first_frame(tmp_path: Path) -> None:
     assert Image.open(path).n_frames == 2
 
     assert np.asarray(load_rgb(path))[8, 8].tolist() == [255, 0, 0]
+
+
+def _write_odd_files(root: Path) -> dict[str, tuple[tuple[int, int, int], int]]:
+    """Readable files in unusual forms; returns each name's expected centre colour and tolerance."""
+    root.mkdir(parents=True, exist_ok=True)
+    green, red = (10, 200, 30), (255, 0, 0)
+    _save(root / "png_named.jpg", Image.new("RGB", (20, 16), green), format="PNG")
+    _save(root / "jpeg_named.png", Image.new("RGB", (20, 16), green), format="JPEG", quality=95)
+    _save(root / "webp_named.bmp", Image.new("RGB", (20, 16), green), format="WEBP", lossless=True)
+    _save(root / "deep_gray.png", Image.fromarray(np.full((16, 20), 32896, dtype=np.uint16)))  # 0x8080
+    pixel = struct.pack(">HHH", 65535, 32896, 0)  # 16 bits per channel
+    (root / "deep_rgb.png").write_bytes(_png_bytes(20, 16, 16, 2, (b"\x00" + pixel * 20) * 16))
+    _save(root / "cmyk.jpg", Image.new("CMYK", (24, 16), (255, 0, 0, 0)), quality=95)
+    _save(root / "palette_transparent.png", _palette_with_transparency())
+    for ext in (".gif", ".png", ".tif"):  # animated GIF and PNG, multi-page TIFF: red, then blue
+        frames = [Image.new("RGB", (16, 16), color) for color in (red, (0, 0, 255))]
+        frames[0].save(root / f"frames{ext}", save_all=True, append_images=frames[1:])
+    jpeg = _save(root / "plain.jpg", Image.new("RGB", (20, 16), red), quality=95).read_bytes()
+    (root / "plain.jpg").unlink()
+    junk_exif = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff" + b"\x00" * 10  # claims 65535 tags
+    segment = b"\xff\xe1" + struct.pack(">H", len(junk_exif) + 2) + junk_exif
+    (root / "corrupt_exif.jpg").write_bytes(jpeg[:2] + segment + jpeg[2:])
+    return {
+        "png_named.jpg": (green, 0), "jpeg_named.png": (green, 3), "webp_named.bmp": (green, 0),
+        "deep_gray.png": ((128, 128, 128), 0), "deep_rgb.png": ((255, 128, 0), 0), "cmyk.jpg": ((0, 255, 255), 3),
+        "palette_transparent.png": (green, 0), "frames.gif": (red, 0), "frames.png": (red, 0),
+        "frames.tif": (red, 0), "corrupt_exif.jpg": (red, 3),
+    }
+
+
+@pytest.mark.parametrize("verify", ["full", "header"])
+def test_odd_but_readable_files_are_read_not_skipped(tmp_path: Path, verify: str) -> None:
+    """Wrong extensions, 16 bits, CMYK, palettes with transparency, frames and broken EXIF all decode."""
+    expected = _write_odd_files(tmp_path)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Pillow: "Corrupt EXIF data"
+        dataset = ImageFolderDataset(tmp_path, SIZE, verify=verify)
+        assert dataset.skipped == []
+        assert sorted(p.name for p in dataset.files) == sorted(expected)
+        for name, (color, tol) in expected.items():
+            assert np.abs(_centre(dataset, name) - np.array(color)).max() <= tol, name
+
+
+def test_exif_orientation_is_applied_when_jpeg_decoding_is_reduced(tmp_path: Path) -> None:
+    """The dataset decodes JPEGs at a reduced scale (draft) before it rotates them."""
+    img = Image.new("RGB", (96, 48), (255, 0, 0))
+    img.paste((0, 0, 255), (48, 0, 96, 48))  # left half red, right half blue
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    _save(tmp_path / "rotated.jpg", img, exif=exif, quality=95)
+
+    out = ImageFolderDataset(tmp_path, SIZE)[0].numpy().astype(int)  # upright 48x96, centre 12x12 crop
+
+    assert out[0, 1, 6] > 200 and out[2, 1, 6] < 60  # red (the left half) on top
+    assert out[2, SIZE - 2, 6] > 200 and out[0, SIZE - 2, 6] < 60
 
 
 def test_resize_center_crop_keeps_the_centre() -> None:
@@ -283,6 +405,85 @@ def test_permission_denied_is_skipped(tmp_path: Path) -> None:
     assert dataset.skipped == [(str(locked), "permission denied")]
 
 
+def test_permission_denied_is_skipped_even_as_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root reads any file (CI runs as root), so EACCES is raised where Pillow opens files: ``builtins.open``."""
+    _rgb(tmp_path / "good.png")
+    locked = _rgb(tmp_path / "locked.png")
+    header_checked = ImageFolderDataset(tmp_path, SIZE, verify="header")  # before the file turns unreadable
+    real_open = builtins.open
+    opened: list[str] = []
+
+    def open_denying_locked(file: object, *args: object, **kwargs: object) -> object:
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(locked):
+            opened.append(str(locked))
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(locked))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_denying_locked)
+
+    for verify in ("full", "header"):
+        dataset = ImageFolderDataset(tmp_path, SIZE, verify=verify)
+        assert [p.name for p in dataset.files] == ["good.png"]
+        assert dataset.skipped == [(str(locked), "permission denied")]
+    assert opened  # the scan really went through the patched open
+    with pytest.raises(DataError, match="permission denied") as err:
+        ImageFolderDataset(tmp_path, SIZE, strict=True)
+    assert str(locked) in str(err.value)
+    index = [p.name for p in header_checked.files].index("locked.png")
+    with pytest.raises(DataError, match="locked.png could not be read \\(permission denied\\)"):
+        header_checked[index]
+
+
+@pytest.mark.parametrize("verify", ["full", "header"])
+def test_decompression_bombs_with_default_limit_are_skipped_without_decoding(tmp_path: Path, verify: str) -> None:
+    """Files of about 100 bytes whose headers declare 10**10 and 10**8 pixels (30 GB and 100 MB decoded)."""
+    assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < 10**8 < 2 * Image.MAX_IMAGE_PIXELS
+    _rgb(tmp_path / "good.png")
+    (tmp_path / "huge.png").write_bytes(_png_bytes(100_000, 100_000, 8, 2, b"\x00" * 64))  # Pillow raises
+    (tmp_path / "over_limit.png").write_bytes(_png_bytes(10_000, 10_000, 8, 0, b"\x00" * 64))  # Pillow only warns
+
+    dataset = ImageFolderDataset(tmp_path, SIZE, verify=verify)
+
+    assert [p.name for p in dataset.files] == ["good.png"]
+    assert [Path(path).name for path, _ in dataset.skipped] == ["huge.png", "over_limit.png"]
+    assert all(reason.startswith("decompression bomb") for _, reason in dataset.skipped)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("empty.png", b"", "empty file (0 bytes)"),
+        ("notes.jpg", b"shopping list: eggs, milk\n", "not a recognised image"),
+        ("page.png", b"<!DOCTYPE html><html><body>404</body></html>", "not a recognised image"),
+        ("program.webp", b"\x7fELF\x02\x01\x01" + bytes(57), "not a recognised image"),
+        ("header_only.png", _png_bytes(20, 16, 8, 2, b"")[:33], ""),  # signature and IHDR, no pixel data
+    ],
+)
+def test_hostile_files_are_skipped_with_a_reason(tmp_path: Path, name: str, content: bytes, reason: str) -> None:
+    _rgb(tmp_path / "good.png")
+    (tmp_path / name).write_bytes(content)
+
+    dataset = ImageFolderDataset(tmp_path, SIZE)
+
+    assert [p.name for p in dataset.files] == ["good.png"]
+    assert len(dataset.skipped) == 1 and dataset.skipped[0][0] == str(tmp_path / name)
+    assert dataset.skipped[0][1].startswith(reason) and dataset.skipped[0][1]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP"])
+def test_truncated_files_of_each_format_are_skipped(tmp_path: Path, fmt: str) -> None:
+    _rgb(tmp_path / "good.png")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    full = _save(tmp_path / "full.img", Image.fromarray(noise), format=fmt).read_bytes()
+    (tmp_path / "full.img").unlink()
+    (tmp_path / f"cut.{fmt.lower()}").write_bytes(full[: len(full) // 2])  # the header survives, pixels do not
+
+    dataset = ImageFolderDataset(tmp_path, SIZE)
+
+    assert [p.name for p in dataset.files] == ["good.png"]
+    assert [Path(path).name for path, _ in dataset.skipped] == [f"cut.{fmt.lower()}"]
+
+
 def test_empty_folder_raises_naming_it(tmp_path: Path) -> None:
     (tmp_path / "readme.txt").write_text("no images here")
     _rgb(tmp_path / ".hidden.png")
@@ -312,6 +513,57 @@ def test_write_skipped(tmp_path: Path) -> None:
     assert [tuple(line.split("\t")) for line in lines] == dataset.skipped
     assert write_skipped(DigitsDataset(8, indices=[0]), tmp_path / "none.txt") == 0
     assert not (tmp_path / "none.txt").exists()
+
+
+def test_write_skipped_keeps_one_line_per_file_whatever_its_name(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    _rgb(images / "good.png")
+    names = ["two\nlines.png", "tab\there.jpg", "back\\slash.png", os.fsdecode(b"latin-1 caf\xe9.png")]
+    for name in names:
+        (images / name).write_bytes(b"not an image")
+    dataset = ImageFolderDataset(images, SIZE)
+    assert len(dataset.skipped) == 4
+
+    assert write_skipped(dataset, tmp_path / "skipped.txt") == 4
+
+    lines = (tmp_path / "skipped.txt").read_bytes().splitlines()
+    assert len(lines) == 4 and all(line.count(b"\t") == 1 for line in lines)
+    listed = sorted(line.split(b"\t")[0] for line in lines)
+    expected = [os.fsencode(images) + b"/" + name for name in
+                (b"back\\\\slash.png", b"latin-1 caf\xe9.png", b"tab\\there.jpg", b"two\\nlines.png")]
+    assert listed == expected
+
+
+def test_skipped_files_are_listed_in_the_run_directory(tmp_path: Path) -> None:
+    from conftest import TINY
+
+    from unsupdistill.cli import main
+
+    bad = _folder_with_bad_files(tmp_path / "images")  # 2 readable images, 3 unreadable
+    run = tmp_path / "run"
+
+    assert main(["pretrain", str(tmp_path / "images"), "--out", str(run), *TINY, "train.batch_size=2",
+                 "train.max_steps=1"]) == 0
+
+    lines = (run / "skipped.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in lines) == sorted(str(p) for p in bad)
+    assert all(line.split("\t")[1] for line in lines)
+
+
+def test_fewer_readable_images_than_one_batch_is_a_clear_error(tmp_path: Path) -> None:
+    from unsupdistill.config import load_config
+    from unsupdistill.train.loop import Pretrainer
+
+    _folder_with_bad_files(tmp_path / "images")  # 2 readable images, 3 unreadable
+    config = load_config(None, [f"data.path={tmp_path / 'images'}", "train.batch_size=4", "data.num_workers=0"])
+
+    with pytest.raises(DataError) as err:
+        Pretrainer(config, tmp_path / "run")
+
+    message = str(err.value)
+    assert "2 readable images are fewer than one batch (train.batch_size=4)" in message
+    assert "train.batch_size to at most 2" in message
+    assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------------------------

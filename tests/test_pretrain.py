@@ -76,23 +76,6 @@ def test_resume_after_sigkill_matches_uninterrupted_losses(tmp_path, tiny):
         assert loss == pytest.approx(expected[step], rel=1e-6, abs=1e-7), f"step {step}"
 
 
-def test_two_process_torchrun_on_cpu(tmp_path, tiny):
-    out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "unsupdistill", "pretrain", "--out", str(out), *tiny, "train.max_steps=4",
-         "train.log_every_steps=1"],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = read_metrics(out)
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # written once, by rank 0
-    assert "over 2 process(es)" in (out / "train.log").read_text()
-    state = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert state["world_size"] == 2 and len(state["rng"]) == 2
-    assert (out / "backbone.safetensors").exists()
-
-
 def test_dry_run_of_a_recipe_too_large_for_this_machine(tmp_path, capsys):
     code = main(["pretrain", "--recipe", "imagenet_vit_small", "--dry-run", "--out", str(tmp_path / "x"),
                  "data.num_workers=0"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -120,13 +121,13 @@ class OptimConfig:
     lr: float = 8e-3
     """Peak learning rate per 256 images; the used value is lr * global_batch / 256 (DINO: 5e-4)."""
     min_lr: float = 1e-6
-    warmup_epochs: float = 2
+    warmup_epochs: float = 2.0
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     sgd_momentum: float = 0.9
     clip_grad: float = 3.0
     """Max total gradient norm of the student; 0 disables clipping."""
-    freeze_last_layer_epochs: float = 1
+    freeze_last_layer_epochs: float = 1.0
     teacher_momentum: float = 0.99
     """EMA momentum at step 0, cosine to teacher_momentum_end. DINO: 0.996 for runs of 100k+ steps;
     a short run needs a teacher that follows the student faster."""
@@ -202,7 +203,10 @@ def read_recipe(recipe: str) -> tuple[dict[str, Any], str]:
         path = Path(recipe)
         if not path.is_file():
             raise ConfigError(f"recipe file {recipe} does not exist")
-        text, label = path.read_text(), str(path)
+        try:
+            text, label = path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"recipe file {recipe} cannot be read (UTF-8 text expected): {err}") from err
     else:
         candidate = resources.files("unsupdistill.recipes") / f"{recipe}.yaml"
         if not candidate.is_file():
@@ -212,8 +216,8 @@ def read_recipe(recipe: str) -> tuple[dict[str, Any], str]:
             )
         text, label = candidate.read_text(), f"recipes/{recipe}.yaml"
     try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
+        data = _parse_yaml(text) or {}
+    except ValueError as err:
         raise ConfigError(f"{label} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{label} must be a mapping of sections (data, model, train, ...)")
@@ -226,10 +230,24 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.epochs=5")
     try:
-        value = yaml.safe_load(raw) if raw else None
-    except yaml.YAMLError as err:
+        value = _parse_yaml(raw) if raw else None
+    except ValueError as err:
         raise ConfigError(f"override '{item}': value is not valid YAML ({err})") from err
     return key.split("."), value
+
+
+def _parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that raises only ValueError for bad input.
+
+    PyYAML also raises ValueError for impossible dates (``2020-13-45``) and RecursionError for
+    deeply nested flow collections; both become ValueError here, like its own YAMLError.
+    """
+    try:
+        return yaml.safe_load(text)
+    except RecursionError as err:
+        raise ValueError("nested too deeply") from err
+    except yaml.YAMLError as err:
+        raise ValueError(str(err)) from err
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
@@ -307,7 +325,7 @@ def merge(config: Any, data: dict[str, Any], source: str, prefix: str = "", upda
 def _coerce(value: Any, hint: Any, path: str, source: str) -> Any:
     """Check ``value`` against the type hint; return it in the field's type."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    bad = f"{source}: {path}={value!r} is invalid; "
+    bad = f"{source}: {path}={_show(value)} is invalid; "
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -324,6 +342,8 @@ def _coerce(value: Any, hint: Any, path: str, source: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(bad + "expected an integer")
+        if not -(2**63) <= value < 2**63:  # sizes, steps and seeds all end up in 64-bit C integers
+            raise ConfigError(bad + "expected an integer of at most 64 bits")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -333,7 +353,10 @@ def _coerce(value: Any, hint: Any, path: str, source: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(bad + "expected a number")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError as err:  # an integer beyond float range, e.g. 10**400
+            raise ConfigError(bad + "expected a finite number") from err
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(bad + "expected a string")
@@ -347,6 +370,15 @@ def _coerce(value: Any, hint: Any, path: str, source: str) -> Any:
             raise ConfigError(bad + "expected a mapping")
         return dict(value)
     raise TypeError(f"config field {path} has an unsupported type {hint}")  # a bug, not user input
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` for an error message, cut to 100 characters."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer with more digits than Python will print
+        text = f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,11 +412,14 @@ def validate(config: Config) -> None:
     need(all(s > 0 for s in a.std), "augment.std", "three positive numbers")
 
     d = config.data
+    need(d.path is None or bool(d.path.strip()), "data.path", "null (the built-in digits) or a folder path")
     need(d.image_size is None or d.image_size >= 1, "data.image_size", "null or an integer >= 1")
     need(d.num_workers is None or d.num_workers >= 0, "data.num_workers", "null or an integer >= 0")
 
     m = config.model
-    need(bool(m.backbone), "model.backbone", "a timm model name, e.g. resnet18 or vit_small_patch16_224")
+    need(bool(m.backbone.strip()), "model.backbone", "a timm model name, e.g. resnet18 or vit_small_patch16_224")
+    need(_is_plain_mapping(m.backbone_kwargs), "model.backbone_kwargs",
+         "a mapping of argument names to numbers, strings, booleans, null, or lists and mappings of these")
     for key in ("head_hidden_dim", "head_bottleneck_dim", "head_output_dim"):
         need(getattr(m, key) >= 1, f"model.{key}", "an integer >= 1")
 
@@ -407,6 +442,7 @@ def validate(config: Config) -> None:
 
     t = config.train
     need(t.epochs >= 1, "train.epochs", "an integer >= 1")
+    need(0 <= t.seed <= _MAX_SEED, "train.seed", f"an integer in [0, {_MAX_SEED}]")
     need(t.batch_size >= 1, "train.batch_size", "an integer >= 1")
     need(t.log_every_steps >= 1, "train.log_every_steps", "an integer >= 1")
     need(t.save_every_steps >= 1, "train.save_every_steps", "an integer >= 1")
@@ -417,13 +453,56 @@ def validate(config: Config) -> None:
     e = config.eval
     need((e.train is None) == (e.test is None), "eval.test" if e.test is None else "eval.train",
          "both eval.train and eval.test set (or neither)")
+    for key in ("train", "test"):
+        value = getattr(e, key)
+        need(value is None or bool(value.strip()), f"eval.{key}", "null, digits, a folder or a CSV file")
     need(e.every_epochs >= 1, "eval.every_epochs", "an integer >= 1")
     need(e.k >= 1, "eval.k", "an integer >= 1")
     need(e.temperature > 0, "eval.temperature", "a number > 0")
 
-    errors = [f"{key}: expected {allowed}" for ok, key, allowed in checks if not ok]
+    # NaN fails every range check above, but infinity passes the one-sided ones (lr > 0). A key
+    # that is not finite gets this error alone: its range checks would only repeat it.
+    not_finite = _non_finite_keys(config)
+    errors = [f"{key}: expected a finite number, got {value}" for key, value in not_finite.items()]
+    errors += [f"{key}: expected {allowed}" for ok, key, allowed in checks if not ok and key not in not_finite]
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+_MAX_SEED = 2**32 - 1
+"""Largest seed every generator in the run accepts (NumPy's limit; torch takes 64 bits)."""
+
+
+def _non_finite_keys(node: Any, prefix: str = "") -> dict[str, float]:
+    """Dotted keys of the float fields (and float tuples) holding NaN or infinity, with the bad value."""
+    found: dict[str, float] = {}
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found.update(_non_finite_keys(value, f"{key}."))
+            continue
+        numbers = value if isinstance(value, tuple) else (value,)
+        bad = [v for v in numbers if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            found[key] = bad[0]
+    return found
+
+
+def _is_plain_mapping(value: Any) -> bool:
+    """True for a mapping with string keys whose values YAML and ``torch.load(weights_only=True)`` both
+    read back as they were: numbers, strings, booleans, null, and lists or mappings of these."""
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value) and all(
+        _is_plain_value(v) for v in value.values())
+
+
+def _is_plain_value(value: Any) -> bool:
+    """True for a YAML scalar, or a list or mapping of plain values."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain_value(v) for v in value)
+    return _is_plain_mapping(value)
 
 
 def _to_plain(value: Any) -> Any:

@@ -9,7 +9,11 @@ import torch.distributed as dist
 
 
 def init_distributed(device: torch.device) -> None:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise do nothing."""
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise do nothing.
+
+    The backend is NCCL for CUDA devices and gloo on CPU; torchrun's environment variables (RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT) say where the other processes are.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL binds each process to its own GPU
@@ -17,23 +21,30 @@ def init_distributed(device: torch.device) -> None:
 
 
 def rank() -> int:
+    """This process's rank among all processes; 0 when not distributed."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def world_size() -> int:
+    """Number of processes; 1 when not distributed."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def is_main_process() -> bool:
+    """Whether this process writes files and logs (rank 0)."""
     return rank() == 0
 
 
 def local_rank() -> int:
+    """This process's index on its machine (torchrun's LOCAL_RANK; 0 otherwise), which picks its GPU.
+
+    Readable before the process group exists, unlike :func:`rank`.
+    """
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over processes (the tensor itself when not distributed)."""
+    """Mean of a floating-point tensor over processes (the tensor itself when not distributed)."""
     if dist.is_initialized():
         value = value.clone()
         dist.all_reduce(value)
@@ -51,5 +62,6 @@ def gather_objects(obj: object) -> list:
 
 
 def cleanup() -> None:
+    """Leave the process group, if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -59,7 +59,10 @@ def num_workers(cfg: DataConfig) -> int:
 
 
 def write_skipped(dataset: Dataset, path: Path) -> int:
-    """Write the dataset's skipped files as "path<TAB>reason" lines, if there are any.
+    r"""Write the dataset's skipped files as "path<TAB>reason" lines, if there are any.
+
+    Every file stays on one line whatever its name: backslashes, tabs and line breaks are written
+    as ``\\``, ``\t``, ``\n`` and ``\r``, and bytes of a name that are not UTF-8 are written as they are.
 
     Args:
         dataset: a dataset with a ``skipped`` list of ``(path, reason)``.
@@ -73,5 +76,14 @@ def write_skipped(dataset: Dataset, path: Path) -> int:
         path = Path(path)
         if path.is_dir():
             path = path / "skipped.txt"
-        path.write_text("".join(f"{file}\t{reason}\n" for file, reason in skipped))
+        lines = "".join(f"{_one_line(file)}\t{_one_line(reason)}\n" for file, reason in skipped)
+        path.write_text(lines, encoding="utf-8", errors="surrogateescape")
     return len(skipped)
+
+
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _one_line(text: str) -> str:
+    """``text`` with backslashes, tabs and line breaks escaped, so it fits one tab-separated field."""
+    return text.translate(_ESCAPES)

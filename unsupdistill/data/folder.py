@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import os
 import warnings
@@ -61,8 +62,10 @@ def list_image_files(root: str | Path) -> list[Path]:
 
     Follows symlinked folders but visits each real folder once (so symlink loops end); ignores
     hidden files and folders (names starting with '.') and files whose extension, in any case,
-    is not in :data:`IMAGE_EXTENSIONS`. Broken symlinks with an image extension are kept so the
-    scan reports them. Raises :class:`DataError` if ``root`` is missing or not a folder.
+    is not in :data:`IMAGE_EXTENSIONS`. Symlinks with an image extension that lead nowhere
+    (missing target, a loop of links, a target that cannot be looked at) are kept so the scan
+    reports them. A subfolder that cannot be listed is logged and ignored. Raises
+    :class:`DataError` if ``root`` is missing, not a folder or cannot be listed.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -93,12 +96,13 @@ def list_image_files(root: str | Path) -> list[Path]:
             try:
                 if entry.is_dir():
                     pending.append(path)
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and (
-                    entry.is_file() or (entry.is_symlink() and not path.exists())
-                ):
-                    files.append(path)
-            except OSError:  # vanished or unreadable entry: the scan cannot use it either
-                continue
+                    continue
+                # regular files, and symlinks whose target is missing: the scan reports those
+                keep = entry.is_file() or (entry.is_symlink() and not path.exists())
+            except OSError:  # a symlink loop or a target that cannot be looked at: the scan reports it
+                keep = True
+            if keep and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                files.append(path)
     return sorted(files, key=lambda path: path.relative_to(root).as_posix())
 
 
@@ -204,6 +208,8 @@ def _describe(err: BaseException) -> str:
         return "permission denied"
     if isinstance(err, FileNotFoundError):
         return "file not found (broken symlink?)"
+    if isinstance(err, OSError) and err.errno == errno.ELOOP:
+        return "symlink loop (too many levels of symbolic links)"
     if isinstance(err, Image.UnidentifiedImageError):
         return "not a recognised image"
     if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
