@@ -17,14 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from unsupdistill.data import DataError, DigitsDataset, list_image_files, load_rgb, resize_center_crop
 from unsupdistill.evaluate.features import NormalizedBackbone
 from unsupdistill.evaluate.models import FeatureModel, load_model
-from unsupdistill.models.backbone import BackboneSpec, rebuild_backbone
-from unsupdistill.train.checkpoint import atomic_write
+from unsupdistill.models.backbone import BACKBONE_FORMAT, BackboneSpec, rebuild_backbone
+from unsupdistill.train.checkpoint import atomic_write, save_weights
 
 logger = logging.getLogger(__name__)
 
@@ -226,9 +226,8 @@ def measure_parity(run: Any, images: Tensor, expected: Tensor, atol: float, rtol
 
 
 def _write_safetensors(out: Path, model: FeatureModel, reference: nn.Module, images: Tensor, check: Any) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
-    meta = {"format": str(model.description["format"]) if model.description else "unsupdistill.backbone/1"}
-    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=meta), check)
+    file_format = str((model.description or {}).get("format", BACKBONE_FORMAT))
+    save_weights(model.backbone.state_dict(), out, file_format, check)
 
 
 def _write_torchscript(out: Path, model: FeatureModel, reference: nn.Module, images: Tensor, check: Any) -> None:

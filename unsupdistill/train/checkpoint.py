@@ -148,11 +148,17 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path, file_format: str,
+                 check: Callable[[str], Any] | None = None) -> None:
+    """Write plain tensors (CPU, contiguous) as safetensors, atomically; ``check`` as in :func:`atomic_write`."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": file_format}), check)
+
+
 def save_backbone(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], out_dir: Path) -> Path:
     """Write ``backbone.safetensors`` (plain tensors) and ``backbone.json`` (how to rebuild and feed it)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     weights = out_dir / "backbone.safetensors"
-    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": metadata["format"]}))
+    save_weights(state_dict, weights, metadata["format"])
     sidecar = out_dir / "backbone.json"
     atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2) + "\n"))
     return weights
