@@ -52,6 +52,16 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def broadcast_int(value: int) -> int:
+    """Process 0's ``value`` in every process (``value`` itself when not distributed)."""
+    if not dist.is_initialized():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
 def gather_objects(obj: object) -> list:
     """Every process's ``obj``, in rank order."""
     if not dist.is_initialized():

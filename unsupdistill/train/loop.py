@@ -38,7 +38,7 @@ from unsupdistill.train.faults import (
 )
 from unsupdistill.train.health import collapse_warnings, health_signals
 from unsupdistill.train.metrics import MetricsLogger
-from unsupdistill.train.schedules import ScheduleValues, scaled_lr, schedule_at
+from unsupdistill.train.schedules import ScheduleValues, TimeBudget, scaled_lr, schedule_at
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,9 @@ class Pretrainer:
         # channels-last: the convolution kernels' preferred layout (student forward + backward ~17 % faster)
         student.to(self.device, memory_format=torch.channels_last)
         self.teacher.to(self.device, memory_format=torch.channels_last)
+        if train.compile:  # in place: parameter names (checkpoints, exports) stay as they are
+            student.backbone.compile()
+            self.teacher.backbone.compile()
         self.student_module = student
         if self.world > 1:
             if self.device.type == "cuda":
@@ -158,6 +161,7 @@ class Pretrainer:
             self.probe = (train_set, test_set, align_labels(train_set, test_set))
 
         self.step = 0
+        self.budget = TimeBudget(train.time_budget_s, self.total_steps) if train.time_budget_s else None
         self.saved_step: int | None = None  # step of the last checkpoint written or resumed from
         self.stop_request = StopRequest()
         if checkpoint is not None:
@@ -297,7 +301,11 @@ class Pretrainer:
             TrainingError: a non-finite loss or gradient, or a checkpoint that could not be written.
         """
         cfg = self.config.train
-        last_step = self.total_steps if cfg.max_steps is None else min(cfg.max_steps, self.total_steps)
+        cap = self.total_steps if cfg.max_steps is None else min(cfg.max_steps, self.total_steps)
+        if self.budget is not None:
+            self.budget.start(self.step)
+        planned = self.planned_steps()
+        last_step = min(cap, planned)
         metrics = None
         if self.is_main:
             self._write_run_files()
@@ -307,6 +315,9 @@ class Pretrainer:
                 "lr %.3g (scaled), precision %s, device %s", self.backbone_spec.name, len(self.dataset),
                 cfg.epochs, self.steps_per_epoch, self.global_batch, self.world,
                 scaled_lr(self.config.optim, self.global_batch), self.autocast_dtype or "fp32", self.device)
+            if self.budget is not None:
+                logger.info("time budget %.0f s (%.0f s used): the schedules end with it, at most %d epochs",
+                            cfg.time_budget_s, self.budget.spent(), cfg.epochs)
         collapse_active: set[str] = set()
         tic, images_since = time.perf_counter(), 0
         stop = False
@@ -318,11 +329,11 @@ class Pretrainer:
                 epoch, offset = divmod(self.step, self.steps_per_epoch)
                 self.sampler.set_epoch(epoch)
                 self.sampler.start = offset * self.local_batch
-                steps_left = min(self.steps_per_epoch - offset, last_step - self.step)
+                steps_left = min(self.steps_per_epoch - offset, cap - self.step)  # a budget may end it sooner
                 bar = tqdm(total=steps_left, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                            disable=not self.is_main, mininterval=1.0, file=sys.stderr)
                 for images in itertools.islice(self.loader, steps_left):
-                    sched = schedule_at(self.step, self.total_steps, self.steps_per_epoch, self.global_batch,
+                    sched = schedule_at(self.step, planned, self.steps_per_epoch, self.global_batch,
                                         self.config.optim, self.config.loss)
                     log_now = (self.step + 1) % cfg.log_every_steps == 0 or self.step + 1 == last_step
                     out = self.train_step(images, sched, with_signals=log_now)
@@ -330,6 +341,9 @@ class Pretrainer:
                     self.step += 1
                     images_since += self.global_batch
                     bar.update()
+                    if self.budget is not None:
+                        planned = self.planned_steps()
+                        last_step = min(cap, planned)
                     if log_now:
                         loss = distributed.all_reduce_mean(out.pop("loss")).item()
                         elapsed = time.perf_counter() - tic
@@ -337,6 +351,8 @@ class Pretrainer:
                                   "weight_decay": sched.weight_decay, "teacher_momentum": sched.teacher_momentum,
                                   "teacher_temp": sched.teacher_temp, **out,
                                   "images_per_s": images_since / elapsed}
+                        if self.budget is not None:
+                            record.update(planned_steps=planned, budget_left_s=cfg.time_budget_s - self.budget.spent())
                         tic, images_since = time.perf_counter(), 0
                         bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{record['images_per_s']:.0f}")
                         if metrics is not None:
@@ -352,7 +368,7 @@ class Pretrainer:
                     if stop or self.step % cfg.save_every_steps == 0 or end_of_epoch or self.step == last_step:
                         self.save(keep=end_of_epoch and cfg.keep_every_epochs > 0
                                   and epochs_done % cfg.keep_every_epochs == 0)
-                    if stop:
+                    if stop or self.step >= last_step:
                         break
                 bar.close()
         if stop and self.step < last_step:
@@ -364,6 +380,12 @@ class Pretrainer:
         if self.is_main:
             return self.export_backbone()
         return None
+
+    def planned_steps(self) -> int:
+        """Steps the schedules span: all epochs, or as many as fit in ``train.time_budget_s`` (process 0's plan)."""
+        if self.budget is None:
+            return self.total_steps
+        return distributed.broadcast_int(self.budget.plan(self.step))
 
     def probe_knn(self) -> dict:
         """k-NN top-1 of the teacher backbone on the labeled probe set (main process only)."""
@@ -429,6 +451,7 @@ class Pretrainer:
             "world_size": self.world, "student": self.student_module.state_dict(),
             "teacher": self.teacher.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {}, "center": self.loss_fn.center, "rng": rngs,
+            "train_seconds": self.budget.spent() if self.budget is not None else None,
         }
         paths = [last] + ([last.with_name(f"epoch_{self.step // self.steps_per_epoch:04d}.pt")] if keep else [])
         for path in paths:
@@ -449,6 +472,8 @@ class Pretrainer:
             self.scaler.load_state_dict(state["scaler"])
         self.loss_fn.center.copy_(state["center"])
         self.step = self.saved_step = int(state["step"])
+        if self.budget is not None:
+            self.budget.spent_before = state.get("train_seconds") or 0.0
         rngs = state["rng"]
         if len(rngs) == self.world:
             rng = rngs[distributed.rank()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from lightly.utils.scheduler import cosine_schedule, cosine_warmup_schedule
@@ -48,3 +49,40 @@ def teacher_temperature(step: int, steps_per_epoch: int, cfg: LossConfig) -> flo
     if step >= warmup_steps:
         return cfg.teacher_temp
     return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * step / warmup_steps
+
+
+class TimeBudget:
+    """How many steps fit in a wall-clock budget, re-planned from the step rate measured so far.
+
+    The schedules span the planned steps, so they end when the budget does: planned this way at
+    every step, the cosine position follows the elapsed share of the budget.
+
+    Args:
+        seconds: the budget (``train.time_budget_s``).
+        max_steps: the most steps to plan (all epochs).
+        spent: seconds already used by the run before a resume.
+    """
+
+    def __init__(self, seconds: float, max_steps: int, spent: float = 0.0) -> None:
+        self.seconds, self.max_steps, self.spent_before = seconds, max_steps, spent
+        self.start_time: float | None = None
+        self.start_step = 0
+
+    def start(self, step: int) -> None:
+        """Start the clock at ``step`` (the first step of this process's part of the run)."""
+        self.start_time, self.start_step = time.perf_counter(), step
+
+    def spent(self) -> float:
+        """Seconds used so far, earlier sessions of a resumed run included."""
+        return self.spent_before + (time.perf_counter() - self.start_time if self.start_time is not None else 0.0)
+
+    def plan(self, step: int) -> int:
+        """Total steps of the run, as planned at ``step``: ``step`` itself once the next would not fit."""
+        remaining = self.seconds - self.spent()
+        done = step - self.start_step
+        if remaining <= 0:
+            return min(step, self.max_steps)
+        if done == 0 or self.start_time is None:
+            return self.max_steps
+        seconds_per_step = (time.perf_counter() - self.start_time) / done
+        return min(self.max_steps, step + int(remaining / seconds_per_step))
