@@ -11,6 +11,8 @@ read and decoded from disk, with the same batch size, DataLoader workers and tor
   one student forward per view and one teacher forward per global view, ``DINOProjectionHead``,
   ``DINOLoss``, ``update_momentum`` before each step, AdamW, float32.
 - ``ref-bf16``: the same with ``torch.autocast(bfloat16)`` around the forward passes.
+- ``ours-compiled`` (only when listed in ``--variants``): ``ours`` with ``train.compile=true``; its first
+  warm-up step includes the compilation.
 
 The variants run in alternating rounds (ours, ref-fp32, ref-bf16, ours, ...), each round warm-up steps
 then timed steps. Reported: source images per second of each round, the ratio of ours to each reference
@@ -56,7 +58,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from unsupdistill.augment import blur_sigma
-from unsupdistill.config import AugmentConfig, Config, DataConfig, load_config
+from unsupdistill.config import AugmentConfig, Config, DataConfig, apply_overrides, load_config, validate
 from unsupdistill.data import num_workers
 from unsupdistill.evaluate.report import format_table, write_json
 from unsupdistill.models.backbone import create_backbone
@@ -67,7 +69,8 @@ logger = logging.getLogger("bench_train")
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "bench_cifar10_r18.yaml"
 WORKLOADS = {"cifar10": [], "multicrop": ["augment.num_local_crops=6"]}
-VARIANTS = ("ours", "ref-fp32", "ref-bf16")
+VARIANTS = ("ours", "ours-compiled", "ref-fp32", "ref-bf16")
+"""``ours-compiled``: ours with ``train.compile=true`` (not run unless asked for)."""
 QUICK = ["model.backbone_kwargs={channels: [8, 16, 32, 64], stem_width: 8}", "model.head_hidden_dim=64",
          "model.head_bottleneck_dim=32", "model.head_output_dim=256"]
 """A network small enough for a smoke run in seconds (as tests/conftest.py's TINY)."""
@@ -189,9 +192,9 @@ class LightlyReference:
         self.momentum = (o.teacher_momentum, o.teacher_momentum_end)
 
         crop_sizes = (a.global_1.size,) + ((a.local.size,) if a.num_local_crops else ())
-        self.student_backbone, spec = create_backbone(m, crop_sizes)
+        self.student_backbone, self.spec = create_backbone(m, crop_sizes)
         self.teacher_backbone = copy.deepcopy(self.student_backbone)
-        heads = [DINOProjectionHead(spec.feature_dim, m.head_hidden_dim, m.head_bottleneck_dim, m.head_output_dim,
+        heads = [DINOProjectionHead(self.spec.feature_dim, m.head_hidden_dim, m.head_bottleneck_dim, m.head_output_dim,
                                     batch_norm=m.head_batch_norm, freeze_last_layer=round(o.freeze_last_layer_epochs),
                                     norm_last_layer=m.norm_last_layer) for _ in range(2)]
         self.student_head, self.teacher_head = heads
@@ -265,8 +268,8 @@ def compare(pipelines: dict[str, Callable[[], None]], rounds: int, warmup_steps:
             result[name] = images_per_second(step, warmup_steps, steps, batch_size, device)
             logger.info("round %d/%d %s: %.1f images/s", index + 1, rounds, name, result[name])
         per_round.append(result)
-    ratios = {f"ours/{ref}": [r["ours"] / r[ref] for r in per_round]
-              for ref in pipelines if ref != "ours" and "ours" in pipelines}
+    ratios = {f"{ours}/{ref}": [r[ours] / r[ref] for r in per_round]
+              for ours in pipelines if ours.startswith("ours") for ref in pipelines if ref.startswith("ref")}
     return {
         "rounds": per_round,
         "median_images_per_s": {name: statistics.median(r[name] for r in per_round) for name in pipelines},
@@ -428,15 +431,23 @@ def bench_config(args: argparse.Namespace, workload: str, folder: Path) -> Confi
 
 def run_workload(config: Config, args: argparse.Namespace, device: torch.device, tmp: Path) -> dict:
     """Build the pipelines of one workload, compare them and (with --breakdown) break ours down."""
-    ours = UnsupdistillPipeline(config, tmp / "run")
+    ours_config = apply_overrides(config, args.ours)
+    validate(ours_config)
+    ours = UnsupdistillPipeline(ours_config, tmp / "run")
     workers = num_workers(config.data)
     refs = {"ref-fp32": None, "ref-bf16": torch.bfloat16}
     pipelines: dict[str, Callable[[], None]] = {}
+    precision = {}
     for name in args.variants:
-        pipelines[name] = ours.step if name == "ours" else LightlyReference(config, workers, device, refs[name]).step
-    result: dict = {"precision": {"ours": dtype_name(ours.trainer.autocast_dtype), "ref-fp32": "fp32",
-                                  "ref-bf16": "bf16"},
-                    "images": len(ours.trainer.dataset), "workers": workers}
+        if name == "ours":
+            pipelines[name], precision[name] = ours.step, dtype_name(ours.trainer.autocast_dtype)
+        elif name == "ours-compiled":
+            compiled = UnsupdistillPipeline(apply_overrides(ours_config, ["train.compile=true"]), tmp / "compiled")
+            pipelines[name], precision[name] = compiled.step, dtype_name(compiled.trainer.autocast_dtype)
+        else:
+            pipelines[name] = LightlyReference(config, workers, device, refs[name]).step
+            precision[name] = dtype_name(refs[name])
+    result: dict = {"precision": precision, "images": len(ours.trainer.dataset), "workers": workers}
     if args.rounds > 0:
         result.update(compare(pipelines, args.rounds, args.warmup_steps, args.steps, args.batch_size, device))
     if args.breakdown:
@@ -504,8 +515,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, help="image folder read by both pipelines (default: generated JPEGs)")
     parser.add_argument("--workload", choices=[*WORKLOADS, "both"], default="both",
                         help="cifar10: 2x32-px views; multicrop: plus 6x16-px local views")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                        help="pipelines to run, in this order within each round (default: all three)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["ours", "ref-fp32", "ref-bf16"],
+                        help="pipelines to run, in this order within each round (default: all but ours-compiled)")
     parser.add_argument("--threads", type=int, help="torch threads, both pipelines (default: torch's; --quick 1, "
                                                     "as tiny ops on shared cores stall in thread barriers)")
     parser.add_argument("--workers", type=int, help="DataLoader workers (both; default: unsupdistill's)")
@@ -516,6 +527,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed steps per round (default 10; --quick 2)")
     parser.add_argument("--batch-size", type=int, help="images per step (default 128, the recipe's; --quick 8)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="training device (both)")
+    parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for our pipeline only, e.g. train.compile=true (repeatable)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time each stage of an unsupdistill step, its FLOPs and the machine's peak")
     parser.add_argument("--quick", action="store_true", help="tiny network and sizes, a smoke run in seconds")

@@ -114,3 +114,17 @@ def test_both_pipelines_make_the_same_views(workload):
     if local_views is not None:
         ours += [tuple(local_views.shape[1:])] * (local_views.shape[0] // 4)
     assert [tuple(view.shape) for view in reference] == ours
+
+
+def test_bench_budget_quick_trains_the_reference_for_its_budget_and_scores_it(tmp_path):
+    out = tmp_path / "ref"
+    result = subprocess.run([sys.executable, str(ROOT / "eval" / "bench_budget.py"), "--quick", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pipeline"] == "ref-fp32" and summary["steps"] >= 2
+    assert 0.5 * 6 < summary["train_seconds"] < 6 + 5  # --quick: a 6-second budget, ended by it
+    assert 0 <= summary["eval"]["knn"]["20"]["top1"] <= 100
+    # exported like an unsupdistill run, with the steps it trained
+    assert json.loads((out / "backbone.json").read_text())["step"] == summary["steps"]
+    assert (out / "backbone.safetensors").is_file() and (out / "metrics.jsonl").is_file()

@@ -186,3 +186,15 @@ def test_single_process_needs_no_setup(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(distributed.all_reduce_mean(value), value)
     assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
     distributed.cleanup()  # nothing to clean up: no error
+
+
+def test_time_budget_under_torchrun_ends_every_process_at_the_same_step(tmp_path: Path) -> None:
+    """Process 0's step plan is broadcast: with a budget, both processes stop after the same step."""
+    out = tmp_path / "run"
+    result = torchrun("-m", "unsupdistill", "pretrain", "--out", str(out), *RUN_ARGS, "train.epochs=10000",
+                      "train.time_budget_s=6", "train.save_every_steps=100000")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [r for r in read_metrics(out) if "loss" in r]
+    assert records[-1]["planned_steps"] == records[-1]["step"] == load_checkpoint(out / "checkpoints" / "last.pt")[
+        "step"]
+    assert records[-1]["budget_left_s"] < 2.0

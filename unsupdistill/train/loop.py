@@ -132,8 +132,8 @@ class Pretrainer:
         student.to(self.device, memory_format=torch.channels_last)
         self.teacher.to(self.device, memory_format=torch.channels_last)
         if train.compile:  # in place: parameter names (checkpoints, exports) stay as they are
-            student.backbone.compile()
-            self.teacher.backbone.compile()
+            student.backbone.compile(dynamic=False)
+            self.teacher.backbone.compile(dynamic=False)
         self.student_module = student
         if self.world > 1:
             if self.device.type == "cuda":

@@ -1,4 +1,6 @@
-"""train.time_budget_s: the schedules are planned from the measured step rate and end with the budget."""
+"""train.time_budget_s (schedules planned from the measured step rate end with the budget) and train.compile."""
+
+import math
 
 import pytest
 import torch
@@ -71,3 +73,16 @@ def test_run_ends_with_its_budget_and_completes_its_schedules(tmp_path):
 def test_budget_must_be_positive():
     with pytest.raises(ConfigError, match=r"train.time_budget_s.*> 0"):
         load_config(None, ["train.time_budget_s=0"])
+
+
+def test_compiled_backbones_train_and_keep_their_parameter_names(tmp_path):
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    args = [*TINY, "train.max_steps=2", "train.log_every_steps=1"]
+    pretrain(load_config(None, args), plain)
+    pretrain(load_config(None, [*args, "train.compile=true"]), compiled)
+    for name in ("student", "teacher"):
+        keys = [load_checkpoint(run / "checkpoints" / "last.pt")[name].keys() for run in (plain, compiled)]
+        assert list(keys[0]) == list(keys[1])
+    losses = [[r["loss"] for r in read_metrics(run) if "loss" in r] for run in (plain, compiled)]
+    assert len(losses[1]) == 2 and all(map(math.isfinite, losses[1]))
+    assert losses[1] == pytest.approx(losses[0], abs=0.05)  # the same network and data; kernels differ
