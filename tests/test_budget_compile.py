@@ -59,7 +59,9 @@ def test_run_ends_with_its_budget_and_completes_its_schedules(tmp_path):
     records = [r for r in read_metrics(run) if "loss" in r]
     last = records[-1]
     assert 5 <= len(records) < 10000 * 28 // 16  # stopped by the budget, long before the epochs end
-    assert 0.0 <= last["budget_left_s"] < 2.0  # within the budget, not more than a couple of steps early
+    # the last step starts when the next one is expected to fit, so the run ends within about one step of the
+    # budget, either side (a step takes well under a second here; seen: 4 ms over on a busy machine)
+    assert -1.0 < last["budget_left_s"] < 2.0
     assert last["planned_steps"] == last["step"]
     # the cosine reached its end: the last lr is close to the minimum, far below the peak
     peak = max(r["lr"] for r in records)
