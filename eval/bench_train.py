@@ -125,7 +125,7 @@ class UnsupdistillPipeline:
         """Fetch a batch and run ``train_step``; at log steps read the loss, as ``fit`` does."""
         t = self.trainer
         log_now = (t.step + 1) % t.config.train.log_every_steps == 0
-        out = t.train_step(next(self.batches), self.schedule(), with_signals=log_now)
+        out = t.train_step(t.batch_images(next(self.batches)), self.schedule(), with_signals=log_now)
         if log_now:
             out["loss"].item()
         t.step += 1
@@ -304,7 +304,7 @@ def timed_step(pipeline: UnsupdistillPipeline, timer: StageTimer) -> None:
     (no health signals: ``fit`` computes them only every ``train.log_every_steps`` steps)."""
     t, sched = pipeline.trainer, pipeline.schedule()
     with timer("data loader wait (decode in workers)"):
-        images = next(pipeline.batches)
+        images = t.batch_images(next(pipeline.batches))
     with timer("augmentation (kornia, batched)"):
         global_views, local_views = t.augment(images.to(t.device, non_blocking=True))
         views = [global_views] if local_views is None else [global_views, local_views]
@@ -343,7 +343,7 @@ def flops_per_image(pipeline: UnsupdistillPipeline) -> float:
     """Matmul and convolution FLOPs per source image: the teacher on the global views, the student forward and
     backward on all views, and the loss (``FlopCounterMode`` counts no element-wise operations)."""
     t = pipeline.trainer
-    images = next(pipeline.batches)
+    images = t.batch_images(next(pipeline.batches))
     global_views, local_views = t.augment(images.to(t.device))
     views = [global_views] if local_views is None else [global_views, local_views]
     with FlopCounterMode(display=False) as counter:

@@ -43,10 +43,10 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def torchrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+def torchrun(*args: str, timeout: float = 180, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node 2 ARGS``, one intra-op thread per process."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *args], env=_env(), capture_output=True, text=True, timeout=timeout)
+                           *args], env=_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def one_process(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -118,7 +118,8 @@ def test_only_rank_zero_writes_files(two_process_run: Path) -> None:
 
     assert len(events) == 1 and "events.out.tfevents" in events[0]  # one writer, not one per rank
     assert [f for f in files if f not in events] == [
-        "backbone.json", "backbone.safetensors", "checkpoints/last.pt", "config.yaml", "metrics.jsonl", "train.log"]
+        "backbone.json", "backbone.safetensors", "checkpoints/last.pt", "config.yaml", "metrics.jsonl", "status.json",
+        "train.log"]
     steps = [m["step"] for m in read_metrics(two_process_run)]
     assert steps == list(range(1, STEPS + 1))  # no line written twice
     assert (two_process_run / "train.log").read_text().count("over 2 process(es)") == 1
@@ -198,3 +199,22 @@ def test_time_budget_under_torchrun_ends_every_process_at_the_same_step(tmp_path
     assert records[-1]["planned_steps"] == records[-1]["step"] == load_checkpoint(out / "checkpoints" / "last.pt")[
         "step"]
     assert records[-1]["budget_left_s"] < 2.0
+
+
+def test_a_folder_under_torchrun_is_scanned_once_into_one_default_run_directory(tmp_path: Path) -> None:
+    """No --out: process 0 names the run directory for both; process 0 alone scans the folder, logs and
+    writes the scan, and the automatic settings split the batch over the two processes."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(24):
+        Image.new("RGB", (20, 20), (i * 10, 255 - i * 10, 7 * i)).save(images / f"{i:02d}.png")
+    result = torchrun("-m", "unsupdistill", "pretrain", "images", *TINY[:3], "train.max_steps=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, runs  # one directory, not one per process
+    output = result.stdout + result.stderr
+    assert output.count("checking 24 image files") == 1 and output.count("settings chosen for 24 images") == 1
+    assert (runs[0] / "scan.json.gz").is_file() and json.loads((runs[0] / "status.json").read_text())["state"] == "done"
+    assert "over 2 process(es)" in (runs[0] / "train.log").read_text()

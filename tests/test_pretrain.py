@@ -35,6 +35,9 @@ def test_run_directory_holds_everything(tmp_path, tiny):
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tensorboard").iterdir())
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 6
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    status = json.loads((out / "status.json").read_text())
+    assert (status["state"], status["exit_code"], status["step"]) == ("done", 0, 6)
+    assert status["backbone"] == str(out / "backbone.safetensors")
     # the exported backbone rebuilds from its JSON with plain timm and gives the recorded feature size
     meta = json.loads((out / "backbone.json").read_text())
     spec = BackboneSpec(meta["timm_name"], meta["timm_kwargs"], meta["small_image_stem"], meta["feature_dim"])

@@ -72,6 +72,9 @@ def test_sigterm_to_the_process_group_stops_at_a_step_boundary_and_resume_matche
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == reached  # save_every_steps is 100
     assert f"stopped by SIGTERM after step {reached}" in log.read_text() and f"--resume {out}" in log.read_text()
     assert not (out / "backbone.safetensors").exists()
+    status = json.loads((out / "status.json").read_text())
+    assert (status["state"], status["exit_code"], status["step"]) == ("preempted", EXIT_STOPPED, reached)
+    assert status["resume"] == f"unsupdistill pretrain --resume {out}"
 
     result = cli("pretrain", "--resume", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -193,6 +196,8 @@ def test_nan_loss_stops_with_a_diagnosis_before_the_teacher_sees_it(tmp_path, mo
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["step"] == 4 and all_finite(state["teacher"]) and all_finite(state["student"])
     assert not (out / "backbone.safetensors").exists()
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and status["exit_code"] == 1 and "non-finite loss at step 5" in status["reason"]
 
 
 def test_non_finite_gradients_stop_before_the_optimizer_and_the_teacher(tmp_path, monkeypatch, caplog):
@@ -314,3 +319,7 @@ def test_torchrun_processes_stop_after_the_same_step_when_one_is_signalled(tmp_p
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["step"] == reached < 60 and state["world_size"] == 2 and len(state["rng"]) == 2, stderr[-3000:]
     assert f"stopped by a signal to another process after step {reached}" in (out / "train.log").read_text()
+    # torchrun turned the workers' 75 into 1; status.json still tells a requeue script what happened
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "preempted" and status["exit_code"] == EXIT_STOPPED and status["step"] == reached
+    assert status["resume"] == f"torchrun --standalone --nproc_per_node 2 -m unsupdistill pretrain --resume {out}"

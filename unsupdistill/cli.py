@@ -5,17 +5,34 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 from unsupdistill import distributed
-from unsupdistill.config import ConfigError, apply_overrides, config_from_dict, load_config, recipe_names
-from unsupdistill.data import DataError
+from unsupdistill.auto import AUTOMATIC_KEYS, auto_settings, explicit_keys, format_choices
+from unsupdistill.config import (
+    Config,
+    ConfigError,
+    absolute_paths,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    merge,
+    recipe_names,
+    validate,
+)
+from unsupdistill.data import DataError, FolderScan, num_workers, scan_for_run
 from unsupdistill.evaluate.models import ModelSpecError
 from unsupdistill.export import EXPORT_FORMATS, ExportError, embed_folder, export_model
 from unsupdistill.export.formats import ATOL, RTOL
-from unsupdistill.train.checkpoint import CheckpointError, latest_checkpoint
+from unsupdistill.train.checkpoint import CheckpointError, latest_checkpoint, set_aside_later_state
+from unsupdistill.train.faults import TrainingError, TrainingStopped
+from unsupdistill.train.status import STATUS_FILE, resume_command, write_status
 
 logger = logging.getLogger("unsupdistill")
 
@@ -68,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--no-cache", action="store_true", help="recompute features even if cached")
     e.add_argument("--cache-dir", type=Path, help="feature cache (default $UNSUPDISTILL_CACHE or "
                                                     "~/.cache/unsupdistill/features)")
+    e.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where the network runs (default auto: CUDA when available, else the CPU)")
+    e.add_argument("--workers", type=int, help="image-decoding processes (default: one per core, up to 8; "
+                                               "none for the in-memory digits)")
 
     x = commands.add_parser(
         "export", help="export a trained backbone as safetensors, TorchScript or ONNX, checked for parity",
@@ -101,11 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--batch-size", type=int, default=256)
     m.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     m.add_argument("--workers", type=int, help="image-decoding processes (default: one per core, up to 8)")
+    m.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where the network runs (default auto: CUDA when available, else the CPU)")
 
     args, extra = parser.parse_known_args(argv)  # paths and key=value may follow options
     if extra and (args.command != "pretrain" or any(a.startswith("-") for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO if distributed.local_rank() == 0 else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if distributed.rank() == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command == "eval":
@@ -129,7 +152,7 @@ def eval_command(args: argparse.Namespace) -> int:
         image_size=args.image_size, batch_size=args.batch_size, precision=args.precision,
         linear=not args.no_linear, clustering=not args.no_clustering, vit_blocks=args.vit_blocks,
         avgpool=args.avgpool, student=args.student, cache=not args.no_cache, cache_dir=args.cache_dir,
-        plots=not args.no_plots,
+        plots=not args.no_plots, device=args.device, workers=args.workers,
     )
     out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
     results = evaluate(args.model, args.train, args.test, options, out)
@@ -159,68 +182,146 @@ def embed_command(args: argparse.Namespace) -> int:
     import torch
 
     result = embed_folder(args.model, args.data, args.out, student=args.student, image_size=args.image_size,
-                          batch_size=args.batch_size, workers=args.workers,
+                          batch_size=args.batch_size, workers=args.workers, device=args.device,
                           precision=torch.bfloat16 if args.precision == "bf16" else None)
     print(f"\nembedded {result.count} images ({result.feature_dim} features each) at "
-          f"{result.images_per_s:.0f} images/s; {result.skipped} unreadable files skipped\n"
+          f"{result.images_per_s:.0f} images/s on {result.device} ({result.workers} decoding workers); "
+          f"{result.skipped} unreadable files skipped\n"
           f"features: {result.features}\npaths:    {result.paths}\nsummary:  {result.summary}"
           + (f"\nskipped:  {result.skipped_list}" if result.skipped_list else ""))
     return 0
 
 
 def pretrain_command(args: argparse.Namespace) -> int:
-    from unsupdistill.train.loop import TrainingError, TrainingStopped, pretrain  # heavy imports after checks
+    from unsupdistill.train.loop import pretrain, resolve_device  # heavy imports after checks
 
-    paths = [a for a in args.args if "=" not in a]
-    overrides = [a for a in args.args if "=" in a]
-    if len(paths) > 1:
-        raise ConfigError(f"expected at most one image folder, got {paths}; overrides need key=value")
-    if paths:
-        overrides.append(f"data.path={paths[0]}")
-
-    checkpoint = None
+    paths, overrides = split_pretrain_args(args.args)
+    checkpoint, ckpt_path = None, None
     if args.resume:
         if args.recipe:
             raise ConfigError("--resume takes the run's own config; pass changes as key=value, not --recipe")
         ckpt_path, checkpoint = latest_checkpoint(args.resume)
         logger.info("resuming from %s (step %d)", ckpt_path, checkpoint["step"])
         config = config_from_dict(checkpoint["config"], str(ckpt_path))
-        if overrides:
-            config = config_from_dict(apply_overrides(config, overrides).to_dict(), "command line")
-        run_dir = args.out or ckpt_path.parent.parent
-    else:
-        config = load_config(args.recipe, overrides)
-        run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        config = apply_overrides(config, overrides)
+    else:  # a folder without a recipe is validated once its automatic settings are in
+        config = load_config(args.recipe, overrides, check=bool(args.recipe) or not paths)
+    if paths:  # a path as written, never parsed as YAML
+        config = merge(config, {"data": {"path": paths[0]}}, "command line")
+    config = absolute_paths(config)
+    automatic = args.recipe is None and checkpoint is None and config.data.path is not None
+    # before any data is read; what the automatic settings will set is checked once they have
+    validate(config, ignore=AUTOMATIC_KEYS - explicit_keys(overrides) if automatic else frozenset())
 
+    # every process joins now: process 0 names the run directory and scans the folder for all
+    device = resolve_device(config.train.device)
+    distributed.init_distributed(device)
+    default_out = ckpt_path.parent.parent if ckpt_path is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(distributed.broadcast_object(str(args.out or default_out)))
     if args.dry_run:
-        report = pretrain(config, run_dir, checkpoint, dry_run=True)
-        print(json.dumps({"dry_run": "ok", **report}, indent=2))
-        return 0
+        return _dry_run(config, run_dir, checkpoint, automatic, overrides, device)
+
     log_file = None
-    if distributed.local_rank() == 0:
+    if distributed.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         log_file = _file_handler(run_dir / "train.log")
         logging.getLogger().addHandler(log_file)
+        write_status(run_dir, "running", step=checkpoint["step"] if checkpoint else 0)
     try:
-        backbone = pretrain(config, run_dir, checkpoint)
+        if distributed.is_main_process() and ckpt_path is not None and run_dir == ckpt_path.parent.parent:
+            set_aside_later_state(run_dir, int(checkpoint["step"]))
+        config, scan, notes = _settings_for_data(config, run_dir, automatic, overrides, device)
+        backbone = pretrain(config, run_dir, checkpoint, scan=scan, config_notes=notes)
     except TrainingStopped as stop:
+        write_status(run_dir, "preempted", EXIT_STOPPED, step=stop.step, resume=resume_command(run_dir))
         if log_file is not None:
             logger.warning("%s", stop)
         return EXIT_STOPPED
     except TrainingError as err:
+        write_status(run_dir, "failed", 1, reason=str(err))
         logger.error("%s", err)
         return 1
+    except USER_ERRORS as err:
+        write_status(run_dir, "failed", 2, reason=str(err))
+        raise
+    except BaseException as err:  # a crash or a second Ctrl-C: say so, then let it propagate
+        write_status(run_dir, "failed", 130 if isinstance(err, KeyboardInterrupt) else 1,
+                     reason=f"{type(err).__name__}: {err}")
+        raise
     finally:
+        distributed.cleanup()
         if log_file is not None:
             logging.getLogger().removeHandler(log_file)
             log_file.close()
     if backbone is not None:
+        sidecar = json.loads(backbone.with_suffix(".json").read_text())
+        write_status(run_dir, "done", 0, step=sidecar["step"], backbone=str(backbone))
         print(f"\nrun directory: {run_dir}\n"
-              f"  backbone:    {backbone} (+ backbone.json)\n"
+              f"  backbone:    {backbone} (+ backbone.json, input size {sidecar['input_size']} px)\n"
               f"  checkpoint:  {run_dir / 'checkpoints' / 'last.pt'}\n"
               f"  metrics:     {run_dir / 'metrics.jsonl'}  (tensorboard --logdir {run_dir / 'tensorboard'})\n"
-              f"  config:      {run_dir / 'config.yaml'}")
+              f"  config:      {run_dir / 'config.yaml'}\n"
+              f"  status:      {run_dir / STATUS_FILE}")
     return 0
+
+
+def _settings_for_data(config: Config, run_dir: Path | None, automatic: bool, overrides: list[str],
+                       device: torch.device) -> tuple[Config, FolderScan | None, str]:
+    """Scan the image folder (once per run, see ``scan_for_run``) and, for a folder without a recipe, choose
+    the settings that depend on it. Returns the config, the scan and the choices as config.yaml comments."""
+    if config.data.path is None:
+        return config, None, ""
+    scan = scan_for_run(config.data.path, config.data.verify, run_dir, max(1, num_workers(config.data)))
+    if not automatic:
+        return config, scan, ""
+    config, choices = auto_settings(config, scan, device.type, explicit_keys(overrides),
+                                    distributed.launched_world_size())
+    table = format_choices(choices)
+    logger.info("settings chosen for %d images in %s on %s (a key=value argument or --recipe overrides any):\n%s",
+                len(scan.files), config.data.path, device.type.upper(), table)
+    notes = (f"Settings chosen automatically for {len(scan.files)} images on {device.type.upper()} (value, why):\n"
+             + table)
+    return config, scan, notes
+
+
+def _dry_run(config: Config, run_dir: Path, checkpoint: dict | None, automatic: bool, overrides: list[str],
+             device: torch.device) -> int:
+    """Build everything and run one step on a tiny batch; write nothing."""
+    from unsupdistill.train.loop import pretrain
+
+    try:
+        config, scan, _ = _settings_for_data(config, None, automatic, overrides, device)
+        report = pretrain(config, run_dir, checkpoint, dry_run=True, scan=scan)
+    finally:
+        distributed.cleanup()
+    print(json.dumps({"dry_run": "ok", **report}, indent=2))
+    return 0
+
+
+_OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
+
+
+def split_pretrain_args(items: list[str]) -> tuple[list[str], list[str]]:
+    """Tell the image folder from ``section.key=value`` overrides.
+
+    An argument that names an existing file or folder is a path, whatever characters it holds (``a=b``,
+    ``run #1``, ``2024``); otherwise one that starts with ``section.key=`` is an override.
+
+    Raises:
+        ConfigError: more than one path, or an argument that is neither.
+    """
+    paths, overrides = [], []
+    for item in items:
+        if _OVERRIDE.match(item) and not os.path.lexists(item):
+            overrides.append(item)
+        elif "=" in item and not os.path.lexists(item):
+            raise ConfigError(f"'{item}' is neither an existing image folder nor a section.key=value override "
+                              "(e.g. train.epochs=5)")
+        else:
+            paths.append(item)
+    if len(paths) > 1:
+        raise ConfigError(f"expected at most one image folder, got {paths}; overrides need section.key=value")
+    return paths, overrides
 
 
 def _file_handler(path: Path) -> logging.Handler:

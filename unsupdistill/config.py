@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -66,9 +67,14 @@ class AugmentConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
+PATH = {"path": True}
+"""Field metadata of path-valued keys: their ``key=value`` overrides are taken as written, never parsed as
+YAML (a folder named ``2024``, ``true``, ``null`` or ``run #1`` stays that folder)."""
+
+
 @dataclass
 class DataConfig:
-    path: str | None = None
+    path: str | None = field(default=None, metadata=PATH)
     """Folder of unlabeled images (searched recursively); null trains on scikit-learn's digits."""
     image_size: int | None = None
     """Side of the square each image is decoded to (shorter side resized, centre crop) before
@@ -165,10 +171,10 @@ class TrainConfig:
 class EvalConfig:
     """k-NN of the teacher's features on a labeled set during pretraining (logged as eval/knn_top1)."""
 
-    train: str | None = None
+    train: str | None = field(default=None, metadata=PATH)
     """Labeled set the k-NN memory is built from: a folder with one subfolder per class, a CSV of
     path,label, or digits; null turns evaluation during pretraining off."""
-    test: str | None = None
+    test: str | None = field(default=None, metadata=PATH)
     """Labeled set that is scored."""
     every_epochs: int = 1
     k: int = 20
@@ -232,15 +238,56 @@ def read_recipe(recipe: str) -> tuple[dict[str, Any], str]:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """Split ``"train.epochs=5"`` into ``(["train", "epochs"], 5)``; the value is parsed as YAML."""
+    """Split ``"train.epochs=5"`` into ``(["train", "epochs"], 5)``.
+
+    The value is parsed as YAML, except for path-valued keys (``data.path``, ``eval.train``, ...), whose
+    value is the text after the first ``=`` as written (one pair of enclosing quotes removed); nothing
+    after the ``=`` is null.
+    """
     key, sep, raw = item.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.epochs=5")
+    if key in path_keys():
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":  # quoted, as a shell user might: unquote
+            raw = raw[1:-1]
+            return key.split("."), raw
+        return key.split("."), raw or None
     try:
         value = _parse_yaml(raw) if raw else None
     except ValueError as err:
         raise ConfigError(f"override '{item}': value is not valid YAML ({err})") from err
     return key.split("."), value
+
+
+def path_keys(node: Any = None, prefix: str = "") -> set[str]:
+    """Dotted names of the path-valued keys (fields with ``PATH`` metadata)."""
+    node = Config if node is None else node
+    hints = typing.get_type_hints(node)
+    keys = set()
+    for f in dataclasses.fields(node):
+        if f.metadata.get("path"):
+            keys.add(prefix + f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            keys |= path_keys(hints[f.name], f"{prefix}{f.name}.")
+    return keys
+
+
+def absolute_paths(config: Config) -> Config:
+    """``config`` with its relative paths made absolute, so the stored config works from any folder.
+
+    A path that exists as written is taken as written (a folder named ``~`` stays that folder); otherwise
+    ``~`` is expanded. ``digits`` in ``eval.train``/``eval.test`` stays the built-in set unless a file or
+    folder of that name exists.
+    """
+    data: dict[str, Any] = {}
+    for key in sorted(path_keys()):
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value is None or (section == "eval" and value == "digits" and not Path(value).exists()):
+            continue
+        path = Path(value) if Path(value).exists() else Path(value).expanduser()
+        data.setdefault(section, {})[name] = os.path.abspath(path)
+    return merge(config, data, "absolute paths")
 
 
 def _parse_yaml(text: str) -> Any:
@@ -281,14 +328,16 @@ def _reaches_into_mapping(config: Any, parts: list[str]) -> bool:
     return False
 
 
-def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the recipe's differences, then ``key=value`` overrides; validated."""
+def load_config(recipe: str | None = None, overrides: list[str] | None = None, check: bool = True) -> Config:
+    """Defaults, then the recipe's differences, then ``key=value`` overrides; validated unless ``check`` is
+    false (the automatic settings complete the config first, then validate it)."""
     config = Config()
     if recipe:
         data, label = read_recipe(recipe)
         config = merge(config, data, label)
     config = apply_overrides(config, overrides or [])
-    validate(config)
+    if check:
+        validate(config)
     return config
 
 
@@ -320,6 +369,10 @@ def merge(config: Any, data: dict[str, Any], source: str, prefix: str = "", upda
                 f"{source}: unknown key '{path}'{hint}; allowed keys in {where}: {', '.join(names)}"
             )
         current = getattr(config, key)
+        if next(f for f in dataclasses.fields(config) if f.name == key).metadata.get("path") and not (
+                value is None or isinstance(value, str)):
+            raise ConfigError(f"{source}: {path}={_show(value)} is invalid; expected a path (in a YAML file, quote "
+                              f"a path that YAML would read as a number, a boolean or null, e.g. '{value}')")
         if dataclasses.is_dataclass(current):
             changes[key] = merge(current, value, source, f"{path}.", update_dicts)
         elif update_dicts and isinstance(current, dict) and isinstance(value, dict):
@@ -393,8 +446,20 @@ def _show(value: Any) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def validate(config: Config) -> None:
-    """Raise ConfigError for out-of-range values, naming the key and what is allowed."""
+def validate(config: Config, ignore: set[str] | frozenset[str] = frozenset()) -> None:
+    """Raise ConfigError for out-of-range values, naming the key and what is allowed.
+
+    Args:
+        config: the config to check.
+        ignore: keys whose errors are left out (the automatic settings will set them).
+    """
+    errors = [message for key, message in config_errors(config) if key not in ignore]
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def config_errors(config: Config) -> list[tuple[str, str]]:
+    """(key, message) of every out-of-range value."""
     checks: list[tuple[bool, str, str]] = []
 
     def need(ok: bool, key: str, allowed: str) -> None:
@@ -471,10 +536,9 @@ def validate(config: Config) -> None:
     # NaN fails every range check above, but infinity passes the one-sided ones (lr > 0). A key
     # that is not finite gets this error alone: its range checks would only repeat it.
     not_finite = _non_finite_keys(config)
-    errors = [f"{key}: expected a finite number, got {value}" for key, value in not_finite.items()]
-    errors += [f"{key}: expected {allowed}" for ok, key, allowed in checks if not ok and key not in not_finite]
-    if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    errors = [(key, f"{key}: expected a finite number, got {value}") for key, value in not_finite.items()]
+    errors += [(key, f"{key}: expected {allowed}") for ok, key, allowed in checks if not ok and key not in not_finite]
+    return errors
 
 
 _MAX_SEED = 2**32 - 1

@@ -21,13 +21,21 @@ def init_distributed(device: torch.device) -> None:
 
 
 def rank() -> int:
-    """This process's rank among all processes; 0 when not distributed."""
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's global rank among all processes; 0 when not distributed.
+
+    Readable before the process group exists (torchrun's RANK), so logging can be set up first.
+    """
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
     """Number of processes; 1 when not distributed."""
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def launched_world_size() -> int:
+    """Number of processes torchrun started (WORLD_SIZE), readable before the process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main_process() -> bool:
@@ -60,6 +68,15 @@ def broadcast_int(value: int) -> int:
     tensor = torch.tensor([value], dtype=torch.int64, device=device)
     dist.broadcast(tensor, src=0)
     return int(tensor.item())
+
+
+def broadcast_object(obj: object) -> object:
+    """Process 0's ``obj`` (any picklable object) in every process (``obj`` itself when not distributed)."""
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def gather_objects(obj: object) -> list:

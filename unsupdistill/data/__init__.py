@@ -19,34 +19,33 @@ from torch.utils.data import Dataset
 
 from unsupdistill.config import DataConfig
 from unsupdistill.data.digits import DigitsDataset, digits_split
-from unsupdistill.data.folder import (
-    IMAGE_EXTENSIONS,
-    DataError,
-    ImageFolderDataset,
-    list_image_files,
-    load_rgb,
-    resize_center_crop,
-)
+from unsupdistill.data.folder import IMAGE_EXTENSIONS, DataError, list_image_files, load_rgb, resize_center_crop
+from unsupdistill.data.images import ImageFolderDataset
+from unsupdistill.data.scan import FolderScan, scan_folder, scan_for_run
 
-__all__ = ["IMAGE_EXTENSIONS", "DataError", "DigitsDataset", "ImageFolderDataset", "build_dataset",
-           "digits_split", "list_image_files", "load_rgb", "num_workers", "resize_center_crop", "write_skipped"]
+__all__ = ["IMAGE_EXTENSIONS", "DataError", "DigitsDataset", "FolderScan", "ImageFolderDataset", "build_dataset",
+           "digits_split", "list_image_files", "load_rgb", "num_workers", "resize_center_crop", "scan_folder",
+           "scan_for_run", "write_skipped"]
 
 logger = logging.getLogger(__name__)
 
 
-def build_dataset(cfg: DataConfig, image_size: int) -> Dataset:
+def build_dataset(cfg: DataConfig, image_size: int, scan: FolderScan | None = None,
+                  substitute: bool = False) -> Dataset:
     """The dataset ``cfg`` describes.
 
     Args:
         cfg: the data section of the config.
         image_size: the global crop size, used when ``cfg.image_size`` is null.
+        scan: the folder's scan, if made already (see :func:`scan_for_run`).
+        substitute: replace (and report) files that fail after the scan, see :class:`ImageFolderDataset`.
     """
     size = cfg.image_size or image_size
     if cfg.path is None:
         logger.info("no image folder given: training on scikit-learn's built-in digits (1,797 images)")
         return DigitsDataset(size)
     dataset = ImageFolderDataset(cfg.path, size, strict=cfg.strict, verify=cfg.verify,
-                                 num_threads=max(1, num_workers(cfg)))
+                                 num_threads=max(1, num_workers(cfg)), scan=scan, substitute=substitute)
     logger.info("%d images in %s (%d skipped)", len(dataset), dataset.root, len(dataset.skipped))
     return dataset
 

@@ -1,13 +1,10 @@
-"""Unlabeled image folders: recursive listing, robust decoding to RGB, skip-and-count of bad files.
+"""Image files: recursive listing of a folder, robust decoding to RGB, resizing to a square.
 
-An image folder is scanned once at start-up: files that cannot be decoded (empty, truncated,
-corrupt, not an image, unreadable, decompression bombs) are skipped and counted, or stop the run
-when ``data.strict`` is true.
+The start-up scan that checks every file is in ``scan.py``, the dataset built on it in ``images.py``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import errno
 import logging
@@ -15,13 +12,10 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
-from torch.utils.data import Dataset
-from tqdm import tqdm
+from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -217,128 +211,3 @@ def _describe(err: BaseException) -> str:
     text = str(err).replace("\n", " ").replace("\t", " ")
     text = f"{type(err).__name__}: {text}" if text else type(err).__name__
     return text if len(text) <= 160 else text[:157] + "..."
-
-
-# ----------------------------------------------------------------------------------------------
-# Datasets
-# ----------------------------------------------------------------------------------------------
-
-
-class ImageFolderDataset(Dataset):
-    """Unlabeled images found recursively in a folder, each decoded to ``(3, S, S)`` uint8.
-
-    The constructor checks every file (see ``verify``); unreadable ones are listed in
-    ``skipped`` as ``(path, reason)``, logged once, or raise :class:`DataError` when ``strict``.
-
-    Args:
-        root: the image folder.
-        image_size: side ``S`` of the returned square images.
-        strict: raise instead of skipping unreadable files.
-        verify: "full" decodes every file (catches truncated files); "header" only opens it
-            (much faster; a file that fails later raises :class:`DataError` naming it).
-        num_threads: threads decoding files during the scan.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        image_size: int,
-        strict: bool = False,
-        verify: Literal["full", "header"] = "full",
-        num_threads: int = 2,
-    ) -> None:
-        if verify not in ("full", "header"):
-            raise ValueError(f"verify={verify!r} is invalid; allowed values: full, header")
-        if image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
-        self.root = Path(root).expanduser()
-        self.image_size = image_size
-        self.verify = verify
-        candidates = list_image_files(self.root)
-        if not candidates:
-            shown = ", ".join(_COMMON_EXTENSIONS)
-            raise DataError(
-                f"no image files found in {self.root} (searched recursively, hidden files and folders "
-                f"ignored; extensions such as {shown} and {len(IMAGE_EXTENSIONS) - len(_COMMON_EXTENSIONS)} "
-                "more, in any case)"
-            )
-        logger.info("checking %d image files in %s (data.verify=%s)", len(candidates), self.root, verify)
-        if ImageFile.LOAD_TRUNCATED_IMAGES:
-            logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True elsewhere: truncated "
-                           "images will pass the scan with their missing part filled in gray")
-        reasons = self._scan(candidates, num_threads)
-        self.files: list[Path] = []
-        self.skipped: list[tuple[str, str]] = []
-        for path, reason in zip(candidates, reasons, strict=True):
-            if reason is None:
-                self.files.append(path)
-            else:
-                self.skipped.append((str(path), reason))
-        self._report_skipped(len(candidates), strict)
-
-    def _scan(self, files: list[Path], num_threads: int) -> list[str | None]:
-        """For each file, None if it is readable, else the reason it is not."""
-        verify_only = self.verify == "header"
-
-        def check(path: Path) -> str | None:
-            try:
-                if path.is_file() and path.stat().st_size == 0:
-                    return "empty file (0 bytes)"
-                img = _read_image(path, verify_only, self.image_size)
-                if not verify_only:
-                    img.load()
-            except Exception as err:  # noqa: BLE001 - decoders raise many types on corrupt data
-                return _describe(err)
-            return None
-
-        # The bomb-warning filter is process-wide: set it here, once, not in each thread.
-        with _bomb_warnings_as_errors(), concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-            progress = tqdm(
-                pool.map(check, files), total=len(files), desc="checking images", unit="file",
-                disable=len(files) < 1000,
-            )
-            return list(progress)
-
-    def _report_skipped(self, num_found: int, strict: bool) -> None:
-        """Raise or warn (once) about the files the scan skipped."""
-        if not self.skipped:
-            return
-        count = len(self.skipped)
-        listed = "\n  ".join(f"{path}: {reason}" for path, reason in self.skipped[:_MAX_LISTED])
-        more = f"\n  ... and {count - _MAX_LISTED} more" if count > _MAX_LISTED else ""
-        if not self.files:
-            raise DataError(
-                f"none of the {num_found} image files in {self.root} could be read:\n  {listed}{more}"
-            )
-        if strict:
-            raise DataError(
-                f"{count} of {num_found} image files in {self.root} could not be read:\n  {listed}{more}\n"
-                "fix or remove them, or set data.strict=false to skip them"
-            )
-        first = ", ".join(path for path, _ in self.skipped[:_MAX_LISTED])
-        logger.warning(
-            "skipped %d unreadable of %d image files in %s (first: %s%s); "
-            "set data.strict=true to stop on them instead",
-            count, num_found, self.root, first, ", ..." if count > _MAX_LISTED else "",
-        )
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        """The image as a ``uint8`` tensor of shape ``(3, image_size, image_size)``."""
-        path = self.files[index]
-        try:
-            img = load_rgb(path, draft_size=self.image_size)
-        except Exception as err:  # any failure here is a file that changed or passed a header-only scan
-            raise DataError(
-                f"{path} could not be read ({_describe(err)}) although it passed the start-up scan "
-                f"(data.verify={self.verify}); fix or remove it"
-            ) from err
-        return resize_center_crop(img, self.image_size)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(root={str(self.root)!r}, images={len(self.files)}, "
-            f"skipped={len(self.skipped)}, image_size={self.image_size})"
-        )

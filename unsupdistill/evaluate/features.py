@@ -62,15 +62,17 @@ def extract_features(
     """Features (N, D) of every image of a dataset of uint8 (3, H, W) tensors, in dataset order.
 
     Images are resized to ``input_size`` (when they differ) and normalised with ``mean``/``std``;
-    ``num_workers`` DataLoader processes decode them.
+    ``num_workers`` DataLoader processes decode them (into pinned memory when ``device`` is CUDA).
+    The features are float32 on the CPU whatever the device and precision.
     """
+    device = torch.device(device)
     model = NormalizedBackbone(backbone, mean, std).eval().to(device)
     out = []
-    autocast = (torch.autocast(torch.device(device).type, dtype=precision) if precision is not None
+    autocast = (torch.autocast(device.type, dtype=precision) if precision is not None
                 else contextlib.nullcontext())
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     for images in tqdm(loader, desc="features", unit="batch", disable=not progress):
-        x = to_unit_range(images.to(device), input_size)  # (B, 3, S, S)
+        x = to_unit_range(images.to(device, non_blocking=True), input_size)  # (B, 3, S, S)
         with autocast:
             out.append(model(x).float().cpu())
     return torch.cat(out)

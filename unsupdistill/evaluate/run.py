@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unsupdistill.config import DataConfig
+from unsupdistill.data import DigitsDataset, num_workers
+from unsupdistill.devices import resolve_device
 from unsupdistill.evaluate.cache import cached_features, data_fingerprint, default_cache_dir
 from unsupdistill.evaluate.clustering import cluster
 from unsupdistill.evaluate.features import extract_features
@@ -52,6 +55,9 @@ class EvalOptions:
     cache_dir: Path | None = None
     plots: bool = True
     device: str = "auto"
+    """auto (CUDA when available, else the CPU), cpu, cuda or cuda:N."""
+    workers: int | None = None
+    """DataLoader processes decoding images; None: one per CPU core up to 8 (none for the in-memory digits)."""
 
 
 def resolve_precision(name: str) -> torch.dtype | None:
@@ -68,11 +74,18 @@ def model_features(model: FeatureModel, dataset, options: EvalOptions, device: t
     precision = resolve_precision(options.precision)
     extra = f"{precision}|{options.vit_blocks}|{options.avgpool}"
     cache_dir = (options.cache_dir or default_cache_dir()) if options.cache else None
-    features, hit = cached_features(
-        model.cache_key, data_fingerprint(dataset), extra, cache_dir,
-        lambda: extract_features(backbone, dataset, model.input_size, model.mean, model.std,
-                                 batch_size=options.batch_size, precision=precision, device=device),
-    )
+    # the data module's policy: no workers for images already in memory, else one per core (max 8)
+    workers = num_workers(DataConfig(path=None if isinstance(dataset, DigitsDataset) else "labeled images",
+                                     num_workers=options.workers))
+
+    def extract() -> torch.Tensor:
+        logger.info("features of %s on %d images: %s, %d decoding workers", model.name, len(dataset), device,
+                    workers)
+        return extract_features(backbone, dataset, model.input_size, model.mean, model.std,
+                                batch_size=options.batch_size, precision=precision, device=device,
+                                num_workers=workers)
+
+    features, hit = cached_features(model.cache_key, data_fingerprint(dataset), extra, cache_dir, extract)
     if hit:
         logger.info("features of %s on %d images read from the cache", model.name, len(dataset))
     return features
@@ -82,8 +95,7 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
              out_dir: Path | None = None) -> dict:
     """Evaluate one model; write ``eval.json`` and plots to ``out_dir`` when given. Returns the results."""
     options = options or EvalOptions()
-    device = torch.device("cuda" if options.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if options.device == "auto" else options.device)
+    device = resolve_device(options.device)
     model = load_model(model_spec, image_size=options.image_size, student=options.student)
     train_set = load_labeled(train_spec, model.input_size, "train")
     test_set = load_labeled(test_spec, model.input_size, "test")
@@ -99,7 +111,7 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
     results: dict = {"model": model.name, "model_spec": model_spec, "train": train_spec, "test": test_spec,
                      "num_train": len(train_set), "num_test": len(test_set), "num_classes": len(classes),
                      "feature_dim": int(train_features.shape[1]), "input_size": model.input_size,
-                     "precision": options.precision}
+                     "precision": options.precision, "device": str(device)}
     tic = time.perf_counter()
     results["knn"] = knn_evaluate(train_features, train_labels, test_features, test_labels, options.ks,
                                   options.temperature)

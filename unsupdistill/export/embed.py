@@ -14,6 +14,7 @@ import torch
 
 from unsupdistill.config import DataConfig
 from unsupdistill.data import ImageFolderDataset, num_workers, write_skipped
+from unsupdistill.devices import resolve_device
 from unsupdistill.evaluate.features import extract_features
 from unsupdistill.evaluate.models import load_model
 from unsupdistill.export.formats import ExportError
@@ -36,11 +37,13 @@ class EmbedResult:
     feature_dim: int
     skipped: int
     images_per_s: float
+    device: str
+    workers: int
 
 
 def embed_folder(model: str, data: str | Path, out: str | Path, *, student: bool = False,
                  image_size: int | None = None, batch_size: int = 256, precision: torch.dtype | None = None,
-                 workers: int | None = None, device: str = "cpu") -> EmbedResult:
+                 workers: int | None = None, device: str | torch.device = "auto") -> EmbedResult:
     """Embed every readable image under ``data`` (recursively) with a frozen backbone.
 
     Writes ``out``: either ``.npy`` (features ``(N, D)`` float32) with a ``.csv`` of the image paths
@@ -57,15 +60,21 @@ def embed_folder(model: str, data: str | Path, out: str | Path, *, student: bool
         batch_size: images per forward pass.
         precision: autocast dtype, or None for float32.
         workers: DataLoader processes decoding images; None: one per core, up to 8.
-        device: where the network runs.
+        device: where the network runs: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
+
+    Raises:
+        ExportError: ``out`` is neither ``.npy`` nor ``.npz``.
+        DeviceError: ``device`` is malformed or names CUDA where there is none.
     """
     out = Path(out)
     if out.suffix.lower() not in EMBED_SUFFIXES:
         raise ExportError(f"--out {out}: expected a file ending in .npy (features, plus a .csv of paths) or .npz "
                           "(features and paths in one file)")
+    device = resolve_device(device)
     loaded = load_model(model, image_size=image_size, student=student)
     workers = num_workers(DataConfig(path=str(data), num_workers=workers))
     dataset = ImageFolderDataset(data, loaded.input_size, num_threads=max(1, workers))
+    logger.info("embedding %d images with %s: %s, %d decoding workers", len(dataset), loaded.name, device, workers)
     tic = time.perf_counter()
     features = extract_features(loaded.backbone, dataset, loaded.input_size, loaded.mean, loaded.std,
                                 batch_size=batch_size, precision=precision, device=device, num_workers=workers)
@@ -85,10 +94,11 @@ def embed_folder(model: str, data: str | Path, out: str | Path, *, student: bool
     if not skipped:
         skipped_list.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
     result = EmbedResult(out, paths_file, out.with_suffix(".json"), skipped_list if skipped else None,
-                         len(paths), int(array.shape[1]), skipped, len(paths) / seconds)
+                         len(paths), int(array.shape[1]), skipped, len(paths) / seconds, str(device), workers)
     summary = {"model": loaded.name, "model_spec": str(model), "data": str(data), "images": result.count,
                "feature_dim": result.feature_dim, "skipped": skipped, "input_size": loaded.input_size,
-               "precision": str(precision or "fp32"), "seconds": seconds, "images_per_s": result.images_per_s,
+               "precision": str(precision or "fp32"), "device": result.device, "workers": workers,
+               "seconds": seconds, "images_per_s": result.images_per_s,
                "features": str(out), "paths": str(paths_file)}
     atomic_write(result.summary, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     return result

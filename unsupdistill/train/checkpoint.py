@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import uuid
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from unsupdistill.storage import atomic_write
 
 CHECKPOINT_FORMAT = "unsupdistill.checkpoint/1"
 
@@ -21,43 +23,6 @@ logger = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
     """A file is not a readable unsupdistill checkpoint."""
-
-
-def atomic_write(path: Path, write: Callable[[str], Any], check: Callable[[str], Any] | None = None) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one.
-
-    The file gets the usual umask permissions, whatever ``write`` created it with (safetensors and
-    ``tempfile.mkstemp`` make private 0600 files). ``check(tmp_path)``, if given, runs before the
-    rename; an exception from it leaves ``path`` as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(str(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        if check is not None:
-            check(str(tmp))
-        os.replace(tmp, path)
-        _fsync_folder(path.parent)  # the rename itself survives a machine crash
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Best effort: Windows cannot open a folder, and some network file systems refuse the fsync."""
-    if os.name == "nt":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -162,3 +127,43 @@ def save_backbone(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any],
     sidecar = out_dir / "backbone.json"
     atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2) + "\n"))
     return weights
+
+
+def set_aside_later_state(run_dir: Path, step: int) -> Path | None:
+    """Before a run is resumed from an older checkpoint (step ``step``) in its own directory, move what the
+    later part of the run left (checkpoints of later steps, the final export) to ``superseded/<time>-step<N>/``
+    and copy its metrics and TensorBoard logs there, so that nothing of it is overwritten or lost.
+
+    Returns:
+        The folder things were set aside in, or None when the run holds nothing later than ``step``.
+    """
+    folder = run_dir / "checkpoints"
+    later: dict[Path, int] = {}
+    for candidate in (folder / "last.pt", *sorted(folder.glob("epoch_*.pt"))):
+        if candidate.is_file():
+            try:
+                candidate_step = int(load_checkpoint(candidate, mmap=True)["step"])
+            except (CheckpointError, KeyError, TypeError, ValueError):
+                continue
+            if candidate_step > step:
+                later[candidate] = candidate_step
+    if not later:
+        return None
+    newest = max(later.values())
+    target = run_dir / "superseded" / f"{time.strftime('%Y%m%d-%H%M%S')}-step{newest}"
+    (target / "checkpoints").mkdir(parents=True, exist_ok=False)
+    for path in later:
+        os.replace(path, target / "checkpoints" / path.name)
+    for name in ("backbone.safetensors", "backbone.json"):
+        if (run_dir / name).is_file():
+            os.replace(run_dir / name, target / name)
+    for name in ("metrics.jsonl", "config.yaml", "status.json"):
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, target / name)
+    if (run_dir / "tensorboard").is_dir():
+        shutil.copytree(run_dir / "tensorboard", target / "tensorboard")
+    logger.warning("resuming from step %d of a run that reached step %d: its later checkpoints (%s) and export "
+                   "were moved, and its metrics and TensorBoard logs copied, to %s; to branch off without touching "
+                   "the run, resume with --out NEW_DIR instead", step, newest,
+                   ", ".join(f"{p.name} at step {s}" for p, s in later.items()), target)
+    return target

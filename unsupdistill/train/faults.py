@@ -22,7 +22,16 @@ class TrainingError(RuntimeError):
 
 
 class TrainingStopped(Exception):
-    """SIGTERM or SIGINT stopped training at a step boundary, after a checkpoint of that step was written."""
+    """SIGTERM or SIGINT stopped training at a step boundary, after a checkpoint of that step was written.
+
+    Args:
+        message: what happened and the resume command.
+        step: the step the checkpoint holds.
+    """
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class StopRequest:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from unsupdistill import distributed
 from unsupdistill.augment import MultiCropAugmentation
 from unsupdistill.config import Config, ConfigError, LossConfig
-from unsupdistill.data import DataError, build_dataset, num_workers, write_skipped
+from unsupdistill.data import DataError, FolderScan, build_dataset, num_workers, write_skipped
 from unsupdistill.evaluate.features import extract_features
 from unsupdistill.evaluate.knn import knn_accuracy
 from unsupdistill.evaluate.labeled import align_labels, load_labeled
@@ -38,7 +38,9 @@ from unsupdistill.train.faults import (
 )
 from unsupdistill.train.health import collapse_warnings, health_signals
 from unsupdistill.train.metrics import MetricsLogger
+from unsupdistill.train.precision import avoid_cpu_bf16_faults, resolve_precision
 from unsupdistill.train.schedules import ScheduleValues, TimeBudget, scaled_lr, schedule_at
+from unsupdistill.train.status import resume_command
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +67,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda", distributed.local_rank())
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None for float32). bf16 is the CPU default: ~2.3x faster matmuls there."""
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
-    if precision == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def build_loss(cfg: LossConfig, output_dim: int) -> DINOLoss:
     """lightly's DINO loss: centre and sharpen the teacher, cross-entropy over all pairs but same views,
     centre all-reduced across processes. The teacher temperature is passed per call (a schedule)."""
@@ -86,8 +77,9 @@ def build_loss(cfg: LossConfig, output_dim: int) -> DINOLoss:
 class Pretrainer:
     """One DINO pretraining run (Caron et al. 2021, Algorithm 1) in one process of possibly many."""
 
-    def __init__(self, config: Config, run_dir: Path, checkpoint: dict | None = None, dry_run: bool = False):
-        self.config, self.run_dir, self.dry_run = config, run_dir, dry_run
+    def __init__(self, config: Config, run_dir: Path, checkpoint: dict | None = None, dry_run: bool = False,
+                 scan: FolderScan | None = None, config_notes: str = ""):
+        self.config, self.run_dir, self.dry_run, self.config_notes = config, run_dir, dry_run, config_notes
         train = config.train
         self.device = resolve_device(train.device)
         distributed.init_distributed(self.device)
@@ -104,7 +96,9 @@ class Pretrainer:
 
         # ---- data: decoding in workers, augmentation batched on the device --------------------
         a = config.augment
-        self.dataset = build_dataset(config.data, a.global_1.size)
+        # a file that fails after the start-up scan is replaced in its batch, counted and listed (not a crash)
+        self.dataset = build_dataset(config.data, a.global_1.size, scan=scan, substitute=True)
+        self.files_failed = 0
         per_process = len(self.dataset) // self.world
         if per_process < self.local_batch:
             raise DataError(
@@ -128,6 +122,7 @@ class Pretrainer:
         # ---- student, EMA teacher, loss, optimizer ----------------------------------------------
         crop_sizes = (a.global_1.size,) + ((a.local.size,) if a.num_local_crops else ())
         student, self.teacher, self.backbone_spec = build_student_teacher(config.model, crop_sizes)
+        avoid_cpu_bf16_faults(student.backbone, crop_sizes, self.autocast_dtype, self.device)  # a oneDNN bf16 fault
         # channels-last: the convolution kernels' preferred layout (student forward + backward ~17 % faster)
         student.to(self.device, memory_format=torch.channels_last)
         self.teacher.to(self.device, memory_format=torch.channels_last)
@@ -332,7 +327,8 @@ class Pretrainer:
                 steps_left = min(self.steps_per_epoch - offset, cap - self.step)  # a budget may end it sooner
                 bar = tqdm(total=steps_left, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                            disable=not self.is_main, mininterval=1.0, file=sys.stderr)
-                for images in itertools.islice(self.loader, steps_left):
+                for batch in itertools.islice(self.loader, steps_left):
+                    images = self.batch_images(batch)
                     sched = schedule_at(self.step, planned, self.steps_per_epoch, self.global_batch,
                                         self.config.optim, self.config.loss)
                     log_now = (self.step + 1) % cfg.log_every_steps == 0 or self.step + 1 == last_step
@@ -351,6 +347,9 @@ class Pretrainer:
                                   "weight_decay": sched.weight_decay, "teacher_momentum": sched.teacher_momentum,
                                   "teacher_temp": sched.teacher_temp, **out,
                                   "images_per_s": images_since / elapsed}
+                        if self.config.data.path is not None:  # an image folder: count late failures
+                            failed = torch.tensor(float(self.files_failed), device=self.device)
+                            record["files_failed"] = round(distributed.all_reduce_mean(failed).item() * self.world)
                         if self.budget is not None:
                             record.update(planned_steps=planned, budget_left_s=cfg.time_budget_s - self.budget.spent())
                         tic, images_since = time.perf_counter(), 0
@@ -375,8 +374,8 @@ class Pretrainer:
             raise TrainingStopped(
                 f"stopped by {self.stop_request.received or 'a signal to another process'} after step {self.step} "
                 f"of {last_step} (epoch {self.step / self.steps_per_epoch:.2f}); checkpoint "
-                f"{self.run_dir / 'checkpoints' / 'last.pt'} written. Resume with: unsupdistill pretrain "
-                f"--resume {self.run_dir}")
+                f"{self.run_dir / 'checkpoints' / 'last.pt'} written. Resume with: {resume_command(self.run_dir)}",
+                step=self.step)
         if self.is_main:
             return self.export_backbone()
         return None
@@ -386,6 +385,20 @@ class Pretrainer:
         if self.budget is None:
             return self.total_steps
         return distributed.broadcast_int(self.budget.plan(self.step))
+
+    def batch_images(self, batch: Tensor | list[Tensor]) -> Tensor:
+        """The batch's images; files that failed after the scan (replaced in the batch) are counted and listed."""
+        if not isinstance(batch, (list, tuple)):
+            return batch
+        images, failed = batch
+        failed = [int(i) for i in failed if i >= 0]
+        if failed:
+            self.files_failed += len(failed)
+            lines = "".join(f"{self.dataset.files[i]}\tfailed after the start-up scan (data.verify="
+                            f"{self.dataset.verify}); replaced by another image\n" for i in failed)
+            with open(self.run_dir / "skipped.txt", "a", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(lines)
+        return images
 
     def probe_knn(self) -> dict:
         """k-NN top-1 of the teacher backbone on the labeled probe set (main process only)."""
@@ -402,7 +415,8 @@ class Pretrainer:
 
     def dry_run_step(self) -> dict:
         """Run one step on a tiny batch and report what a full run would do; writes nothing."""
-        images = next(iter(self.loader))
+        batch = next(iter(self.loader))
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch  # (images, failed files) from a folder
         sched = schedule_at(0, self.total_steps, self.steps_per_epoch, self.config.train.batch_size,
                             self.config.optim, self.config.loss)
         tic = time.perf_counter()
@@ -491,7 +505,9 @@ class Pretrainer:
         for folder in (self.run_dir, self.run_dir / "checkpoints"):
             for tmp in remove_stale_temp_files(folder):
                 logger.info("removed %s, left by a process killed while writing", tmp)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        notes = "".join(f"# {line}\n" for line in self.config_notes.splitlines())
+        (self.run_dir / "config.yaml").write_text(notes + yaml.safe_dump(self.config.to_dict(), sort_keys=False,
+                                                                         allow_unicode=True), encoding="utf-8")
         skipped = write_skipped(self.dataset, self.run_dir / "skipped.txt")
         if skipped:
             logger.info("%d unreadable files listed in %s", skipped, self.run_dir / "skipped.txt")
@@ -504,10 +520,20 @@ class Pretrainer:
         return save_backbone(state_dict, metadata, self.run_dir)
 
 
-def pretrain(config: Config, run_dir: Path, checkpoint: dict | None = None, dry_run: bool = False) -> Path | dict:
-    """Run pretraining (or one dry-run step) and return the exported backbone's path (or the dry-run report)."""
+def pretrain(config: Config, run_dir: Path, checkpoint: dict | None = None, dry_run: bool = False,
+             scan: FolderScan | None = None, config_notes: str = "") -> Path | dict:
+    """Run pretraining (or one dry-run step) and return the exported backbone's path (or the dry-run report).
+
+    Args:
+        config: the run's config.
+        run_dir: where the run's files go.
+        checkpoint: a loaded checkpoint to resume from.
+        dry_run: build everything, run one step on a tiny batch, write nothing.
+        scan: the image folder's scan, if made already (``scan_for_run``); else the folder is scanned here.
+        config_notes: comment lines for the top of ``config.yaml`` (the automatic settings and why).
+    """
     try:
-        trainer = Pretrainer(config, run_dir, checkpoint, dry_run)
+        trainer = Pretrainer(config, run_dir, checkpoint, dry_run, scan, config_notes)
         if dry_run:
             return trainer.dry_run_step()
         return trainer.fit()

@@ -1,0 +1,125 @@
+"""Mixed precision: the autocast dtype, and the workaround for oneDNN's bf16 weight gradient of a convolution
+strided along the width of a width-1 input, which reads memory it never wrote."""
+
+import ctypes
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, read_metrics
+from safetensors.torch import load_file
+from torch import nn
+
+from unsupdistill.config import ConfigError, ModelConfig, load_config
+from unsupdistill.models.backbone import create_backbone, rebuild_backbone
+from unsupdistill.train.loop import pretrain
+from unsupdistill.train.precision import WidthOneConv2d, avoid_cpu_bf16_faults, resolve_precision
+
+M_PERTURB = -6  # glibc mallopt: fill every block malloc hands out with this byte ^ 0xff
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def poisoned_heap():
+    """While the test runs, every block glibc's malloc hands out holds 0x7f bytes (fp32 3.4e38), so a kernel
+    that reads memory it never wrote gives huge or Inf values every time, not only when the heap happened to
+    hold garbage (which made the training failure come and go)."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None or not mallopt(M_PERTURB, 0x80):
+        pytest.skip("needs glibc's mallopt(M_PERTURB) to make reads of uninitialised memory reproducible")
+    yield
+    mallopt(M_PERTURB, 0)
+
+
+def conv_weight_grad(dtype: torch.dtype, stride: int | tuple[int, int]) -> torch.Tensor:
+    """The weight gradient of a 3x3 convolution (padding 1) of a 1x1 input, channels-last, as ResNet's stride-2
+    block convolutions get it from 8-px and 16-px crops with the ImageNet stem.
+
+    Exact: 8 (the batch size) at the centre tap, 0 at the 8 taps that only ever see padding."""
+    x = torch.ones(8, 16, 1, 1).contiguous(memory_format=torch.channels_last).to(dtype)  # (N, C, 1, 1)
+    weight = torch.full((32, 16, 3, 3), 0.01).contiguous(memory_format=torch.channels_last).to(dtype)
+    weight.requires_grad_()
+    F.conv2d(x, weight, stride=stride, padding=1).sum().backward()  # (N, 32, 1, 1)
+    return weight.grad.float()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fault is in oneDNN, absent here")
+def test_onednn_bf16_weight_gradient_of_a_width_strided_conv_on_a_width_1_input_is_not_finite(poisoned_heap):
+    """The raw kernel: in bf16 the taps that only see padding get uninitialised memory (Inf here); fp32, and
+    width stride 1 (what WidthOneConv2d runs, the same single output column), are exact."""
+    exact = torch.zeros(32, 16, 3, 3)
+    exact[:, :, 1, 1] = 8.0
+    assert torch.equal(conv_weight_grad(torch.float32, 2), exact)
+    assert torch.equal(conv_weight_grad(torch.bfloat16, (2, 1)), exact)
+    assert torch.equal(conv_weight_grad(torch.bfloat16, 1), exact)
+    broken = conv_weight_grad(torch.bfloat16, 2)
+    assert torch.equal(broken[:, :, 1, 1], exact[:, :, 1, 1])
+    assert not broken.isfinite().all(), (
+        f"oneDNN's bf16 kernel is right in torch {torch.__version__}: WidthOneConv2d may be no longer needed")
+
+
+def test_width_one_conv_computes_what_the_strided_conv_does():
+    """Same outputs and gradients as nn.Conv2d, on width-1 inputs (1x1, 4x1) and on wider ones, in fp32."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, stride=2, padding=1)
+    safe = nn.Conv2d(6, 10, 3, stride=2, padding=1)
+    safe.load_state_dict(conv.state_dict())
+    safe.__class__ = WidthOneConv2d
+    assert list(safe.state_dict()) == list(conv.state_dict())
+    for shape in [(4, 6, 1, 1), (4, 6, 4, 1), (4, 6, 5, 5)]:
+        x = torch.randn(shape)
+        outputs = [module(x) for module in (conv, safe)]
+        assert outputs[0].shape == outputs[1].shape
+        torch.testing.assert_close(outputs[1], outputs[0])
+        grads = [torch.autograd.grad(y.square().sum(), module.parameters()) for y, module in zip(outputs, (conv, safe))]
+        for got, expected in zip(grads[1], grads[0]):
+            torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize(("small_image_stem", "sizes", "expected"), [
+    (False, (16, 8), ["layer3.0.conv1", "layer4.0.conv1"]),  # the ImageNet stem on the digits' crops
+    (False, (32, 16), ["layer4.0.conv1"]),
+    (False, (224, 96), []),  # photo-sized crops: no feature map is 1 px wide
+    (True, (16, 8), []),  # the default CIFAR stem: nothing changes
+])
+def test_only_the_convolutions_that_see_width_1_inputs_change(caplog, small_image_stem, sizes, expected):
+    model = ModelConfig(backbone_kwargs={"channels": [8, 16, 32, 64], "stem_width": 8},
+                        small_image_stem=small_image_stem)
+    backbone, _ = create_backbone(model)
+    names = list(backbone.state_dict())
+    with caplog.at_level(logging.INFO, logger="unsupdistill.train.precision"):
+        assert avoid_cpu_bf16_faults(backbone, sizes, torch.bfloat16, CPU) == expected
+    assert [name for name, m in backbone.named_modules() if isinstance(m, WidthOneConv2d)] == expected
+    assert list(backbone.state_dict()) == names and backbone.training
+    assert all(name in caplog.text for name in expected) and ("oneDNN" in caplog.text) == bool(expected)
+    fresh, _ = create_backbone(model)
+    assert avoid_cpu_bf16_faults(fresh, sizes, None, CPU) == []  # fp32: the kernel is right
+    assert avoid_cpu_bf16_faults(fresh, sizes, torch.bfloat16, torch.device("cuda")) == []
+
+
+def test_imagenet_stem_resnet_trains_in_bf16_on_cpu_with_finite_gradients(tmp_path, caplog, poisoned_heap):
+    """precision=auto (bf16 on CPU) with the ImageNet stem on the digits' 16/8-px crops: 20 steps, every gradient
+    norm finite. Before the workaround this failed at step 2 with the heap poisoned (in 1 to 4 steps without)."""
+    out = tmp_path / "run"
+    config = load_config(None, [*TINY, "model.small_image_stem=false", "train.precision=auto", "train.device=cpu",
+                                "train.max_steps=20", "train.log_every_steps=1"])
+    with caplog.at_level(logging.INFO, logger="unsupdistill.train.precision"):
+        pretrain(config, out)
+    assert "layer3.0.conv1, layer4.0.conv1" in caplog.text and "bf16" in caplog.text
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+    assert all(math.isfinite(m["grad_norm"]) for m in metrics), [m["grad_norm"] for m in metrics]
+    # the export is the plain timm network: same parameter names, nothing of the workaround in it
+    backbone = rebuild_backbone(create_backbone(config.model)[1])
+    backbone.load_state_dict(load_file(out / "backbone.safetensors"), strict=True)
+    assert not any(isinstance(m, WidthOneConv2d) for m in backbone.modules())
+
+
+def test_resolve_precision():
+    assert resolve_precision("auto", CPU) is torch.bfloat16
+    assert resolve_precision("bf16", CPU) is torch.bfloat16
+    assert resolve_precision("fp32", CPU) is None
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        resolve_precision("fp16", CPU)

@@ -1,0 +1,127 @@
+"""The images of a scanned folder, each decoded to a ``(3, S, S)`` uint8 square."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import ImageFile
+from torch.utils.data import Dataset
+
+from unsupdistill.data.folder import DataError, _describe, load_rgb, resize_center_crop
+from unsupdistill.data.scan import FolderScan, scan_folder
+
+logger = logging.getLogger(__name__)
+
+_MAX_LISTED = 5  # paths named in warnings and errors
+_MAX_SUBSTITUTES = 16  # files tried in a row before giving up on a batch slot
+
+
+class ImageFolderDataset(Dataset):
+    """Unlabeled images found recursively in a folder, each decoded to ``(3, S, S)`` uint8.
+
+    The folder is scanned when the dataset is made (see ``verify``), unless a scan is given; unreadable
+    files are listed in ``skipped`` as ``(path, reason)``, logged once, or raise :class:`DataError` when
+    ``strict``.
+
+    Args:
+        root: the image folder.
+        image_size: side ``S`` of the returned square images.
+        strict: raise instead of skipping unreadable files.
+        verify: "full" decodes every file (catches truncated files); "header" only opens it
+            (much faster; a file that fails later raises :class:`DataError` naming it, or is replaced,
+            see ``substitute``).
+        num_threads: threads checking files during the scan.
+        scan: a scan of ``root`` made earlier (e.g. read from the run directory); not scanned again.
+        substitute: a file that fails after the scan (changed since, or passed a header-only check) is
+            replaced by the next readable file, and ``__getitem__`` returns ``(image, failed_index)``
+            (-1 when nothing failed) so that training can count and list it. Not with ``strict``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int,
+        strict: bool = False,
+        verify: Literal["full", "header"] = "full",
+        num_threads: int = 2,
+        scan: FolderScan | None = None,
+        substitute: bool = False,
+    ) -> None:
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        self.root = Path(root)
+        self.image_size = image_size
+        self.verify = scan.verify if scan is not None else verify
+        self.substitute = substitute and not strict
+        if ImageFile.LOAD_TRUNCATED_IMAGES:
+            logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True elsewhere: truncated "
+                           "images will pass the scan with their missing part filled in gray")
+        scan = scan if scan is not None else scan_folder(self.root, verify, num_threads)
+        self.scan = scan
+        self.files: list[Path] = scan.paths
+        self.skipped: list[tuple[str, str]] = list(scan.skipped)
+        self._report_skipped(len(self.files) + len(self.skipped), strict)
+
+    def _report_skipped(self, num_found: int, strict: bool) -> None:
+        """Raise or warn (once) about the files the scan skipped."""
+        if not self.skipped:
+            return
+        count = len(self.skipped)
+        if strict:
+            listed = "\n  ".join(f"{path}: {reason}" for path, reason in self.skipped[:_MAX_LISTED])
+            more = f"\n  ... and {count - _MAX_LISTED} more" if count > _MAX_LISTED else ""
+            raise DataError(
+                f"{count} of {num_found} image files in {self.root} could not be read:\n  {listed}{more}\n"
+                "fix or remove them, or set data.strict=false to skip them"
+            )
+        first = ", ".join(path for path, _ in self.skipped[:_MAX_LISTED])
+        logger.warning(
+            "skipped %d unreadable of %d image files in %s (first: %s%s); "
+            "set data.strict=true to stop on them instead",
+            count, num_found, self.root, first, ", ..." if count > _MAX_LISTED else "",
+        )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, int]:
+        """The image as a ``uint8`` tensor of shape ``(3, image_size, image_size)``; with ``substitute``,
+        ``(image, index of the file that failed or -1)``."""
+        try:
+            image = self._load(index)
+        except DataError as err:
+            if not self.substitute:
+                raise
+            logger.warning("%s; a substitute takes its place in this batch", err)
+            return self._next_readable(index), index
+        return (image, -1) if self.substitute else image
+
+    def _load(self, index: int) -> torch.Tensor:
+        path = self.files[index]
+        try:
+            img = load_rgb(path, draft_size=self.image_size)
+        except Exception as err:  # any failure here is a file that changed or passed a header-only scan
+            raise DataError(
+                f"{path} could not be read ({_describe(err)}) although it passed the start-up scan "
+                f"(data.verify={self.verify}); fix or remove it"
+            ) from err
+        return resize_center_crop(img, self.image_size)
+
+    def _next_readable(self, index: int) -> torch.Tensor:
+        for offset in range(1, min(_MAX_SUBSTITUTES, len(self.files))):
+            try:
+                return self._load((index + offset) % len(self.files))
+            except DataError:
+                continue
+        raise DataError(f"{_MAX_SUBSTITUTES} files in a row from {self.files[index]} on could not be read "
+                        f"although they passed the start-up scan (data.verify={self.verify}): has {self.root} "
+                        "changed or gone away since the run started?")
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, images={len(self.files)}, "
+            f"skipped={len(self.skipped)}, image_size={self.image_size})"
+        )

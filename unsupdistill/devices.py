@@ -1,0 +1,46 @@
+"""Where a frozen network runs: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, resolved to a :class:`torch.device`."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from unsupdistill.config import ConfigError
+
+DEVICES = "auto, cpu, cuda, cuda:N"
+"""The device names ``--device`` accepts; auto is CUDA when it is available, else the CPU."""
+
+
+class DeviceError(ConfigError):
+    """A device name that is malformed or names an accelerator this machine does not have."""
+
+
+def resolve_device(device: str | torch.device = "auto", option: str = "--device") -> torch.device:
+    """The device ``device`` names, checked against what this machine has.
+
+    Args:
+        device: ``auto`` (CUDA when ``torch.cuda.is_available()``, else the CPU), ``cpu``, ``cuda``,
+            ``cuda:N``, or a :class:`torch.device`.
+        option: how error messages name the setting (``--device`` on the command line).
+
+    Raises:
+        DeviceError: the name is not one of the allowed values, or it asks for CUDA (or a CUDA
+            device index) that is not visible.
+    """
+    name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, str) and not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise DeviceError(f"{option} {device!r} is not a device; allowed values: {DEVICES}")
+    resolved = torch.device(name)
+    if resolved.type != "cuda":
+        return resolved
+    if not torch.cuda.is_available():
+        raise DeviceError(f"{option} {device!r}: CUDA is not available on this machine (no GPU visible to "
+                          f"PyTorch {torch.__version__}); use {option} cpu or auto (allowed values: {DEVICES})")
+    count = torch.cuda.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise DeviceError(f"{option} {device!r}: only {count} CUDA device(s) are visible (cuda:0 to "
+                          f"cuda:{count - 1}); allowed values: {DEVICES}")
+    return resolved
