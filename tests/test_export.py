@@ -27,8 +27,7 @@ FORMATS = {"safetensors": "teacher.safetensors", "torchscript": "teacher.torchsc
 TINY_HEAD = [item for item in TINY if not item.startswith("model.backbone_kwargs")]
 RUNS = {
     "resnet_small_stem": TINY,  # the default: a ResNet with the 3x3 stride-1 stem for small images
-    # the ImageNet stem (7x7/2 conv, max-pool). In fp32: with bf16 autocast on CPU, oneDNN gives this stem
-    # non-finite gradients in some runs (seen with torch 2.14.1; none with torch.backends.mkldnn.enabled=False)
+    # the ImageNet stem (7x7/2 conv, max-pool); fp32, so that the export is compared at full precision
     "resnet": [*TINY, "model.small_image_stem=false", "augment.global_1.size=32", "augment.global_2.size=32",
                "augment.local.size=16", "train.precision=fp32"],
     "vit": [*TINY_HEAD, "model.backbone=vit_tiny_patch16_224", "model.small_image_stem=false",

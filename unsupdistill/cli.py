@@ -50,10 +50,12 @@ def main(argv: list[str] | None = None) -> int:
                     "Arguments with '=' override the config, e.g. train.epochs=5 optim.lr=1e-3.",
         epilog=f"exit status: 0 done; 1 training error (non-finite loss or gradients, a "
                f"checkpoint that cannot be written; the last good checkpoint is kept); 2 bad input; {EXIT_STOPPED} "
-               "stopped by SIGTERM or SIGINT after writing a checkpoint (--resume continues the run).",
+               "stopped by SIGTERM or SIGINT after writing a checkpoint (--resume continues the run). torchrun turns "
+               "any non-zero status into 1: read RUN/status.json (state running, done, preempted or failed).",
     )
     p.add_argument("args", nargs="*", metavar="[PATH] [key=value ...]",
-                   help="image folder (omit for scikit-learn's digits) and config overrides")
+                   help="image folder (omit for scikit-learn's digits; without --recipe, the settings are chosen "
+                        "from its images and the device) and section.key=value config overrides")
     p.add_argument("--recipe", help=f"shipped recipe ({', '.join(recipe_names())}) or a YAML file")
     p.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
     p.add_argument("--resume", type=Path, metavar="RUN_OR_CHECKPOINT",
@@ -204,8 +206,8 @@ def pretrain_command(args: argparse.Namespace) -> int:
         logger.info("resuming from %s (step %d)", ckpt_path, checkpoint["step"])
         config = config_from_dict(checkpoint["config"], str(ckpt_path))
         config = apply_overrides(config, overrides)
-    else:  # a folder without a recipe is validated once its automatic settings are in
-        config = load_config(args.recipe, overrides, check=bool(args.recipe) or not paths)
+    else:
+        config = load_config(args.recipe, overrides, check=False)  # checked below
     if paths:  # a path as written, never parsed as YAML
         config = merge(config, {"data": {"path": paths[0]}}, "command line")
     config = absolute_paths(config)
@@ -226,10 +228,10 @@ def pretrain_command(args: argparse.Namespace) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         log_file = _file_handler(run_dir / "train.log")
         logging.getLogger().addHandler(log_file)
+        if ckpt_path is not None and run_dir.resolve() == ckpt_path.parent.parent.resolve():
+            set_aside_later_state(run_dir, int(checkpoint["step"]))  # before anything of the run is rewritten
         write_status(run_dir, "running", step=checkpoint["step"] if checkpoint else 0)
     try:
-        if distributed.is_main_process() and ckpt_path is not None and run_dir == ckpt_path.parent.parent:
-            set_aside_later_state(run_dir, int(checkpoint["step"]))
         config, scan, notes = _settings_for_data(config, run_dir, automatic, overrides, device)
         backbone = pretrain(config, run_dir, checkpoint, scan=scan, config_notes=notes)
     except TrainingStopped as stop:

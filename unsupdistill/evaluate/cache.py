@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from unsupdistill.train.checkpoint import atomic_write
+from unsupdistill.storage import atomic_write
 
 logger = logging.getLogger(__name__)
 

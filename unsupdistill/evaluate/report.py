@@ -24,7 +24,7 @@ from sklearn.metrics import confusion_matrix
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-from unsupdistill.train.checkpoint import atomic_write
+from unsupdistill.storage import atomic_write
 
 EMBEDDING_METHODS = ("auto", "pca", "tsne")
 MAX_TSNE_POINTS = 2000

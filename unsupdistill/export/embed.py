@@ -18,7 +18,7 @@ from unsupdistill.devices import resolve_device
 from unsupdistill.evaluate.features import extract_features
 from unsupdistill.evaluate.models import load_model
 from unsupdistill.export.formats import ExportError
-from unsupdistill.train.checkpoint import atomic_write
+from unsupdistill.storage import atomic_write
 
 logger = logging.getLogger(__name__)
 

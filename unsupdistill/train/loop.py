@@ -273,7 +273,7 @@ class Pretrainer:
             advice.append("clip gradients (optim.clip_grad=3)")
         if self.autocast_dtype == torch.bfloat16 and self.device.type == "cpu":
             advice.insert(0, "use train.precision=fp32 (bf16 autocast on CPU can give non-finite gradients in "
-                             "oneDNN kernels, e.g. a ResNet with model.small_image_stem=false)")
+                             "oneDNN kernels; unsupdistill.train.precision works around the one known)")
         elif self.autocast_dtype is not None:
             advice.append("use train.precision=fp32")
         lines.append(f"try: {'; '.join(advice)}; then resume with: unsupdistill pretrain --resume {self.run_dir} "
