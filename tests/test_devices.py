@@ -175,3 +175,12 @@ def test_eval_embed_and_extractor_run_on_cuda(image_paths: list[Path], tmp_path:
     assert features.dtype == torch.float32 and features.device.type == "cpu"
     torch.testing.assert_close(features, load_feature_extractor(TINY_VIT, device="cpu")(image_paths[:]),
                                rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("command", ["eval", "embed"])
+def test_a_negative_worker_count_is_a_usage_error(tmp_path, capsys, command):
+    args = (["eval", "pixels", "--train", "digits", "--test", "digits"] if command == "eval"
+            else ["embed", "pixels", str(tmp_path), "--out", str(tmp_path / "f.npy")])
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--workers", "-1"])
+    assert exit_info.value.code == 2 and "expected an integer >= 0" in capsys.readouterr().err

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     "~/.cache/unsupdistill/features)")
     e.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
                    help="where the network runs (default auto: CUDA when available, else the CPU)")
-    e.add_argument("--workers", type=int, help="image-decoding processes (default: one per core, up to 8; "
+    e.add_argument("--workers", type=_count, help="image-decoding processes (default: one per core, up to 8; "
                                                "none for the in-memory digits)")
 
     x = commands.add_parser(
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--image-size", type=int, help="input size for pixels and timm: models")
     m.add_argument("--batch-size", type=int, default=256)
     m.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    m.add_argument("--workers", type=int, help="image-decoding processes (default: one per core, up to 8)")
+    m.add_argument("--workers", type=_count, help="image-decoding processes (default: one per core, up to 8)")
     m.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
                    help="where the network runs (default auto: CUDA when available, else the CPU)")
 
@@ -324,6 +324,17 @@ def split_pretrain_args(items: list[str]) -> tuple[list[str], list[str]]:
     if len(paths) > 1:
         raise ConfigError(f"expected at most one image folder, got {paths}; overrides need section.key=value")
     return paths, overrides
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0 decodes in the main process), got {text!r}")
+    return value
 
 
 def _file_handler(path: Path) -> logging.Handler:
