@@ -79,7 +79,7 @@ def auto_settings(config: Config, scan: FolderScan, device_type: str, explicit: 
     Returns:
         The config with the choices applied, validated, and the choices.
     """
-    chooser = _Chooser(config, explicit)
+    chooser = _Chooser(explicit)
     n = len(scan.files)
     short = statistics.median(min(w, h) for w, h in scan.sizes)
     m, a = config.model, config.augment
@@ -191,8 +191,8 @@ def format_choices(choices: list[Choice]) -> str:
 class _Chooser:
     """Collects choices, leaving out the keys the user set (the key, a parent or a child of it)."""
 
-    def __init__(self, config: Config, explicit: set[str]) -> None:
-        self.config, self.explicit, self.choices = config, explicit, []
+    def __init__(self, explicit: set[str]) -> None:
+        self.explicit, self.choices = explicit, []
 
     def is_explicit(self, key: str) -> bool:
         return any(key == e or key.startswith(e + ".") or e.startswith(key + ".") for e in self.explicit)

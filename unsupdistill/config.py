@@ -249,8 +249,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.epochs=5")
     if key in path_keys():
         if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":  # quoted, as a shell user might: unquote
-            raw = raw[1:-1]
-            return key.split("."), raw
+            return key.split("."), raw[1:-1]
         return key.split("."), raw or None
     try:
         value = _parse_yaml(raw) if raw else None
@@ -357,7 +356,8 @@ def merge(config: Any, data: dict[str, Any], source: str, prefix: str = "", upda
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(type(config))
-    names = [f.name for f in dataclasses.fields(config)]
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    names = list(fields)
     changes = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
@@ -369,8 +369,7 @@ def merge(config: Any, data: dict[str, Any], source: str, prefix: str = "", upda
                 f"{source}: unknown key '{path}'{hint}; allowed keys in {where}: {', '.join(names)}"
             )
         current = getattr(config, key)
-        if next(f for f in dataclasses.fields(config) if f.name == key).metadata.get("path") and not (
-                value is None or isinstance(value, str)):
+        if fields[key].metadata.get("path") and not (value is None or isinstance(value, str)):
             raise ConfigError(f"{source}: {path}={_show(value)} is invalid; expected a path (in a YAML file, quote "
                               f"a path that YAML would read as a number, a boolean or null, e.g. '{value}')")
         if dataclasses.is_dataclass(current):

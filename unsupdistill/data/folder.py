@@ -196,6 +196,13 @@ def resize_center_crop(img: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(pixels)
 
 
+def list_skipped(skipped: list[tuple[str, str]]) -> str:
+    """The first skipped files as "path: reason" lines (indented), and how many more there are."""
+    listed = "\n  ".join(f"{path}: {reason}" for path, reason in skipped[:_MAX_LISTED])
+    more = f"\n  ... and {len(skipped) - _MAX_LISTED} more" if len(skipped) > _MAX_LISTED else ""
+    return f"  {listed}{more}"
+
+
 def _describe(err: BaseException) -> str:
     """A short reason for a file that could not be read."""
     if isinstance(err, PermissionError):

@@ -7,15 +7,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from PIL import ImageFile
 from torch.utils.data import Dataset
 
-from unsupdistill.data.folder import DataError, _describe, load_rgb, resize_center_crop
+from unsupdistill.data.folder import _MAX_LISTED, DataError, _describe, list_skipped, load_rgb, resize_center_crop
 from unsupdistill.data.scan import FolderScan, scan_folder
 
 logger = logging.getLogger(__name__)
 
-_MAX_LISTED = 5  # paths named in warnings and errors
 _MAX_SUBSTITUTES = 16  # files tried in a row before giving up on a batch slot
 
 
@@ -52,15 +50,11 @@ class ImageFolderDataset(Dataset):
     ) -> None:
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
-        self.root = Path(root)
+        self.root = Path(root).expanduser()
         self.image_size = image_size
         self.verify = scan.verify if scan is not None else verify
         self.substitute = substitute and not strict
-        if ImageFile.LOAD_TRUNCATED_IMAGES:
-            logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True elsewhere: truncated "
-                           "images will pass the scan with their missing part filled in gray")
         scan = scan if scan is not None else scan_folder(self.root, verify, num_threads)
-        self.scan = scan
         self.files: list[Path] = scan.paths
         self.skipped: list[tuple[str, str]] = list(scan.skipped)
         self._report_skipped(len(self.files) + len(self.skipped), strict)
@@ -71,11 +65,9 @@ class ImageFolderDataset(Dataset):
             return
         count = len(self.skipped)
         if strict:
-            listed = "\n  ".join(f"{path}: {reason}" for path, reason in self.skipped[:_MAX_LISTED])
-            more = f"\n  ... and {count - _MAX_LISTED} more" if count > _MAX_LISTED else ""
             raise DataError(
-                f"{count} of {num_found} image files in {self.root} could not be read:\n  {listed}{more}\n"
-                "fix or remove them, or set data.strict=false to skip them"
+                f"{count} of {num_found} image files in {self.root} could not be read:\n"
+                f"{list_skipped(self.skipped)}\nfix or remove them, or set data.strict=false to skip them"
             )
         first = ", ".join(path for path, _ in self.skipped[:_MAX_LISTED])
         logger.warning(

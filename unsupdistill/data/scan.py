@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from PIL import ImageFile
 from tqdm import tqdm
 
 from unsupdistill import distributed
@@ -27,6 +28,7 @@ from unsupdistill.data.folder import (
     _describe,
     _read_image,
     list_image_files,
+    list_skipped,
 )
 from unsupdistill.storage import atomic_write
 
@@ -37,7 +39,6 @@ SCAN_FILE = "scan.json.gz"
 SCAN_DRAFT_SIZE = 32
 """Decode JPEGs at reduced scale during a full scan: every byte is still read (a truncated file fails),
 at a fraction of the cost of a full-size decode."""
-_MAX_LISTED = 5  # paths named in warnings and errors
 
 
 @dataclass
@@ -99,6 +100,9 @@ def scan_folder(root: str | Path, verify: Literal["full", "header"] = "full", nu
             f"extensions such as {shown} and {len(IMAGE_EXTENSIONS) - len(_COMMON_EXTENSIONS)} more, in any case)"
         )
     logger.info("checking %d image files in %s (data.verify=%s)", len(candidates), root, verify)
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True elsewhere: truncated "
+                       "images will pass the scan with their missing part filled in gray")
 
     def check(path: Path) -> tuple[str | None, tuple[int, int] | None]:
         try:
@@ -123,9 +127,8 @@ def scan_folder(root: str | Path, verify: Literal["full", "header"] = "full", nu
         else:
             scan.skipped.append((str(path), reason))
     if not scan.files:
-        listed = "\n  ".join(f"{path}: {reason}" for path, reason in scan.skipped[:_MAX_LISTED])
-        more = f"\n  ... and {len(scan.skipped) - _MAX_LISTED} more" if len(scan.skipped) > _MAX_LISTED else ""
-        raise DataError(f"none of the {len(candidates)} image files in {root} could be read:\n  {listed}{more}")
+        raise DataError(f"none of the {len(candidates)} image files in {root} could be read:\n"
+                        + list_skipped(scan.skipped))
     return scan
 
 
