@@ -35,7 +35,7 @@ from unsupdistill.cli import main as cli_main
 from unsupdistill.config import load_config
 from unsupdistill.data import num_workers
 from unsupdistill.models.backbone import describe_backbone
-from unsupdistill.train.checkpoint import save_backbone
+from unsupdistill.storage import save_backbone
 from unsupdistill.train.metrics import MetricsLogger
 from unsupdistill.train.schedules import TimeBudget
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from unsupdistill.cli import EXIT_STOPPED
 from unsupdistill.evaluate.report import format_table, write_json
-from unsupdistill.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from unsupdistill.storage import CheckpointError, latest_checkpoint, load_checkpoint
 
 # tests/conftest.py's TINY network: a training step takes tens of milliseconds on 2 CPU cores
 TINY = [

@@ -16,7 +16,7 @@ from unsupdistill.cli import main
 from unsupdistill.config import Config, load_config
 from unsupdistill.data import scan_folder
 from unsupdistill.data.scan import SCAN_FILE, FolderScan
-from unsupdistill.train.checkpoint import load_checkpoint
+from unsupdistill.storage import load_checkpoint
 from unsupdistill.train.status import read_status
 
 # TINY without its batch size: the folders here hold 24 images, the automatic batch is 8

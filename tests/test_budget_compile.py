@@ -7,8 +7,8 @@ import torch
 from conftest import TINY, read_metrics
 
 from unsupdistill.config import ConfigError, load_config
+from unsupdistill.storage import load_checkpoint
 from unsupdistill.train import schedules
-from unsupdistill.train.checkpoint import load_checkpoint
 from unsupdistill.train.loop import pretrain
 from unsupdistill.train.schedules import TimeBudget
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from unsupdistill.train.checkpoint import (
+from unsupdistill.storage import (
     CheckpointError,
     atomic_write,
     load_checkpoint,

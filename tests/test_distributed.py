@@ -14,7 +14,7 @@ import torch
 from conftest import TINY, read_metrics
 
 from unsupdistill import distributed
-from unsupdistill.train.checkpoint import load_checkpoint
+from unsupdistill.storage import load_checkpoint
 
 STEPS = 20
 RUN_ARGS = [*TINY, "train.log_every_steps=1", "train.seed=0"]

@@ -13,7 +13,7 @@ from unsupdistill.config import load_config
 from unsupdistill.evaluate.cache import cache_path, cached_features, data_fingerprint, default_cache_dir
 from unsupdistill.evaluate.labeled import LabeledDigits, LabeledImages
 from unsupdistill.evaluate.models import ModelSpecError, load_model, parse_timm_spec
-from unsupdistill.train.checkpoint import CHECKPOINT_FORMAT
+from unsupdistill.storage import CHECKPOINT_FORMAT
 from unsupdistill.train.loop import pretrain
 
 FEATURE_DIM = 64  # the last stage width of TINY's ResNet

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from unsupdistill.cli import main
 from unsupdistill.models.backbone import BackboneSpec, rebuild_backbone
-from unsupdistill.train.checkpoint import load_checkpoint
+from unsupdistill.storage import load_checkpoint
 
 
 def test_run_directory_holds_everything(tmp_path, tiny):

@@ -20,8 +20,8 @@ from PIL import Image
 
 from unsupdistill.cli import EXIT_STOPPED, main
 from unsupdistill.config import load_config
+from unsupdistill.storage import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from unsupdistill.train import loop
-from unsupdistill.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20

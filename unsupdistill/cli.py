@@ -30,7 +30,8 @@ from unsupdistill.data import DataError, FolderScan, num_workers, scan_for_run
 from unsupdistill.evaluate.models import ModelSpecError
 from unsupdistill.export import EXPORT_FORMATS, ExportError, embed_folder, export_model
 from unsupdistill.export.formats import ATOL, RTOL
-from unsupdistill.train.checkpoint import CheckpointError, latest_checkpoint, set_aside_later_state
+from unsupdistill.storage import CheckpointError, latest_checkpoint
+from unsupdistill.train.checkpoint import set_aside_later_state
 from unsupdistill.train.faults import TrainingError, TrainingStopped
 from unsupdistill.train.status import STATUS_FILE, resume_command, write_status
 

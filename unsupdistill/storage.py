@@ -1,17 +1,137 @@
-"""Files written so that a reader sees the old version or the new one, never half of one.
+"""What the package writes and reads back: files written so that a reader sees the old version or the new
+one, never half of one; self-describing checkpoints read without unpickling code; plain-tensor exports.
 
-Checkpoints, exports, reports, scans and run status all go through :func:`atomic_write`; both
-``train/`` and ``evaluate/`` import it from here.
+Checkpoints, exports, reports, scans and run status all go through :func:`atomic_write`. ``train/``,
+``evaluate/`` and ``export/`` import from here; nothing here imports them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+CHECKPOINT_FORMAT = "unsupdistill.checkpoint/1"
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A file is not a readable unsupdistill checkpoint."""
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` (tensors, numbers, strings, lists and dicts only) atomically."""
+    atomic_write(path, lambda tmp: torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp))
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``: a file that would run code is refused.
+
+    ``mmap=True`` maps the tensors instead of reading them: a cheap look at a large file's step
+    that still checks its structure (a truncated file has no zip directory and is refused).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        raise CheckpointError(
+            f"{path} is not a safe unsupdistill checkpoint (it may be truncated, from another tool, "
+            f"or contain pickled code, which is never loaded): {str(err).splitlines()[0]}"
+        ) from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an unsupdistill checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    return state
+
+
+def latest_checkpoint(run_or_file: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to resume from, loaded: the file itself, or a run's newest readable checkpoint.
+
+    In a run directory, ``checkpoints/last.pt`` and ``checkpoints/epoch_*.pt`` are candidates; the
+    one with the highest step that loads wins (``last.pt`` on a tie). A candidate that does not load
+    (truncated, corrupt, not a checkpoint) is skipped with a warning naming it and the reason.
+
+    Raises:
+        CheckpointError: a given file does not load, or no candidate in the run loads.
+    """
+    path = Path(run_or_file)
+    if path.is_file():
+        return path, load_checkpoint(path)
+    folder = path / "checkpoints"
+    candidates = [c for c in (folder / "last.pt", *sorted(folder.glob("epoch_*.pt"))) if c.is_file()]
+    if not candidates:
+        raise CheckpointError(f"no checkpoint to resume in {path}: expected {folder / 'last.pt'} or a .pt file")
+
+    # a cheap look at every candidate's step (tensors mapped, not read), then a full load, newest first
+    steps = {}
+    for candidate in candidates:
+        try:
+            steps[candidate] = int(load_checkpoint(candidate, mmap=True)["step"])
+        except (CheckpointError, KeyError, TypeError, ValueError) as err:
+            _warn_skipped(candidate, err)
+    for candidate in sorted(steps, key=steps.get, reverse=True):  # a stable sort: last.pt first on a tie
+        try:
+            return candidate, load_checkpoint(candidate)
+        except CheckpointError as err:
+            _warn_skipped(candidate, err)
+    raise CheckpointError(f"no readable checkpoint in {folder}: {len(candidates)} file(s) tried, none loads "
+                          "(see the warnings above)")
+
+
+def _warn_skipped(path: Path, err: Exception) -> None:
+    reason = str(err) if isinstance(err, CheckpointError) else f"{path} has no valid step ({type(err).__name__})"
+    logger.warning("resume skips a checkpoint that does not load: %s", reason)
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_write` calls whose process is gone (killed mid-write)."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        parts = tmp.name.split(".")  # "", NAME..., PID, HEX, "tmp"
+        if len(parts) >= 5 and parts[-3].isdigit() and not _process_exists(int(parts[-3])):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path, file_format: str,
+                 check: Callable[[str], Any] | None = None) -> None:
+    """Write plain tensors (CPU, contiguous) as safetensors, atomically; ``check`` as in :func:`atomic_write`."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": file_format}), check)
+
+
+def save_backbone(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], out_dir: Path) -> Path:
+    """Write ``backbone.safetensors`` (plain tensors) and ``backbone.json`` (how to rebuild and feed it)."""
+    weights = out_dir / "backbone.safetensors"
+    save_weights(state_dict, weights, metadata["format"])
+    sidecar = out_dir / "backbone.json"
+    atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2) + "\n"))
+    return weights
+
+
 
 
 def atomic_write(path: Path, write: Callable[[str], Any], check: Callable[[str], Any] | None = None) -> None:

@@ -26,7 +26,7 @@ from unsupdistill.models.backbone import (
     describe_backbone,
     rebuild_backbone,
 )
-from unsupdistill.train.checkpoint import CheckpointError, load_checkpoint
+from unsupdistill.storage import CheckpointError, load_checkpoint
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)

@@ -24,7 +24,7 @@ from unsupdistill.data import DataError, DigitsDataset, list_image_files, load_r
 from unsupdistill.evaluate.features import NormalizedBackbone
 from unsupdistill.evaluate.models import FeatureModel, load_model
 from unsupdistill.models.backbone import BACKBONE_FORMAT, BackboneSpec, rebuild_backbone
-from unsupdistill.train.checkpoint import atomic_write, save_weights
+from unsupdistill.storage import atomic_write, save_weights
 
 logger = logging.getLogger(__name__)
 

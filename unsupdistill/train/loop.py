@@ -28,7 +28,7 @@ from unsupdistill.evaluate.knn import knn_accuracy
 from unsupdistill.evaluate.labeled import align_labels, load_labeled
 from unsupdistill.models import build_student_teacher
 from unsupdistill.models.backbone import describe_backbone
-from unsupdistill.train.checkpoint import remove_stale_temp_files, save_backbone, save_checkpoint
+from unsupdistill.storage import remove_stale_temp_files, save_backbone, save_checkpoint
 from unsupdistill.train.faults import (
     StopRequest,
     TrainingError,
