@@ -172,8 +172,8 @@ def test_recipe_backbone_kwargs_replace_defaults_but_overrides_update_them():
 
 
 def test_config_is_dataclasses_per_component():
-    assert {f.name for f in dataclasses.fields(Config)} == {"data", "augment", "model", "loss", "optim", "train",
-                                                            "eval"}
+    assert {f.name for f in dataclasses.fields(Config)} == {"method", "data", "augment", "model", "loss", "optim",
+                                                            "train", "eval", "distill"}
 
 
 def test_whole_mapping_override_replaces_and_dotted_override_updates():

@@ -182,7 +182,51 @@ class EvalConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (``method: distill``).
+
+    Teacher and student see the same view of each image (the "consistent teacher" recipe, Beyer et al.
+    2022), each at its own input size and normalisation; the student's size and normalisation are
+    ``augment.global_1.size``, ``augment.mean`` and ``augment.std``.
+    """
+
+    teacher: str | None = field(default=None, metadata=PATH)
+    """The frozen teacher: a run directory of ours, an exported ``.safetensors`` (with its ``.json``), a
+    checkpoint ``.pt``, or ``timm:NAME[,pretrained=true][,key=value...]`` (e.g.
+    ``timm:vit_small_patch14_dinov2.lvd142m,pretrained=true,img_size=224``)."""
+    teacher_size: int | None = None
+    """Side of the teacher's input in pixels; null: its own (sidecar ``input_size``, a timm ``img_size``
+    argument, or timm's pretrained config)."""
+    loss: Literal["queue_kl", "cosine", "dino"] = "queue_kl"
+    """queue_kl: the student's projected features and the teacher's, each as a softmax over similarities to
+    a queue of teacher embeddings, matched by KL; cosine: regression of the projected student features onto
+    the teacher's by cosine; dino: DINO's loss against the frozen teacher's own DINO head (a run of ours)."""
+    temperature: float = 0.07
+    """Softmax temperature of queue_kl."""
+    queue_size: int | None = None
+    """Teacher embeddings in the queue_kl queue; null: scaled with the dataset (see the README)."""
+    dense_weight: float = 0.0
+    """Weight of the dense term (patch-to-patch similarity KL) added to the global loss; 0 turns it off."""
+    dense_temperature: float = 0.1
+    """Softmax temperature of the dense term."""
+    ema_momentum: float = 0.0
+    """Keep an exponential moving average of the student with this momentum and export it (DINOv2's small
+    models); 0 exports the student as trained."""
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """Range of the shared crop's area as a fraction of the image (RandomResizedCrop)."""
+    flip_p: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    """Brightness, contrast, saturation, hue strengths."""
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    mixup_alpha: float = 0.0
+    """Mix each view with another image of the batch, weight ~ Beta(alpha, alpha); 0 turns mixup off."""
+
+
+@dataclass
 class Config:
+    method: Literal["dino", "distill"] = "dino"
+    """dino: self-distillation with an EMA teacher, from scratch; distill: from the frozen ``distill.teacher``."""
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -190,6 +234,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -276,13 +321,15 @@ def absolute_paths(config: Config) -> Config:
 
     A path that exists as written is taken as written (a folder named ``~`` stays that folder); otherwise
     ``~`` is expanded. ``digits`` in ``eval.train``/``eval.test`` stays the built-in set unless a file or
-    folder of that name exists.
+    folder of that name exists; a ``timm:`` teacher is a model name, not a path.
     """
     data: dict[str, Any] = {}
     for key in sorted(path_keys()):
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         if value is None or (section == "eval" and value == "digits" and not Path(value).exists()):
+            continue
+        if key == "distill.teacher" and value.startswith("timm:"):
             continue
         path = Path(value) if Path(value).exists() else Path(value).expanduser()
         data.setdefault(section, {})[name] = os.path.abspath(path)
@@ -531,6 +578,24 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
     need(e.every_epochs >= 1, "eval.every_epochs", "an integer >= 1")
     need(e.k >= 1, "eval.k", "an integer >= 1")
     need(e.temperature > 0, "eval.temperature", "a number > 0")
+
+    di = config.distill
+    need(config.method != "distill" or bool(di.teacher and di.teacher.strip()), "distill.teacher",
+         "a teacher when method=distill: a run directory, an exported .safetensors, a checkpoint .pt or "
+         "timm:NAME[,pretrained=true]")
+    need(di.teacher_size is None or di.teacher_size >= 1, "distill.teacher_size", "null or an integer >= 1")
+    for key in ("temperature", "dense_temperature"):
+        need(getattr(di, key) > 0, f"distill.{key}", "a number > 0")
+    need(di.queue_size is None or di.queue_size >= 1, "distill.queue_size", "null (scaled with the data) or an "
+         "integer >= 1")
+    need(di.dense_weight >= 0, "distill.dense_weight", "a number >= 0 (0 turns the dense term off)")
+    need(0 <= di.ema_momentum < 1, "distill.ema_momentum", "a number in [0, 1) (0: no EMA)")
+    need(0 < di.crop_scale[0] <= di.crop_scale[1] <= 1, "distill.crop_scale", "[min, max] with 0 < min <= max <= 1")
+    for p in ("flip_p", "color_jitter_p", "grayscale_p"):
+        need(0 <= getattr(di, p) <= 1, f"distill.{p}", "a probability in [0, 1]")
+    need(all(v >= 0 for v in di.color_jitter) and di.color_jitter[3] <= 0.5, "distill.color_jitter",
+         "[brightness, contrast, saturation, hue], all >= 0, hue <= 0.5")
+    need(di.mixup_alpha >= 0, "distill.mixup_alpha", "a number >= 0 (0 turns mixup off)")
 
     # NaN fails every range check above, but infinity passes the one-sided ones (lr > 0). A key
     # that is not finite gets this error alone: its range checks would only repeat it.
