@@ -3,9 +3,9 @@
 Both pipelines train the same timm backbone and DINO head on the same views of the same image folder,
 read and decoded from disk, with the same batch size, DataLoader workers and torch threads:
 
-- ``ours``: :class:`~unsupdistill.train.loop.Pretrainer` built from ``recipes/bench_cifar10_r18.yaml``:
+- ``ours``: :class:`~unsupdistill.train.loop.Trainer` built from ``recipes/bench_cifar10_r18.yaml``:
   images decoded in DataLoader workers, multi-crop batched with kornia in the training process, its real
-  ``train_step`` on batches of its real ``loader`` with the schedule of ``schedule_at``, as ``Pretrainer.fit``
+  ``train_step`` on batches of its real ``loader`` with the schedule of ``schedule_at``, as ``Trainer.fit``
   runs it (health signals every ``train.log_every_steps`` steps; no checkpoints); its default precision.
 - ``ref-fp32``: DINO written as in lightly's examples: ``DINOTransform`` per sample in DataLoader workers,
   one student forward per view and one teacher forward per global view, ``DINOProjectionHead``,
@@ -61,8 +61,9 @@ from unsupdistill.augment import blur_sigma
 from unsupdistill.config import AugmentConfig, Config, DataConfig, apply_overrides, load_config, validate
 from unsupdistill.data import num_workers
 from unsupdistill.evaluate.report import format_table, write_json
+from unsupdistill.methods import build_trainer
 from unsupdistill.models.backbone import create_backbone
-from unsupdistill.train.loop import Pretrainer, ResumableSampler
+from unsupdistill.train.sampler import ResumableSampler
 from unsupdistill.train.schedules import ScheduleValues, scaled_lr, schedule_at
 
 logger = logging.getLogger("bench_train")
@@ -105,15 +106,15 @@ def write_random_images(folder: Path, count: int, size: int, seed: int = 0) -> P
 
 
 class UnsupdistillPipeline:
-    """unsupdistill's training as ``Pretrainer.fit`` runs it, one step per call, without checkpoints.
+    """unsupdistill's training as ``Trainer.fit`` runs it, one step per call, without checkpoints.
 
     Args:
         config: the full config (data.path set).
-        run_dir: the Pretrainer's run directory (nothing is written there).
+        run_dir: the trainer's run directory (nothing is written there).
     """
 
     def __init__(self, config: Config, run_dir: Path) -> None:
-        self.trainer = Pretrainer(config, run_dir)
+        self.trainer = build_trainer(config, run_dir)
         self.batches = endless(self.trainer.loader, self.trainer.sampler)
 
     def schedule(self) -> ScheduleValues:
@@ -132,7 +133,7 @@ class UnsupdistillPipeline:
 
 
 def endless(loader: DataLoader, sampler: ResumableSampler | None = None) -> Iterator:
-    """The loader's batches, epoch after epoch; ``sampler`` is set up for each epoch as ``Pretrainer.fit`` does.
+    """The loader's batches, epoch after epoch; ``sampler`` is set up for each epoch as ``Trainer.fit`` does.
 
     A function, not a method: a generator held by the object whose method made it is a reference cycle, which
     would leave the DataLoader workers running until a garbage collection.
@@ -300,60 +301,61 @@ class StageTimer:
 
 
 def timed_step(pipeline: UnsupdistillPipeline, timer: StageTimer) -> None:
-    """One step of ``Pretrainer.train_step`` from the trainer's own components, in its order, stage by stage
-    (no health signals: ``fit`` computes them only every ``train.log_every_steps`` steps)."""
+    """One real ``Trainer.train_step``, its stages timed by wrapping the method's hooks and the optimizer's step
+    for this call (no health signals: ``fit`` computes them only every ``train.log_every_steps`` steps).
+
+    The stages: the batch from the loader, the method's views (augmentation), the student's forward, the rest of
+    the method's loss (teacher forward and the loss itself), the optimizer step, the method's after-step updates
+    (EMA, queue); what remains of the step is the backward pass, the gradient norm and clipping.
+    """
     t, sched = pipeline.trainer, pipeline.schedule()
     with timer("data loader wait (decode in workers)"):
         images = t.batch_images(next(pipeline.batches))
-    with timer("augmentation (kornia, batched)"):
-        global_views, local_views = t.augment(images.to(t.device, non_blocking=True))
-        views = [global_views] if local_views is None else [global_views, local_views]
-    with timer("teacher forward"), autocast(t.device, t.autocast_dtype), torch.no_grad():
-        _, teacher_out = t.teacher([global_views])  # (2B, K)
-    with timer("student forward"), autocast(t.device, t.autocast_dtype):
-        _, student_out = t.student(views)  # (V*B, K)
-    with timer("loss"):
-        loss = t.loss_fn(list(teacher_out.float().chunk(2)), list(student_out.float().chunk(2 + t.num_local)),
-                         teacher_temp=sched.teacher_temp)
-    with timer("student backward (+ clip, freeze last layer)"):
-        t.optimizer.zero_grad(set_to_none=True)
-        (t.scaler.scale(loss) if t.scaler else loss).backward()
-        if t.scaler:
-            t.scaler.unscale_(t.optimizer)
-        if t.config.optim.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(t.params, t.config.optim.clip_grad)
-        if sched.freeze_last_layer:
-            for p in t.student_module.head.last_layer.parameters():
-                p.grad = None
-    with timer("optimizer step"):
-        for group in t.optimizer.param_groups:
-            group["lr"] = sched.lr
-        t.optimizer.param_groups[0]["weight_decay"] = sched.weight_decay
-        if t.scaler:
-            t.scaler.step(t.optimizer)
-            t.scaler.update()
-        else:
-            t.optimizer.step()
-    with timer("EMA update of the teacher"):
-        update_momentum(t.student_module, t.teacher, m=sched.teacher_momentum)
+    hooks = {"augmentation (the method's views)": (t.method, "views"),
+             "student forward": (t.method, "student_forward"),
+             "teacher forward and loss (rest of the method's loss)": (t.method, "loss"),
+             "optimizer step": (t.optimizer, "step"),
+             "after the step (EMA update, queue)": (t.method, "after_optimizer_step")}
+    own: dict[str, list[float]] = {}
+    for name, (owner, attribute) in hooks.items():
+        setattr(owner, attribute, _timed(getattr(owner, attribute), name, t.device, own))
+    try:
+        synchronize(t.device)
+        start = time.perf_counter()
+        t.train_step(images, sched, with_signals=False)
+        synchronize(t.device)
+        total = time.perf_counter() - start
+    finally:
+        for owner, attribute in hooks.values():
+            delattr(owner, attribute)  # the class's method again
+    seconds = {name: sum(own.get(name, [0.0])) for name in hooks}
+    seconds["teacher forward and loss (rest of the method's loss)"] -= seconds["student forward"]
+    seconds["backward, gradient norm, clip (rest of the step)"] = total - sum(seconds.values())
+    for name, value in seconds.items():
+        timer.seconds.setdefault(name, []).append(value)
     t.step += 1
 
 
+def _timed(function: Callable, name: str, device: torch.device, seconds: dict[str, list[float]]) -> Callable:
+    """``function``, recording the wall time of each call under ``name``."""
+    def wrapper(*args, **kwargs):
+        synchronize(device)
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        synchronize(device)
+        seconds.setdefault(name, []).append(time.perf_counter() - start)
+        return result
+    return wrapper
+
+
 def flops_per_image(pipeline: UnsupdistillPipeline) -> float:
-    """Matmul and convolution FLOPs per source image: the teacher on the global views, the student forward and
-    backward on all views, and the loss (``FlopCounterMode`` counts no element-wise operations)."""
+    """Matmul and convolution FLOPs per source image of one real ``train_step``: the teacher's forward, the
+    student's forward and backward, and the loss (``FlopCounterMode`` counts no element-wise operations)."""
     t = pipeline.trainer
     images = t.batch_images(next(pipeline.batches))
-    global_views, local_views = t.augment(images.to(t.device))
-    views = [global_views] if local_views is None else [global_views, local_views]
     with FlopCounterMode(display=False) as counter:
-        with torch.no_grad():
-            _, teacher_out = t.teacher([global_views])
-        _, student_out = t.student(views)
-        loss = t.loss_fn(list(teacher_out.chunk(2)), list(student_out.chunk(2 + t.num_local)),
-                         teacher_temp=pipeline.schedule().teacher_temp)
-        loss.backward()
-    t.optimizer.zero_grad(set_to_none=True)
+        t.train_step(images, pipeline.schedule(), with_signals=False)
+    t.step += 1
     return counter.get_total_flops() / len(images)
 
 

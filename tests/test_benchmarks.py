@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))
 import bench_train  # noqa: E402  (a script folder, not a package)
 
-STAGES = ["data loader wait (decode in workers)", "augmentation (kornia, batched)", "teacher forward",
-          "student forward", "loss", "student backward (+ clip, freeze last layer)", "optimizer step",
-          "EMA update of the teacher"]
+STAGES = ["data loader wait (decode in workers)", "augmentation (the method's views)", "student forward",
+          "teacher forward and loss (rest of the method's loss)", "optimizer step",
+          "after the step (EMA update, queue)", "backward, gradient norm, clip (rest of the step)"]
 
 
 def run_script(name: str, *args: str) -> dict:

@@ -7,9 +7,9 @@ import torch
 from conftest import TINY, read_metrics
 
 from unsupdistill.config import ConfigError, load_config
+from unsupdistill.methods import train
 from unsupdistill.storage import load_checkpoint
 from unsupdistill.train import schedules
-from unsupdistill.train.loop import pretrain
 from unsupdistill.train.schedules import TimeBudget
 
 
@@ -55,7 +55,7 @@ def test_run_ends_with_its_budget_and_completes_its_schedules(tmp_path):
     run = tmp_path / "run"
     config = load_config(None, [*TINY, "train.epochs=10000", "train.time_budget_s=8", "train.log_every_steps=1",
                                 "train.save_every_steps=1000000", "optim.warmup_epochs=0"])
-    pretrain(config, run)
+    train(config, run)
     records = [r for r in read_metrics(run) if "loss" in r]
     last = records[-1]
     assert 5 <= len(records) < 10000 * 28 // 16  # stopped by the budget, long before the epochs end
@@ -80,8 +80,8 @@ def test_budget_must_be_positive():
 def test_compiled_backbones_train_and_keep_their_parameter_names(tmp_path):
     plain, compiled = tmp_path / "plain", tmp_path / "compiled"
     args = [*TINY, "train.max_steps=2", "train.log_every_steps=1"]
-    pretrain(load_config(None, args), plain)
-    pretrain(load_config(None, [*args, "train.compile=true"]), compiled)
+    train(load_config(None, args), plain)
+    train(load_config(None, [*args, "train.compile=true"]), compiled)
     for name in ("student", "teacher"):
         keys = [load_checkpoint(run / "checkpoints" / "last.pt")[name].keys() for run in (plain, compiled)]
         assert list(keys[0]) == list(keys[1])

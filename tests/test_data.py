@@ -552,13 +552,13 @@ def test_skipped_files_are_listed_in_the_run_directory(tmp_path: Path) -> None:
 
 def test_fewer_readable_images_than_one_batch_is_a_clear_error(tmp_path: Path) -> None:
     from unsupdistill.config import load_config
-    from unsupdistill.train.loop import Pretrainer
+    from unsupdistill.methods import build_trainer
 
     _folder_with_bad_files(tmp_path / "images")  # 2 readable images, 3 unreadable
     config = load_config(None, [f"data.path={tmp_path / 'images'}", "train.batch_size=4", "data.num_workers=0"])
 
     with pytest.raises(DataError) as err:
-        Pretrainer(config, tmp_path / "run")
+        build_trainer(config, tmp_path / "run")
 
     message = str(err.value)
     assert "2 readable images are fewer than one batch (train.batch_size=4)" in message

@@ -12,9 +12,9 @@ from conftest import TINY
 from unsupdistill.config import load_config
 from unsupdistill.evaluate.cache import cache_path, cached_features, data_fingerprint, default_cache_dir
 from unsupdistill.evaluate.labeled import LabeledDigits, LabeledImages
-from unsupdistill.evaluate.models import ModelSpecError, load_model, parse_timm_spec
+from unsupdistill.methods import train
+from unsupdistill.models.load import ModelSpecError, load_model, parse_timm_spec
 from unsupdistill.storage import CHECKPOINT_FORMAT
-from unsupdistill.train.loop import pretrain
 
 FEATURE_DIM = 64  # the last stage width of TINY's ResNet
 CROP = 16  # the default global crop size
@@ -34,7 +34,7 @@ def one_thread() -> Iterator[None]:
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real run directory: two training steps of the tiny ResNet, exported and checkpointed."""
     run = tmp_path_factory.mktemp("run") / "tinyrun"
-    pretrain(load_config(None, [*TINY, "train.max_steps=2"]), run)
+    train(load_config(None, [*TINY, "train.max_steps=2"]), run)
     assert (run / "backbone.safetensors").is_file() and (run / "checkpoints" / "last.pt").is_file()
     return run
 

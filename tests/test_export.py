@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from unsupdistill import load_feature_extractor
 from unsupdistill.cli import main
 from unsupdistill.data import DigitsDataset
-from unsupdistill.evaluate.models import ModelSpecError
 from unsupdistill.export import formats
+from unsupdistill.models.load import ModelSpecError
 
 FORMATS = {"safetensors": "teacher.safetensors", "torchscript": "teacher.torchscript.pt", "onnx": "teacher.onnx"}
 TINY_HEAD = [item for item in TINY if not item.startswith("model.backbone_kwargs")]

@@ -14,8 +14,8 @@ from unsupdistill.config import load_config
 from unsupdistill.data import DigitsDataset, ImageFolderDataset, digits_split
 from unsupdistill.evaluate import extract_features, knn_accuracy
 from unsupdistill.evaluate.run import EvalOptions, evaluate
+from unsupdistill.methods import train
 from unsupdistill.models.backbone import create_backbone
-from unsupdistill.train.loop import pretrain
 
 
 def write_pngs(indices, folder):
@@ -33,7 +33,7 @@ def test_pretrained_teacher_beats_random_init_by_5_knn_points(tmp_path):
 
     # the built-in defaults, pretrained on the train split only, for a fixed budget of 25 epochs (475 steps)
     config = load_config(None, [f"data.path={tmp_path / 'train'}", "train.epochs=25", "data.num_workers=0"])
-    pretrain(config, tmp_path / "run")
+    train(config, tmp_path / "run")
 
     size = config.augment.global_1.size
     train_set, test_set = ImageFolderDataset(tmp_path / "train", size), ImageFolderDataset(tmp_path / "test", size)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from unsupdistill.config import LossConfig
-from unsupdistill.train.loop import build_loss
+from unsupdistill.losses.dino import build_dino_loss as build_loss
 
 
 def algorithm1(teacher: list, student: list, center: torch.Tensor, student_temp: float, teacher_temp: float,

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from unsupdistill.config import ConfigError, ModelConfig, load_config
+from unsupdistill.methods import train
 from unsupdistill.models.backbone import create_backbone, rebuild_backbone
-from unsupdistill.train.loop import pretrain
 from unsupdistill.train.precision import WidthOneConv2d, avoid_cpu_bf16_faults, resolve_precision
 
 M_PERTURB = -6  # glibc mallopt: fill every block malloc hands out with this byte ^ 0xff
@@ -106,7 +106,7 @@ def test_imagenet_stem_resnet_trains_in_bf16_on_cpu_with_finite_gradients(tmp_pa
     config = load_config(None, [*TINY, "model.small_image_stem=false", "train.precision=auto", "train.device=cpu",
                                 "train.max_steps=20", "train.log_every_steps=1"])
     with caplog.at_level(logging.INFO, logger="unsupdistill.train.precision"):
-        pretrain(config, out)
+        train(config, out)
     assert "layer3.0.conv1, layer4.0.conv1" in caplog.text and "bf16" in caplog.text
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == list(range(1, 21))

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, cli, read_metrics
+from lightly.loss import DINOLoss
 from PIL import Image
 
 from unsupdistill.cli import EXIT_STOPPED, main
 from unsupdistill.config import load_config
+from unsupdistill.methods import build_trainer, dino
 from unsupdistill.storage import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from unsupdistill.train import loop
 
@@ -82,14 +84,14 @@ def test_sigterm_to_the_process_group_stops_at_a_step_boundary_and_resume_matche
 
 
 def test_ctrl_c_stops_at_a_step_boundary_and_resume_matches(tmp_path, reference, monkeypatch, caplog):
-    train_step = loop.Pretrainer.train_step
+    train_step = loop.Trainer.train_step
 
     def ctrl_c_during_step_5(self, *args, **kwargs):
         if self.step == 4:
             os.kill(os.getpid(), signal.SIGINT)
         return train_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(loop.Pretrainer, "train_step", ctrl_c_during_step_5)
+    monkeypatch.setattr(loop.Trainer, "train_step", ctrl_c_during_step_5)
     before = signal.getsignal(signal.SIGINT)
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING):
@@ -176,13 +178,13 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_one(tmp_
 
 
 def test_nan_loss_stops_with_a_diagnosis_before_the_teacher_sees_it(tmp_path, monkeypatch, caplog):
-    forward, calls = loop.DINOLoss.forward, itertools.count(1)
+    forward, calls = DINOLoss.forward, itertools.count(1)
 
     def nan_at_step_5(self, *args, **kwargs):
         loss = forward(self, *args, **kwargs)
         return loss * float("nan") if next(calls) == 5 else loss
 
-    monkeypatch.setattr(loop.DINOLoss, "forward", nan_at_step_5)
+    monkeypatch.setattr(DINOLoss, "forward", nan_at_step_5)
     out = tmp_path / "run"
     with caplog.at_level(logging.ERROR):
         code = main(["pretrain", "--out", str(out), *TINY, "train.max_steps=8", "train.save_every_steps=2",
@@ -202,7 +204,7 @@ def test_nan_loss_stops_with_a_diagnosis_before_the_teacher_sees_it(tmp_path, mo
 
 def test_non_finite_gradients_stop_before_the_optimizer_and_the_teacher(tmp_path, monkeypatch, caplog):
     """As oneDNN's bf16 kernels on CPU sometimes do: a finite loss, an Inf/NaN gradient."""
-    build = loop.build_student_teacher
+    build = dino.build_student_teacher
 
     def build_with_a_bad_gradient_at_step_4(*args, **kwargs):
         student, teacher, spec = build(*args, **kwargs)
@@ -215,7 +217,7 @@ def test_non_finite_gradients_stop_before_the_optimizer_and_the_teacher(tmp_path
         student.backbone.conv1.weight.register_post_accumulate_grad_hook(inf_at_step_4)
         return student, teacher, spec
 
-    monkeypatch.setattr(loop, "build_student_teacher", build_with_a_bad_gradient_at_step_4)
+    monkeypatch.setattr(dino, "build_student_teacher", build_with_a_bad_gradient_at_step_4)
     out = tmp_path / "run"
     with caplog.at_level(logging.ERROR):
         code = main(["pretrain", "--out", str(out), *TINY, "train.max_steps=6", "train.save_every_steps=2",
@@ -233,9 +235,9 @@ def test_non_finite_gradients_stop_before_the_optimizer_and_the_teacher(tmp_path
 
 def test_a_non_finite_teacher_is_never_saved_or_exported(tmp_path):
     config = load_config(None, [*TINY, "train.max_steps=1"])
-    trainer = loop.Pretrainer(config, tmp_path / "run")
+    trainer = build_trainer(config, tmp_path / "run")
     trainer.run_dir.mkdir()
-    next(b for b in trainer.teacher.backbone.buffers() if b.is_floating_point()).fill_(float("nan"))
+    next(b for b in trainer.method.teacher.backbone.buffers() if b.is_floating_point()).fill_(float("nan"))
     with pytest.raises(loop.TrainingError, match=r"refusing to write .*last\.pt: teacher tensor .* not finite"):
         trainer.save()
     with pytest.raises(loop.TrainingError, match="refusing to export"):
@@ -246,13 +248,13 @@ def test_a_non_finite_teacher_is_never_saved_or_exported(tmp_path):
 def test_signal_handlers_live_in_the_main_thread_during_training_only(tmp_path, monkeypatch):
     before = {sig: signal.getsignal(sig) for sig in loop.StopRequest.SIGNALS}
     during = []
-    train_step = loop.Pretrainer.train_step
+    train_step = loop.Trainer.train_step
 
     def recording_step(self, *args, **kwargs):
         during.append(signal.getsignal(signal.SIGTERM))
         return train_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(loop.Pretrainer, "train_step", recording_step)
+    monkeypatch.setattr(loop.Trainer, "train_step", recording_step)
     assert main(["pretrain", "--out", str(tmp_path / "main"), *TINY, "train.max_steps=1"]) == 0
     assert getattr(during[0], "__func__", None) is loop.StopRequest._handle
     assert {sig: signal.getsignal(sig) for sig in loop.StopRequest.SIGNALS} == before

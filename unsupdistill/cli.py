@@ -27,9 +27,10 @@ from unsupdistill.config import (
     validate,
 )
 from unsupdistill.data import DataError, FolderScan, num_workers, scan_for_run
-from unsupdistill.evaluate.models import ModelSpecError
+from unsupdistill.devices import training_device
 from unsupdistill.export import EXPORT_FORMATS, ExportError, embed_folder, export_model
 from unsupdistill.export.formats import ATOL, RTOL
+from unsupdistill.models.load import ModelSpecError
 from unsupdistill.storage import CheckpointError, latest_checkpoint
 from unsupdistill.train.checkpoint import set_aside_later_state
 from unsupdistill.train.faults import TrainingError, TrainingStopped
@@ -49,21 +50,22 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain", help="DINO pretraining on a folder of unlabeled images (default: built-in digits)",
         description="Train a DINO student/teacher on unlabeled images and export the teacher backbone. "
                     "Arguments with '=' override the config, e.g. train.epochs=5 optim.lr=1e-3.",
-        epilog=f"exit status: 0 done; 1 training error (non-finite loss or gradients, a "
-               f"checkpoint that cannot be written; the last good checkpoint is kept); 2 bad input; {EXIT_STOPPED} "
-               "stopped by SIGTERM or SIGINT after writing a checkpoint (--resume continues the run). torchrun turns "
-               "any non-zero status into 1: read RUN/status.json (state running, done, preempted or failed).",
+        epilog=_TRAINING_EPILOG,
     )
-    p.add_argument("args", nargs="*", metavar="[PATH] [key=value ...]",
-                   help="image folder (omit for scikit-learn's digits; without --recipe, the settings are chosen "
-                        "from its images and the device) and section.key=value config overrides")
-    p.add_argument("--recipe", help=f"shipped recipe ({', '.join(recipe_names())}) or a YAML file")
-    p.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
-    p.add_argument("--resume", type=Path, metavar="RUN_OR_CHECKPOINT",
-                   help="continue a run from its newest checkpoint that loads (checkpoints/last.pt or "
-                        "epoch_*.pt; corrupt ones are skipped with a warning), or from the given .pt file")
-    p.add_argument("--dry-run", action="store_true",
-                   help="build everything and run one step on a batch of 2 per process; write nothing")
+    _add_training_arguments(p)
+    d = commands.add_parser(
+        "distill", help="distill a frozen teacher (a run of ours, an export, timm:NAME,pretrained=true) into a "
+                        "small student on unlabeled images",
+        description="Train the model section's backbone to match a frozen teacher's features on one shared view "
+                    "of each image, and export it. Arguments with '=' override the config, e.g. "
+                    "distill.loss=cosine model.backbone=resnet18.",
+        epilog=_TRAINING_EPILOG,
+    )
+    _add_training_arguments(d)
+    d.add_argument("--teacher", metavar="TEACHER",
+                   help="the frozen teacher (sets distill.teacher): a run directory, an exported .safetensors (with "
+                        "its .json), a checkpoint .pt, or timm:NAME[,pretrained=true][,key=value...], e.g. "
+                        "timm:vit_small_patch14_dinov2.lvd142m,pretrained=true,img_size=224")
 
     e = commands.add_parser(
         "eval", help="k-NN, linear probe and clustering of frozen features on a labeled train/test pair",
@@ -141,10 +143,32 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "embed":
             return embed_command(args)
         args.args += extra
-        return pretrain_command(args)
+        return train_command(args)
     except USER_ERRORS as err:
         logger.error("%s", err)
         return 2
+
+
+_TRAINING_EPILOG = (
+    f"exit status: 0 done; 1 training error (non-finite loss or gradients, a checkpoint that cannot be written; "
+    f"the last good checkpoint is kept); 2 bad input; {EXIT_STOPPED} stopped by SIGTERM or SIGINT after writing a "
+    "checkpoint (--resume continues the run). torchrun turns any non-zero status into 1: read RUN/status.json "
+    "(state running, done, preempted or failed)."
+)
+
+
+def _add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments ``pretrain`` and ``distill`` share."""
+    p.add_argument("args", nargs="*", metavar="[PATH] [key=value ...]",
+                   help="image folder (omit for scikit-learn's digits; without --recipe, the settings are chosen "
+                        "from its images and the device) and section.key=value config overrides")
+    p.add_argument("--recipe", help=f"shipped recipe ({', '.join(recipe_names())}) or a YAML file")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_OR_CHECKPOINT",
+                   help="continue a run from its newest checkpoint that loads (checkpoints/last.pt or "
+                        "epoch_*.pt; corrupt ones are skipped with a warning), or from the given .pt file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build everything and run one step on a batch of 2 per process; write nothing")
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -195,10 +219,13 @@ def embed_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def pretrain_command(args: argparse.Namespace) -> int:
-    from unsupdistill.train.loop import pretrain, resolve_device  # heavy imports after checks
+def train_command(args: argparse.Namespace) -> int:
+    """``pretrain`` and ``distill``: one training run, its run directory and status."""
+    from unsupdistill.methods import train  # heavy imports after checks
 
     paths, overrides = split_pretrain_args(args.args)
+    if args.command == "distill":
+        overrides = ["method=distill", *overrides]
     checkpoint, ckpt_path = None, None
     if args.resume:
         if args.recipe:
@@ -211,13 +238,15 @@ def pretrain_command(args: argparse.Namespace) -> int:
         config = load_config(args.recipe, overrides, check=False)  # checked below
     if paths:  # a path as written, never parsed as YAML
         config = merge(config, {"data": {"path": paths[0]}}, "command line")
+    if getattr(args, "teacher", None):
+        config = merge(config, {"distill": {"teacher": args.teacher}}, "--teacher")
     config = absolute_paths(config)
     automatic = args.recipe is None and checkpoint is None and config.data.path is not None
     # before any data is read; what the automatic settings will set is checked once they have
     validate(config, ignore=AUTOMATIC_KEYS - explicit_keys(overrides) if automatic else frozenset())
 
     # every process joins now: process 0 names the run directory and scans the folder for all
-    device = resolve_device(config.train.device)
+    device = training_device(config.train.device)
     distributed.init_distributed(device)
     default_out = ckpt_path.parent.parent if ckpt_path is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(distributed.broadcast_object(str(args.out or default_out)))
@@ -234,9 +263,15 @@ def pretrain_command(args: argparse.Namespace) -> int:
         write_status(run_dir, "running", step=checkpoint["step"] if checkpoint else 0)
     try:
         config, scan, notes = _settings_for_data(config, run_dir, automatic, overrides, device)
-        backbone = pretrain(config, run_dir, checkpoint, scan=scan, config_notes=notes)
+        probe = None
+        if config.eval.train and distributed.is_main_process():  # read now: a bad set fails before training
+            from unsupdistill.evaluate.probe import KNNProbe
+
+            probe = KNNProbe(config, device)
+        backbone = train(config, run_dir, checkpoint, scan=scan, config_notes=notes, probe=probe)
     except TrainingStopped as stop:
-        write_status(run_dir, "preempted", EXIT_STOPPED, step=stop.step, resume=resume_command(run_dir))
+        verb = "distill" if config.method == "distill" else "pretrain"
+        write_status(run_dir, "preempted", EXIT_STOPPED, step=stop.step, resume=resume_command(run_dir, verb))
         if log_file is not None:
             logger.warning("%s", stop)
         return EXIT_STOPPED
@@ -290,18 +325,18 @@ def _settings_for_data(config: Config, run_dir: Path | None, automatic: bool, ov
 def _dry_run(config: Config, run_dir: Path, checkpoint: dict | None, automatic: bool, overrides: list[str],
              device: torch.device) -> int:
     """Build everything and run one step on a tiny batch; write nothing."""
-    from unsupdistill.train.loop import pretrain
+    from unsupdistill.methods import train
 
     try:
         config, scan, _ = _settings_for_data(config, None, automatic, overrides, device)
-        report = pretrain(config, run_dir, checkpoint, dry_run=True, scan=scan)
+        report = train(config, run_dir, checkpoint, dry_run=True, scan=scan)
     finally:
         distributed.cleanup()
     print(json.dumps({"dry_run": "ok", **report}, indent=2))
     return 0
 
 
-_OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
+_OVERRIDE = re.compile(r"([A-Za-z_]\w*(\.[A-Za-z_]\w*)+|method)=")  # method: the one top-level key
 
 
 def split_pretrain_args(items: list[str]) -> tuple[list[str], list[str]]:

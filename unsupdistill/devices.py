@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from unsupdistill import distributed
 from unsupdistill.config import ConfigError
 
 DEVICES = "auto, cpu, cuda, cuda:N"
@@ -44,3 +45,17 @@ def resolve_device(device: str | torch.device = "auto", option: str = "--device"
         raise DeviceError(f"{option} {device!r}: only {count} CUDA device(s) are visible (cuda:0 to "
                           f"cuda:{count - 1}); allowed values: {DEVICES}")
     return resolved
+
+
+def training_device(name: str) -> torch.device:
+    """The device of this training process for ``train.device`` (auto, cpu, cuda): under torchrun, CUDA
+    device ``LOCAL_RANK``.
+
+    Raises:
+        ConfigError: ``cuda`` without a visible CUDA device.
+    """
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", distributed.local_rank())

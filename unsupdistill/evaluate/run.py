@@ -23,8 +23,8 @@ from unsupdistill.evaluate.features import extract_features
 from unsupdistill.evaluate.knn import knn_evaluate
 from unsupdistill.evaluate.labeled import align_labels, load_labeled
 from unsupdistill.evaluate.linear import DINOViTFeatures, linear_probe
-from unsupdistill.evaluate.models import FeatureModel, load_model
 from unsupdistill.evaluate.report import plot_confusion, plot_feature_map, plot_knn_vs_k, write_json
+from unsupdistill.models.load import FeatureModel, load_model
 
 logger = logging.getLogger(__name__)
 

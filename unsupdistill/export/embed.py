@@ -16,8 +16,8 @@ from unsupdistill.config import DataConfig
 from unsupdistill.data import ImageFolderDataset, num_workers, write_skipped
 from unsupdistill.devices import resolve_device
 from unsupdistill.evaluate.features import extract_features
-from unsupdistill.evaluate.models import load_model
 from unsupdistill.export.formats import ExportError
+from unsupdistill.models.load import load_model
 from unsupdistill.storage import atomic_write
 
 logger = logging.getLogger(__name__)

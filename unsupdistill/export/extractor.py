@@ -20,7 +20,7 @@ from unsupdistill.config import DataConfig
 from unsupdistill.data import load_rgb, num_workers, resize_center_crop
 from unsupdistill.devices import resolve_device
 from unsupdistill.evaluate.features import NormalizedBackbone, to_unit_range
-from unsupdistill.evaluate.models import FeatureModel, load_model
+from unsupdistill.models.load import FeatureModel, load_model
 
 ImageInput = str | Path | Image.Image | Tensor
 

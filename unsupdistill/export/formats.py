@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from unsupdistill.data import DataError, DigitsDataset, list_image_files, load_rgb, resize_center_crop
 from unsupdistill.evaluate.features import NormalizedBackbone
-from unsupdistill.evaluate.models import FeatureModel, load_model
 from unsupdistill.models.backbone import BACKBONE_FORMAT, BackboneSpec, rebuild_backbone
+from unsupdistill.models.load import FeatureModel, load_model
 from unsupdistill.storage import atomic_write, save_weights
 
 logger = logging.getLogger(__name__)
@@ -75,8 +75,8 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, student
     Args:
         model: a run directory, a checkpoint (``.pt``) or an exported ``.safetensors`` backbone.
         fmt: one of :data:`EXPORT_FORMATS`.
-        out: the file to write; by default ``<run>/export/<teacher|student>.<ext>``. A JSON sidecar
-            with the same stem describes the input, the normalisation and the parity check.
+        out: the file to write; by default ``<run>/export/<source>.<ext>`` (teacher, student, student_ema). A
+            JSON sidecar with the same stem describes the input, the normalisation and the parity check.
         student: export the student instead of the teacher.
         data: where the real parity images come from: an image folder or ``digits``; by default the
             run's training folder if it still exists, else the built-in digits.
@@ -93,7 +93,8 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, student
     loaded = load_model(str(model), student=student)
     if loaded.description is None:
         raise ExportError(f"model '{model}' does not describe its backbone; give a run directory or a checkpoint")
-    out_path = Path(out) if out is not None else default_export_path(Path(model), fmt, student)
+    source = "student" if student else str(loaded.description.get("source", "teacher"))
+    out_path = Path(out) if out is not None else default_export_path(Path(model), fmt, source)
     if out_path.suffix.lower() not in SUFFIXES[fmt]:
         raise ExportError(f"--out {out_path}: a {fmt} export must end in {' or '.join(SUFFIXES[fmt])}")
     if out_path.is_dir():
@@ -124,9 +125,9 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, student
     return ExportResult(out_path, sidecar, fmt, parity[0])
 
 
-def default_export_path(model: Path, fmt: str, student: bool) -> Path:
-    """``<run>/export/<teacher|student>.<ext>`` for a run directory or one of its checkpoints."""
-    source = "student" if student else "teacher"
+def default_export_path(model: Path, fmt: str, source: str) -> Path:
+    """``<run>/export/<source>.<ext>`` for a run directory or one of its checkpoints; ``source`` is the exported
+    network: ``teacher`` (DINO), ``student`` or ``student_ema`` (distillation)."""
     ext = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx"}[fmt]
     if model.is_dir():
         return model / "export" / f"{source}{ext}"

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import timm
-from torch import nn
+from torch import Tensor, nn
 
 from unsupdistill.config import Config, ConfigError, ModelConfig
 
@@ -57,6 +57,47 @@ def create_backbone(cfg: ModelConfig, crop_sizes: tuple[int, ...] = ()) -> tuple
         apply_small_image_stem(model)
     spec = BackboneSpec(cfg.backbone, kwargs, cfg.small_image_stem, int(model.num_features))
     return model, spec
+
+
+def pooled_and_spatial(backbone: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A timm backbone's pooled features and its spatial feature grid, from one forward pass.
+
+    Gradients flow through both (the student is trained through them).
+
+    Args:
+        backbone: a timm model created with ``num_classes=0`` (``forward_features``, ``forward_head``).
+        x: a normalised batch (B, 3, H, W).
+
+    Returns:
+        pooled (B, D), equal to ``backbone(x)``, and the grid channels-last (B, h, w, C): a CNN's
+        feature map, or a ViT's patch tokens (prefix tokens dropped) on its patch grid; None when the
+        features are neither (no 4-D map, or tokens that do not fill the patch grid).
+    """
+    features = backbone.forward_features(x)  # (B, C, h, w), (B, h, w, C) or (B, N, C)
+    pooled = backbone.forward_head(features, pre_logits=True)  # (B, D)
+    if features.ndim == 4:
+        channels_last = getattr(backbone, "output_fmt", "NCHW") == "NHWC"
+        return pooled, features if channels_last else features.permute(0, 2, 3, 1)  # (B, h, w, C)
+    if features.ndim != 3:
+        return pooled, None
+    tokens = features[:, int(getattr(backbone, "num_prefix_tokens", 0)):]  # (B, h*w, C)
+    grid = _patch_grid(backbone, x.shape[-2:])
+    if grid is None or grid[0] * grid[1] != tokens.shape[1]:
+        return pooled, None
+    return pooled, tokens.reshape(tokens.shape[0], grid[0], grid[1], tokens.shape[2])  # (B, h, w, C)
+
+
+def _patch_grid(backbone: nn.Module, size: tuple[int, int]) -> tuple[int, int] | None:
+    """The (h, w) patch grid a token model makes of an input of ``size``: timm's dynamic grid (which
+    follows the input with ``dynamic_img_size``), else the model's fixed grid."""
+    patch_embed = getattr(backbone, "patch_embed", None)
+    if patch_embed is None:
+        patch_embed = getattr(backbone, "stem", None)  # MLP-Mixer
+    if hasattr(patch_embed, "dynamic_feat_size"):
+        h, w = patch_embed.dynamic_feat_size((int(size[0]), int(size[1])))
+        return int(h), int(w)
+    grid = getattr(patch_embed, "grid_size", None)
+    return (int(grid[0]), int(grid[1])) if grid is not None else None
 
 
 def apply_small_image_stem(model: nn.Module) -> None:

@@ -77,4 +77,39 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 def first_non_finite(state_dict: dict[str, Tensor]) -> str | None:
     """Name of the first floating-point tensor holding a NaN or an Inf; None when all are finite."""
-    return next((name for name, t in state_dict.items() if t.is_floating_point() and not t.isfinite().all()), None)
+    return next((name for name, t in state_dict.items()
+                 if isinstance(t, Tensor) and t.is_floating_point() and not t.isfinite().all()), None)
+
+
+def non_finite_report(what: str, *, step: int, epoch: float, world: int, loss: float, grad_norm: float,
+                      values: dict[str, float], setting: str, bad_parameters: list[str], signals: dict[str, float],
+                      warnings: list[str], saved_step: int | None, advice: list[str], resume: str) -> TrainingError:
+    """The diagnosis of a non-finite loss or gradient: where, the settings and health then, what to try.
+
+    Args:
+        what: ``loss`` or ``gradients``.
+        step: the 1-based step that failed; ``epoch`` its position in epochs.
+        world: processes in the run.
+        loss: the step's loss; ``grad_norm`` its total gradient norm.
+        values: scheduled values of the step (lr, teacher temperature, ...).
+        setting: loss scale, precision and device in words.
+        bad_parameters: names of the parameters with non-finite gradients.
+        signals: the health signals of the step; ``warnings`` their diagnoses.
+        saved_step: the step of the last good checkpoint, None when none was written.
+        advice: what to try, most likely first; ``resume`` the command that continues the run.
+    """
+    where = f" in at least one of {world} processes" if world > 1 else ""
+    scheduled = ", ".join(f"{key} {value:.3g}" for key, value in values.items())
+    lines = [f"non-finite {what}{where} at step {step} (epoch {epoch:.2f}): loss {loss:.4g}, total gradient norm "
+             f"{grad_norm:.4g}, {scheduled}, {setting}"]
+    if what == "gradients":
+        lines.append(f"{len(bad_parameters)} parameter(s) with non-finite gradients"
+                     + (f", first: {', '.join(bad_parameters[:4])}" if bad_parameters else
+                        " (each is finite: their total norm overflowed)"))
+    lines.append("health at this step: " + ", ".join(f"{key} {value:.4g}" for key, value in signals.items()))
+    lines += warnings
+    kept = ("no checkpoint was written yet" if saved_step is None else
+            f"the last good checkpoint (step {saved_step}) is kept")
+    lines.append(f"nothing of this step was applied (no optimizer step, no teacher update); {kept}")
+    lines.append(f"try: {'; '.join(advice)}; then resume with: {resume} KEY=VALUE")
+    return TrainingError("\n  ".join(lines))

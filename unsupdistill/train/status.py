@@ -28,8 +28,9 @@ STATUS_FILE = "status.json"
 State = Literal["running", "done", "preempted", "failed"]
 
 
-def resume_command(run_dir: Path) -> str:
-    """The command that continues the run, launched the way this one was (torchrun or not)."""
+def resume_command(run_dir: Path, verb: str = "pretrain") -> str:
+    """The command that continues the run, launched the way this one was (torchrun or not); ``verb`` is the
+    command that started it (``pretrain`` or ``distill``)."""
     target = shlex.quote(str(Path(run_dir).absolute()))
     world = distributed.launched_world_size()
     if world > 1:
@@ -39,7 +40,7 @@ def resume_command(run_dir: Path) -> str:
             f"torchrun --standalone --nproc_per_node {per_node} -m unsupdistill"
     else:
         launcher = "unsupdistill"
-    return f"{launcher} pretrain --resume {target}"
+    return f"{launcher} {verb} --resume {target}"
 
 
 def write_status(run_dir: Path, state: State, exit_code: int | None = None, **details: Any) -> None:

@@ -1,0 +1,210 @@
+"""Knowledge distillation end to end: every teacher form, the frozen teacher, resume, torchrun, export, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import TINY, cli, read_metrics
+from safetensors.torch import save_file
+
+from unsupdistill.cli import main
+from unsupdistill.config import load_config
+from unsupdistill.methods import build_trainer
+from unsupdistill.models.backbone import create_backbone, describe_backbone
+from unsupdistill.storage import load_checkpoint, save_backbone
+
+STUDENT = ["model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", "train.batch_size=16",
+           "data.num_workers=0", "train.log_every_steps=1"]
+"""A student narrower than the tiny teachers below."""
+VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory) -> Path:
+    """A 4-step DINO run of ours: exported backbone, checkpoint with the DINO head."""
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    assert main(["pretrain", "--out", str(out), *TINY, "train.max_steps=4"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def vit_export(tmp_path_factory) -> Path:
+    """An exported ViT backbone (a teacher of another architecture than the students)."""
+    out = tmp_path_factory.mktemp("vit")
+    config = load_config(None, ["model.backbone=vit_tiny_patch16_224", f"model.backbone_kwargs={json.dumps(VIT)}",
+                                "model.small_image_stem=false"])
+    torch.manual_seed(0)
+    backbone, spec = create_backbone(config.model)
+    return save_backbone(backbone.state_dict(), describe_backbone(spec, config, 0, "teacher"), out)
+
+
+def distill(out: Path, teacher: str, *args: str) -> int:
+    return main(["distill", "--out", str(out), "--teacher", teacher, *STUDENT, *args])
+
+
+@pytest.mark.parametrize("form", ["run", "export", "checkpoint"])
+def test_teacher_forms_of_ours_distill_and_export_the_student(teacher_run, tmp_path, form):
+    teacher = {"run": teacher_run, "export": teacher_run / "backbone.safetensors",
+               "checkpoint": teacher_run / "checkpoints" / "last.pt"}[form]
+    out = tmp_path / "student"
+    assert distill(out, str(teacher), "train.max_steps=3") == 0
+    meta = json.loads((out / "backbone.json").read_text())
+    assert meta["source"] == "student" and meta["distill_loss"] == "queue_kl" and meta["step"] == 3
+    assert meta["timm_kwargs"]["channels"] == [8, 8, 16, 16]  # the student's architecture, not the teacher's
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "done"
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(-1 <= m["teacher_agreement"] <= 1 and m["student_feature_std"] > 0 for m in metrics)
+    assert (out / "tensorboard").is_dir() and (out / "config.yaml").read_text().startswith("method: distill")
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["method"] == "distill" and state["losses"]["queue"].shape[1] == 64  # the teacher's dimension
+    assert not any(key.startswith("teacher") for key in state)  # the frozen teacher is not copied into checkpoints
+
+
+def test_the_teacher_gets_no_gradients_and_keeps_its_weights(teacher_run, tmp_path):
+    config = load_config(None, ["method=distill", f"distill.teacher={teacher_run}", *STUDENT, "train.max_steps=3",
+                                "distill.dense_weight=1"])
+    trainer = build_trainer(config, tmp_path / "run")
+    teacher = trainer.method.teacher.backbone
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in trainer.method.student.state_dict().items()}
+    trainer.fit()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert not teacher.training
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical, BatchNorm statistics included
+    student = trainer.method.student.state_dict()
+    assert not all(torch.equal(v, student[k]) for k, v in student_before.items())  # while the student trained
+    assert read_metrics(tmp_path / "run")[-1]["dense_loss"] > 0
+
+
+@pytest.mark.parametrize("student, teacher_kind", [("cnn", "vit"), ("vit", "cnn")])
+def test_vit_and_cnn_teachers_and_students_with_the_dense_term(teacher_run, vit_export, tmp_path, student,
+                                                               teacher_kind):
+    teacher = str(vit_export) if teacher_kind == "vit" else str(teacher_run)
+    student_args = [] if student == "cnn" else [
+        "model.backbone=vit_tiny_patch16_224", f"model.backbone_kwargs={json.dumps({**VIT, 'img_size': 8})}",
+        "model.small_image_stem=false", "augment.global_1.size=8", "augment.global_2.size=8",
+        "augment.local.size=8"]
+    out = tmp_path / "run"
+    assert distill(out, teacher, *student_args, "train.max_steps=2", "distill.dense_weight=0.5",
+                   "distill.loss=cosine", "distill.mixup_alpha=0.4") == 0
+    assert all(m["dense_loss"] > 0 for m in read_metrics(out))
+    assert json.loads((out / "backbone.json").read_text())["input_size"] == (16 if student == "cnn" else 8)
+
+
+def test_dino_loss_against_the_frozen_head_exports_the_student_ema(teacher_run, tmp_path):
+    out = tmp_path / "run"
+    assert distill(out, str(teacher_run), "distill.loss=dino", "distill.ema_momentum=0.9", "train.max_steps=3") == 0
+    meta = json.loads((out / "backbone.json").read_text())
+    assert meta["source"] == "student_ema"
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["exported"] == "student_ema" and "center" in state["losses"]
+    assert all("teacher_entropy" in m for m in read_metrics(out))
+
+
+def test_timm_teacher_through_a_local_weights_file(tmp_path):
+    torch.manual_seed(1)
+    reference = timm.create_model("vit_tiny_patch16_224", num_classes=0, **VIT)
+    weights = tmp_path / "w.safetensors"
+    save_file(reference.state_dict(), weights)
+    kwargs = ",".join(f"{k}={v}" for k, v in VIT.items())
+    spec = f"timm:vit_tiny_patch16_224,pretrained=true,pretrained_cfg_overlay={{file: {weights}}},{kwargs}"
+    config = load_config(None, ["method=distill", f"distill.teacher={spec}", *STUDENT, "train.max_steps=1"])
+    trainer = build_trainer(config, tmp_path / "run")
+    loaded = trainer.method.teacher.backbone.state_dict()
+    assert all(torch.equal(loaded[k].cpu(), v) for k, v in reference.state_dict().items())
+    assert trainer.method.teacher.input_size == 16
+    trainer.fit()
+    assert (tmp_path / "run" / "backbone.safetensors").is_file()
+
+
+@pytest.mark.parametrize("teacher, override, expected", [
+    ("/no/such/teacher", [], "/no/such/teacher"),
+    ("NOTES", [], "not"),
+    ("VIT", ["distill.teacher_size=24"], "distill.teacher_size"),
+    (None, ["method=distill"], "distill.teacher"),
+])
+def test_a_bad_teacher_fails_before_training_with_a_clear_message(vit_export, tmp_path, caplog, teacher, override,
+                                                                    expected):
+    notes = tmp_path / "notes.pt"
+    notes.write_text("not a model\n")
+    teacher = {"NOTES": str(notes), "VIT": str(vit_export)}.get(teacher, teacher)
+    out = tmp_path / "run"
+    args = ["pretrain", "--out", str(out), *STUDENT, *override] if teacher is None else \
+        ["distill", "--out", str(out), "--teacher", teacher, *STUDENT, *override]
+    assert main(args) == 2
+    assert expected in caplog.text
+    assert not (out / "checkpoints").exists()
+
+
+def test_resume_after_sigkill_gives_the_same_losses(teacher_run, tmp_path):
+    args = ["--teacher", str(teacher_run), *STUDENT, "train.max_steps=24", "train.save_every_steps=4",
+            "train.seed=3", "distill.ema_momentum=0.9", "distill.mixup_alpha=0.2"]
+    reference = tmp_path / "reference"
+    assert cli("distill", "--out", str(reference), *args).returncode == 0
+    expected = {m["step"]: m["loss"] for m in read_metrics(reference)}
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "unsupdistill", "distill", "--out", str(killed), *args],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not any(m["step"] >= 9 for m in read_metrics(killed)):
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = load_checkpoint(killed / "checkpoints" / "last.pt")["step"]
+    assert 8 <= resumed_from < 24
+
+    result = cli("distill", "--resume", str(killed))
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = {m["step"]: m["loss"] for m in read_metrics(killed)}
+    assert sorted(got) == list(range(1, 25))
+    for step in range(resumed_from + 1, 25):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), f"step {step}"
+
+
+def test_two_process_torchrun_distillation_completes(teacher_run, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "unsupdistill",
+         "distill", "--out", str(out), "--teacher", str(teacher_run), *STUDENT, "train.max_steps=3"],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "status.json").read_text())["state"] == "done"
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def distilled(teacher_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("distilled") / "run"
+    assert distill(out, str(teacher_run), "train.max_steps=2") == 0
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torchscript", "onnx"])
+def test_the_distilled_student_exports_with_parity(distilled, fmt, capsys):
+    assert main(["export", str(distilled), "--format", fmt]) == 0
+    assert "passed" in capsys.readouterr().out
+    ext = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx"}[fmt]
+    assert (distilled / "export" / f"student{ext}").is_file()  # named after what it holds
+
+
+@pytest.mark.parametrize("model", ["run", "checkpoint"])
+def test_eval_takes_the_distilled_student(distilled, tmp_path, model):
+    target = distilled if model == "run" else distilled / "checkpoints" / "last.pt"
+    assert main(["eval", str(target), "--train", "digits", "--test", "digits", "--out", str(tmp_path / "e"),
+                 "--no-linear", "--no-clustering", "--no-plots", "--no-cache"]) == 0
+    report = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert report["feature_dim"] == 16  # the student's features (the teacher's are 64-d)

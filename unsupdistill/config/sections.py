@@ -1,0 +1,234 @@
+"""Config sections: one dataclass per component, with the defaults of the built-in run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A recipe or override names an unknown key or holds a bad value."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CropSpec:
+    """One kind of view in the multi-crop augmentation (DINO, Caron et al. 2021, Sec. 3.1)."""
+
+    size: int
+    """Output side length in pixels."""
+    scale: tuple[float, float]
+    """Range of the crop's area as a fraction of the image (RandomResizedCrop)."""
+    flip_p: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    """Brightness, contrast, saturation, hue strengths."""
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """Gaussian blur sigma range, in pixels of a 224-px crop; scaled with ``size``."""
+    solarize_p: float = 0.0
+
+
+@dataclass
+class AugmentConfig:
+    """DINO's multi-crop recipe: two global views that differ in blur/solarize, N local views.
+
+    Probabilities and scales are DINO's; the sizes (16 / 8 px) suit the built-in 8x8 digits.
+    """
+
+    global_1: CropSpec = field(default_factory=lambda: CropSpec(size=16, scale=(0.4, 1.0), blur_p=1.0))
+    global_2: CropSpec = field(
+        default_factory=lambda: CropSpec(size=16, scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2)
+    )
+    local: CropSpec = field(default_factory=lambda: CropSpec(size=8, scale=(0.05, 0.4), blur_p=0.5))
+    num_local_crops: int = 4
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+PATH = {"path": True}
+"""Field metadata of path-valued keys: their ``key=value`` overrides are taken as written, never parsed as
+YAML (a folder named ``2024``, ``true``, ``null`` or ``run #1`` stays that folder)."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = field(default=None, metadata=PATH)
+    """Folder of unlabeled images (searched recursively); null trains on scikit-learn's digits."""
+    image_size: int | None = None
+    """Side of the square each image is decoded to (shorter side resized, centre crop) before
+    the batched augmentation crops it; null means the global crop size."""
+    num_workers: int | None = None
+    """DataLoader worker processes that decode images; null: none for the built-in digits (already
+    in memory), otherwise one per CPU core up to 8."""
+    strict: bool = False
+    """Fail on the first unreadable file instead of skipping and counting it."""
+    verify: Literal["full", "header"] = "full"
+    """How the scan checks each file: a full decode (catches truncated files) or the header only
+    (much faster on huge folders; a file that fails later stops the run with its path)."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    """Any timm model name. The default is a half-width ResNet-18 sized for the built-in digits."""
+    backbone_kwargs: dict[str, Any] = field(
+        default_factory=lambda: {"channels": [32, 64, 128, 256], "stem_width": 32}
+    )
+    """Extra keyword arguments for ``timm.create_model`` (e.g. img_size and patch_size for a ViT)."""
+    small_image_stem: bool = True
+    """ResNets only: 3x3 stride-1 first convolution and no max-pool, for images of 32 px or less."""
+    head_hidden_dim: int = 512
+    head_bottleneck_dim: int = 128
+    head_output_dim: int = 1024
+    """DINO uses 65536 on ImageNet; small data and short runs learn faster with fewer outputs."""
+    head_batch_norm: bool = True
+    """BatchNorm in the head's MLP: removes the common component of ResNet features (which leaves
+    the centred teacher uniform otherwise); DINO turns it off for ViTs."""
+    norm_last_layer: bool = True
+    """Weight-normalise the head's last layer with a fixed norm (more stable, DINO default)."""
+
+
+@dataclass
+class LossConfig:
+    student_temp: float = 0.1
+    teacher_temp: float = 0.01
+    """Teacher temperature after warmup. DINO uses 0.04 (up to 0.07 when stable) on ImageNet; the
+    built-in short run needs a sharper teacher (0.01) to leave the uniform plateau in ~100 steps."""
+    warmup_teacher_temp: float = 0.01
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 8e-3
+    """Peak learning rate per 256 images; the used value is lr * global_batch / 256 (DINO: 5e-4)."""
+    min_lr: float = 1e-6
+    warmup_epochs: float = 2.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    sgd_momentum: float = 0.9
+    clip_grad: float = 3.0
+    """Max total gradient norm of the student; 0 disables clipping."""
+    freeze_last_layer_epochs: float = 1.0
+    teacher_momentum: float = 0.99
+    """EMA momentum at step 0, cosine to teacher_momentum_end. DINO: 0.996 for runs of 100k+ steps;
+    a short run needs a teacher that follows the student faster."""
+    teacher_momentum_end: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    batch_size: int = 64
+    """Global batch size, split evenly across processes under torchrun."""
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on CPU and on CUDA when supported; fp16 (CUDA only) uses a GradScaler."""
+    log_every_steps: int = 10
+    save_every_steps: int = 100
+    """Write checkpoints/last.pt every this many steps (and at every epoch end)."""
+    keep_every_epochs: int = 5
+    """Also keep checkpoints/epoch_NNNN.pt every this many epochs; 0 keeps none."""
+    threads: int | None = None
+    """torch intra-op threads on CPU; null leaves torch's default."""
+    max_steps: int | None = None
+    """Stop after this many steps (for smoke tests); schedules still span all epochs."""
+    time_budget_s: float | None = None
+    """Wall-clock seconds of training (from the first step, resumed runs included; export not counted).
+    The schedules are planned from the measured step rate to end when the budget does, and the run
+    stops there, or after ``epochs`` if that comes first. null: train for ``epochs``."""
+    compile: bool = False
+    """torch.compile the student and teacher backbones: about a minute of compiling first, then
+    faster steps (fused normalisation and activations); pays off on runs of more than ~15 minutes."""
+
+
+@dataclass
+class EvalConfig:
+    """k-NN of the teacher's features on a labeled set during pretraining (logged as eval/knn_top1)."""
+
+    train: str | None = field(default=None, metadata=PATH)
+    """Labeled set the k-NN memory is built from: a folder with one subfolder per class, a CSV of
+    path,label, or digits; null turns evaluation during pretraining off."""
+    test: str | None = field(default=None, metadata=PATH)
+    """Labeled set that is scored."""
+    every_epochs: int = 1
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (``method: distill``).
+
+    Teacher and student see the same view of each image (the "consistent teacher" recipe, Beyer et al.
+    2022), each at its own input size and normalisation; the student's size and normalisation are
+    ``augment.global_1.size``, ``augment.mean`` and ``augment.std``.
+    """
+
+    teacher: str | None = field(default=None, metadata=PATH)
+    """The frozen teacher: a run directory of ours, an exported ``.safetensors`` (with its ``.json``), a
+    checkpoint ``.pt``, or ``timm:NAME[,pretrained=true][,key=value...]`` (e.g.
+    ``timm:vit_small_patch14_dinov2.lvd142m,pretrained=true,img_size=224``)."""
+    teacher_size: int | None = None
+    """Side of the teacher's input in pixels; null: its own (sidecar ``input_size``, a timm ``img_size``
+    argument, or timm's pretrained config)."""
+    loss: Literal["queue_kl", "cosine", "dino"] = "queue_kl"
+    """queue_kl: the student's projected features and the teacher's, each as a softmax over similarities to
+    a queue of teacher embeddings, matched by KL; cosine: regression of the projected student features onto
+    the teacher's by cosine; dino: DINO's loss against the frozen teacher's own DINO head (a run of ours)."""
+    temperature: float = 0.07
+    """Softmax temperature of queue_kl."""
+    queue_size: int | None = None
+    """Teacher embeddings in the queue_kl queue; null: scaled with the dataset (see the README)."""
+    dense_weight: float = 0.0
+    """Weight of the dense term (patch-to-patch similarity KL) added to the global loss; 0 turns it off."""
+    dense_temperature: float = 0.1
+    """Softmax temperature of the dense term."""
+    ema_momentum: float = 0.0
+    """Keep an exponential moving average of the student with this momentum and export it (DINOv2's small
+    models); 0 exports the student as trained."""
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """Range of the shared crop's area as a fraction of the image (RandomResizedCrop)."""
+    flip_p: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    """Brightness, contrast, saturation, hue strengths."""
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    mixup_alpha: float = 0.0
+    """Mix each view with another image of the batch, weight ~ Beta(alpha, alpha); 0 turns mixup off."""
+
+
+@dataclass
+class Config:
+    method: Literal["dino", "distill"] = "dino"
+    """dino: self-distillation with an EMA teacher, from scratch; distill: from the frozen ``distill.teacher``."""
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+    """Tuples to lists, recursively, so the config dumps as plain YAML."""
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value

@@ -1,0 +1,85 @@
+"""DINO's loss: lightly's multi-view version, and the same-view version for a frozen teacher."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightly.loss import DINOLoss
+from torch import Tensor, nn
+
+from unsupdistill.config import LossConfig
+
+
+def build_dino_loss(cfg: LossConfig, output_dim: int) -> DINOLoss:
+    """lightly's DINO loss: centre and sharpen the teacher, cross-entropy over all pairs but same views,
+    centre all-reduced across processes. The teacher temperature is passed per call (a schedule)."""
+    return DINOLoss(output_dim=output_dim, teacher_temp=cfg.teacher_temp, student_temp=cfg.student_temp,
+                    center_momentum=cfg.center_momentum)
+
+
+class FrozenTeacherDINOLoss(nn.Module):
+    """DINO's cross-entropy when the teacher is frozen and sees the same view as the student.
+
+    Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers"
+    (https://arxiv.org/abs/2104.14294), Algorithm 1: ``H(t, s) = -sum softmax((t - C) / T_t) *
+    log_softmax(s / T_s)``, then ``C <- m C + (1 - m) mean(t)``. DINOv2 (Oquab et al. 2023,
+    https://arxiv.org/abs/2304.07193) distils its small models from a frozen ViT-g with this
+    loss. lightly's ``DINOLoss`` skips same-view pairs (teacher view i vs student view i), so with one
+    view it has no terms; here the single pair is the whole loss.
+
+    The centre is updated after the loss is computed (the loss uses the previous centre), with the mean
+    teacher output over the global batch (all-reduced when distributed). The teacher gets no gradient.
+
+    Args:
+        output_dim: Number K of prototypes (head outputs).
+        student_temp: Student softmax temperature (DINO: 0.1).
+        center_momentum: Momentum m of the centre's moving average (DINO: 0.9).
+    """
+
+    center: Tensor
+
+    def __init__(self, output_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        if student_temp <= 0:
+            raise ValueError(f"student_temp must be positive, got {student_temp}")
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, output_dim))  # (1, K)
+
+    def forward(self, teacher_logits: Tensor, student_logits: Tensor, teacher_temp: float) -> Tensor:
+        """Cross-entropy from the centred, sharpened teacher to the student; then update the centre.
+
+        Args:
+            teacher_logits: Frozen teacher's head outputs, shape (B, K).
+            student_logits: Student's head outputs for the same images and view, shape (B, K).
+            teacher_temp: Teacher softmax temperature at this step (a schedule).
+
+        Returns:
+            The scalar loss, averaged over the batch.
+        """
+        if teacher_logits.shape != student_logits.shape or teacher_logits.shape[-1] != self.center.shape[-1]:
+            raise ValueError(f"expected teacher and student logits of shape (B, {self.center.shape[-1]}), got "
+                             f"{tuple(teacher_logits.shape)} and {tuple(student_logits.shape)}")
+        teacher_logits = teacher_logits.detach().float()  # (B, K)
+        teacher_probs = F.softmax((teacher_logits - self.center) / teacher_temp, dim=-1)  # (B, K)
+        student_log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)  # (B, K)
+        loss = -(teacher_probs * student_log_probs).sum(dim=-1).mean()
+        self.update_center(teacher_logits)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: Tensor) -> None:
+        """``center <- m * center + (1 - m) * mean(teacher_logits)`` over the global batch.
+
+        Args:
+            teacher_logits: Teacher's head outputs on this process, shape (B, K).
+        """
+        batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)  # (1, K)
+        count = teacher_logits.shape[0]
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_sum)
+            count *= dist.get_world_size()
+        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1.0 - self.center_momentum)

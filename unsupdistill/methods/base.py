@@ -1,0 +1,140 @@
+"""What a training method is to the engine: its networks, its step's loss, what it logs and what it exports.
+
+The engine (:class:`unsupdistill.train.loop.Trainer`) owns the run: data, precision, schedules, time budget,
+checkpoints, resume, stop signals, torchrun, metrics. It calls a method only through the hooks below, in
+this order every step::
+
+    views = method.views(images)                 # device augmentation
+    loss = method.loss(views, sched)              # forward passes and the loss (autocast inside)
+    signals = method.signals(sched)               # health, on logging steps only
+    backward, clip, method.before_optimizer_step(sched), optimizer step
+    method.after_optimizer_step(sched)            # EMA updates, queue pushes
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from unsupdistill.config import Config
+from unsupdistill.models.backbone import BackboneSpec
+from unsupdistill.train.schedules import ScheduleValues
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the engine runs a method's networks.
+
+    Attributes:
+        device: the device of this process.
+        autocast_dtype: bf16 or fp16 autocast, None for float32.
+        world_size: processes in the run (torchrun), 1 without.
+    """
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    world_size: int
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` to the run's precision, or nothing for float32."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+@dataclass
+class Export:
+    """The backbone a user gets from a method: its weights, how to rebuild it, and where it came from.
+
+    Attributes:
+        state_dict: the backbone's tensors.
+        spec: timm name and arguments.
+        source: ``teacher`` (DINO's EMA teacher), ``student`` or ``student_ema``.
+        extra: more fields for the JSON sidecar (e.g. the teacher a student was distilled from).
+    """
+
+    state_dict: dict[str, Tensor]
+    spec: BackboneSpec
+    source: str
+    extra: dict[str, Any]
+
+
+class Method(nn.Module):
+    """A training method. Subclasses build their networks in ``__init__`` and set:
+
+    Attributes:
+        student: the module the optimizer trains (DDP wraps it under torchrun).
+        spec: the student backbone's spec.
+        image_size: the side images are decoded to before the device augmentation (``data.image_size``
+            overrides it).
+    """
+
+    name: ClassVar[str]
+    """The ``method`` value in the config."""
+    command: ClassVar[str]
+    """The CLI verb that runs it (in resume commands)."""
+
+    def __init__(self, config: Config, runtime: Runtime) -> None:
+        super().__init__()
+        self.config, self.runtime = config, runtime
+        self.student: nn.Module
+        self.spec: BackboneSpec
+        self.image_size: int
+        self.run_student: nn.Module | None = None
+
+    def setup(self, num_images: int) -> None:
+        """Size what depends on the dataset (called once, before a checkpoint is restored)."""
+
+    def wrap_student(self, wrapped: nn.Module) -> None:
+        """Use ``wrapped`` (the student inside DistributedDataParallel) for the student's forward passes."""
+        self.run_student = wrapped
+
+    def student_forward(self, *args: Any) -> Any:
+        """The student's forward, through DDP when the run has several processes."""
+        return (self.run_student or self.student)(*args)
+
+    def views(self, images: Tensor) -> Any:
+        """The augmented views of a batch of images ``(B, 3, H, W)`` (uint8) on the device."""
+        raise NotImplementedError
+
+    def loss(self, views: Any, sched: ScheduleValues) -> Tensor:
+        """The step's loss (a float32 scalar) from the views; keeps what :meth:`signals` needs."""
+        raise NotImplementedError
+
+    def signals(self, sched: ScheduleValues) -> dict[str, float]:
+        """Health signals of the last :meth:`loss` call."""
+        return {}
+
+    def warnings(self, signals: dict[str, float]) -> dict[str, str]:
+        """Plain-words diagnoses of failure modes by kind (e.g. collapse); empty when healthy."""
+        return {}
+
+    def before_optimizer_step(self, sched: ScheduleValues) -> None:
+        """Change gradients before the step (e.g. freeze DINO's last layer)."""
+
+    def after_optimizer_step(self, sched: ScheduleValues) -> None:
+        """Updates that follow the student (EMA networks, queues)."""
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything of the method a resumed run needs: state_dicts of its networks and buffers."""
+        raise NotImplementedError
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`checkpoint_state`."""
+        raise NotImplementedError
+
+    def probe_backbone(self) -> nn.Module:
+        """The backbone the k-NN probe during training measures (the one that will be exported)."""
+        raise NotImplementedError
+
+    def export(self) -> Export:
+        """The backbone to export at the end of the run."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for the start-of-run log."""
+        return f"{self.name}: {self.spec.name}"

@@ -1,0 +1,109 @@
+"""A frozen feature extractor and the preprocessing it expects, as loaded from a MODEL argument.
+
+Shared by :mod:`unsupdistill.models.load` (runs, checkpoints, exports, pixels) and
+:mod:`unsupdistill.models.timm_spec` (``timm:`` networks), which build :class:`FeatureModel` values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+RANDOM_INIT_SEED = 0
+"""Seed of the random-init baseline's weights, so every evaluation compares against the same network."""
+
+ACCEPTED = (
+    "a run directory (backbone.safetensors + backbone.json, or checkpoints/last.pt), "
+    "a checkpoint file (.pt), an exported backbone (.safetensors with its .json beside it), "
+    "'timm:<name>[,key=value...]' for a randomly initialised timm backbone "
+    "(e.g. timm:resnet18,small_image_stem=true or timm:vit_tiny_patch16_224,img_size=32,patch_size=4), "
+    "'timm:<name>,pretrained=true[,key=value...]' for timm's pretrained weights, or 'pixels'"
+)
+
+
+class ModelSpecError(ValueError):
+    """A MODEL argument that names no loadable model."""
+
+
+@dataclass
+class FeatureModel:
+    """A frozen backbone and the preprocessing it expects.
+
+    Attributes:
+        name: short label for tables, e.g. ``"run:myrun"``, ``"timm:resnet18"``, ``"pixels"``.
+        backbone: in eval mode; maps a normalised float batch ``(B, 3, S, S)`` to features ``(B, D)``.
+        input_size: the side ``S`` images are resized to.
+        mean: per-channel mean subtracted from pixel values in [0, 1].
+        std: per-channel standard deviation they are divided by.
+        cache_key: sha256 hex identity of the weights and preprocessing, for feature caching.
+        architecture: the timm model name, or ``"pixels"``.
+        description: for trained models, the exported backbone's JSON sidecar (timm name and
+            arguments, resize policy, normalisation, step); for timm pretrained weights, a summary of
+            timm's pretrained config; None for the random-init and pixel baselines.
+    """
+
+    name: str
+    backbone: nn.Module
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    cache_key: str
+    architecture: str
+    description: dict[str, Any] | None = None
+
+
+class PixelFeatures(nn.Module):
+    """Raw pixels as features: each image flattened and centred on its own mean.
+
+    Cosine k-NN on these equals k-NN on images that are each centred and L2-normalised.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Args: x (B, 3, S, S). Returns (B, 3*S*S), every row with zero mean."""
+        flat = x.flatten(1)  # (B, 3*S*S)
+        return flat - flat.mean(dim=1, keepdim=True)
+
+
+def frozen(backbone: nn.Module) -> nn.Module:
+    """``backbone`` with no parameter requiring gradients, in eval mode."""
+    backbone.requires_grad_(False)
+    return backbone.eval()
+
+
+def triple(values: Any) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)
+    return a, b, c
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_sha256(module: nn.Module) -> str:
+    """sha256 hex of a module's state: every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().flatten()  # (numel,)
+        digest.update(f"{key}|{flat.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())  # raw bytes, whatever the dtype (bf16 too)
+    return digest.hexdigest()
+
+
+def cache_digest(weights: str, architecture: dict[str, Any] | None, input_size: int,
+                 mean: tuple[float, ...], std: tuple[float, ...], student: bool) -> str:
+    """sha256 hex of the weights' identity and everything that changes the features they give."""
+    parts = {"weights": weights, "architecture": architecture, "input_size": input_size, "mean": list(mean),
+             "std": list(std), "student": student}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,188 @@
+"""Frozen feature extractors from a MODEL argument: a pretraining run, a checkpoint, an exported backbone,
+a timm network (seeded random init, or timm's pretrained weights) or raw pixels.
+
+Evaluation, export and the distillation teacher all load models through :func:`load_model`.
+Nothing here unpickles code: checkpoints go through :func:`load_checkpoint` (``weights_only=True``)
+and exports through safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import timm
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from unsupdistill.config import ConfigError, config_from_dict
+from unsupdistill.models.backbone import BackboneSpec, describe_backbone, rebuild_backbone
+from unsupdistill.models.frozen import (
+    ACCEPTED,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RANDOM_INIT_SEED,
+    FeatureModel,
+    ModelSpecError,
+    PixelFeatures,
+    cache_digest,
+    file_sha256,
+    frozen,
+    triple,
+)
+from unsupdistill.models.timm_spec import load_timm, parse_timm_spec
+from unsupdistill.storage import CheckpointError, load_checkpoint
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "RANDOM_INIT_SEED", "FeatureModel", "ModelSpecError", "PixelFeatures",
+           "load_model", "parse_timm_spec"]
+
+
+def load_model(spec: str, *, image_size: int | None = None, student: bool = False) -> FeatureModel:
+    """Load the feature extractor a MODEL argument names.
+
+    Args:
+        spec: a run directory, a checkpoint ``.pt``, an exported ``.safetensors`` (with its ``.json``
+            sidecar) or a directory holding one, ``timm:<name>[,pretrained=true][,key=value...]`` or
+            ``pixels``.
+        image_size: side of the images fed to the model; required for ``pixels`` and for a random-init
+            ``timm:`` model without ``img_size``; for trained and pretrained models it overrides their own
+            input size (training crop, timm's pretrained config).
+        student: use the student's backbone instead of the teacher's (checkpoints and run directories
+            with a checkpoint only); ignored by ``timm:`` and ``pixels``, which have no teacher.
+
+    Raises:
+        ModelSpecError: the spec names nothing loadable; the message names it and the accepted forms.
+    """
+    spec = str(spec).strip()
+    if image_size is not None and image_size < 1:
+        raise ModelSpecError(f"image size {image_size} for model '{spec}' must be >= 1")
+    if spec == "pixels":
+        return _load_pixels(image_size)
+    if spec.startswith("timm:"):
+        return load_timm(spec, image_size)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _load_directory(spec, path, image_size, student)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".pt":
+            name = checkpoint_name(path) + ("/student" if student else "")
+            return _load_checkpoint(spec, path, image_size, student, name)
+        if suffix == ".safetensors":
+            if student:
+                raise ModelSpecError(f"model '{spec}' is an exported backbone, which holds the teacher only; "
+                                     "student weights are in the run's checkpoints: give the run directory or a .pt")
+            return _load_export(spec, path, image_size, f"export:{path.stem}")
+        raise ModelSpecError(f"model '{spec}' is a file that is neither a checkpoint (.pt) nor an exported "
+                             f"backbone (.safetensors); expected {ACCEPTED}")
+    raise ModelSpecError(f"model '{spec}' does not exist; expected {ACCEPTED}")
+
+
+def checkpoint_name(path: Path) -> str:
+    """``ckpt:<run>/<file>`` for a run's ``checkpoints/<file>``, else ``ckpt:<file>``."""
+    resolved = path.resolve()
+    if resolved.parent.name == "checkpoints":
+        return f"ckpt:{resolved.parent.parent.name}/{resolved.name}"
+    return f"ckpt:{resolved.name}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Trained models: run directories, checkpoints, exports
+# ----------------------------------------------------------------------------------------------
+
+
+def _load_directory(spec: str, path: Path, image_size: int | None, student: bool) -> FeatureModel:
+    """A run directory (or any directory holding an export): the export if any, else its last checkpoint."""
+    weights, checkpoint = path / "backbone.safetensors", path / "checkpoints" / "last.pt"
+    has_export = weights.is_file() and weights.with_suffix(".json").is_file()
+    name = f"run:{path.resolve().name}"
+    if student:
+        if not checkpoint.is_file():
+            raise ModelSpecError(f"model '{spec}' has no {checkpoint}: student weights are only in checkpoints "
+                                 "(an export holds the teacher); drop --student or give a run with checkpoints")
+        return _load_checkpoint(spec, checkpoint, image_size, student, f"{name}/student")
+    if has_export:
+        return _load_export(spec, weights, image_size, name)
+    if checkpoint.is_file():
+        return _load_checkpoint(spec, checkpoint, image_size, student, name)
+    raise ModelSpecError(f"model '{spec}' is a directory without backbone.safetensors + backbone.json or "
+                         f"checkpoints/last.pt; expected {ACCEPTED}")
+
+
+def _load_checkpoint(spec: str, path: Path, image_size: int | None, student: bool, name: str) -> FeatureModel:
+    """The exported network's backbone of an unsupdistill checkpoint (DINO's teacher, a distilled student or its
+    EMA), or the student's."""
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        raise ModelSpecError(f"model '{spec}': {err}") from err
+    try:
+        backbone_spec = BackboneSpec(**state["backbone"])
+        config = config_from_dict(state["config"], f"{path} config")
+        input_size = config.augment.global_1.size
+        mean, std = config.augment.mean, config.augment.std
+        source = "student" if student else state.get("exported", "teacher")  # distillation: student(_ema)
+        network = state[source]
+        description = describe_backbone(backbone_spec, config, int(state["step"]), source)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelSpecError(f"model '{spec}': checkpoint {path} lacks the backbone spec, augment config or "
+                             f"weights ({type(err).__name__}: {err}); it may come from an older version") from err
+    weights = {key.removeprefix("backbone."): value for key, value in network.items() if key.startswith("backbone.")}
+    backbone = _rebuild(spec, backbone_spec, weights)
+    size = image_size or input_size
+    key = cache_digest(file_sha256(path), backbone_spec.to_dict(), size, mean, std, student)
+    return FeatureModel(name, backbone, size, mean, std, key, backbone_spec.name, description)
+
+
+def _load_export(spec: str, weights_path: Path, image_size: int | None, name: str) -> FeatureModel:
+    """An exported backbone: ``<stem>.safetensors`` plus its ``<stem>.json`` sidecar."""
+    sidecar = weights_path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise ModelSpecError(f"model '{spec}': exported weights {weights_path} have no {sidecar.name} beside "
+                             "them (it says how to rebuild and feed the network); copy it along with the weights")
+    try:
+        meta = json.loads(sidecar.read_text())
+        backbone_spec = BackboneSpec(meta["timm_name"], dict(meta.get("timm_kwargs") or {}),
+                                     bool(meta.get("small_image_stem", False)), int(meta.get("feature_dim", 0)))
+        input_size = int(meta["input_size"])
+        mean, std = triple(meta["mean"]), triple(meta["std"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ModelSpecError(f"model '{spec}': {sidecar} is not an unsupdistill backbone description "
+                             f"({type(err).__name__}: {err}); it needs timm_name, input_size, mean and std") from err
+    try:
+        weights = load_file(weights_path)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type and OSError on bad files
+        raise ModelSpecError(f"model '{spec}': {weights_path} is not a readable safetensors file "
+                             f"({type(err).__name__}: {err})") from err
+    backbone = _rebuild(spec, backbone_spec, weights)
+    size = image_size or input_size
+    key = cache_digest(file_sha256(weights_path), backbone_spec.to_dict(), size, mean, std, False)
+    return FeatureModel(name, backbone, size, mean, std, key, backbone_spec.name, meta)
+
+
+def _rebuild(spec: str, backbone_spec: BackboneSpec, weights: dict[str, Tensor]) -> nn.Module:
+    """Build the backbone a spec describes and load ``weights`` into it, all keys matching."""
+    if not timm.is_model(backbone_spec.name):
+        raise ModelSpecError(f"model '{spec}' needs timm model '{backbone_spec.name}', which this timm "
+                             f"({timm.__version__}) does not have")
+    try:
+        backbone = rebuild_backbone(backbone_spec)
+        backbone.load_state_dict(weights, strict=True)
+    except (ConfigError, TypeError, RuntimeError) as err:
+        raise ModelSpecError(f"model '{spec}': its weights do not fit a rebuilt '{backbone_spec.name}' "
+                             f"({str(err).splitlines()[0]})") from err
+    return frozen(backbone)
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw pixels
+# ----------------------------------------------------------------------------------------------
+
+
+def _load_pixels(image_size: int | None) -> FeatureModel:
+    """Raw pixels in [0, 1], resized to ``image_size`` and centred per image."""
+    if image_size is None:
+        raise ModelSpecError("model 'pixels' needs the size images are resized to: pass --image-size")
+    zero, one = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    key = cache_digest("pixels|seed0", None, image_size, zero, one, False)
+    return FeatureModel("pixels", PixelFeatures().eval(), image_size, zero, one, key, "pixels")
