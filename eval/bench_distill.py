@@ -2,7 +2,8 @@
 
 For every student (a quarter-width ResNet-18 with the small-image stem, a ViT-Tiny with 4-px patches at
 32 px) and every teacher (``--teacher NAME=PATH``, e.g. the stand-in of ``../shared/teachers`` and a
-``recipes/cifar10_cpu.yaml`` run of ours), it runs, each as the CLI a user would type:
+``recipes/cifar10_cpu.yaml`` run of ours), it runs, each as the CLI command a user would type (called in
+this process, one after the other):
 
 - ``unsupdistill distill TRAIN --recipe cifar10_distill --teacher PATH`` with the student's model section,
   for ``--budget`` seconds (``train.time_budget_s``);
@@ -29,7 +30,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from unsupdistill.cli import main as cli_main
 from unsupdistill.evaluate.report import format_table, write_json
 from unsupdistill.models.load import load_model
 
@@ -59,14 +60,11 @@ QUICK = ["train.batch_size=16", "data.num_workers=0", "model.head_hidden_dim=64"
 """Overrides of every run in ``--quick`` (a smoke run of the whole script in about a minute)."""
 
 
-def run_cli(*args: str, log: Path) -> None:
-    """``python -m unsupdistill ARGS``, its output to ``log``; raises on a non-zero exit."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        code = subprocess.call([sys.executable, "-m", "unsupdistill", *args], stdout=out, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def run_cli(*args: str) -> None:
+    """``unsupdistill ARGS`` in this process, as a user would type it; raises on a non-zero exit."""
+    code = cli_main(list(args))
     if code != 0:
-        raise RuntimeError(f"unsupdistill {' '.join(args[:2])} failed with status {code}; see {log}")
+        raise RuntimeError(f"unsupdistill {' '.join(args[:2])} failed with status {code} (see the log above)")
 
 
 def evaluate(model: str | Path, data: Path, out: Path, linear: bool) -> dict:
@@ -74,7 +72,7 @@ def evaluate(model: str | Path, data: Path, out: Path, linear: bool) -> dict:
     report = out / "eval.json"
     if not report.is_file():
         run_cli("eval", str(model), "--train", str(data / "train"), "--test", str(data / "test"), "--out", str(out),
-                "--no-plots", "--no-clustering", *([] if linear else ["--no-linear"]), log=out / "eval.log")
+                "--no-plots", "--no-clustering", *([] if linear else ["--no-linear"]))
     results = json.loads(report.read_text())
     knn = results["knn"].get("20") or results["knn"][min(results["knn"], key=lambda k: abs(int(k) - 20))]
     return {"knn_top1": knn["top1"], "linear_top1": results.get("linear", {}).get("top1")}
@@ -103,7 +101,7 @@ def train_and_score(kind: str, name: str, args: argparse.Namespace, command: lis
     run = args.out / name
     if not (run / "backbone.safetensors").is_file():
         logger.info("training %s (%s, %.0f s)", name, kind, args.budget)
-        run_cli(*command, "--out", str(run), log=args.out / f"{name}.log")
+        run_cli(*command, "--out", str(run))
     row = {"run": name, "kind": kind, **evaluate(run, args.data, run / "eval", linear), **training_summary(run),
            "gflops_per_image": forward_gflops(run)}
     logger.info("%s: k-NN %.2f", name, row["knn_top1"])
@@ -124,8 +122,7 @@ def make_quick_data(root: Path) -> tuple[Path, Path]:
     teacher = root / "teacher"
     if not (teacher / "backbone.safetensors").is_file():
         run_cli("pretrain", str(root / "data" / "train"), "--recipe", "cifar10_cpu", "--out", str(teacher), *QUICK,
-                "model.backbone_kwargs={channels: [8, 16, 32, 64], stem_width: 8}", "train.max_steps=4",
-                log=root / "teacher.log")
+                "model.backbone_kwargs={channels: [8, 16, 32, 64], stem_width: 8}", "train.max_steps=4")
     return root / "data", teacher
 
 
@@ -154,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.data, quick_teacher = make_quick_data(args.out / "quick")
         teachers = {"tiny": str(quick_teacher)}
-        args.budget = 8
+        args.budget = 3
     if args.data is None or not teachers:
         parser.error("give --data and at least one --teacher NAME=PATH (or --quick)")
     budget = [f"train.time_budget_s={args.budget}"]
@@ -177,11 +174,11 @@ def main(argv: list[str] | None = None) -> int:
               "linear top-1": "-" if r.get("linear_top1") is None else f"{r['linear_top1']:.2f}",
               "images/s": "-" if r.get("images_per_s") is None else f"{r['images_per_s']:.0f}",
               "GFLOPs/image": f"{r['gflops_per_image']:.3f}"} for r in rows]
-    print(format_table(table, list(table[0])))
+    print(format_table(table, list(table[0]), markdown=True))
     result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores", "torch": torch.__version__, "budget_s": args.budget,
               "overrides": args.set, "command": " ".join(sys.argv), "rows": rows}
-    write_json(args.json or args.out / "result.json", result)
+    write_json(result, args.json or args.out / "result.json")
     print(f"\nresults: {args.json or args.out / 'result.json'}")
     return 0
 

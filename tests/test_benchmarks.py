@@ -128,3 +128,16 @@ def test_bench_budget_quick_trains_the_reference_for_its_budget_and_scores_it(tm
     # exported like an unsupdistill run, with the steps it trained
     assert json.loads((out / "backbone.json").read_text())["step"] == summary["steps"]
     assert (out / "backbone.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+
+
+def test_bench_distill_quick_distills_trains_dino_and_scores_every_run(tmp_path):
+    result = run_script("bench_distill.py", "--quick", "--out", str(tmp_path), "--json", str(tmp_path / "r.json"))
+    kinds = [row["kind"] for row in result["rows"]]
+    assert kinds == ["teacher", "distilled from tiny", "DINO from scratch"]
+    for row in result["rows"]:
+        assert 0 <= row["knn_top1"] <= 100 and 0 <= row["linear_top1"] <= 100 and row["gflops_per_image"] > 0
+    student, scratch = result["rows"][1], result["rows"][2]
+    assert student["images_per_s"] > 0 and scratch["images_per_s"] > 0 and student["steps"] >= 1
+    assert json.loads((tmp_path / "resnet18-tiny-from-tiny" / "backbone.json").read_text())["source"] == "student"
+    # the teacher is 4x the student's width: more FLOPs per image
+    assert result["rows"][0]["gflops_per_image"] > student["gflops_per_image"]

@@ -49,12 +49,13 @@ def distill(out: Path, teacher: str, *args: str) -> int:
     return main(["distill", "--out", str(out), "--teacher", teacher, *STUDENT, *args])
 
 
-@pytest.mark.parametrize("form", ["run", "export", "checkpoint"])
+@pytest.mark.parametrize("form", ["run", "export", "export-stem", "checkpoint"])
 def test_teacher_forms_of_ours_distill_and_export_the_student(teacher_run, tmp_path, form):
     teacher = {"run": teacher_run, "export": teacher_run / "backbone.safetensors",
+               "export-stem": teacher_run / "backbone",  # as ../shared/teachers names its teacher
                "checkpoint": teacher_run / "checkpoints" / "last.pt"}[form]
     out = tmp_path / "student"
-    assert distill(out, str(teacher), "train.max_steps=3") == 0
+    assert distill(out, str(teacher), "train.max_steps=3", "distill.loss=queue_kl") == 0
     meta = json.loads((out / "backbone.json").read_text())
     assert meta["source"] == "student" and meta["distill_loss"] == "queue_kl" and meta["step"] == 3
     assert meta["timm_kwargs"]["channels"] == [8, 8, 16, 16]  # the student's architecture, not the teacher's
@@ -148,7 +149,7 @@ def test_a_bad_teacher_fails_before_training_with_a_clear_message(vit_export, tm
 
 def test_resume_after_sigkill_gives_the_same_losses(teacher_run, tmp_path):
     args = ["--teacher", str(teacher_run), *STUDENT, "train.max_steps=24", "train.save_every_steps=4",
-            "train.seed=3", "distill.ema_momentum=0.9", "distill.mixup_alpha=0.2"]
+            "train.seed=3", "distill.ema_momentum=0.9", "distill.mixup_alpha=0.2", "distill.loss=queue_kl"]  # stateful
     reference = tmp_path / "reference"
     assert cli("distill", "--out", str(reference), *args).returncode == 0
     expected = {m["step"]: m["loss"] for m in read_metrics(reference)}

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the network runs (default auto: CUDA when available, else the CPU)")
 
     args, extra = parser.parse_known_args(argv)  # paths and key=value may follow options
-    if extra and (args.command != "pretrain" or any(a.startswith("-") for a in extra)):
+    if extra and (args.command not in ("pretrain", "distill") or any(a.startswith("-") for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if distributed.rank() == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")

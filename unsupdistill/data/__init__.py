@@ -15,6 +15,7 @@ import logging
 import os
 from pathlib import Path
 
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from unsupdistill.config import DataConfig
@@ -25,7 +26,7 @@ from unsupdistill.data.scan import FolderScan, scan_folder, scan_for_run
 
 __all__ = ["IMAGE_EXTENSIONS", "DataError", "DigitsDataset", "FolderScan", "ImageFolderDataset", "build_dataset",
            "digits_split", "list_image_files", "load_rgb", "num_workers", "resize_center_crop", "scan_folder",
-           "scan_for_run", "write_skipped"]
+           "scan_for_run", "list_late_failures", "write_skipped"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,24 @@ def write_skipped(dataset: Dataset, path: Path) -> int:
         lines = "".join(f"{_one_line(file)}\t{_one_line(reason)}\n" for file, reason in skipped)
         path.write_text(lines, encoding="utf-8", errors="surrogateescape")
     return len(skipped)
+
+
+def list_late_failures(dataset: Dataset, failed: Tensor, path: Path) -> int:
+    """Append the files of a batch that failed after the start-up scan (and were replaced in the batch) to
+    ``path``, one "path<TAB>reason" line each as :func:`write_skipped` writes them; their count.
+
+    Args:
+        dataset: an :class:`ImageFolderDataset` with ``substitute=True``.
+        failed: per sample of the batch, the index of the file that failed, or -1.
+        path: the run's ``skipped.txt``.
+    """
+    indices = [int(i) for i in failed if i >= 0]
+    if indices:
+        reason = f"failed after the start-up scan (data.verify={dataset.verify}); replaced by another image"
+        lines = "".join(f"{_one_line(dataset.files[i])}\t{reason}\n" for i in indices)
+        with open(path, "a", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(lines)
+    return len(indices)
 
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})

@@ -11,10 +11,10 @@ from pathlib import Path
 from unsupdistill import distributed
 from unsupdistill.config import Config
 from unsupdistill.data import FolderScan
-from unsupdistill.methods.base import Export, Method, Runtime
 from unsupdistill.methods.dino import DINO
 from unsupdistill.methods.distill import Distillation
 from unsupdistill.train.loop import Probe, Trainer
+from unsupdistill.train.method import Export, Method, Runtime
 
 METHODS: dict[str, type[Method]] = {"dino": DINO, "distill": Distillation}
 """The ``method`` values of the config and the classes that implement them."""

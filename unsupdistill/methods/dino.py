@@ -11,9 +11,9 @@ from torch import Tensor, nn
 from unsupdistill.augment import MultiCropAugmentation
 from unsupdistill.config import Config
 from unsupdistill.losses.dino import build_dino_loss
-from unsupdistill.methods.base import Export, Method, Runtime
 from unsupdistill.models import build_student_teacher
 from unsupdistill.train.health import collapse_warnings, health_signals
+from unsupdistill.train.method import Export, Method, Runtime
 from unsupdistill.train.precision import avoid_cpu_bf16_faults
 from unsupdistill.train.schedules import ScheduleValues
 

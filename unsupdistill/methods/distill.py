@@ -1,11 +1,12 @@
 """Knowledge distillation: a frozen teacher's features guide a small student on unlabeled images.
 
-The default follows LightlyTrain's ``distillation``: the student's pooled features are projected to the
-teacher's dimension and both are matched as softmax distributions over a queue of teacher embeddings
-(:class:`~unsupdistill.losses.QueueKLLoss`), optionally with a dense patch-similarity term. ``loss=dino``
-is DINOv2's recipe for its small models: DINO's loss against the frozen teacher's own head, with an EMA of
-the student kept as the exported model. Teacher and student see the same view of each image ("consistent
-teacher", Beyer et al. 2022), each at its own input size and normalisation.
+The student's pooled features are projected to the teacher's dimension and matched to the teacher's: by
+cosine (the default, :class:`~unsupdistill.losses.CosineLoss`), or as softmax distributions over a queue of
+teacher embeddings (:class:`~unsupdistill.losses.QueueKLLoss`, LightlyTrain's ``distillation``), optionally
+with a dense patch-similarity term. ``loss=dino`` is DINOv2's recipe for its small models: DINO's loss
+against the frozen teacher's own head, with an EMA of the student kept as the exported model. Teacher and
+student see the same view of each image ("consistent teacher", Beyer et al. 2022), each at its own input
+size and normalisation.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from torch import Tensor, nn
 from unsupdistill.augment import DistillAugmentation
 from unsupdistill.config import Config, ConfigError
 from unsupdistill.losses import CosineLoss, DensePatchKLLoss, FrozenTeacherDINOLoss, QueueKLLoss, default_queue_size
-from unsupdistill.methods.base import Export, Method, Runtime
 from unsupdistill.models.backbone import create_backbone, pooled_and_spatial
 from unsupdistill.models.teachers import load_teacher
 from unsupdistill.train.health import health_signals
+from unsupdistill.train.method import Export, Method, Runtime
 from unsupdistill.train.precision import avoid_cpu_bf16_faults
 from unsupdistill.train.schedules import ScheduleValues
 
@@ -82,9 +83,25 @@ class Distillation(Method):
         else:  # QueueKLLoss is sized in setup(), once the dataset's size is known
             self.global_loss = CosineLoss() if d.loss == "cosine" else QueueKLLoss(self.teacher.feature_dim, 1,
                                                                                    d.temperature)
-        self.dense_loss = DensePatchKLLoss(d.dense_temperature) if d.dense_weight > 0 else None
+        self.dense_loss = None
+        if d.dense_weight > 0:
+            self._check_spatial(size)
+            self.dense_loss = DensePatchKLLoss(d.dense_temperature)
         self.global_loss.to(runtime.device)
         self._last: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def _check_spatial(self, size: int) -> None:
+        """The dense term needs spatial features (a CNN map, ViT patch tokens) from both networks."""
+        device, teacher_size = self.runtime.device, self.teacher.input_size
+        for name, backbone, side in (("student", self.student.backbone, size),
+                                     ("teacher", self.teacher.backbone, teacher_size)):
+            was_training = backbone.training
+            _, spatial = pooled_and_spatial(backbone.eval(), torch.zeros(2, 3, side, side, device=device))
+            backbone.train(was_training)
+            if spatial is None:
+                raise ConfigError(f"distill.dense_weight={self.config.distill.dense_weight:g} needs spatial features, "
+                                  f"but the {name} ({type(backbone).__name__}) gives none; set distill.dense_weight=0")
 
     def _head(self) -> nn.Module:
         """loss=dino: a DINO head shaped like the teacher run's; otherwise a linear map to the teacher's dimension."""
@@ -134,8 +151,6 @@ class Distillation(Method):
         else:
             loss = self.global_loss(student_out, target)
         if self.dense_loss is not None:
-            if student_spatial is None or teacher_spatial is None:
-                raise ValueError("distill.dense_weight > 0 needs spatial features from both networks")
             dense = self.dense_loss(student_spatial.float(), teacher_spatial.float())
             self._last["dense"] = dense.detach()
             loss = loss + self.config.distill.dense_weight * dense

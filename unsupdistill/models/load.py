@@ -42,8 +42,8 @@ def load_model(spec: str, *, image_size: int | None = None, student: bool = Fals
 
     Args:
         spec: a run directory, a checkpoint ``.pt``, an exported ``.safetensors`` (with its ``.json``
-            sidecar) or a directory holding one, ``timm:<name>[,pretrained=true][,key=value...]`` or
-            ``pixels``.
+            sidecar; the path without ``.safetensors`` too) or a directory holding one,
+            ``timm:<name>[,pretrained=true][,key=value...]`` or ``pixels``.
         image_size: side of the images fed to the model; required for ``pixels`` and for a random-init
             ``timm:`` model without ``img_size``; for trained and pretrained models it overrides their own
             input size (training crop, timm's pretrained config).
@@ -61,6 +61,8 @@ def load_model(spec: str, *, image_size: int | None = None, student: bool = Fals
     if spec.startswith("timm:"):
         return load_timm(spec, image_size)
     path = Path(spec).expanduser()
+    if not path.exists() and path.with_name(path.name + ".safetensors").is_file():  # an export named by its stem
+        path = path.with_name(path.name + ".safetensors")
     if path.is_dir():
         return _load_directory(spec, path, image_size, student)
     if path.is_file():

@@ -110,6 +110,8 @@ def _source(spec: str, input_size: int | None, need_head: bool) -> tuple[str | P
                                "img_size=<int> to the spec")
         return spec, None
     path = Path(spec).expanduser()
+    if not path.exists() and path.with_name(path.name + ".safetensors").is_file():  # an export named by its stem
+        path = path.with_name(path.name + ".safetensors")
     if not path.exists():
         raise TeacherError(f"teacher '{spec}' does not exist; give {_FORMS}")
     if not need_head:

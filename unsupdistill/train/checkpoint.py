@@ -1,4 +1,5 @@
-"""Resuming a run in its own directory: what a later part of the run left is set aside, never overwritten."""
+"""Resuming a run: every process's random state restored; in the run's own directory, what a later part of
+the run left is set aside, never overwritten."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
+from unsupdistill import distributed
 from unsupdistill.storage import CheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -51,3 +55,20 @@ def set_aside_later_state(run_dir: Path, step: int) -> Path | None:
                    "the run, resume with --out NEW_DIR instead", step, newest,
                    ", ".join(f"{p.name} at step {s}" for p, s in later.items()), target)
     return target
+
+
+def restore_rng(rngs: list[dict], world: int, device: torch.device, reseed: int) -> None:
+    """Restore this process's RNG states from a checkpoint's ``rng`` list (one entry per process).
+
+    With another number of processes than wrote it, augmentation randomness is reseeded with ``reseed`` plus
+    the rank instead: the run continues, but not bit for bit.
+    """
+    if len(rngs) == world:
+        rng = rngs[distributed.rank()]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    else:
+        logger.warning("checkpoint was written by %d process(es), now %d: augmentation randomness is "
+                       "reseeded, so the run continues but not bit-for-bit", len(rngs), world)
+        torch.manual_seed(reseed + distributed.rank())

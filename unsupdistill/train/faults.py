@@ -11,7 +11,10 @@ import threading
 from types import FrameType
 from typing import Any
 
+import torch
 from torch import Tensor
+
+from unsupdistill.config import OptimConfig
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +99,8 @@ def non_finite_report(what: str, *, step: int, epoch: float, world: int, loss: f
         bad_parameters: names of the parameters with non-finite gradients.
         signals: the health signals of the step; ``warnings`` their diagnoses.
         saved_step: the step of the last good checkpoint, None when none was written.
-        advice: what to try, most likely first; ``resume`` the command that continues the run.
+        advice: what to try, most likely first (see :func:`non_finite_advice`); ``resume`` the command that
+            continues the run.
     """
     where = f" in at least one of {world} processes" if world > 1 else ""
     scheduled = ", ".join(f"{key} {value:.3g}" for key, value in values.items())
@@ -113,3 +117,16 @@ def non_finite_report(what: str, *, step: int, epoch: float, world: int, loss: f
     lines.append(f"nothing of this step was applied (no optimizer step, no teacher update); {kept}")
     lines.append(f"try: {'; '.join(advice)}; then resume with: {resume} KEY=VALUE")
     return TrainingError("\n  ".join(lines))
+
+
+def non_finite_advice(optim: OptimConfig, autocast_dtype: torch.dtype | None, device: torch.device) -> list[str]:
+    """What to try after a non-finite loss or gradient, most likely first."""
+    advice = [f"lower optim.lr (now {optim.lr:g})", f"raise optim.warmup_epochs (now {optim.warmup_epochs:g})"]
+    if optim.clip_grad <= 0:
+        advice.append("clip gradients (optim.clip_grad=3)")
+    if autocast_dtype == torch.bfloat16 and device.type == "cpu":
+        advice.insert(0, "use train.precision=fp32 (bf16 autocast on CPU can give non-finite gradients in "
+                         "oneDNN kernels; unsupdistill.train.precision works around the one known)")
+    elif autocast_dtype is not None:
+        advice.append("use train.precision=fp32")
+    return advice

@@ -2,7 +2,7 @@
 
 It owns data, precision, schedules, the time budget, checkpoints, resume, stop signals, torchrun,
 metrics and health logging; the method (``unsupdistill.methods``) supplies networks, views, the loss
-and the export through the hooks of :class:`~unsupdistill.methods.base.Method`.
+and the export through the hooks of :class:`~unsupdistill.train.method.Method`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from lightly.models.utils import get_weight_decay_parameters
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -25,23 +24,25 @@ from tqdm import tqdm
 
 from unsupdistill import distributed
 from unsupdistill.config import Config, ConfigError
-from unsupdistill.data import DataError, FolderScan, build_dataset, num_workers, write_skipped
+from unsupdistill.data import DataError, FolderScan, build_dataset, list_late_failures, num_workers
 from unsupdistill.devices import training_device
-from unsupdistill.methods.base import Method, Runtime
 from unsupdistill.models.backbone import describe_backbone
-from unsupdistill.storage import remove_stale_temp_files, save_backbone, save_checkpoint
+from unsupdistill.storage import save_backbone, save_checkpoint
+from unsupdistill.train.checkpoint import restore_rng
 from unsupdistill.train.faults import (
     StopRequest,
     TrainingError,
     TrainingStopped,
     first_non_finite,
+    non_finite_advice,
     non_finite_report,
 )
+from unsupdistill.train.method import Method, Runtime
 from unsupdistill.train.metrics import MetricsLogger
 from unsupdistill.train.precision import resolve_precision
 from unsupdistill.train.sampler import build_loader
 from unsupdistill.train.schedules import ScheduleValues, TimeBudget, scaled_lr, schedule_at
-from unsupdistill.train.status import resume_command
+from unsupdistill.train.status import resume_command, write_run_files
 
 logger = logging.getLogger(__name__)
 
@@ -197,22 +198,14 @@ class Trainer:
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
         bad = [name for name, p in self.method.student.named_parameters()
                if p.grad is not None and not torch.isfinite(p.grad).all()]
-        o = self.config.optim
-        advice = [f"lower optim.lr (now {o.lr:g})", f"raise optim.warmup_epochs (now {o.warmup_epochs:g})"]
-        if o.clip_grad <= 0:
-            advice.append("clip gradients (optim.clip_grad=3)")
-        if self.autocast_dtype == torch.bfloat16 and self.device.type == "cpu":
-            advice.insert(0, "use train.precision=fp32 (bf16 autocast on CPU can give non-finite gradients in "
-                             "oneDNN kernels; unsupdistill.train.precision works around the one known)")
-        elif self.autocast_dtype is not None:
-            advice.append("use train.precision=fp32")
         return non_finite_report(
             what, step=self.step + 1, epoch=(self.step + 1) / self.steps_per_epoch, world=self.world,
             loss=loss.item(), grad_norm=grad_norm.item(),
             values={"lr": sched.lr, "teacher temperature": sched.teacher_temp},
             setting=f"loss scale {scale}, precision {precision} on {self.device.type}", bad_parameters=bad,
             signals=signals, warnings=list(self.method.warnings(signals).values()), saved_step=self.saved_step,
-            advice=advice, resume=self._resume_command())
+            advice=non_finite_advice(self.config.optim, self.autocast_dtype, self.device),
+            resume=self._resume_command())
 
     # ---- the run ---------------------------------------------------------------------------------
 
@@ -232,7 +225,7 @@ class Trainer:
         last_step = min(cap, planned)
         metrics = None
         if self.is_main:
-            self._write_run_files()
+            write_run_files(self.run_dir, self.config, self.config_notes, self.dataset)
             metrics = MetricsLogger(self.run_dir, resume_step=self.step if self.step else None)
             logger.info(
                 "training %s on %d images: %d epochs x %d steps, global batch %d over %d process(es), "
@@ -321,13 +314,7 @@ class Trainer:
         if not isinstance(batch, (list, tuple)):
             return batch
         images, failed = batch
-        failed = [int(i) for i in failed if i >= 0]
-        if failed:
-            self.files_failed += len(failed)
-            lines = "".join(f"{self.dataset.files[i]}\tfailed after the start-up scan (data.verify="
-                            f"{self.dataset.verify}); replaced by another image\n" for i in failed)
-            with open(self.run_dir / "skipped.txt", "a", encoding="utf-8", errors="surrogateescape") as f:
-                f.write(lines)
+        self.files_failed += list_late_failures(self.dataset, failed, self.run_dir / "skipped.txt")
         return images
 
     def dry_run_step(self) -> dict:
@@ -406,29 +393,8 @@ class Trainer:
         self.step = self.saved_step = int(state["step"])
         if self.budget is not None:
             self.budget.spent_before = state.get("train_seconds") or 0.0
-        rngs = state["rng"]
-        if len(rngs) == self.world:
-            rng = rngs[distributed.rank()]
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
-        else:
-            logger.warning("checkpoint was written by %d process(es), now %d: augmentation randomness is "
-                           "reseeded, so the run continues but not bit-for-bit", len(rngs), self.world)
-            torch.manual_seed(self.config.train.seed + self.step + distributed.rank())
+        restore_rng(state["rng"], self.world, self.device, self.config.train.seed + self.step)
         logger.info("resumed at step %d (epoch %.2f)", self.step, self.step / self.steps_per_epoch)
-
-    def _write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for folder in (self.run_dir, self.run_dir / "checkpoints"):
-            for tmp in remove_stale_temp_files(folder):
-                logger.info("removed %s, left by a process killed while writing", tmp)
-        notes = "".join(f"# {line}\n" for line in self.config_notes.splitlines())
-        (self.run_dir / "config.yaml").write_text(notes + yaml.safe_dump(self.config.to_dict(), sort_keys=False,
-                                                                         allow_unicode=True), encoding="utf-8")
-        skipped = write_skipped(self.dataset, self.run_dir / "skipped.txt")
-        if skipped:
-            logger.info("%d unreadable files listed in %s", skipped, self.run_dir / "skipped.txt")
 
     def export_backbone(self) -> Path:
         export = self.method.export()

@@ -1,4 +1,6 @@
-"""``status.json``: how a run ended, for a scheduler's requeue script.
+"""What a run directory says about its run: ``config.yaml``, ``skipped.txt`` and ``status.json``.
+
+``status.json`` tells how a run ended, for a scheduler's requeue script.
 
 torchrun reports any worker's non-zero exit as 1, so exit status 75 (preempted, checkpoint written)
 cannot be told from a diverged run by the exit status alone. Process 0 writes ``status.json`` in the
@@ -13,6 +15,7 @@ run directory when the run starts and at every exit:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import socket
@@ -21,8 +24,15 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+from torch.utils.data import Dataset
+
 from unsupdistill import distributed
-from unsupdistill.storage import atomic_write
+from unsupdistill.config import Config
+from unsupdistill.data import write_skipped
+from unsupdistill.storage import atomic_write, remove_stale_temp_files
+
+logger = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
 State = Literal["running", "done", "preempted", "failed"]
@@ -68,3 +78,18 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def write_run_files(run_dir: Path, config: Config, notes: str, dataset: Dataset) -> None:
+    """At the start of a run (process 0): remove temporary files of writers killed mid-write, write
+    ``config.yaml`` (``notes`` as comment lines on top) and list the dataset's unreadable files in ``skipped.txt``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (run_dir, run_dir / "checkpoints"):
+        for tmp in remove_stale_temp_files(folder):
+            logger.info("removed %s, left by a process killed while writing", tmp)
+    comments = "".join(f"# {line}\n" for line in notes.splitlines())
+    (run_dir / "config.yaml").write_text(comments + yaml.safe_dump(config.to_dict(), sort_keys=False,
+                                                                   allow_unicode=True), encoding="utf-8")
+    skipped = write_skipped(dataset, run_dir / "skipped.txt")
+    if skipped:
+        logger.info("%d unreadable files listed in %s", skipped, run_dir / "skipped.txt")
