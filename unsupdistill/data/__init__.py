@@ -93,7 +93,7 @@ def list_late_failures(dataset: Dataset, failed: Tensor, path: Path) -> int:
     indices = [int(i) for i in failed if i >= 0]
     if indices:
         reason = f"failed after the start-up scan (data.verify={dataset.verify}); replaced by another image"
-        lines = "".join(f"{_one_line(dataset.files[i])}\t{reason}\n" for i in indices)
+        lines = "".join(f"{_one_line(str(dataset.files[i]))}\t{reason}\n" for i in indices)
         with open(path, "a", encoding="utf-8", errors="surrogateescape") as f:
             f.write(lines)
     return len(indices)
