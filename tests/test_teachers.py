@@ -2,7 +2,6 @@
 local file), gives pooled and spatial features, and a teacher that cannot work fails before training."""
 
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +24,7 @@ VIT = "timm:vit_tiny_patch16_224,img_size=16,patch_size=4,embed_dim=32,depth=1,n
 OVERLAY_CFG = "mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25], input_size: [3, 16, 16]"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from unsupdistill.config import Config, ConfigError
 from unsupdistill.losses import CosineLoss, DensePatchKLLoss, FrozenTeacherDINOLoss, QueueKLLoss, default_queue_size
 from unsupdistill.models.backbone import create_backbone, pooled_and_spatial
 from unsupdistill.models.teachers import load_teacher
-from unsupdistill.train.health import health_signals
+from unsupdistill.train.health import feature_spread, health_signals
 from unsupdistill.train.method import Export, Method, Runtime
 from unsupdistill.train.precision import avoid_cpu_bf16_faults
 from unsupdistill.train.schedules import ScheduleValues
@@ -162,8 +162,8 @@ class Distillation(Method):
         out = {
             # how far the student has come: cosine of its head output and the teacher's target
             "teacher_agreement": F.cosine_similarity(last["output"], last["target"], dim=-1).mean().item(),
-            "student_feature_std": F.normalize(last["student"].float(), dim=-1).std(dim=0).mean().item(),
-            "teacher_feature_std": F.normalize(last["teacher"].float(), dim=-1).std(dim=0).mean().item(),
+            "student_feature_std": feature_spread(last["student"]).item(),
+            "teacher_feature_std": feature_spread(last["teacher"]).item(),
         }
         if "center" in last:
             out |= health_signals(last["target"], last["center"], sched.teacher_temp, last["student"])

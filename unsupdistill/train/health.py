@@ -37,7 +37,7 @@ def health_signals(teacher_logits: Tensor, center: Tensor, teacher_temp: float, 
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1).mean()
     top = probs.argmax(dim=-1)
     top_share = torch.bincount(top).max().float() / top.numel()
-    feature_std = F.normalize(student_features.float(), dim=-1).std(dim=0).mean()
+    feature_std = feature_spread(student_features)
     log_k = math.log(logits.shape[-1])
     return {
         "teacher_entropy": entropy.item(),
@@ -45,6 +45,12 @@ def health_signals(teacher_logits: Tensor, center: Tensor, teacher_temp: float, 
         "teacher_top_share": top_share.item(),
         "student_feature_std": feature_std.item(),
     }
+
+
+def feature_spread(features: Tensor) -> Tensor:
+    """Std over the batch of L2-normalised features (N, D), mean over dims: about 1/sqrt(D) when they spread,
+    0 when they collapse to a point."""
+    return F.normalize(features.float(), dim=-1).std(dim=0).mean()
 
 
 def collapse_warnings(signals: dict, num_outputs: int, feature_dim: int) -> dict[str, str]:
