@@ -21,9 +21,12 @@ MIN_BLUR_SIGMA = 0.1
 """Smallest blur sigma in output pixels; below it a Gaussian kernel is the identity."""
 
 
-def blur_sigma(spec: CropSpec) -> tuple[float, float]:
-    """Return the blur sigma range for ``spec.size``-px crops, scaled from the 224-px reference."""
-    low, high = (max(s * spec.size / REFERENCE_SIZE, MIN_BLUR_SIGMA) for s in spec.blur_sigma)
+def blur_sigma(spec: CropSpec, global_size: int | None = None) -> tuple[float, float]:
+    """Return the blur sigma range in output pixels, scaled from the 224-px reference by the global crop's size
+    (``spec.size`` when not given): DINO blurs its 96-px local crops with the same sigma in pixels, 0.1-2.0, as
+    its 224-px global ones."""
+    scale = (global_size or spec.size) / REFERENCE_SIZE
+    low, high = (max(s * scale, MIN_BLUR_SIGMA) for s in spec.blur_sigma)
     return low, high
 
 
@@ -35,7 +38,8 @@ def blur_kernel_size(size: int, sigma_max: float) -> int:
 
 
 def build_view_transform(
-    spec: CropSpec, mean: tuple[float, float, float], std: tuple[float, float, float]
+    spec: CropSpec, mean: tuple[float, float, float], std: tuple[float, float, float],
+    global_size: int | None = None, crop_mode: str = "slice",
 ) -> nn.Module:
     """Build the kornia pipeline for one kind of view; stages whose probability is 0 are left out.
 
@@ -43,6 +47,8 @@ def build_view_transform(
         spec: crop size, scale range and the probabilities and strengths of the photometric ops.
         mean: per-channel mean subtracted at the end.
         std: per-channel standard deviation divided by at the end.
+        global_size: the global crop's size, which the blur sigma is scaled by (see :func:`blur_sigma`).
+        crop_mode: kornia's ``cropping_mode``: ``slice`` (a resize per image) or ``resample`` (one batched warp).
 
     Returns:
         A module mapping float images (B, 3, H, W) in [0, 1] to normalised views (B, 3, size, size).
@@ -52,7 +58,7 @@ def build_view_transform(
         # overshoot PIL clamps away); kornia has no antialiasing here, so strong downscaling aliases.
         K.RandomResizedCrop(
             (spec.size, spec.size), scale=spec.scale, ratio=(3 / 4, 4 / 3), resample="bilinear",
-            align_corners=False,
+            align_corners=False, cropping_mode=crop_mode,
         )
     ]
     if spec.flip_p > 0:
@@ -63,7 +69,7 @@ def build_view_transform(
     if spec.grayscale_p > 0:
         stages.append(K.RandomGrayscale(p=spec.grayscale_p))
     if spec.blur_p > 0 and spec.size >= 3:  # a 3-px kernel cannot reflect-pad a 1- or 2-px crop
-        sigma = blur_sigma(spec)
+        sigma = blur_sigma(spec, global_size)
         stages.append(K.RandomGaussianBlur(blur_kernel_size(spec.size, sigma[1]), sigma, p=spec.blur_p))
     if spec.solarize_p > 0:
         # thresholds=0.0 is a zero half-width around 0.5: DINO's fixed threshold (PIL's 128 of 255).
@@ -82,9 +88,10 @@ class MultiCropAugmentation(nn.Module):
     def __init__(self, cfg: AugmentConfig) -> None:
         super().__init__()
         self.num_local_crops = cfg.num_local_crops
-        self.global_1 = build_view_transform(cfg.global_1, cfg.mean, cfg.std)
-        self.global_2 = build_view_transform(cfg.global_2, cfg.mean, cfg.std)
-        self.local = build_view_transform(cfg.local, cfg.mean, cfg.std) if cfg.num_local_crops > 0 else None
+        size, mode = cfg.global_1.size, cfg.crop_mode
+        self.global_1 = build_view_transform(cfg.global_1, cfg.mean, cfg.std, size, mode)
+        self.global_2 = build_view_transform(cfg.global_2, cfg.mean, cfg.std, size, mode)
+        self.local = build_view_transform(cfg.local, cfg.mean, cfg.std, size, mode) if cfg.num_local_crops else None
 
     @property
     def num_views(self) -> int:

@@ -67,6 +67,12 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
         need(getattr(lo, key) > 0, f"loss.{key}", "a number > 0")
     need(lo.warmup_teacher_temp_epochs >= 0, "loss.warmup_teacher_temp_epochs", "an integer >= 0")
     need(0 <= lo.center_momentum < 1, "loss.center_momentum", "a number in [0, 1)")
+    need(lo.sinkhorn_iterations >= 1, "loss.sinkhorn_iterations", "an integer >= 1")
+    need(lo.koleo_weight >= 0, "loss.koleo_weight", "a number >= 0 (0 turns KoLeo off)")
+    need(lo.ibot_weight >= 0, "loss.ibot_weight", "a number >= 0 (0 turns iBOT off)")
+    need(0 <= lo.ibot_mask_p <= 1, "loss.ibot_mask_p", "a probability in [0, 1]")
+    need(0 <= lo.ibot_mask_ratio[0] <= lo.ibot_mask_ratio[1] <= 1, "loss.ibot_mask_ratio",
+         "[min, max] with 0 <= min <= max <= 1")
 
     o = config.optim
     need(o.lr > 0, "optim.lr", "a number > 0")

@@ -31,7 +31,9 @@ class CropSpec:
     grayscale_p: float = 0.2
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    """Gaussian blur sigma range, in pixels of a 224-px crop; scaled with ``size``."""
+    """Gaussian blur sigma range, in pixels of a 224-px global crop; every kind of view is scaled by the
+    global crop's size over 224 (DINO gives its 96-px local crops the same sigma in pixels as its 224-px
+    global ones)."""
     solarize_p: float = 0.0
 
 
@@ -50,6 +52,9 @@ class AugmentConfig:
     num_local_crops: int = 4
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    crop_mode: Literal["slice", "resample"] = "slice"
+    """How kornia's RandomResizedCrop resizes a batch: ``slice``, one resize per image; ``resample``, one
+    batched perspective warp for all images of a view."""
 
 
 PATH = {"path": True}
@@ -104,6 +109,21 @@ class LossConfig:
     warmup_teacher_temp: float = 0.01
     warmup_teacher_temp_epochs: int = 0
     center_momentum: float = 0.9
+    centering: Literal["ema", "sinkhorn"] = "ema"
+    """How the teacher's outputs are centred: ``ema``, DINO's moving-average centre subtracted before the
+    softmax; ``sinkhorn``, DINOv2's Sinkhorn-Knopp normalisation of the batch (no centre kept)."""
+    sinkhorn_iterations: int = 3
+    koleo_weight: float = 0.0
+    """Weight of DINOv2's KoLeo regulariser on the student's L2-normalised backbone features of each global
+    crop (DINOv2: 0.1); 0 turns it off."""
+    ibot_weight: float = 0.0
+    """ViTs only: weight of iBOT's masked-patch loss (DINOv2: 1.0); 0 turns it off."""
+    ibot_mask_p: float = 0.5
+    """Share of global crops whose patches are masked for iBOT."""
+    ibot_mask_ratio: tuple[float, float] = (0.1, 0.5)
+    """Range of the share of patches masked in a masked crop."""
+    ibot_separate_head: bool = False
+    """Predict patch tokens through a head of their own instead of the DINO head."""
 
 
 @dataclass
@@ -117,7 +137,10 @@ class OptimConfig:
     weight_decay_end: float = 0.4
     sgd_momentum: float = 0.9
     clip_grad: float = 3.0
-    """Max total gradient norm of the student; 0 disables clipping."""
+    """Max gradient norm of the student (see ``clip_mode``); 0 disables clipping."""
+    clip_mode: Literal["total", "per_param"] = "total"
+    """``total``: the norm over all parameters together; ``per_param``: each parameter tensor's own norm
+    (DINO's ``clip_gradients``, a much weaker limit)."""
     freeze_last_layer_epochs: float = 1.0
     teacher_momentum: float = 0.99
     """EMA momentum at step 0, cosine to teacher_momentum_end. DINO: 0.996 for runs of 100k+ steps;

@@ -9,13 +9,51 @@ from lightly.loss import DINOLoss
 from torch import Tensor, nn
 
 from unsupdistill.config import LossConfig
+from unsupdistill.losses.sinkhorn import sinkhorn_knopp
 
 
-def build_dino_loss(cfg: LossConfig, output_dim: int) -> DINOLoss:
-    """lightly's DINO loss: centre and sharpen the teacher, cross-entropy over all pairs but same views,
-    centre all-reduced across processes. The teacher temperature is passed per call (a schedule)."""
+def build_dino_loss(cfg: LossConfig, output_dim: int) -> nn.Module:
+    """DINO's loss over views: cross-entropy over all pairs but same views, the teacher temperature passed per
+    call (a schedule). ``loss.centering=ema``: lightly's ``DINOLoss`` (centre all-reduced across processes);
+    ``sinkhorn``: :class:`SinkhornDINOLoss`."""
+    if cfg.centering == "sinkhorn":
+        return SinkhornDINOLoss(output_dim, cfg.student_temp, cfg.sinkhorn_iterations)
     return DINOLoss(output_dim=output_dim, teacher_temp=cfg.teacher_temp, student_temp=cfg.student_temp,
                     center_momentum=cfg.center_momentum)
+
+
+class SinkhornDINOLoss(nn.Module):
+    """DINO's multi-view cross-entropy with the teacher's targets from Sinkhorn-Knopp (DINOv2) instead of a centre.
+
+    ``L = 1/(n_pairs B) sum_{t != s} sum_b H(Q_t(b), softmax(s_s(b) / T_s))``, where ``Q`` is
+    :func:`~unsupdistill.losses.sinkhorn.sinkhorn_knopp` of the teacher's outputs of all global views together.
+
+    Args:
+        output_dim: number K of prototypes.
+        student_temp: student temperature T_s.
+        iterations: Sinkhorn-Knopp iterations.
+    """
+
+    center: Tensor
+
+    def __init__(self, output_dim: int, student_temp: float = 0.1, iterations: int = 3) -> None:
+        super().__init__()
+        self.student_temp, self.iterations = student_temp, iterations
+        # kept at zero: health signals and checkpoints read the same key as with the EMA centre
+        self.register_buffer("center", torch.zeros(1, 1, output_dim))
+        self.last_targets: Tensor | None = None
+
+    def forward(self, teacher_out: list[Tensor], student_out: list[Tensor], teacher_temp: float) -> Tensor:
+        """Args: teacher_out: per global view (B, K); student_out: per view (B, K), global views first.
+        Returns the scalar loss; keeps the targets (V_t * B, K) in ``last_targets`` for health signals."""
+        views = len(teacher_out)
+        targets = sinkhorn_knopp(torch.cat(teacher_out), teacher_temp, self.iterations)  # (V_t * B, K)
+        self.last_targets = targets
+        log_probs = F.log_softmax(torch.stack(student_out).float() / self.student_temp, dim=-1)  # (V_s, B, K)
+        pairs = -torch.einsum("tbk,sbk->ts", targets.reshape(views, -1, targets.shape[-1]), log_probs)
+        pairs.fill_diagonal_(0)  # a teacher view against the same student view
+        n_terms = pairs.numel() - min(pairs.shape)
+        return pairs.sum() / (n_terms * log_probs.shape[1])
 
 
 class FrozenTeacherDINOLoss(nn.Module):

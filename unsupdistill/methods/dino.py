@@ -1,4 +1,5 @@
-"""Self-distillation with an EMA teacher: DINO (Caron et al. 2021, Algorithm 1), from scratch."""
+"""Self-distillation with an EMA teacher: DINO (Caron et al. 2021, Algorithm 1), from scratch, with DINOv2's parts
+(Oquab et al. 2023) as options: Sinkhorn-Knopp centring, the KoLeo regulariser and, for ViTs, iBOT's masked patches."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import torch
 from lightly.models.utils import update_momentum
 from torch import Tensor, nn
 
-from unsupdistill.augment import MultiCropAugmentation
+from unsupdistill.augment import MultiCropAugmentation, ibot_masks
 from unsupdistill.config import Config
-from unsupdistill.losses.dino import build_dino_loss
+from unsupdistill.losses import KoLeo, MaskedPatchLoss, build_dino_loss
 from unsupdistill.models import build_student_teacher
+from unsupdistill.models.backbone import patch_grid
 from unsupdistill.train.health import collapse_warnings, health_signals
 from unsupdistill.train.method import Export, Method, Runtime
 from unsupdistill.train.precision import avoid_cpu_bf16_faults
@@ -26,12 +28,14 @@ class DINO(Method):
 
     def __init__(self, config: Config, runtime: Runtime) -> None:
         super().__init__(config, runtime)
-        a = config.augment
+        a, lo = config.augment, config.loss
         self.image_size = a.global_1.size
         self.augment = MultiCropAugmentation(a).to(runtime.device)
         self.num_local = a.num_local_crops
         crop_sizes = (a.global_1.size,) + ((a.local.size,) if a.num_local_crops else ())
-        student, teacher, self.spec = build_student_teacher(config.model, crop_sizes)
+        self.ibot = lo.ibot_weight > 0
+        student, teacher, self.spec = build_student_teacher(config.model, crop_sizes, self.ibot,
+                                                            lo.ibot_separate_head)
         avoid_cpu_bf16_faults(student.backbone, crop_sizes, runtime.autocast_dtype, runtime.device)  # oneDNN fault
         # channels-last: the convolution kernels' preferred layout (student forward + backward ~17 % faster)
         self.student = student.to(runtime.device, memory_format=torch.channels_last)
@@ -39,8 +43,18 @@ class DINO(Method):
         if config.train.compile:  # in place: parameter names (checkpoints, exports) stay as they are
             self.student.backbone.compile(dynamic=False)
             self.teacher.backbone.compile(dynamic=False)
-        self.loss_fn = build_dino_loss(config.loss, config.model.head_output_dim).to(runtime.device)
+        self.loss_fn = build_dino_loss(lo, config.model.head_output_dim).to(runtime.device)
+        self.koleo = KoLeo() if lo.koleo_weight > 0 else None
+        self.patch_loss = MaskedPatchLoss(config.model.head_output_dim, lo.student_temp, lo.centering,
+                                          lo.center_momentum, lo.sinkhorn_iterations).to(runtime.device) \
+            if self.ibot else None
+        self.patch_grid = patch_grid(self.student.backbone, (a.global_1.size, a.global_1.size)) if self.ibot else None
         self._last: tuple[Tensor, Tensor, Tensor] | None = None
+        self._terms: dict[str, float] = {}
+
+    def sync_batch_norm(self) -> None:
+        super().sync_batch_norm()
+        self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)  # DINO converts both networks
 
     def views(self, images: Tensor) -> list[Tensor]:
         global_views, local_views = self.augment(images)
@@ -50,20 +64,36 @@ class DINO(Method):
         return views
 
     def loss(self, views: list[Tensor], sched: ScheduleValues) -> Tensor:
+        lo = self.config.loss
+        masks = ibot_masks(views[0].shape[0], self.patch_grid, lo.ibot_mask_p, lo.ibot_mask_ratio,
+                           views[0].device) if self.ibot else None  # (2B, h, w)
         with self.runtime.autocast():
-            # teacher on global crops
+            # teacher on global crops (for iBOT also its tokens at the places masked in the student)
             with torch.no_grad():
-                _, teacher_out = self.teacher(views[:1])  # (2B, K)
+                teacher = self.teacher(views[:1], masks, False) if self.ibot else self.teacher(views[:1])
             # student on all crops
-            student_features, student_out = self.student_forward(views)  # (V*B, D), (V*B, K)
+            student = self.student_forward(views, masks) if self.ibot else self.student_forward(views)
+        teacher_out, student_features, student_out = teacher[1], student[0], student[1]  # (2B, K), (V*B, D), (V*B, K)
         self._last = (teacher_out.detach(), self.loss_fn.center.clone(), student_features.detach())
         # in float32, outside autocast: every teacher-global x student-view pair but same views
-        return self.loss_fn(list(teacher_out.float().chunk(2)), list(student_out.float().chunk(2 + self.num_local)),
+        loss = self.loss_fn(list(teacher_out.float().chunk(2)), list(student_out.float().chunk(2 + self.num_local)),
                             teacher_temp=sched.teacher_temp)
+        self._terms = {}
+        if self.koleo is not None:
+            koleo = self.koleo(student_features[:teacher_out.shape[0]], 2)  # global crops' backbone features
+            loss = loss + lo.koleo_weight * koleo
+            self._terms["koleo_loss"] = koleo.detach()
+        if self.patch_loss is not None:
+            ibot = self.patch_loss(teacher[2], student[2], masks, sched.teacher_temp)
+            loss = loss + lo.ibot_weight * ibot
+            self._terms["ibot_loss"] = ibot.detach()
+        return loss
 
     def signals(self, sched: ScheduleValues) -> dict[str, float]:
         teacher_out, center, student_features = self._last
-        return health_signals(teacher_out, center, sched.teacher_temp, student_features)
+        targets = getattr(self.loss_fn, "last_targets", None)  # Sinkhorn-Knopp's, when centred so
+        return health_signals(teacher_out, center, sched.teacher_temp, student_features, targets) | {
+            name: value.item() for name, value in self._terms.items()}
 
     def warnings(self, signals: dict[str, float]) -> dict[str, str]:
         return collapse_warnings(signals, self.config.model.head_output_dim, self.spec.feature_dim)
@@ -77,13 +107,18 @@ class DINO(Method):
         update_momentum(self.student, self.teacher, m=sched.teacher_momentum)  # EMA update of the teacher
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
-                "center": self.loss_fn.center}
+        state = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                 "center": self.loss_fn.center}
+        if self.patch_loss is not None:
+            state["patch_center"] = self.patch_loss.center.center
+        return state
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.loss_fn.center.copy_(state["center"])
+        if self.patch_loss is not None:
+            self.patch_loss.center.center = state["patch_center"].to(self.runtime.device)
 
     def probe_backbone(self) -> nn.Module:
         return self.teacher.backbone

@@ -81,13 +81,13 @@ def pooled_and_spatial(backbone: nn.Module, x: Tensor) -> tuple[Tensor, Tensor |
     if features.ndim != 3:
         return pooled, None
     tokens = features[:, int(getattr(backbone, "num_prefix_tokens", 0)):]  # (B, h*w, C)
-    grid = _patch_grid(backbone, x.shape[-2:])
+    grid = patch_grid(backbone, x.shape[-2:])
     if grid is None or grid[0] * grid[1] != tokens.shape[1]:
         return pooled, None
     return pooled, tokens.reshape(tokens.shape[0], grid[0], grid[1], tokens.shape[2])  # (B, h, w, C)
 
 
-def _patch_grid(backbone: nn.Module, size: tuple[int, int]) -> tuple[int, int] | None:
+def patch_grid(backbone: nn.Module, size: tuple[int, int]) -> tuple[int, int] | None:
     """The (h, w) patch grid a token model makes of an input of ``size``: timm's dynamic grid (which
     follows the input with ``dynamic_img_size``), else the model's fixed grid."""
     patch_embed = getattr(backbone, "patch_embed", None)

@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def health_signals(teacher_logits: Tensor, center: Tensor, teacher_temp: float, student_features: Tensor) -> dict:
+def health_signals(teacher_logits: Tensor, center: Tensor, teacher_temp: float, student_features: Tensor,
+                   teacher_probs: Tensor | None = None) -> dict:
     """Collapse metrics of one step.
 
     Args:
@@ -25,6 +26,8 @@ def health_signals(teacher_logits: Tensor, center: Tensor, teacher_temp: float, 
         center: (1, K) or (1, 1, K) the loss's centre.
         teacher_temp: the teacher temperature of this step.
         student_features: (M, D) student backbone features.
+        teacher_probs: (N, K) the teacher's targets when they are not ``softmax((logits - center) / temp)``
+            (Sinkhorn-Knopp's).
 
     Returns:
         teacher_entropy (mean per-sample entropy, nats), teacher_kl_uniform (log K minus that),
@@ -33,7 +36,8 @@ def health_signals(teacher_logits: Tensor, center: Tensor, teacher_temp: float, 
         about 1/sqrt(D) when features spread, 0 when they collapse to a point).
     """
     logits = teacher_logits.float()
-    probs = F.softmax((logits - center.reshape(1, -1).float()) / teacher_temp, dim=-1)  # (N, K)
+    probs = F.softmax((logits - center.reshape(1, -1).float()) / teacher_temp, dim=-1) if teacher_probs is None \
+        else teacher_probs.float()  # (N, K)
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1).mean()
     top = probs.argmax(dim=-1)
     top_share = torch.bincount(top).max().float() / top.numel()

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightly.models.utils import get_weight_decay_parameters
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -39,6 +38,7 @@ from unsupdistill.train.faults import (
 )
 from unsupdistill.train.method import Method, Runtime
 from unsupdistill.train.metrics import MetricsLogger
+from unsupdistill.train.optimizer import build_optimizer, clip_gradients
 from unsupdistill.train.precision import resolve_precision
 from unsupdistill.train.sampler import build_loader
 from unsupdistill.train.schedules import ScheduleValues, TimeBudget, scaled_lr, schedule_at
@@ -101,20 +101,13 @@ class Trainer:
         self.method.setup(len(self.dataset))
 
         # ---- the trained module under DDP, optimizer ----------------------------------------------
+        if self.world > 1 and self.device.type == "cuda":
+            self.method.sync_batch_norm()  # batch statistics over all processes' images
         student = self.method.student
         if self.world > 1:
-            if self.device.type == "cuda":
-                student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
-                self.method.student = student
             self.method.wrap_student(DistributedDataParallel(
                 student, device_ids=[self.device.index] if self.device.index is not None else None))
-        decay, no_decay = get_weight_decay_parameters([student])
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        o = config.optim
-        if o.name == "adamw":
-            self.optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.sgd_momentum, weight_decay=o.weight_decay)
+        self.optimizer = build_optimizer(config.optim, student)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.params = [p for p in student.parameters() if p.requires_grad]
 
@@ -166,8 +159,7 @@ class Trainer:
                                          signals or self.method.signals(sched))
 
         # clip, the method's gradient changes (e.g. a frozen last layer), optimizer step
-        if self.config.optim.clip_grad > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.config.optim.clip_grad, grad_norm)
+        clip_gradients(self.params, self.config.optim, grad_norm)
         self.method.before_optimizer_step(sched)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)

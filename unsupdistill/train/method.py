@@ -89,6 +89,11 @@ class Method(nn.Module):
     def setup(self, num_images: int) -> None:
         """Size what depends on the dataset (called once, before a checkpoint is restored)."""
 
+    def sync_batch_norm(self) -> None:
+        """Replace the BatchNorm layers of the networks that see batches by SyncBatchNorm (CUDA under
+        torchrun); the engine calls it before wrapping the student in DDP."""
+        self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+
     def wrap_student(self, wrapped: nn.Module) -> None:
         """Use ``wrapped`` (the student inside DistributedDataParallel) for the student's forward passes."""
         self.run_student = wrapped
