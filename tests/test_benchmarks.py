@@ -141,3 +141,13 @@ def test_bench_distill_quick_distills_trains_dino_and_scores_every_run(tmp_path)
     assert json.loads((tmp_path / "resnet18-tiny-from-tiny" / "backbone.json").read_text())["source"] == "student"
     # the teacher is 4x the student's width: more FLOPs per image
     assert result["rows"][0]["gflops_per_image"] > student["gflops_per_image"]
+
+
+def test_bench_trials_quick_runs_and_scores_each_trial(tmp_path):
+    result = run_script("bench_trials.py", "--quick", "--out", str(tmp_path), "--json", str(tmp_path / "r.json"))
+    assert [row["trial"] for row in result["rows"]] == ["base", "sinkhorn"]
+    assert result["rows"][1]["overrides"] == "loss.centering=sinkhorn loss.koleo_weight=0.1"
+    for row in result["rows"]:
+        assert 0 <= row["knn_top1"] <= 100 and row["steps"] >= 1 and row["images_per_s"] > 0
+    config = (tmp_path / "sinkhorn" / "config.yaml").read_text()
+    assert "centering: sinkhorn" in config and "koleo_weight: 0.1" in config

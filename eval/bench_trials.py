@@ -1,0 +1,93 @@
+"""Short pretraining trials of a recipe's levers, each scored by k-NN on a full test split.
+
+Every trial is ``unsupdistill pretrain TRAIN --recipe RECIPE train.time_budget_s=BUDGET OVERRIDES...`` (called in
+this process, one after the other, as a user would type it), then ``unsupdistill eval`` of its export: k-NN
+(k = 20, T = 0.07) with the training split as memory and the test split as queries. A trial whose ``eval.json``
+exists is not run again, so a long search can be continued; a trial with ``train.seed=1`` among its overrides
+repeats another with a second seed where a difference is small. The table (markdown) and JSON list, per trial:
+its overrides, steps, epochs, median images/s and k-NN top-1.
+
+The commands behind the trial tables of BENCHMARKS.md look like::
+
+    python eval/bench_trials.py --data /tmp/cifar10 --recipe cifar10_cpu --budget 600 --out /work/bench/t14 \\
+        --trial base= --trial sk="loss.centering=sinkhorn" --trial koleo="loss.koleo_weight=0.1"
+    python eval/bench_trials.py --quick --out /tmp/trials-smoke       # generated images, seconds per trial
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from bench_distill import QUICK, evaluate, make_quick_data, run_cli, training_summary
+
+from unsupdistill.evaluate.report import format_table, write_json
+
+logger = logging.getLogger("bench_trials")
+
+
+def run_trial(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
+    """Train (unless its export exists) and score one trial; its row of the table."""
+    run = args.out / name
+    if not (run / "backbone.safetensors").is_file():
+        logger.info("trial %s: %s", name, " ".join(overrides) or "(the recipe as it is)")
+        run_cli("pretrain", str(args.data / "train"), "--recipe", args.recipe, "--out", str(run),
+                f"train.time_budget_s={args.budget}", *args.common, *overrides)
+    scores = evaluate(run, args.data, run / "eval", linear=False)
+    row = {"trial": name, "overrides": " ".join(overrides), **scores, **training_summary(run)}
+    logger.info("%s: k-NN %.2f", name, row["knn_top1"])
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, help="folder with train/ and test/ (one subfolder per class)")
+    parser.add_argument("--recipe", default="cifar10_cpu", help="shipped recipe or YAML file of every trial")
+    parser.add_argument("--trial", action="append", default=[], metavar="NAME=OVERRIDES",
+                        help="a trial: its name and its config overrides, space-separated (repeat for several)")
+    parser.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override of every trial")
+    parser.add_argument("--budget", type=float, default=600, help="training seconds of every trial")
+    parser.add_argument("--out", type=Path, required=True, help="where the runs and their evaluations go")
+    parser.add_argument("--json", type=Path, help="write the results here (default OUT/trials.json)")
+    parser.add_argument("--quick", action="store_true", help="generated images, a tiny network, seconds per trial")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        args.data, _ = make_quick_data(args.out / "quick")
+        args.budget = 3
+        args.common = [*QUICK, "model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", *args.common]
+        args.trial = args.trial or ["base=", "sinkhorn=loss.centering=sinkhorn loss.koleo_weight=0.1"]
+    if args.data is None or not args.trial:
+        parser.error("give --data and at least one --trial NAME=OVERRIDES (or --quick)")
+    trials = {}
+    for item in args.trial:
+        name, _, overrides = item.partition("=")
+        if not name or name in trials:
+            parser.error(f"--trial {item!r}: give each trial a new NAME before '='")
+        trials[name] = shlex.split(overrides)
+
+    rows = [run_trial(name, overrides, args) for name, overrides in trials.items()]
+    table = [{"trial": r["trial"], "overrides": r["overrides"] or "-", "steps": r["steps"],
+              "epochs": f"{r['epochs']:.2f}", "images/s": f"{r['images_per_s']:.0f}",
+              "k-NN top-1": f"{r['knn_top1']:.2f}"} for r in rows]
+    print(format_table(table, list(table[0]), markdown=True))
+    result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores", "torch": torch.__version__, "recipe": args.recipe, "budget_s": args.budget,
+              "common": args.common, "command": " ".join(sys.argv), "rows": rows}
+    path = args.json or args.out / "trials.json"
+    write_json(result, path)
+    print(f"\nresults: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
