@@ -227,6 +227,32 @@ def test_resample_crop_mode_matches_slice_statistics():
     assert math.isfinite(means["resample"].sum().item())
 
 
+def test_progressive_resizing_shrinks_every_crop_then_switches_once():
+    """augment.low_res_share=0.5 with low_res_scale=0.75: 12 / 6-px crops for the first half of the planned
+    steps, then the configured 16 / 8 px, never back (as after a resume past the switch)."""
+    from conftest import TINY
+
+    from unsupdistill.config import load_config
+    from unsupdistill.methods.dino import DINO
+    from unsupdistill.train.method import Runtime
+    from unsupdistill.train.schedules import ScheduleValues
+
+    config = load_config(None, [*TINY, "augment.low_res_share=0.5", "augment.low_res_scale=0.75"])
+    dino = DINO(config, Runtime(torch.device("cpu"), None, 1))
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+
+    def sizes(progress: float) -> list[tuple[int, ...]]:
+        return [tuple(v.shape) for v in dino.views(images, ScheduleValues(1e-3, 0.04, 0.99, 0.04, False, progress))]
+
+    low, full = [(8, 3, 12, 12), (8, 3, 6, 6)], [(8, 3, 16, 16), (8, 3, 8, 8)]
+    assert sizes(0.0) == low and sizes(0.49) == low
+    assert sizes(0.5) == full
+    assert sizes(0.1) == full
+    for bad in ("augment.low_res_share=1", "augment.low_res_scale=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, [bad])
+
+
 # ---------------------------------------------------------------- the ViT recipe, end to end
 
 

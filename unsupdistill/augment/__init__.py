@@ -15,6 +15,7 @@ from unsupdistill.augment.multicrop import (
     blur_kernel_size,
     blur_sigma,
     build_view_transform,
+    scaled_crops,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "blur_sigma",
     "build_view_transform",
     "ibot_masks",
+    "scaled_crops",
 ]

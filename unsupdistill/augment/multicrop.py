@@ -7,6 +7,7 @@ parameters from torch's global RNG, so ``torch.manual_seed`` makes a run reprodu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import kornia.augmentation as K
@@ -76,6 +77,16 @@ def build_view_transform(
         stages.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=spec.solarize_p))
     stages.append(K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std)))
     return nn.Sequential(*stages)
+
+
+def scaled_crops(cfg: AugmentConfig, scale: float) -> AugmentConfig:
+    """The same augmentation with every crop size times ``scale`` (rounded, at least 1 px): the views of the
+    low-resolution part of a progressively resized run (``augment.low_res_share``)."""
+    def resize(spec: CropSpec) -> CropSpec:
+        return dataclasses.replace(spec, size=max(1, round(spec.size * scale)))
+
+    return dataclasses.replace(cfg, global_1=resize(cfg.global_1), global_2=resize(cfg.global_2),
+                               local=resize(cfg.local))
 
 
 class MultiCropAugmentation(nn.Module):

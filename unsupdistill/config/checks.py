@@ -49,6 +49,8 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
     need(a.local.size <= a.global_1.size, "augment.local.size",
          f"at most the global crop size ({a.global_1.size})")
     need(all(s > 0 for s in a.std), "augment.std", "three positive numbers")
+    need(0 <= a.low_res_share < 1, "augment.low_res_share", "a share of the steps in [0, 1); 0 turns it off")
+    need(0 < a.low_res_scale <= 1, "augment.low_res_scale", "a share of the crop sizes in (0, 1]")
 
     d = config.data
     need(d.path is None or bool(d.path.strip()), "data.path", "null (the built-in digits) or a folder path")

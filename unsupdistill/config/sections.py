@@ -55,6 +55,13 @@ class AugmentConfig:
     crop_mode: Literal["slice", "resample"] = "slice"
     """How kornia's RandomResizedCrop resizes a batch: ``slice``, one resize per image; ``resample``, one
     batched perspective warp for all images of a view."""
+    low_res_share: float = 0.0
+    """Progressive resizing: the share of the planned steps, from the start, whose crops are all
+    ``low_res_scale`` times smaller (e.g. 0.5 with 0.75: 24 / 12-px crops, then 32 / 16 px). Low-resolution
+    steps cost about scale^2 of a full one, so a time budget buys more of them (planned from the step rate,
+    the share is then one of the budget's time); 0 turns it off."""
+    low_res_scale: float = 0.75
+    """Crop sizes in the low-resolution part of the run, as a share of the configured sizes (rounded)."""
 
 
 PATH = {"path": True}

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from lightly.models.utils import update_momentum
 from torch import Tensor, nn
 
-from unsupdistill.augment import MultiCropAugmentation, ibot_masks
+from unsupdistill.augment import MultiCropAugmentation, ibot_masks, scaled_crops
 from unsupdistill.config import Config
 from unsupdistill.losses import KoLeo, MaskedPatchLoss, build_dino_loss
 from unsupdistill.models import build_student_teacher
@@ -18,6 +19,8 @@ from unsupdistill.train.health import collapse_warnings, health_signals
 from unsupdistill.train.method import Export, Method, Runtime
 from unsupdistill.train.precision import avoid_cpu_bf16_faults
 from unsupdistill.train.schedules import ScheduleValues
+
+logger = logging.getLogger(__name__)
 
 
 class DINO(Method):
@@ -33,6 +36,13 @@ class DINO(Method):
         self.augment = MultiCropAugmentation(a).to(runtime.device)
         self.num_local = a.num_local_crops
         crop_sizes = (a.global_1.size,) + ((a.local.size,) if a.num_local_crops else ())
+        # progressive resizing: smaller crops of every kind for the first part of the run
+        self.low_res_share = a.low_res_share
+        self.low_res_augment = None
+        if a.low_res_share > 0:
+            low = scaled_crops(a, a.low_res_scale)
+            self.low_res_augment = MultiCropAugmentation(low).to(runtime.device)
+            crop_sizes += (low.global_1.size,) + ((low.local.size,) if a.num_local_crops else ())
         self.ibot = lo.ibot_weight > 0
         student, teacher, self.spec = build_student_teacher(config.model, crop_sizes, self.ibot,
                                                             lo.ibot_separate_head)
@@ -48,7 +58,6 @@ class DINO(Method):
         self.patch_loss = MaskedPatchLoss(config.model.head_output_dim, lo.student_temp, lo.centering,
                                           lo.center_momentum, lo.sinkhorn_iterations).to(runtime.device) \
             if self.ibot else None
-        self.patch_grid = patch_grid(self.student.backbone, (a.global_1.size, a.global_1.size)) if self.ibot else None
         self._last: tuple[Tensor, Tensor, Tensor] | None = None
         self._terms: dict[str, float] = {}
 
@@ -56,8 +65,13 @@ class DINO(Method):
         super().sync_batch_norm()
         self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)  # DINO converts both networks
 
-    def views(self, images: Tensor) -> list[Tensor]:
-        global_views, local_views = self.augment(images)
+    def views(self, images: Tensor, sched: ScheduleValues) -> list[Tensor]:
+        low_res = self.low_res_augment is not None and sched.progress < self.low_res_share
+        if not low_res and self.low_res_augment is not None:
+            logger.info("progressive resizing: full-size crops from here on (%.0f %% of the planned steps done)",
+                        100 * sched.progress)
+            self.low_res_augment = None  # a run never goes back to the small crops
+        global_views, local_views = (self.low_res_augment if low_res else self.augment)(images)
         views = [global_views.contiguous(memory_format=torch.channels_last)]  # (2B, 3, S, S)
         if local_views is not None:
             views.append(local_views.contiguous(memory_format=torch.channels_last))  # (N*B, 3, s, s)
@@ -65,8 +79,8 @@ class DINO(Method):
 
     def loss(self, views: list[Tensor], sched: ScheduleValues) -> Tensor:
         lo = self.config.loss
-        masks = ibot_masks(views[0].shape[0], self.patch_grid, lo.ibot_mask_p, lo.ibot_mask_ratio,
-                           views[0].device) if self.ibot else None  # (2B, h, w)
+        masks = ibot_masks(views[0].shape[0], patch_grid(self.student.backbone, views[0].shape[-2:]),
+                           lo.ibot_mask_p, lo.ibot_mask_ratio, views[0].device) if self.ibot else None  # (2B, h, w)
         with self.runtime.autocast():
             # teacher on global crops (for iBOT also its tokens at the places masked in the student)
             with torch.no_grad():

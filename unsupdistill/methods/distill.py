@@ -127,7 +127,7 @@ class Distillation(Method):
         return (f"distill: {self.spec.name} ({self.config.augment.global_1.size} px) from teacher {self.teacher.name} "
                 f"({self.teacher.input_size} px, {self.teacher.feature_dim}-d), loss {d.loss}{dense}{queue}")
 
-    def views(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def views(self, images: Tensor, sched: ScheduleValues) -> tuple[Tensor, Tensor]:
         student_views, teacher_views = self.augment(images)  # the same crop: (B, 3, s, s), (B, 3, t, t)
         return (student_views.contiguous(memory_format=torch.channels_last),
                 teacher_views.contiguous(memory_format=torch.channels_last))

@@ -139,7 +139,7 @@ class Trainer:
         self.optimizer.param_groups[0]["weight_decay"] = sched.weight_decay
 
         # views, forward passes and loss (the method's)
-        views = self.method.views(images.to(self.device, non_blocking=True))
+        views = self.method.views(images.to(self.device, non_blocking=True), sched)
         loss = self.method.loss(views, sched)
         signals = self.method.signals(sched) if with_signals else {}
 

@@ -4,7 +4,7 @@ The engine (:class:`unsupdistill.train.loop.Trainer`) owns the run: data, precis
 checkpoints, resume, stop signals, torchrun, metrics. It calls a method only through the hooks below, in
 this order every step::
 
-    views = method.views(images)                 # device augmentation
+    views = method.views(images, sched)          # device augmentation
     loss = method.loss(views, sched)              # forward passes and the loss (autocast inside)
     signals = method.signals(sched)               # health, on logging steps only
     backward, clip, method.before_optimizer_step(sched), optimizer step
@@ -102,8 +102,8 @@ class Method(nn.Module):
         """The student's forward, through DDP when the run has several processes."""
         return (self.run_student or self.student)(*args)
 
-    def views(self, images: Tensor) -> Any:
-        """The augmented views of a batch of images ``(B, 3, H, W)`` (uint8) on the device."""
+    def views(self, images: Tensor, sched: ScheduleValues) -> Any:
+        """The augmented views of a batch of images ``(B, 3, H, W)`` (uint8) on the device, at step ``sched``."""
         raise NotImplementedError
 
     def loss(self, views: Any, sched: ScheduleValues) -> Tensor:

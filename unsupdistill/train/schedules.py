@@ -19,6 +19,8 @@ class ScheduleValues:
     teacher_momentum: float
     teacher_temp: float
     freeze_last_layer: bool
+    progress: float = 0.0
+    """The share of the planned steps done before this one (``step / total_steps``)."""
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -40,6 +42,7 @@ def schedule_at(
         teacher_momentum=cosine_schedule(step, total_steps, optim.teacher_momentum, optim.teacher_momentum_end),
         teacher_temp=teacher_temperature(step, steps_per_epoch, loss),
         freeze_last_layer=step < optim.freeze_last_layer_epochs * steps_per_epoch,
+        progress=step / max(total_steps, 1),
     )
 
 
