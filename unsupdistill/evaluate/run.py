@@ -23,6 +23,7 @@ from unsupdistill.evaluate.features import extract_features
 from unsupdistill.evaluate.knn import knn_evaluate
 from unsupdistill.evaluate.labeled import align_labels, load_labeled
 from unsupdistill.evaluate.linear import DINOViTFeatures, linear_probe
+from unsupdistill.evaluate.linear_grid import linear_probe_grid
 from unsupdistill.evaluate.report import plot_confusion, plot_feature_map, plot_knn_vs_k, write_json
 from unsupdistill.models.load import FeatureModel, load_model
 
@@ -44,6 +45,9 @@ class EvalOptions:
     ks: tuple[int, ...] = (10, 20, 100, 200)
     temperature: float = 0.07
     linear: bool = True
+    linear_backend: str = "torch"
+    """torch: a grid of learning rates and weight decays trained at once on the eval device (``linear_grid``);
+    sklearn: logistic regression with C chosen on the same held-out split (``linear``), for comparison."""
     clustering: bool = True
     cluster_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     vit_blocks: int | None = None
@@ -119,8 +123,14 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
     linear = None
     if options.linear:
         tic = time.perf_counter()
-        linear = linear_probe(train_features, train_labels, test_features, test_labels)
-        results["linear"] = {k: v for k, v in linear.items() if k != "predictions"}
+        if options.linear_backend == "sklearn":
+            linear = linear_probe(train_features, train_labels, test_features, test_labels)
+        elif options.linear_backend == "torch":
+            linear = linear_probe_grid(train_features, train_labels, test_features, test_labels, device=device)
+        else:
+            raise ValueError(f"linear_backend must be torch or sklearn, got {options.linear_backend!r}")
+        results["linear"] = {"backend": options.linear_backend,
+                             **{k: v for k, v in linear.items() if k != "predictions"}}
         timings["linear_s"] = time.perf_counter() - tic
     if options.clustering:
         tic = time.perf_counter()

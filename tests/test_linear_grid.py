@@ -1,0 +1,123 @@
+"""The grid linear probe: accuracy, the choice of learning rate and variant on held-out train data only, parity
+with the scikit-learn probe, and its errors."""
+
+import json
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from unsupdistill.config import ConfigError
+from unsupdistill.evaluate.linear import linear_probe
+from unsupdistill.evaluate.linear_grid import linear_probe_grid
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def blobs(num_classes: int, n: int, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linearly separable features (n, dim): unit-variance Gaussians around class centres 10 apart."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.eye(num_classes, dim) * 10
+    labels = torch.arange(n) % num_classes
+    return centres[labels] + torch.randn(n, dim, generator=generator), labels
+
+
+def nuisance(n: int = 800, sigma: float = 20.0) -> tuple[torch.Tensor, ...]:
+    """Two classes separable only by x1 - x2 = +-1, hidden under a shared nuisance z of std ``sigma``: (x1, x2) =
+    (+-1 + z, z). The class-mean direction (x1), where SGD starts from zero, is near chance; reaching x1 - x2,
+    the low-variance direction of the standardised features, takes a large enough learning rate. Returns
+    train features, train labels, test features, test labels (3/4 and 1/4 of the rows)."""
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(n) % 2
+    noise = torch.randn(n, generator=generator) * sigma
+    features = torch.stack([labels * 2 - 1 + noise, noise], dim=1)
+    m = n * 3 // 4
+    return features[:m], labels[:m], features[m:], labels[m:]
+
+
+# lr 1e-2 barely leaves the class-mean direction in 10 epochs; lr 1e4 times weight decay 1e-3 is past the
+# stability limit 2 (1 + momentum) of SGD's coupled decay, so its weights blow up; only lr 1 converges. The
+# converging lr is not first in the grid, so a probe that gave every classifier the same lr (ties: first) fails.
+NUISANCE_GRID = dict(lrs=(1e-2, 1.0, 1e4), weight_decays=(1e-3,), epochs=10, batch_size=32, device="cpu")
+
+
+@pytest.mark.parametrize("num_classes", [3, 6])
+def test_separable_features_are_classified_perfectly(num_classes: int) -> None:
+    train_x, train_y = blobs(num_classes, 300)
+    test_x, test_y = blobs(num_classes, 120, seed=1)
+    result = linear_probe_grid(train_x, train_y, test_x, test_y, lrs=(0.01, 0.1), weight_decays=(0.0,), epochs=5,
+                               device="cpu")
+    assert result["top1"] >= 99
+    assert ("top5" in result) == (num_classes > 5)
+    assert result.get("top5", 100.0) == 100.0
+    predictions = result["predictions"]
+    assert predictions.shape == (120,) and predictions.dtype == torch.int64 and predictions.device.type == "cpu"
+    assert result["top1"] == pytest.approx((predictions == test_y).double().mean().item() * 100)
+    assert len(result["val_top1"]) == 2 and result["seconds"] > 0
+    json.dumps({key: value for key, value in result.items() if key != "predictions"})  # the record is plain JSON
+
+
+def test_grid_picks_the_only_learning_rate_that_converges() -> None:
+    result = linear_probe_grid(*nuisance(), **NUISANCE_GRID)
+    val_top1 = [point["top1"] for point in result["val_top1"]]
+    assert [point["lr"] for point in result["val_top1"]] == [1e-2, 1.0, 1e4]
+    assert val_top1[1] == 100.0 and val_top1[0] < 75 and val_top1[2] < 75, val_top1
+    assert result["best"] == {"variant": "all", "lr": 1.0, "weight_decay": 1e-3}
+    assert result["top1"] == 100.0
+
+
+def test_choice_never_sees_the_test_labels() -> None:
+    train_x, train_y, test_x, test_y = nuisance()
+    result = linear_probe_grid(train_x, train_y, test_x, test_y, **NUISANCE_GRID)
+    # flipped test labels make the converged classifier the worst on the test split: choosing there would switch lr
+    flipped = linear_probe_grid(train_x, train_y, test_x, 1 - test_y, **NUISANCE_GRID)
+    assert flipped["best"] == result["best"] and flipped["val_top1"] == result["val_top1"]
+    assert torch.equal(flipped["predictions"], result["predictions"])
+    assert flipped["top1"] == pytest.approx(100 - result["top1"])
+    permuted = linear_probe_grid(train_x, train_y, test_x, test_y[torch.randperm(len(test_y))], **NUISANCE_GRID)
+    assert permuted["best"] == result["best"] and torch.equal(permuted["predictions"], result["predictions"])
+
+
+def test_grid_picks_the_variant_whose_columns_carry_the_label() -> None:
+    signal, labels = blobs(4, 400, dim=6)
+    noise = torch.randn(400, 6, generator=torch.Generator().manual_seed(2)) * 10
+    features = torch.cat([noise, signal], dim=1)[:, torch.tensor([0, 6, 1, 7, 2, 8, 3, 9, 4, 10, 5, 11])]
+    variants = {"noise": [0, 2, 4, 6, 8, 10], "noise_head": slice(0, 1), "signal": torch.tensor([1, 3, 5, 7, 9, 11])}
+    result = linear_probe_grid(features[:300], labels[:300], features[300:], labels[300:], variants=variants,
+                               lrs=(0.1,), weight_decays=(0.0,), epochs=5, device="cpu")
+    assert result["best"]["variant"] == "signal"
+    by_variant = {point["variant"]: point["top1"] for point in result["val_top1"]}
+    assert by_variant["signal"] == 100.0 and by_variant["noise"] < 60 and by_variant["noise_head"] < 60
+    assert result["top1"] == 100.0
+
+
+def test_matches_the_scikit_learn_probe_on_digits() -> None:
+    digits = load_digits()
+    x, y = torch.from_numpy(digits.data).float(), torch.from_numpy(digits.target)
+    reference = linear_probe(x[:1300], y[:1300], x[1300:], y[1300:])
+    result = linear_probe_grid(x[:1300], y[:1300], x[1300:], y[1300:], device="cpu")
+    assert result["top1"] >= reference["top1"] - 1, (result["top1"], reference["top1"], result["best"])
+    assert result["top5"] >= result["top1"]
+
+
+@pytest.mark.parametrize(("change", "error", "message"), [
+    (dict(train_y=torch.arange(9) % 2), ValueError, r"train_y \(9,\) does not match train_x \(10, 4\)"),
+    (dict(test_x=torch.randn(6, 3)), ValueError, r"same D"),
+    (dict(train_y=torch.zeros(10, dtype=torch.long)), ValueError, r"single class"),
+    (dict(train_y=torch.tensor([0] * 9 + [1])), ValueError, r"train_y has classes \[1\] with a single sample"),
+    (dict(train_y=torch.arange(10) % 2 * 1.0), ValueError, r"train_y is invalid; allowed: integer class indices"),
+    (dict(test_y=torch.full((6,), 2)), ValueError, r"test_y holds class 2, absent from train_y; allowed: 0\.\.1"),
+    (dict(lrs=()), ConfigError, r"lrs=\[\] is invalid; allowed values: a non-empty list"),
+    (dict(weight_decays=(-1.0,)), ConfigError, r"weight_decays=\[-1\.0\] is invalid"),
+    (dict(variants={}), ConfigError, r"variants is empty"),
+    (dict(variants={"cls": slice(2, 9)}), ConfigError, r"variants\['cls'\] selects columns .* allowed: .* 0\.\.3"),
+    (dict(variants={"cls": [0, 4]}), ConfigError, r"variants\['cls'\] selects columns \[0, 4\] of 4"),
+    (dict(val_fraction=1.0), ConfigError, r"val_fraction=1\.0 is invalid"),
+    (dict(val_fraction=0.05), ConfigError, r"val_fraction=0\.05 holds out 1 of 10 train samples"),
+    (dict(epochs=0), ConfigError, r"epochs=0 is invalid"),
+])
+def test_bad_inputs_name_the_argument(change: dict, error: type, message: str) -> None:
+    arguments = dict(train_x=torch.randn(10, 4), train_y=torch.arange(10) % 2, test_x=torch.randn(6, 4),
+                     test_y=torch.arange(6) % 2, device="cpu")
+    with pytest.raises(error, match=message):
+        linear_probe_grid(**{**arguments, **change})

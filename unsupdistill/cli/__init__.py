@@ -1,0 +1,174 @@
+"""The ``unsupdistill`` command line: one verb per user task (pretrain, distill, eval, show, export, embed)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from unsupdistill import distributed
+from unsupdistill.cli.tools import SHOW_KINDS, embed_command, eval_command, export_command, show_command
+from unsupdistill.cli.training import (
+    EXIT_STOPPED,
+    TRAINING_EPILOG,
+    USER_ERRORS,
+    add_training_arguments,
+    train_command,
+)
+from unsupdistill.export import EXPORT_FORMATS
+from unsupdistill.export.formats import ATOL, RTOL
+
+__all__ = ["EXIT_STOPPED", "main"]
+
+logger = logging.getLogger("unsupdistill")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="unsupdistill", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser(
+        "pretrain", help="DINO pretraining on a folder of unlabeled images (default: built-in digits)",
+        description="Train a DINO student/teacher on unlabeled images and export the teacher backbone. "
+                    "Arguments with '=' override the config, e.g. train.epochs=5 optim.lr=1e-3.",
+        epilog=TRAINING_EPILOG,
+    )
+    add_training_arguments(p)
+    d = commands.add_parser(
+        "distill", help="distill a frozen teacher (a run of ours, an export, timm:NAME,pretrained=true) into a "
+                        "small student on unlabeled images",
+        description="Train the model section's backbone to match a frozen teacher's features on one shared view "
+                    "of each image, and export it. Arguments with '=' override the config, e.g. "
+                    "distill.loss=cosine model.backbone=resnet18.",
+        epilog=TRAINING_EPILOG,
+    )
+    add_training_arguments(d)
+    d.add_argument("--teacher", metavar="TEACHER",
+                   help="the frozen teacher (sets distill.teacher): a run directory, an exported .safetensors (with "
+                        "its .json), a checkpoint .pt, or timm:NAME[,pretrained=true][,key=value...], e.g. "
+                        "timm:vit_small_patch14_dinov2.lvd142m,pretrained=true,img_size=224")
+
+    e = commands.add_parser(
+        "eval", help="k-NN, linear probe and clustering of frozen features on a labeled train/test pair",
+        description="Evaluate frozen features. MODEL is a run directory, a checkpoint (.pt), an exported "
+                    "backbone (.safetensors with its .json), timm:<name>[,key=value...] (random init) or pixels. "
+                    "TRAIN and TEST are folders with one subfolder per class, CSV files of path,label, or digits.",
+    )
+    e.add_argument("model", metavar="MODEL")
+    e.add_argument("--train", required=True, help="labeled training set (k-NN memory, probe training)")
+    e.add_argument("--test", required=True, help="labeled test set (scored)")
+    e.add_argument("--out", type=Path, help="report directory (default runs/eval-<timestamp>)")
+    e.add_argument("--image-size", type=int, help="input size for pixels and timm: models")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: fp32 (bf16 moved results by more than 0.2 points on digits)")
+    e.add_argument("--vit-blocks", type=int, help="ViTs: concatenate class tokens of the last N blocks (DINO: 4)")
+    e.add_argument("--avgpool", action="store_true", help="with --vit-blocks: add average-pooled patch tokens")
+    e.add_argument("--student", action="store_true", help="evaluate the student instead of the teacher")
+    e.add_argument("--linear", choices=["torch", "sklearn"], default="torch",
+                   help="linear probe: torch, a grid of learning rates and weight decays trained at once (default); "
+                        "sklearn, logistic regression (slower, for comparison)")
+    e.add_argument("--no-linear", action="store_true", help="skip the linear probe")
+    e.add_argument("--no-clustering", action="store_true", help="skip k-means clustering")
+    e.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    e.add_argument("--no-cache", action="store_true", help="recompute features even if cached")
+    e.add_argument("--cache-dir", type=Path, help="feature cache (default $UNSUPDISTILL_CACHE or "
+                                                    "~/.cache/unsupdistill/features)")
+    e.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where the network runs (default auto: CUDA when available, else the CPU)")
+    e.add_argument("--workers", type=_count, help="image-decoding processes (default: one per core, up to 8; "
+                                               "none for the in-memory digits)")
+
+    x = commands.add_parser(
+        "export", help="export a trained backbone as safetensors, TorchScript or ONNX, checked for parity",
+        description="Export the teacher (or student) backbone of a run directory or checkpoint. After writing, "
+                    "the export is reloaded (plain timm, torch.jit.load, onnxruntime) and run next to the PyTorch "
+                    "model on real images; it is kept only if the features agree within the tolerance. "
+                    "TorchScript and ONNX graphs take float RGB batches in [0, 1] and include the normalisation.",
+    )
+    x.add_argument("model", metavar="MODEL", help="run directory or checkpoint (.pt)")
+    x.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    x.add_argument("--out", type=Path, help="file to write (default <run>/export/<teacher|student>.<ext>); "
+                                            "a .json sidecar with the same stem describes input and parity")
+    x.add_argument("--student", action="store_true", help="export the student instead of the teacher")
+    x.add_argument("--data", help="real images for the parity check: an image folder or digits "
+                                  "(default: the run's training folder if it still exists, else digits)")
+    x.add_argument("--atol", type=float, default=ATOL, help=f"absolute parity tolerance (default {ATOL})")
+    x.add_argument("--rtol", type=float, default=RTOL,
+                   help=f"parity tolerance relative to the largest feature magnitude (default {RTOL})")
+
+    m = commands.add_parser(
+        "embed", help="features of every image in a folder, to .npy + .csv of paths or one .npz",
+        description="Embed every readable image under DATA (recursively) with a frozen backbone. Unreadable "
+                    "files are skipped, counted and listed in <out>.skipped.txt.",
+    )
+    m.add_argument("model", metavar="MODEL", help="run directory, checkpoint, exported .safetensors, "
+                                                  "timm:<name>[,key=value...] or pixels")
+    m.add_argument("data", metavar="DATA", help="image folder")
+    m.add_argument("--out", type=Path, required=True, help="features.npy (+ features.csv of paths) or features.npz")
+    m.add_argument("--student", action="store_true", help="embed with the student's backbone")
+    m.add_argument("--image-size", type=int, help="input size for pixels and timm: models")
+    m.add_argument("--batch-size", type=int, default=256)
+    m.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    m.add_argument("--workers", type=_count, help="image-decoding processes (default: one per core, up to 8)")
+    m.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where the network runs (default auto: CUDA when available, else the CPU)")
+
+    s = commands.add_parser(
+        "show", help="pictures of what a backbone sees: ViT attention, PCA of patch features, nearest neighbours, "
+                     "and a run's training curves",
+        description="Draw pictures of MODEL (a run directory, checkpoint, exported .safetensors or timm:<name>) on "
+                    "IMAGE files or folders: the last block's class-token attention per head for ViTs (DINO), the "
+                    "first PCA components of patch or feature-map features as RGB with the background removed "
+                    "(DINOv2), each image's nearest neighbours in --gallery, and a run's training curves. Without "
+                    "--kind every picture that fits is drawn and the others are named.",
+    )
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (their first --max-images)")
+    s.add_argument("--kind", action="append", choices=SHOW_KINDS, help="a picture to draw (repeat for several; "
+                                                                       "default: every one that fits)")
+    s.add_argument("--out", type=Path, help="folder for the PNGs (default runs/show-<timestamp>)")
+    s.add_argument("--gallery", help="image folder searched for the nearest neighbours (retrieval)")
+    s.add_argument("-k", type=int, default=5, help="neighbours per image (default 5)")
+    s.add_argument("--threshold", type=float, default=0.6,
+                   help="share of the attention mass each attention mask keeps (DINO: 0.6)")
+    s.add_argument("--max-images", type=int, default=8, help="images drawn at most (default 8)")
+    s.add_argument("--student", action="store_true", help="the student's backbone instead of the teacher's")
+    s.add_argument("--image-size", type=int, help="input size for timm: models")
+
+    args, extra = parser.parse_known_args(argv)  # paths and key=value may follow options
+    if extra and (args.command not in ("pretrain", "distill") or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO if distributed.rank() == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.command == "eval":
+            return eval_command(args)
+        if args.command == "export":
+            return export_command(args)
+        if args.command == "embed":
+            return embed_command(args)
+        if args.command == "show":
+            return show_command(args)
+        args.args += extra
+        return train_command(args)
+    except USER_ERRORS as err:
+        logger.error("%s", err)
+        return 2
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0 decodes in the main process), got {text!r}")
+    return value
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""``unsupdistill eval``, ``export``, ``embed`` and ``show``: what is done with a trained backbone."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from unsupdistill.export import embed_folder, export_model
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from unsupdistill.evaluate.report import format_table
+    from unsupdistill.evaluate.run import EvalOptions, evaluate, summary_row
+
+    options = EvalOptions(
+        image_size=args.image_size, batch_size=args.batch_size, precision=args.precision,
+        linear=not args.no_linear, linear_backend=args.linear, clustering=not args.no_clustering,
+        vit_blocks=args.vit_blocks, avgpool=args.avgpool, student=args.student, cache=not args.no_cache,
+        cache_dir=args.cache_dir, plots=not args.no_plots, device=args.device, workers=args.workers,
+    )
+    out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
+    results = evaluate(args.model, args.train, args.test, options, out)
+    row = summary_row(results)
+    print()
+    print(format_table([row], list(row)))
+    knn = "  ".join(f"k={k}: {r['top1']:.1f}" for k, r in results["knn"].items())
+    print(f"\nk-NN top-1 by k (T={options.temperature}): {knn}")
+    print(f"\nreport: {out / 'eval.json'}" + ("" if args.no_plots else
+          f"\nplots:  {out / 'feature_map.png'}, {out / 'knn_vs_k.png'}"
+          + ("" if args.no_linear else f", {out / 'confusion.png'}")))
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    result = export_model(args.model, args.format, args.out, student=args.student, data=args.data,
+                          atol=args.atol, rtol=args.rtol)
+    parity = result.parity
+    print(f"\n{args.format} parity against PyTorch on {parity.batch_sizes[0]} real images from {parity.images} "
+          f"(and a batch of 1):\n  max abs error {parity.max_abs_error:.3g}, max rel error "
+          f"{parity.max_rel_error:.3g}, tolerance {parity.tolerance:.3g}: passed\n"
+          f"export:  {result.path}\nsidecar: {result.sidecar}")
+    return 0
+
+
+def embed_command(args: argparse.Namespace) -> int:
+    import torch
+
+    result = embed_folder(args.model, args.data, args.out, student=args.student, image_size=args.image_size,
+                          batch_size=args.batch_size, workers=args.workers, device=args.device,
+                          precision=torch.bfloat16 if args.precision == "bf16" else None)
+    print(f"\nembedded {result.count} images ({result.feature_dim} features each) at "
+          f"{result.images_per_s:.0f} images/s on {result.device} ({result.workers} decoding workers); "
+          f"{result.skipped} unreadable files skipped\n"
+          f"features: {result.features}\npaths:    {result.paths}\nsummary:  {result.summary}"
+          + (f"\nskipped:  {result.skipped_list}" if result.skipped_list else ""))
+    return 0
+
+
+SHOW_KINDS = ("attention", "pca", "retrieval", "curves")
+
+
+def show_command(args: argparse.Namespace) -> int:
+    """Pictures of what a backbone sees; the kinds not asked for by ``--kind`` are drawn where they fit."""
+    from unsupdistill import show
+    from unsupdistill.config import ConfigError
+    from unsupdistill.data import list_image_files
+    from unsupdistill.models.load import load_model
+
+    model = load_model(args.model, image_size=args.image_size, student=args.student)
+    queries: list[Path] = []
+    for item in args.images:  # files as given, folders in sorted order
+        queries += list_image_files(item) if Path(item).is_dir() else [Path(item)]
+    queries = queries[:args.max_images]
+    if not queries:
+        raise ConfigError(f"no image files in {' '.join(args.images)}; give image files or a folder holding some")
+    pixels = show.load_pixels(queries, model.input_size)  # (N, 3, S, S) in [0, 1]
+    out = args.out or Path("runs") / time.strftime("show-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    written, skipped = [], []
+    for kind in args.kind or SHOW_KINDS:
+        path = out / f"{kind}.png"
+        try:
+            if kind == "attention":
+                written.append(show.save_png(show.show_attention(model, pixels, args.threshold), path))
+            elif kind == "pca":
+                written.append(show.save_png(show.show_pca(model, pixels), path))
+            elif kind == "retrieval":
+                if args.gallery is None:
+                    raise ValueError("it needs --gallery FOLDER, the images to search")
+                found = show.show_retrieval(model, queries, list_image_files(args.gallery), args.k)
+                written.append(show.save_png(found.picture, path))
+            elif not (Path(args.model) / "metrics.jsonl").is_file():
+                raise ValueError(f"it needs a run directory with a metrics.jsonl; {args.model} has none")
+            else:
+                written.append(show.plot_training_curves(args.model, path))
+        except ValueError as err:
+            if args.kind:  # asked for by name: an error
+                raise ConfigError(f"show --kind {kind}: {err}") from err
+            skipped.append(f"{kind} ({err})")
+    if not written:
+        raise ConfigError("no picture fits this model and these images: " + "; ".join(skipped))
+    print(f"\n{len(queries)} images from {' '.join(args.images)} through {model.name}:")
+    for path in written:
+        print(f"  {path.stem + ':':<11}{path}")
+    for note in skipped:
+        print(f"  not drawn: {note}")
+    return 0

@@ -1,0 +1,223 @@
+"""``unsupdistill pretrain`` and ``unsupdistill distill``: one training run, its run directory and its status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from unsupdistill import distributed
+from unsupdistill.auto import AUTOMATIC_KEYS, auto_settings, explicit_keys, format_choices
+from unsupdistill.config import (
+    Config,
+    ConfigError,
+    absolute_paths,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    merge,
+    recipe_names,
+    validate,
+)
+from unsupdistill.data import DataError, FolderScan, num_workers, scan_for_run
+from unsupdistill.devices import training_device
+from unsupdistill.export import ExportError
+from unsupdistill.models.load import ModelSpecError
+from unsupdistill.storage import CheckpointError, latest_checkpoint
+from unsupdistill.train.checkpoint import set_aside_later_state
+from unsupdistill.train.faults import TrainingError, TrainingStopped
+from unsupdistill.train.status import STATUS_FILE, resume_command, write_status
+
+logger = logging.getLogger("unsupdistill")
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelSpecError, ExportError)
+EXIT_STOPPED = 75  # EX_TEMPFAIL (sysexits.h): stopped by SIGTERM/SIGINT with a checkpoint; --resume continues
+
+TRAINING_EPILOG = (
+    f"exit status: 0 done; 1 training error (non-finite loss or gradients, a checkpoint that cannot be written; "
+    f"the last good checkpoint is kept); 2 bad input; {EXIT_STOPPED} stopped by SIGTERM or SIGINT after writing a "
+    "checkpoint (--resume continues the run). torchrun turns any non-zero status into 1: read RUN/status.json "
+    "(state running, done, preempted or failed)."
+)
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments ``pretrain`` and ``distill`` share."""
+    p.add_argument("args", nargs="*", metavar="[PATH] [key=value ...]",
+                   help="image folder (omit for scikit-learn's digits; without --recipe, the settings are chosen "
+                        "from its images and the device) and section.key=value config overrides")
+    p.add_argument("--recipe", help=f"shipped recipe ({', '.join(recipe_names())}) or a YAML file")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_OR_CHECKPOINT",
+                   help="continue a run from its newest checkpoint that loads (checkpoints/last.pt or "
+                        "epoch_*.pt; corrupt ones are skipped with a warning), or from the given .pt file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build everything and run one step on a batch of 2 per process; write nothing")
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """``pretrain`` and ``distill``: one training run, its run directory and status."""
+    from unsupdistill.methods import train  # heavy imports after checks
+
+    paths, overrides = split_pretrain_args(args.args)
+    if args.command == "distill":
+        overrides = ["method=distill", *overrides]
+    checkpoint, ckpt_path = None, None
+    if args.resume:
+        if args.recipe:
+            raise ConfigError("--resume takes the run's own config; pass changes as key=value, not --recipe")
+        ckpt_path, checkpoint = latest_checkpoint(args.resume)
+        logger.info("resuming from %s (step %d)", ckpt_path, checkpoint["step"])
+        config = config_from_dict(checkpoint["config"], str(ckpt_path))
+        config = apply_overrides(config, overrides)
+    else:
+        config = load_config(args.recipe, overrides, check=False)  # checked below
+    if paths:  # a path as written, never parsed as YAML
+        config = merge(config, {"data": {"path": paths[0]}}, "command line")
+    if getattr(args, "teacher", None):
+        config = merge(config, {"distill": {"teacher": args.teacher}}, "--teacher")
+    config = absolute_paths(config)
+    automatic = args.recipe is None and checkpoint is None and config.data.path is not None
+    # before any data is read; what the automatic settings will set is checked once they have
+    validate(config, ignore=AUTOMATIC_KEYS - explicit_keys(overrides) if automatic else frozenset())
+
+    # every process joins now: process 0 names the run directory and scans the folder for all
+    device = training_device(config.train.device)
+    distributed.init_distributed(device)
+    default_out = ckpt_path.parent.parent if ckpt_path is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(distributed.broadcast_object(str(args.out or default_out)))
+    if args.dry_run:
+        return _dry_run(config, run_dir, checkpoint, automatic, overrides, device)
+
+    log_file = None
+    if distributed.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_file = _file_handler(run_dir / "train.log")
+        logging.getLogger().addHandler(log_file)
+        if ckpt_path is not None and run_dir.resolve() == ckpt_path.parent.parent.resolve():
+            set_aside_later_state(run_dir, int(checkpoint["step"]))  # before anything of the run is rewritten
+        write_status(run_dir, "running", step=checkpoint["step"] if checkpoint else 0)
+    try:
+        config, scan, notes = _settings_for_data(config, run_dir, automatic, overrides, device)
+        probe = None
+        if config.eval.train and distributed.is_main_process():  # read now: a bad set fails before training
+            from unsupdistill.evaluate.probe import KNNProbe
+
+            probe = KNNProbe(config, device)
+        backbone = train(config, run_dir, checkpoint, scan=scan, config_notes=notes, probe=probe)
+    except TrainingStopped as stop:
+        verb = "distill" if config.method == "distill" else "pretrain"
+        write_status(run_dir, "preempted", EXIT_STOPPED, step=stop.step, resume=resume_command(run_dir, verb))
+        if log_file is not None:
+            logger.warning("%s", stop)
+        return EXIT_STOPPED
+    except TrainingError as err:
+        write_status(run_dir, "failed", 1, reason=str(err))
+        logger.error("%s", err)
+        return 1
+    except USER_ERRORS as err:
+        write_status(run_dir, "failed", 2, reason=str(err))
+        raise
+    except BaseException as err:  # a crash or a second Ctrl-C: say so, then let it propagate
+        write_status(run_dir, "failed", 130 if isinstance(err, KeyboardInterrupt) else 1,
+                     reason=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        distributed.cleanup()
+        if log_file is not None:
+            logging.getLogger().removeHandler(log_file)
+            log_file.close()
+    if backbone is not None:
+        sidecar = json.loads(backbone.with_suffix(".json").read_text())
+        write_status(run_dir, "done", 0, step=sidecar["step"], backbone=str(backbone))
+        curves = training_curves(run_dir, config.model.head_output_dim if config.method == "dino" else None)
+        print(f"\nrun directory: {run_dir}\n"
+              f"  backbone:    {backbone} (+ backbone.json, input size {sidecar['input_size']} px)\n"
+              f"  checkpoint:  {run_dir / 'checkpoints' / 'last.pt'}\n"
+              f"  metrics:     {run_dir / 'metrics.jsonl'}  (tensorboard --logdir {run_dir / 'tensorboard'})\n"
+              f"  config:      {run_dir / 'config.yaml'}\n"
+              f"  status:      {run_dir / STATUS_FILE}"
+              + (f"\n  curves:      {curves}" if curves else ""))
+    return 0
+
+
+def training_curves(run_dir: Path, num_outputs: int | None) -> Path | None:
+    """Draw ``training_curves.png`` from the run's metrics; a run is not failed by its picture (logged instead)."""
+    from unsupdistill.show import plot_training_curves
+
+    try:
+        return plot_training_curves(run_dir, run_dir / "training_curves.png", num_outputs)
+    except (ValueError, OSError) as err:
+        logger.warning("no training_curves.png: %s", err)
+        return None
+
+
+def _settings_for_data(config: Config, run_dir: Path | None, automatic: bool, overrides: list[str],
+                       device: torch.device) -> tuple[Config, FolderScan | None, str]:
+    """Scan the image folder (once per run, see ``scan_for_run``) and, for a folder without a recipe, choose
+    the settings that depend on it. Returns the config, the scan and the choices as config.yaml comments."""
+    if config.data.path is None:
+        return config, None, ""
+    scan = scan_for_run(config.data.path, config.data.verify, run_dir, max(1, num_workers(config.data)))
+    if not automatic:
+        return config, scan, ""
+    config, choices = auto_settings(config, scan, device.type, explicit_keys(overrides),
+                                    distributed.launched_world_size())
+    table = format_choices(choices)
+    logger.info("settings chosen for %d images in %s on %s (a key=value argument or --recipe overrides any):\n%s",
+                len(scan.files), config.data.path, device.type.upper(), table)
+    notes = (f"Settings chosen automatically for {len(scan.files)} images on {device.type.upper()} (value, why):\n"
+             + table)
+    return config, scan, notes
+
+
+def _dry_run(config: Config, run_dir: Path, checkpoint: dict | None, automatic: bool, overrides: list[str],
+             device: torch.device) -> int:
+    """Build everything and run one step on a tiny batch; write nothing."""
+    from unsupdistill.methods import train
+
+    try:
+        config, scan, _ = _settings_for_data(config, None, automatic, overrides, device)
+        report = train(config, run_dir, checkpoint, dry_run=True, scan=scan)
+    finally:
+        distributed.cleanup()
+    print(json.dumps({"dry_run": "ok", **report}, indent=2))
+    return 0
+
+
+_OVERRIDE = re.compile(r"([A-Za-z_]\w*(\.[A-Za-z_]\w*)+|method)=")  # method: the one top-level key
+
+
+def split_pretrain_args(items: list[str]) -> tuple[list[str], list[str]]:
+    """Tell the image folder from ``section.key=value`` overrides.
+
+    An argument that names an existing file or folder is a path, whatever characters it holds (``a=b``,
+    ``run #1``, ``2024``); otherwise one that starts with ``section.key=`` is an override.
+
+    Raises:
+        ConfigError: more than one path, or an argument that is neither.
+    """
+    paths, overrides = [], []
+    for item in items:
+        if _OVERRIDE.match(item) and not os.path.lexists(item):
+            overrides.append(item)
+        elif "=" in item and not os.path.lexists(item):
+            raise ConfigError(f"'{item}' is neither an existing image folder nor a section.key=value override "
+                              "(e.g. train.epochs=5)")
+        else:
+            paths.append(item)
+    if len(paths) > 1:
+        raise ConfigError(f"expected at most one image folder, got {paths}; overrides need section.key=value")
+    return paths, overrides
+
+
+def _file_handler(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    return handler

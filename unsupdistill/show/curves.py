@@ -1,0 +1,141 @@
+"""Training curves of a run from its ``metrics.jsonl``: loss, teacher entropy against its maximum log K
+(DINO's collapse signal, Caron et al. 2021, Sec. 5.3), k-NN top-1 during training, the optimiser's
+schedules (learning rate, weight decay) and the teacher's momentum, in one PNG.
+
+Plots use matplotlib's object-oriented API on an Agg canvas, as ``evaluate/report.py`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from unsupdistill.storage import atomic_write
+
+logger = logging.getLogger(__name__)
+
+PANEL_INCHES = (5.0, 3.0)
+DPI = 100
+"""Each panel is 500 x 300 pixels; the PNG is exactly (columns * 500) x (rows * 300)."""
+PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("loss", ("loss",)),
+    ("teacher entropy (nats)", ("teacher_entropy",)),
+    ("k-NN top-1 (%)", ("knn_top1",)),
+    ("learning rate and weight decay", ("lr", "weight_decay")),
+    ("teacher momentum", ("teacher_momentum",)),
+)
+"""Panel titles and the ``metrics.jsonl`` keys each draws (against ``step``); a panel without data is left out."""
+FEW_POINTS = 50
+"""Series with at most this many points get markers."""
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """The records of a ``metrics.jsonl``, and how many non-blank lines were not JSON records with a step.
+
+    A run killed mid-write leaves a half line at the end; it is skipped and counted, never an error.
+    """
+    records, skipped = [], 0
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            skipped += 1
+            continue
+        if isinstance(record, dict) and _is_number(record.get("step")):
+            records.append(record)
+        else:
+            skipped += 1
+    return records, skipped
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """``(steps, values)`` of the records holding a number under ``key``."""
+    points = [(float(r["step"]), float(r[key])) for r in records if _is_number(r.get(key))]
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def _max_entropy(records: list[dict[str, Any]], num_outputs: int | None) -> float | None:
+    """log K of the DINO head's K outputs: given, else entropy + KL to uniform of the last record holding both."""
+    if num_outputs is not None:
+        return math.log(num_outputs)
+    for record in reversed(records):
+        if _is_number(record.get("teacher_entropy")) and _is_number(record.get("teacher_kl_uniform")):
+            return float(record["teacher_entropy"]) + float(record["teacher_kl_uniform"])
+    return None
+
+
+def _draw(axes: Axes, records: list[dict[str, Any]], keys: tuple[str, ...], max_entropy: float | None) -> None:
+    """Draw ``keys`` on ``axes``; a second key gets its own y axis on the right (weight decay beside lr)."""
+    for number, key in enumerate(keys):
+        steps, values = series(records, key)
+        if not steps:
+            continue
+        target = axes if number == 0 else axes.twinx()
+        colour = f"C{number}"
+        marker = "o" if len(steps) <= FEW_POINTS else None  # a single k-NN probe is a point, not a line
+        target.plot(steps, values, color=colour, label=key, marker=marker, markersize=4)
+        target.set_ylabel(key, color=colour)
+    if keys == ("teacher_entropy",) and max_entropy is not None:
+        axes.axhline(max_entropy, color="C3", linestyle="--", label=f"max log K = {max_entropy:.2f}")
+        axes.legend(loc="best", fontsize="small")
+    axes.set_xlabel("step")
+    axes.grid(True, alpha=0.3)
+
+
+def plot_training_curves(run_dir_or_metrics_path: str | Path, out_png: str | Path,
+                         num_outputs: int | None = None) -> Path:
+    """One PNG of a run's training curves, a panel per series found; absent series are left out.
+
+    Args:
+        run_dir_or_metrics_path: a run directory (its ``metrics.jsonl`` is read) or the file itself.
+        out_png: the PNG to write (atomically).
+        num_outputs: K, the DINO head's outputs, for the entropy's maximum log K; None: derived from
+            ``teacher_entropy + teacher_kl_uniform`` when logged, else not drawn.
+
+    Returns:
+        ``out_png`` as a path. Skipped (non-JSON, half-written) lines are counted in a warning and the title.
+
+    Raises:
+        FileNotFoundError: there is no metrics file.
+        ValueError: the file holds none of the series drawn.
+    """
+    path = Path(run_dir_or_metrics_path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: give a run directory holding metrics.jsonl, or the file")
+    records, skipped = read_metrics(path)
+    if skipped:
+        logger.warning("%s: skipped %d line(s) that are not complete JSON records", path, skipped)
+    panels = [(title, keys) for title, keys in PANELS if any(series(records, key)[0] for key in keys)]
+    if not panels:
+        wanted = ", ".join(key for _, keys in PANELS for key in keys)
+        raise ValueError(f"{path} holds none of the series {wanted} in {len(records)} record(s); "
+                         "give the metrics.jsonl of an unsupdistill training run")
+    columns = 1 if len(panels) == 1 else 2
+    rows = math.ceil(len(panels) / columns)
+    figure = Figure(figsize=(PANEL_INCHES[0] * columns, PANEL_INCHES[1] * rows), dpi=DPI, layout="constrained")
+    max_entropy = _max_entropy(records, num_outputs)
+    for number, (title, keys) in enumerate(panels, 1):
+        axes = figure.add_subplot(rows, columns, number)
+        _draw(axes, records, keys, max_entropy)
+        axes.set_title(title)
+    note = f", {skipped} damaged line(s) skipped" if skipped else ""
+    figure.suptitle(f"{path.parent.name or path.name}: {len(records)} records{note}")
+    FigureCanvasAgg(figure)
+    out = Path(out_png)
+    atomic_write(out, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))
+    return out
