@@ -55,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
                     "backbone (.safetensors with its .json), timm:<name>[,key=value...] (random init) or pixels. "
                     "TRAIN and TEST are folders with one subfolder per class, CSV files of path,label, or digits.",
     )
-    e.add_argument("model", metavar="MODEL")
-    e.add_argument("--train", required=True, help="labeled training set (k-NN memory, probe training)")
-    e.add_argument("--test", required=True, help="labeled test set (scored)")
+    e.add_argument("model", metavar="MODEL", nargs="+", help="one or more models (several: compared side by side)")
+    e.add_argument("--train", help="labeled training set (k-NN memory, probe training)")
+    e.add_argument("--test", help="labeled test set (scored)")
+    e.add_argument("--suite", type=Path, help="YAML file of labeled sets (datasets: [{name, train, test, "
+                                               "image_size}]) to evaluate every MODEL on, instead of --train/--test")
     e.add_argument("--out", type=Path, help="report directory (default runs/eval-<timestamp>)")
     e.add_argument("--image-size", type=int, help="input size for pixels and timm: models")
     e.add_argument("--batch-size", type=int, default=256)
@@ -144,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command == "eval":
+            pair = args.train is not None and args.test is not None
+            if (args.suite is None and not pair) or (args.suite is not None and (args.train or args.test)):
+                parser.error("eval needs --train and --test, or --suite FILE (not both)")
             return eval_command(args)
         if args.command == "export":
             return export_command(args)

@@ -20,7 +20,17 @@ def eval_command(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir, plots=not args.no_plots, device=args.device, workers=args.workers,
     )
     out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
-    results = evaluate(args.model, args.train, args.test, options, out)
+    if args.suite or len(args.model) > 1:
+        from unsupdistill.evaluate.suite import LabeledPair, load_suite, run_suite
+
+        pairs = load_suite(args.suite) if args.suite else [LabeledPair(Path(args.test).name, args.train, args.test,
+                                                                       args.image_size)]
+        rows, _ = run_suite(args.model, pairs, options, out)
+        print()
+        print(format_table(rows, list(rows[0])))
+        print(f"\ntable:   {out / 'suite.md'}\nresults: {out / 'suite.json'} (each report under {out}/<dataset>/)")
+        return 0
+    results = evaluate(args.model[0], args.train, args.test, options, out)
     row = summary_row(results)
     print()
     print(format_table([row], list(row)))
