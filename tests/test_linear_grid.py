@@ -121,3 +121,19 @@ def test_bad_inputs_name_the_argument(change: dict, error: type, message: str) -
                      test_y=torch.arange(6) % 2, device="cpu")
     with pytest.raises(error, match=message):
         linear_probe_grid(**{**arguments, **change})
+
+
+def test_eval_probes_a_vits_four_feature_variants_and_keeps_knn_on_its_pooled_output():
+    """`unsupdistill eval` of a ViT: the grid tries the last block's class token or the last blocks', with or without
+    the average-pooled patches (DINOv2's variants), from one extraction; k-NN still sees the pooled output."""
+    from unsupdistill.evaluate.run import EvalOptions, evaluate
+
+    vit = "timm:vit_tiny_patch16_224,img_size=16,patch_size=4,embed_dim=32,depth=2,num_heads=2"
+    options = EvalOptions(clustering=False, plots=False, cache=False)
+    probed = evaluate(vit, "digits", "digits", options)
+    plain = evaluate(vit, "digits", "digits", EvalOptions(linear=False, clustering=False, plots=False, cache=False))
+    assert {row["variant"] for row in probed["linear"]["val_top1"]} == {
+        "cls_last1", "cls_last2", "cls_last1+avgpool", "cls_last2+avgpool"}
+    assert probed["linear"]["best"]["variant"] in {"cls_last1", "cls_last2", "cls_last1+avgpool", "cls_last2+avgpool"}
+    assert probed["feature_dim"] == plain["feature_dim"] == 32
+    assert probed["knn"][20]["top1"] == pytest.approx(plain["knn"][20]["top1"], abs=0.2)  # the same features

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from unsupdistill.config import DataConfig
@@ -95,6 +96,26 @@ def model_features(model: FeatureModel, dataset, options: EvalOptions, device: t
     return features
 
 
+def vit_probe_variants(backbone: nn.Module) -> tuple[int, dict[str, slice], slice] | None:
+    """The feature variants DINOv2's linear evaluation tries for a timm ViT whose pooled output is its class
+    token: the class token of the last block or of the last 4, each with or without the average-pooled patch
+    tokens, as columns of :class:`DINOViTFeatures` (last ``blocks`` class tokens, then the pooled patches).
+
+    Returns:
+        (blocks, variant name -> columns, the columns equal to the backbone's pooled output), or None for
+        any other backbone (its pooled features are the probe's only variant).
+    """
+    if not isinstance(backbone, VisionTransformer) or backbone.cls_token is None \
+            or getattr(backbone, "global_pool", None) != "token":
+        return None
+    blocks, dim = min(4, len(backbone.blocks)), backbone.embed_dim
+    last = slice((blocks - 1) * dim, blocks * dim)
+    variants = {"cls_last1": last, f"cls_last{blocks}": slice(0, blocks * dim),
+                "cls_last1+avgpool": slice((blocks - 1) * dim, (blocks + 1) * dim),
+                f"cls_last{blocks}+avgpool": slice(0, (blocks + 1) * dim)}
+    return blocks, variants, last
+
+
 def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOptions | None = None,
              out_dir: Path | None = None) -> dict:
     """Evaluate one model; write ``eval.json`` and plots to ``out_dir`` when given. Returns the results."""
@@ -108,8 +129,18 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
 
     timings = {}
     tic = time.perf_counter()
-    train_features = model_features(model, train_set, options, device)
-    test_features = model_features(model, test_set, options, device)
+    grid = vit_probe_variants(model.backbone) if options.linear and options.linear_backend == "torch" \
+        and not options.vit_blocks else None
+    if grid is None:
+        train_features = model_features(model, train_set, options, device)
+        test_features = model_features(model, test_set, options, device)
+        probe_train, probe_test, variants = train_features, test_features, None
+    else:  # a ViT: the probe's variants are columns of one extraction; k-NN and clustering get the pooled ones
+        blocks, variants, pooled = grid
+        vit_options = replace(options, vit_blocks=blocks, avgpool=True)
+        probe_train = model_features(model, train_set, vit_options, device)  # (N, (blocks + 1) * D)
+        probe_test = model_features(model, test_set, vit_options, device)
+        train_features, test_features = probe_train[:, pooled], probe_test[:, pooled]  # the last block's class token
     timings["features_s"] = time.perf_counter() - tic
 
     results: dict = {"model": model.name, "model_spec": model_spec, "train": train_spec, "test": test_spec,
@@ -126,7 +157,8 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
         if options.linear_backend == "sklearn":
             linear = linear_probe(train_features, train_labels, test_features, test_labels)
         elif options.linear_backend == "torch":
-            linear = linear_probe_grid(train_features, train_labels, test_features, test_labels, device=device)
+            linear = linear_probe_grid(probe_train, train_labels, probe_test, test_labels, variants=variants,
+                                       device=device)
         else:
             raise ValueError(f"linear_backend must be torch or sklearn, got {options.linear_backend!r}")
         results["linear"] = {"backend": options.linear_backend,
