@@ -287,3 +287,21 @@ def test_show_command_draws_what_fits_and_every_run_ends_with_its_curves(tmp_pat
     with caplog.at_level(logging.ERROR):
         assert main(["show", str(run), str(images), "--kind", "attention", "--out", str(out)]) == 2
     assert "show --kind attention" in caplog.text and "VisionTransformer" in caplog.text
+
+
+def test_eval_writes_the_pictures_that_fit(tmp_path):
+    """`unsupdistill eval` adds PCA colours for a CNN, attention too for a ViT, and for both the test images'
+    nearest training images, the first row headed by the first test image."""
+    from unsupdistill.evaluate.labeled import load_labeled
+    from unsupdistill.evaluate.run import EvalOptions, evaluate
+
+    cnn = "timm:resnet18,small_image_stem=true,channels=[8,8,16,16],stem_width=8"
+    vit = "timm:vit_tiny_patch16_224,img_size=16,patch_size=4,embed_dim=32,depth=2,num_heads=2"
+    options = EvalOptions(image_size=16, linear=False, clustering=False, cache=False)
+    for spec, kinds in ((cnn, {"pca", "retrieval"}), (vit, {"attention", "pca", "retrieval"})):
+        out = tmp_path / spec[5:8]
+        evaluate(spec, "digits", "digits", options, out)
+        assert {p.stem for p in out.glob("*.png")} - {"feature_map", "knn_vs_k"} == kinds
+        retrieval = np.asarray(Image.open(out / "retrieval.png"))
+        first = load_labeled("digits", 16, "test")[0].permute(1, 2, 0).numpy()  # (16, 16, 3) uint8
+        assert (retrieval[2:18, 2:18] == first).all()

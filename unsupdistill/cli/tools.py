@@ -36,9 +36,9 @@ def eval_command(args: argparse.Namespace) -> int:
     print(format_table([row], list(row)))
     knn = "  ".join(f"k={k}: {r['top1']:.1f}" for k, r in results["knn"].items())
     print(f"\nk-NN top-1 by k (T={options.temperature}): {knn}")
-    print(f"\nreport: {out / 'eval.json'}" + ("" if args.no_plots else
-          f"\nplots:  {out / 'feature_map.png'}, {out / 'knn_vs_k.png'}"
-          + ("" if args.no_linear else f", {out / 'confusion.png'}")))
+    pictures = sorted(out.glob("*.png"))
+    print(f"\nreport: {out / 'eval.json'}"
+          + (f"\nplots:  {out}/{{{','.join(p.name for p in pictures)}}}" if pictures and not args.no_plots else ""))
     return 0
 
 

@@ -25,6 +25,7 @@ from unsupdistill.evaluate.knn import knn_evaluate
 from unsupdistill.evaluate.labeled import align_labels, load_labeled
 from unsupdistill.evaluate.linear import DINOViTFeatures, linear_probe
 from unsupdistill.evaluate.linear_grid import linear_probe_grid
+from unsupdistill.evaluate.pictures import write_pictures
 from unsupdistill.evaluate.report import plot_confusion, plot_feature_map, plot_knn_vs_k, write_json
 from unsupdistill.models.load import FeatureModel, load_model
 
@@ -181,6 +182,7 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
             if linear is not None:
                 plot_confusion(test_labels, linear["predictions"], classes, out_dir / "confusion.png",
                                title=f"{model.name}: linear probe")
+            write_pictures(model, train_set, test_set, train_features, test_features, out_dir)
     return results
 
 
