@@ -14,7 +14,7 @@ import torch
 TINY = [
     "model.backbone_kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
     "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "model.head_output_dim=256",
-    "train.batch_size=16", "augment.num_local_crops=2", "data.num_workers=0",
+    "train.batch_size=16", "augment.num_local_crops=2", "data.num_workers=0", "eval.summary=false",
 ]
 
 

@@ -57,6 +57,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", type=Path, metavar="RUN_OR_CHECKPOINT",
                    help="continue a run from its newest checkpoint that loads (checkpoints/last.pt or "
                         "epoch_*.pt; corrupt ones are skipped with a warning), or from the given .pt file")
+    p.add_argument("--probe-train", metavar="LABELED", help="labeled set (a folder of class subfolders, a path,label "
+                   "CSV or digits) whose k-NN memory scores the run at its end, with --probe-test")
+    p.add_argument("--probe-test", metavar="LABELED", help="labeled set scored at the end of the run")
     p.add_argument("--dry-run", action="store_true",
                    help="build everything and run one step on a batch of 2 per process; write nothing")
 
@@ -87,6 +90,7 @@ def train_command(args: argparse.Namespace) -> int:
     # before any data is read; what the automatic settings will set is checked once they have
     validate(config, ignore=AUTOMATIC_KEYS - explicit_keys(overrides) if automatic else frozenset())
 
+    pair = labeled_pair(config, args)  # scored at the end; a bad pair fails now
     # every process joins now: process 0 names the run directory and scans the folder for all
     device = training_device(config.train.device)
     distributed.init_distributed(device)
@@ -144,7 +148,32 @@ def train_command(args: argparse.Namespace) -> int:
               f"  config:      {run_dir / 'config.yaml'}\n"
               f"  status:      {run_dir / STATUS_FILE}"
               + (f"\n  curves:      {curves}" if curves else ""))
+        if pair is not None and config.eval.summary:
+            from unsupdistill.evaluate.summary import SUMMARY_FILE, run_summary
+
+            summary = run_summary(run_dir, *pair, seed=config.train.seed, device=config.train.device)
+            memory, scored = (f"the digits' {part} split" if spec == "digits" else spec
+                              for spec, part in zip(pair, ("train", "test")))
+            print(f"\nWhat the run learned: k-NN top-1 (k = 20) on {scored}, memory {memory}:\n"
+                  f"{summary['table']}\n{summary['reading']}\n  summary:     {run_dir / SUMMARY_FILE}")
     return 0
+
+
+def labeled_pair(config: Config, args: argparse.Namespace) -> tuple[str, str] | None:
+    """The labeled train/test pair the end-of-run summary scores: --probe-train/--probe-test, else eval.train/
+    eval.test, else the digits' fixed split for a run on the built-in digits; None without labels."""
+    if bool(args.probe_train) != bool(args.probe_test):
+        raise ConfigError("give --probe-train and --probe-test together (labeled sets: a folder of class "
+                          "subfolders, a path,label CSV or digits)")
+    if args.probe_train:
+        for flag, spec in (("--probe-train", args.probe_train), ("--probe-test", args.probe_test)):
+            if spec != "digits" and not os.path.exists(spec):
+                raise ConfigError(f"{flag} {spec} does not exist; give a folder of class subfolders, a path,label "
+                                  "CSV file, or digits")
+        return args.probe_train, args.probe_test
+    if config.eval.train and config.eval.test:
+        return config.eval.train, config.eval.test
+    return ("digits", "digits") if config.data.path is None else None
 
 
 def training_curves(run_dir: Path, num_outputs: int | None) -> Path | None:

@@ -194,6 +194,10 @@ class EvalConfig:
     every_epochs: int = 1
     k: int = 20
     temperature: float = 0.07
+    summary: bool = True
+    """End the run with what it learned (``summary.json`` and a table): k-NN of the export, of the same network at
+    random init and of raw pixels, by ``unsupdistill eval``'s code, on the digits' split for the built-in digits
+    and on ``eval.train`` / ``eval.test`` (or --probe-train / --probe-test) for a folder; none without labels."""
 
 
 @dataclass

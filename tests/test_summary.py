@@ -1,0 +1,79 @@
+"""The end of a run says what it learned: k-NN of the export, of the same network at random init and of raw
+pixels, with the numbers `unsupdistill eval` gives for the same models and sets."""
+
+import json
+import logging
+
+import pytest
+from PIL import Image
+
+from unsupdistill.cli import main
+from unsupdistill.data import DigitsDataset, digits_split
+from unsupdistill.evaluate.run import EvalOptions, evaluate
+from unsupdistill.evaluate.summary import random_init_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def labeled_folder(root, indices):
+    """Digits as PNG files in one subfolder per class."""
+    digits = DigitsDataset(16, indices)
+    for i in range(len(digits)):
+        folder = root / str(int(digits.labels[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digits[i].permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+    return root
+
+
+def knn(spec, train, test, size):
+    options = EvalOptions(image_size=size, linear=False, clustering=False, plots=False, cache=False)
+    return evaluate(spec, train, test, options)["knn"][20]["top1"]
+
+
+def test_digits_run_ends_with_the_table_eval_gives(tmp_path, tiny, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--out", str(run), *tiny, "eval.summary=true", "train.max_steps=3"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    assert "What the run learned" in printed and summary["reading"] in printed
+    scores = summary["knn_top1"]
+    assert list(scores) == ["this run", "same network, random init", "raw pixels"]
+    assert scores["this run"] == knn(str(run), "digits", "digits", 16)
+    assert scores["raw pixels"] == knn("pixels", "digits", "digits", 16)
+    sidecar = json.loads((run / "backbone.json").read_text())
+    assert summary["models"]["same network, random init"] == random_init_spec(sidecar)
+    import torch
+    torch.manual_seed(0)  # the run's seed (train.seed)
+    assert scores["same network, random init"] == knn(random_init_spec(sidecar), "digits", "digits", 16)
+    for value in scores.values():
+        assert f"{value:.1f}" in summary["table"]
+
+
+def test_folder_run_is_scored_on_the_labeled_folders_given(tmp_path, tiny, capsys):
+    train_idx, test_idx = digits_split()
+    train, test = labeled_folder(tmp_path / "train", train_idx[:200]), labeled_folder(tmp_path / "test", test_idx[:100])
+    run = tmp_path / "run"
+    assert main(["pretrain", str(train), "--recipe", "digits", "--out", str(run), *tiny, "eval.summary=true",
+                 "train.max_steps=2", "--probe-train", str(train), "--probe-test", str(test)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["knn_top1"]["raw pixels"] == knn("pixels", str(train), str(test), 16)
+    assert "What the run learned" in capsys.readouterr().out
+
+
+def test_folder_run_without_labels_prints_no_table(tmp_path, tiny, capsys):
+    train_idx, _ = digits_split()
+    images = labeled_folder(tmp_path / "images", train_idx[:100])
+    run = tmp_path / "run"
+    assert main(["pretrain", str(images), "--recipe", "digits", "--out", str(run), *tiny, "eval.summary=true",
+                 "train.max_steps=2"]) == 0
+    assert "What the run learned" not in capsys.readouterr().out
+    assert not (run / "summary.json").exists()
+
+
+def test_probe_flags_go_together_and_must_exist(tmp_path, tiny, caplog):
+    with caplog.at_level(logging.ERROR):
+        assert main(["pretrain", "--out", str(tmp_path / "a"), *tiny, "--probe-train", "digits"]) == 2
+        assert main(["pretrain", "--out", str(tmp_path / "b"), *tiny, "--probe-train", "digits",
+                     "--probe-test", str(tmp_path / "missing")]) == 2
+    assert "--probe-test" in caplog.text and "missing" in caplog.text
+    assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()
