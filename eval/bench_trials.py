@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from bench_distill import QUICK, evaluate, make_quick_data, run_cli, training_summary
 
+from unsupdistill.cli.training import split_pretrain_args
+from unsupdistill.config import ConfigError, load_config
 from unsupdistill.evaluate.report import format_table, write_json
 
 logger = logging.getLogger("bench_trials")
@@ -74,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         if not name or name in trials:
             parser.error(f"--trial {item!r}: give each trial a new NAME before '='")
         trials[name] = shlex.split(overrides)
+        try:  # every trial's overrides are checked before the first one trains, not when its turn comes
+            paths, _ = split_pretrain_args(trials[name])
+            if paths:
+                raise ConfigError(f"{paths} are not section.key=value overrides (quote a value with spaces: "
+                                  "\"name='key={a: 1, b: 2}'\")")
+            load_config(args.recipe, [*args.common, *trials[name]])
+        except ConfigError as err:
+            parser.error(f"--trial {name}: {err}")
 
     rows = [run_trial(name, overrides, args) for name, overrides in trials.items()]
     table = [{"trial": r["trial"], "overrides": r["overrides"] or "-", "steps": r["steps"],

@@ -66,7 +66,8 @@ def extract_features(
     The features are float32 on the CPU whatever the device and precision.
     """
     device = torch.device(device)
-    model = NormalizedBackbone(backbone, mean, std).eval().to(device)
+    # channels-last: the convolution kernels' preferred layout (as in training)
+    model = NormalizedBackbone(backbone, mean, std).eval().to(device, memory_format=torch.channels_last)
     out = []
     autocast = (torch.autocast(device.type, dtype=precision) if precision is not None
                 else contextlib.nullcontext())
@@ -74,5 +75,5 @@ def extract_features(
     for images in tqdm(loader, desc="features", unit="batch", disable=not progress):
         x = to_unit_range(images.to(device, non_blocking=True), input_size)  # (B, 3, S, S)
         with autocast:
-            out.append(model(x).float().cpu())
+            out.append(model(x.contiguous(memory_format=torch.channels_last)).float().cpu())
     return torch.cat(out)
