@@ -119,7 +119,7 @@ def test_only_rank_zero_writes_files(two_process_run: Path) -> None:
     assert len(events) == 1 and "events.out.tfevents" in events[0]  # one writer, not one per rank
     assert [f for f in files if f not in events] == [
         "backbone.json", "backbone.safetensors", "checkpoints/last.pt", "config.yaml", "metrics.jsonl", "status.json",
-        "train.log"]
+        "train.log", "training_curves.png"]
     steps = [m["step"] for m in read_metrics(two_process_run)]
     assert steps == list(range(1, STEPS + 1))  # no line written twice
     assert (two_process_run / "train.log").read_text().count("over 2 process(es)") == 1
