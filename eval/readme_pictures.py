@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         run("show", str(work / "vit"), *queries, "--kind", "attention", "--kind", "pca", "--out",
             str(work / "vit-show"))
         enlarge(work / "cnn-show" / "retrieval.png", args.out / "retrieval.png", 3)
-        enlarge(work / "cnn-show" / "pca.png", args.out / "pca_cnn.png", 4)
-        enlarge(work / "vit-show" / "pca.png", args.out / "pca_vit.png", 3)
+        enlarge(work / "vit-show" / "pca.png", args.out / "pca.png", 3)  # the CNN's 2x2 map at 16 px says little
         enlarge(work / "vit-show" / "attention.png", args.out / "attention.png", 3)
         enlarge(work / "cnn" / "training_curves.png", args.out / "training_curves.png", 1)
     return 0

@@ -83,7 +83,7 @@ def retrieval_grid(query_images: np.ndarray, gallery_images: np.ndarray | Mappin
         cells = [framed(query, border, QUERY_FRAME)] + [framed(gallery_images[i], border, NEIGHBOUR_FRAME)
                                                         for i in neighbours]
         if scores is not None:
-            texts = ["query"] + [f"{score:.2f}" for score in scores[row_index].tolist()]
+            texts = [""] + [f"{score:.2f}" for score in scores[row_index].tolist()]  # the query: its blue frame
             cells = [join([cell, _caption(text, cell.shape[1])], axis=0) for cell, text in zip(cells, texts)]
         rows.append(join(cells, axis=1, gap=gap))
     return join(rows, axis=0, gap=gap)
