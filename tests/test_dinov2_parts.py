@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from lightly.loss import IBOTPatchLoss
+from lightly.models.utils import update_momentum
 from torch import nn
 
 from unsupdistill.augment import MultiCropAugmentation, blur_sigma, ibot_masks
@@ -17,7 +18,7 @@ from unsupdistill.config import AugmentConfig, ConfigError, LossConfig, ModelCon
 from unsupdistill.losses import KoLeo, MaskedPatchLoss, SinkhornDINOLoss, build_dino_loss, sinkhorn_knopp
 from unsupdistill.models import build_student_teacher
 from unsupdistill.models.dino import vit_tokens
-from unsupdistill.train.optimizer import clip_gradients
+from unsupdistill.train.optimizer import build_optimizer, clip_gradients, update_ema
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -187,6 +188,22 @@ def test_per_parameter_clipping_bounds_every_gradient():
         p.grad = g.clone()
     clip_gradients(params, OptimConfig(clip_grad=3.0, clip_mode="total"), total)
     assert torch.nn.utils.get_total_norm([p.grad for p in params]).item() == pytest.approx(3.0, rel=1e-4)
+
+
+def test_ema_update_matches_lightly_and_the_optimizer_is_fused():
+    torch.manual_seed(0)
+    student, ours, theirs = (nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)) for _ in range(3))
+    theirs.load_state_dict(ours.state_dict())
+    before = [p.clone() for p in ours.parameters()]
+    update_ema(student, ours, 0.9)
+    update_momentum(student, theirs, 0.9)  # lightly's, one parameter at a time
+    for mine, reference, old, s in zip(ours.parameters(), theirs.parameters(), before, student.parameters()):
+        torch.testing.assert_close(mine, reference)
+        torch.testing.assert_close(mine, 0.9 * old + 0.1 * s)
+    with pytest.raises(ValueError, match="parameters"):
+        update_ema(student, nn.Linear(4, 8), 0.9)
+    optimizer = build_optimizer(OptimConfig(), student)
+    assert optimizer.defaults["fused"]  # one kernel per step, not a Python loop over parameters
 
 
 def test_teacher_has_no_drop_path():

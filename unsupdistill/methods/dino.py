@@ -7,7 +7,6 @@ import logging
 from typing import Any
 
 import torch
-from lightly.models.utils import update_momentum
 from torch import Tensor, nn
 
 from unsupdistill.augment import MultiCropAugmentation, ibot_masks, scaled_crops
@@ -17,6 +16,7 @@ from unsupdistill.models import build_student_teacher
 from unsupdistill.models.backbone import patch_grid
 from unsupdistill.train.health import collapse_warnings, health_signals
 from unsupdistill.train.method import Export, Method, Runtime
+from unsupdistill.train.optimizer import update_ema
 from unsupdistill.train.precision import avoid_cpu_bf16_faults
 from unsupdistill.train.schedules import ScheduleValues
 
@@ -118,7 +118,7 @@ class DINO(Method):
                 p.grad = None
 
     def after_optimizer_step(self, sched: ScheduleValues) -> None:
-        update_momentum(self.student, self.teacher, m=sched.teacher_momentum)  # EMA update of the teacher
+        update_ema(self.student, self.teacher, sched.teacher_momentum)  # EMA update of the teacher
 
     def checkpoint_state(self) -> dict[str, Any]:
         state = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),

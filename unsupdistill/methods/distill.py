@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightly.models.modules import DINOProjectionHead
-from lightly.models.utils import update_momentum
 from torch import Tensor, nn
 
 from unsupdistill.augment import DistillAugmentation
@@ -28,6 +27,7 @@ from unsupdistill.models.backbone import create_backbone, pooled_and_spatial
 from unsupdistill.models.teachers import load_teacher
 from unsupdistill.train.health import feature_spread, health_signals
 from unsupdistill.train.method import Export, Method, Runtime
+from unsupdistill.train.optimizer import update_ema
 from unsupdistill.train.precision import avoid_cpu_bf16_faults
 from unsupdistill.train.schedules import ScheduleValues
 
@@ -183,7 +183,7 @@ class Distillation(Method):
         if isinstance(self.global_loss, QueueKLLoss):
             self.global_loss.push(self._last["teacher"].float())
         if self.ema is not None:
-            update_momentum(self.student, self.ema, m=self.config.distill.ema_momentum)
+            update_ema(self.student, self.ema, self.config.distill.ema_momentum)
             for ema_buffer, buffer in zip(self.ema.buffers(), self.student.buffers()):  # BatchNorm statistics
                 ema_buffer.copy_(buffer)
 
