@@ -9,8 +9,8 @@ model (default: the half-width ResNet-18 with the CIFAR stem at 32 px, random in
 To compare two versions of the code in one run, run the script from each checkout (the script prints which
 ``unsupdistill`` it imported)::
 
-    python eval/bench_extract.py --folder /tmp/jpeg64 --images 20000 --json /tmp/bench/extract.json
-    PYTHONPATH=/path/to/old/checkout python eval/bench_extract.py --folder /tmp/jpeg64 --images 20000
+    python eval/bench_extract.py --folder /tmp/bench/jpeg64-50k --images 50000 --json /tmp/bench/extract.json
+    PYTHONPATH=/path/to/old/checkout python eval/bench_extract.py --folder /tmp/bench/jpeg64-50k --images 50000
     python eval/bench_extract.py --quick
 """
 
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import logging
 import os
 import platform
 import time
@@ -30,6 +32,7 @@ from PIL import Image, ImageDraw
 
 import unsupdistill
 from unsupdistill.evaluate.labeled import load_labeled
+from unsupdistill.evaluate.report import format_table
 from unsupdistill.evaluate.run import EvalOptions, model_features
 from unsupdistill.models.load import load_model
 
@@ -70,7 +73,7 @@ def time_extraction(spec: str, folder: Path, image_size: int, options: EvalOptio
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/bench/jpeg64"))
-    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--images", type=int, default=50000)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--model", action="append", help="MODEL arguments to time (default: half-width ResNet-18 "
                         "and pixels)")
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         args.images = 200
         args.folder = args.folder.with_name(args.folder.name + "-quick")
         args.model = args.model or ["timm:resnet18,small_image_stem=true,channels=[8,8,16,16],stem_width=8"]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     folder = make_folder(args.folder, args.images)
     print(f"unsupdistill from {Path(unsupdistill.__file__).parent}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
@@ -99,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                    "batch_size": options.batch_size, "precision": args.precision}
             print(row, flush=True)
             rows.append(row)
+    print(format_table(rows, ["model", "images", "workers", "batch_size", "precision", "seconds", "images_per_s"],
+                       markdown=True))
     if args.json:
-        import json
-
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor()

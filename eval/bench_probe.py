@@ -46,9 +46,12 @@ def _sklearn_child(queue: mp.Queue, data: tuple) -> None:
 
 
 def sklearn_probe(data: tuple, timeout: float) -> dict:
-    """scikit-learn's probe in a child process; ``finished`` False when it ran past ``timeout`` seconds."""
-    queue: mp.Queue = mp.get_context("fork").Queue()
-    child = mp.get_context("fork").Process(target=_sklearn_child, args=(queue, data))
+    """scikit-learn's probe in a child process; ``finished`` False when it ran past ``timeout`` seconds.
+
+    The child is spawned, not forked: a fork of a process whose OpenMP threads have run hangs in the child.
+    """
+    queue: mp.Queue = mp.get_context("spawn").Queue()
+    child = mp.get_context("spawn").Process(target=_sklearn_child, args=(queue, data))
     tic = time.perf_counter()
     child.start()
     child.join(timeout)
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     columns = ["model", "train", "dim", "torch_top1", "torch_s", "sklearn_top1", "sklearn_s", "sklearn_finished",
                "speedup"]
-    print(format_table(rows, columns))
+    print(format_table(rows, columns, markdown=True))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({

@@ -151,3 +151,26 @@ def test_bench_trials_quick_runs_and_scores_each_trial(tmp_path):
         assert 0 <= row["knn_top1"] <= 100 and row["steps"] >= 1 and row["images_per_s"] > 0
     config = (tmp_path / "sinkhorn" / "config.yaml").read_text()
     assert "centering: sinkhorn" in config and "koleo_weight: 0.1" in config
+
+
+def test_bench_probe_quick_runs_both_probes_on_the_same_features(tmp_path):
+    result = run_script("bench_probe.py", "--quick", "--json", str(tmp_path / "probe.json"))
+    assert [row["model"] for row in result["rows"]] == ["pixels", "timm:resnet18"]
+    for row in result["rows"]:
+        assert row["sklearn_finished"] and 0 < row["torch_top1"] <= 100 and 0 < row["sklearn_top1"] <= 100
+        assert row["torch_s"] > 0 and row["speedup"] == pytest.approx(row["sklearn_s"] / row["torch_s"])
+    assert result["rows"][0]["dim"] == 3 * 16 * 16 and result["rows"][0]["train"] == 1257  # the digits split
+
+
+def test_bench_extract_and_profile_step_quick(tmp_path):
+    result = run_script("bench_extract.py", "--quick", "--folder", str(tmp_path / "jpegs"),
+                        "--json", str(tmp_path / "extract.json"))
+    [row] = result["rows"]
+    assert row["images"] == 200 and row["images_per_s"] > 0 and row["feature_dim"] == 16
+    assert (tmp_path / "jpegs-quick" / "class3").is_dir()  # 10 class folders of generated JPEGs
+    profile = subprocess.run([sys.executable, str(ROOT / "eval" / "profile_step.py"), "--quick"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=180)
+    assert profile.returncode == 0, profile.stderr[-3000:]
+    for stage in STAGES:
+        assert stage in profile.stdout  # every stage of the step, after the operator table
+    assert "Self CPU" in profile.stdout and "steps/s" in profile.stdout

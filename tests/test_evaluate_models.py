@@ -311,3 +311,29 @@ def test_data_fingerprint_of_digits() -> None:
     assert data_fingerprint(train) == data_fingerprint(LabeledDigits(8, range(0, 100)))
     assert data_fingerprint(train) != data_fingerprint(test)
     assert data_fingerprint(train) != data_fingerprint(LabeledDigits(16, range(0, 100)))
+
+
+def test_traced_cpu_extraction_matches_the_eager_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    import unsupdistill.evaluate.features as features
+
+    model = load_model("timm:resnet18,small_image_stem=true,channels=[8,8,16,16],stem_width=8", image_size=16)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (41 * 4 + 3, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    dataset = [images[i] for i in range(len(images))]  # a map-style dataset of (3, S, S) uint8 tensors
+    used = []
+
+    def spy(network, example):
+        traced = optimized_for_cpu(network, example)
+        used.append(traced is not None)
+        return traced
+
+    optimized_for_cpu = features.optimized_for_cpu
+    monkeypatch.setattr(features, "optimized_for_cpu", spy)
+    args = (model.backbone, dataset, 16, model.mean, model.std)
+    fast = features.extract_features(*args, batch_size=4, progress=False)  # 41 full batches and a partial one
+    eager = features.extract_features(*args, batch_size=4, progress=False, optimize=False)
+    assert used == [True]  # traced once, on the first batch, and used
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5)
+    few = features.extract_features(*args[:1], dataset[:20], *args[2:], batch_size=4, progress=False)
+    assert used == [True]  # under 40 batches: not worth tracing
+    torch.testing.assert_close(few, eager[:20], rtol=1e-4, atol=1e-5)
