@@ -27,7 +27,8 @@ from unsupdistill.config import load_config
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    parser.add_argument("--recipe", help="shipped recipe or YAML file (default: the built-in digits run)")
+    parser.add_argument("--recipe", default="digits",
+                        help="shipped recipe or YAML file (default: digits, the built-in run's)")
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", type=int, default=25, help="operators listed")

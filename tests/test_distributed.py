@@ -26,6 +26,7 @@ NO_PER_PROCESS_RANDOMNESS = [
     # LayerNorm instead of BatchNorm: no statistics over the batch, which each process sees only part of
     "model.backbone=vit_tiny_patch16_224", "model.small_image_stem=false", "model.head_batch_norm=false",
     "model.backbone_kwargs={img_size: 16, patch_size: 4, depth: 2, embed_dim: 48, num_heads: 2}",
+    "augment.global_1.size=16", "augment.global_2.size=16", "augment.local.size=8",  # multiples of the patch
     "train.precision=fp32",
 ]
 

@@ -31,7 +31,8 @@ RUNS = {
     "resnet": [*TINY, "model.small_image_stem=false", "augment.global_1.size=32", "augment.global_2.size=32",
                "augment.local.size=16", "train.precision=fp32"],
     "vit": [*TINY_HEAD, "model.backbone=vit_tiny_patch16_224", "model.small_image_stem=false",
-            "model.head_batch_norm=false",
+            "model.head_batch_norm=false", "augment.global_1.size=16", "augment.global_2.size=16",
+            "augment.local.size=8",
             "model.backbone_kwargs={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}"],
 }
 

@@ -8,11 +8,24 @@ import pytest
 from PIL import Image
 
 from unsupdistill.cli import main
+from unsupdistill.config import load_config
 from unsupdistill.data import DigitsDataset, digits_split
 from unsupdistill.evaluate.run import EvalOptions, evaluate
 from unsupdistill.evaluate.summary import random_init_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_the_built_in_run_takes_the_digits_recipe(tmp_path, tiny):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--out", str(run), *tiny, "train.max_steps=1"]) == 0
+    config = load_config(str(run / "config.yaml"))
+    digits = load_config("digits")
+    assert config.augment == digits.augment and config.loss.centering == "sinkhorn" == digits.loss.centering
+    assert (config.augment.global_1.size, config.augment.global_1.flip_p, config.train.epochs) == (12, 0.0, 12)
+    assert config.model.backbone_kwargs == {"channels": [8, 16, 32, 64], "stem_width": 8}  # key=value still wins
+    folder_default = load_config(None, ["data.path=/images"])
+    assert folder_default.augment.global_1.flip_p == 0.5 and folder_default.loss.centering == "ema"  # unchanged
 
 
 def labeled_folder(root, indices):
@@ -38,13 +51,15 @@ def test_digits_run_ends_with_the_table_eval_gives(tmp_path, tiny, capsys):
     assert "What the run learned" in printed and summary["reading"] in printed
     scores = summary["knn_top1"]
     assert list(scores) == ["this run", "same network, random init", "raw pixels"]
-    assert scores["this run"] == knn(str(run), "digits", "digits", 16)
-    assert scores["raw pixels"] == knn("pixels", "digits", "digits", 16)
     sidecar = json.loads((run / "backbone.json").read_text())
+    size = sidecar["input_size"]
+    assert size == 12  # recipes/digits.yaml's global crops
+    assert scores["this run"] == knn(str(run), "digits", "digits", size)
+    assert scores["raw pixels"] == knn("pixels", "digits", "digits", size)
     assert summary["models"]["same network, random init"] == random_init_spec(sidecar)
     import torch
     torch.manual_seed(0)  # the run's seed (train.seed)
-    assert scores["same network, random init"] == knn(random_init_spec(sidecar), "digits", "digits", 16)
+    assert scores["same network, random init"] == knn(random_init_spec(sidecar), "digits", "digits", size)
     for value in scores.values():
         assert f"{value:.1f}" in summary["table"]
 
@@ -56,7 +71,8 @@ def test_folder_run_is_scored_on_the_labeled_folders_given(tmp_path, tiny, capsy
     assert main(["pretrain", str(train), "--recipe", "digits", "--out", str(run), *tiny, "eval.summary=true",
                  "train.max_steps=2", "--probe-train", str(train), "--probe-test", str(test)]) == 0
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["knn_top1"]["raw pixels"] == knn("pixels", str(train), str(test), 16)
+    size = json.loads((run / "backbone.json").read_text())["input_size"]
+    assert summary["knn_top1"]["raw pixels"] == knn("pixels", str(train), str(test), size)
     assert "What the run learned" in capsys.readouterr().out
 
 

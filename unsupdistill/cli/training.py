@@ -37,6 +37,7 @@ from unsupdistill.train.status import STATUS_FILE, resume_command, write_status
 logger = logging.getLogger("unsupdistill")
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelSpecError, ExportError)
+BUILT_IN_RECIPE = "digits"  # what `pretrain` with no folder and no --recipe runs
 EXIT_STOPPED = 75  # EX_TEMPFAIL (sysexits.h): stopped by SIGTERM/SIGINT with a checkpoint; --resume continues
 
 TRAINING_EPILOG = (
@@ -50,8 +51,9 @@ TRAINING_EPILOG = (
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments ``pretrain`` and ``distill`` share."""
     p.add_argument("args", nargs="*", metavar="[PATH] [key=value ...]",
-                   help="image folder (omit for scikit-learn's digits; without --recipe, the settings are chosen "
-                        "from its images and the device) and section.key=value config overrides")
+                   help="image folder (omit for scikit-learn's digits, run with recipes/digits.yaml; without --recipe, "
+                        "the settings are chosen from its images and the device) and section.key=value config "
+                        "overrides")
     p.add_argument("--recipe", help=f"shipped recipe ({', '.join(recipe_names())}) or a YAML file")
     p.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
     p.add_argument("--resume", type=Path, metavar="RUN_OR_CHECKPOINT",
@@ -81,6 +83,9 @@ def train_command(args: argparse.Namespace) -> int:
         config = apply_overrides(config, overrides)
     else:
         config = load_config(args.recipe, overrides, check=False)  # checked below
+        if args.recipe is None and not paths and config.data.path is None and args.command == "pretrain":
+            # the built-in digits run: the defaults and recipes/digits.yaml's settings for 8x8 digits
+            config = load_config(BUILT_IN_RECIPE, overrides, check=False)
     if paths:  # a path as written, never parsed as YAML
         config = merge(config, {"data": {"path": paths[0]}}, "command line")
     if getattr(args, "teacher", None):

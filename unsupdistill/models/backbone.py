@@ -55,8 +55,25 @@ def create_backbone(cfg: ModelConfig, crop_sizes: tuple[int, ...] = ()) -> tuple
                           "or model.backbone_kwargs={} for none") from err
     if cfg.small_image_stem:
         apply_small_image_stem(model)
+    check_crops_fit_patches(model, crop_sizes)
     spec = BackboneSpec(cfg.backbone, kwargs, cfg.small_image_stem, int(model.num_features))
     return model, spec
+
+
+def check_crops_fit_patches(model: nn.Module, crop_sizes: tuple[int, ...]) -> None:
+    """A ConfigError, naming the keys to change, where a token model's patches do not tile a crop size
+    (timm would stop at the first forward pass with an assertion)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    patch = getattr(patch_embed, "patch_size", None)
+    if patch is None or getattr(patch_embed, "dynamic_img_pad", False):
+        return
+    patch = tuple(int(p) for p in (patch if isinstance(patch, (tuple, list)) else (patch, patch)))
+    misfits = sorted({size for size in crop_sizes if size % patch[0] or size % patch[1]})
+    if misfits:
+        raise ConfigError(
+            f"crop sizes {misfits} px are not multiples of the ViT's patch size {patch[0]}: set augment.global_1.size, "
+            f"augment.global_2.size and augment.local.size to multiples of {patch[0]}, or choose a patch size that "
+            "divides them (model.backbone_kwargs.patch_size)")
 
 
 def pooled_and_spatial(backbone: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
