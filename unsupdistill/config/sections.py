@@ -41,7 +41,8 @@ class CropSpec:
 class AugmentConfig:
     """DINO's multi-crop recipe: two global views that differ in blur/solarize, N local views.
 
-    Probabilities and scales are DINO's; the sizes (16 / 8 px) suit the built-in 8x8 digits.
+    Probabilities and scales are DINO's; the sizes (16 / 8 px) suit small images (the built-in digits run
+    takes 12 / 6 px, without flips or colour jitter, from recipes/digits.yaml).
     """
 
     global_1: CropSpec = field(default_factory=lambda: CropSpec(size=16, scale=(0.4, 1.0), blur_p=1.0))
@@ -89,7 +90,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "resnet18"
-    """Any timm model name. The default is a half-width ResNet-18 sized for the built-in digits."""
+    """Any timm model name. The default is a half-width ResNet-18 sized for small images (the built-in digits
+    run takes one block per stage, recipes/digits.yaml)."""
     backbone_kwargs: dict[str, Any] = field(
         default_factory=lambda: {"channels": [32, 64, 128, 256], "stem_width": 32}
     )
