@@ -174,3 +174,13 @@ def test_bench_extract_and_profile_step_quick(tmp_path):
     for stage in STAGES:
         assert stage in profile.stdout  # every stage of the step, after the operator table
     assert "Self CPU" in profile.stdout and "steps/s" in profile.stdout
+
+
+def test_bench_precision_quick_compares_bf16_with_fp32(tmp_path):
+    result = run_script("bench_precision.py", "--quick", "--json", str(tmp_path / "precision.json"))
+    fp32, bf16 = result["rows"]
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16") and fp32["test"] == 540
+    for row in (fp32, bf16):
+        assert 0 < row["knn_top1"] <= 100 and 0 < row["linear_top1"] <= 100 and row["images_per_s"] > 0
+    assert 0 < bf16["feature_error_pct"] < 5  # bf16 keeps ~3 significant digits: close to fp32, not equal
+    assert 0 <= bf16["knn_flips"] <= 540 and 0 <= bf16["linear_flips"] <= 540

@@ -103,7 +103,7 @@ def test_eval_with_workers_gives_the_same_knn_and_reports_the_device(no_cuda: No
     serial = _eval(tmp_path, "serial", "--workers", "0")
     with caplog.at_level(logging.INFO):
         parallel = _eval(tmp_path, "parallel", "--workers", "2")
-    assert "on 1257 images: cpu, 2 decoding workers" in caplog.text and "on 540 images" in caplog.text
+    assert "on 1257 images: cpu, fp32, 2 decoding workers" in caplog.text and "on 540 images" in caplog.text
     assert serial["device"] == parallel["device"] == "cpu"  # auto, without CUDA
     assert serial["knn"] == parallel["knn"]
     assert serial["knn"]["20"]["top1"] > 20  # real features: far above chance on 10 classes

@@ -337,3 +337,43 @@ def test_traced_cpu_extraction_matches_the_eager_network(monkeypatch: pytest.Mon
     few = features.extract_features(*args[:1], dataset[:20], *args[2:], batch_size=4, progress=False)
     assert used == [True]  # under 40 batches: not worth tracing
     torch.testing.assert_close(few, eager[:20], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_precision_is_bf16_only_for_large_sets_on_a_native_bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import unsupdistill.evaluate.run as run
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(run, "cpu_has_native_bf16", lambda: True)
+    assert run.extraction_precision("auto", cpu, run.AUTO_BF16_MIN_IMAGES) == "bf16"
+    assert run.extraction_precision("auto", cpu, run.AUTO_BF16_MIN_IMAGES - 1) == "fp32"
+    assert run.extraction_precision("auto", torch.device("cuda"), 60_000) == "fp32"
+    assert run.extraction_precision("fp32", cpu, 60_000) == "fp32"
+    assert run.extraction_precision("bf16", cpu, 10) == "bf16"
+    monkeypatch.setattr(run, "cpu_has_native_bf16", lambda: False)
+    assert run.extraction_precision("auto", cpu, 60_000) == "fp32"
+    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+        run.extraction_precision("fp16", cpu, 60_000)
+
+
+@pytest.mark.parametrize("threshold, expected", [(500, "bf16"), (1_000, "fp32")])
+def test_evaluate_extracts_train_and_test_at_one_auto_precision(
+        monkeypatch: pytest.MonkeyPatch, threshold: int, expected: str) -> None:
+    """digits: 1,257 train and 540 test images. The test split decides for both: with a threshold of 1,000 the
+    train split (over it alone) is extracted in fp32 too; the report says which precision was used."""
+    import unsupdistill.evaluate.run as run
+
+    monkeypatch.setattr(run, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(run, "AUTO_BF16_MIN_IMAGES", threshold)
+    seen = []
+
+    def spy(*args, precision=None, **kwargs):
+        seen.append(precision)
+        return extract_features(*args, precision=precision, **kwargs)
+
+    extract_features = run.extract_features
+    monkeypatch.setattr(run, "extract_features", spy)
+    options = run.EvalOptions(image_size=8, linear=False, clustering=False, plots=False, cache=False, device="cpu")
+    results = run.evaluate("timm:resnet18,small_image_stem=true,channels=[8,8,16,16],stem_width=8", "digits",
+                           "digits", options)
+    assert results["precision"] == expected
+    assert seen == [torch.bfloat16 if expected == "bf16" else None] * 2

@@ -17,6 +17,13 @@ class DeviceError(ConfigError):
     """A device name that is malformed or names an accelerator this machine does not have."""
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 numbers in hardware (AVX-512 BF16 or AMX), where bf16 convolutions and
+    matrix products run about twice as fast as fp32; elsewhere oneDNN emulates bf16 and gains little."""
+    return any(getattr(torch.cpu, name, lambda: False)()
+               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def resolve_device(device: str | torch.device = "auto", option: str = "--device") -> torch.device:
     """The device ``device`` names, checked against what this machine has.
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from unsupdistill.config import DataConfig
 from unsupdistill.data import DigitsDataset, num_workers
-from unsupdistill.devices import resolve_device
+from unsupdistill.devices import cpu_has_native_bf16, resolve_device
 from unsupdistill.evaluate.cache import cached_features, data_fingerprint, default_cache_dir
 from unsupdistill.evaluate.clustering import cluster
 from unsupdistill.evaluate.features import extract_features
@@ -32,6 +32,8 @@ from unsupdistill.models.load import FeatureModel, load_model
 logger = logging.getLogger(__name__)
 
 HEADLINE_K = 20
+AUTO_BF16_MIN_IMAGES = 10_000
+"""precision=auto extracts in bf16 on a CPU with native bf16 from this many scored (test) images on."""
 
 
 @dataclass
@@ -42,8 +44,11 @@ class EvalOptions:
     """Input size for models that do not record one (``pixels``, ``timm:``)."""
     batch_size: int = 256
     precision: str = "auto"
-    """auto is fp32: bf16 autocast moved results by more than 0.2 points on digits (k-NN 69.1 -> 69.8 at random
-    init, 83.0 -> 83.5 pretrained; see BENCHMARKS.md), so bf16 is opt-in."""
+    """fp32, bf16 (autocast) or auto: bf16 on a CPU with native bf16 arithmetic (AVX-512 BF16, AMX) when the test
+    split holds 10,000 images or more, else fp32. There bf16 extracts ~2x faster and moved CIFAR-10 k-NN and linear
+    top-1 by at most 0.06 points; on digits' 540 test images it moved them by up to 0.9 points (a handful of near
+    ties flip either way, so the move shrinks as the test split grows), and small sets extract in seconds anyway
+    (BENCHMARKS.md, "Feature precision")."""
     ks: tuple[int, ...] = (10, 20, 100, 200)
     temperature: float = 0.07
     linear: bool = True
@@ -66,10 +71,15 @@ class EvalOptions:
     """DataLoader processes decoding images; None: one per CPU core up to 8 (none for the in-memory digits)."""
 
 
-def resolve_precision(name: str) -> torch.dtype | None:
+def extraction_precision(name: str, device: torch.device, test_images: int) -> str:
+    """``fp32`` or ``bf16``: ``name`` with ``auto`` resolved (see :attr:`EvalOptions.precision`) for a test split
+    of ``test_images`` images on ``device``."""
     if name not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {name!r}")
-    return torch.bfloat16 if name == "bf16" else None
+    if name != "auto":
+        return name
+    fast = device.type == "cpu" and cpu_has_native_bf16() and test_images >= AUTO_BF16_MIN_IMAGES
+    return "bf16" if fast else "fp32"
 
 
 def model_features(model: FeatureModel, dataset, options: EvalOptions, device: torch.device) -> torch.Tensor:
@@ -77,7 +87,8 @@ def model_features(model: FeatureModel, dataset, options: EvalOptions, device: t
     backbone: nn.Module = model.backbone
     if options.vit_blocks:
         backbone = DINOViTFeatures(backbone, options.vit_blocks, options.avgpool)
-    precision = resolve_precision(options.precision)
+    # evaluate() resolves auto from its test split, once for both splits; other callers from ``dataset``
+    precision = torch.bfloat16 if extraction_precision(options.precision, device, len(dataset)) == "bf16" else None
     extra = f"{precision}|{options.vit_blocks}|{options.avgpool}"
     cache_dir = (options.cache_dir or default_cache_dir()) if options.cache else None
     # the data module's policy: no workers for images already in memory, else one per core (max 8)
@@ -85,8 +96,8 @@ def model_features(model: FeatureModel, dataset, options: EvalOptions, device: t
                                      num_workers=options.workers))
 
     def extract() -> torch.Tensor:
-        logger.info("features of %s on %d images: %s, %d decoding workers", model.name, len(dataset), device,
-                    workers)
+        logger.info("features of %s on %d images: %s, %s, %d decoding workers", model.name, len(dataset), device,
+                    "bf16" if precision else "fp32", workers)
         return extract_features(backbone, dataset, model.input_size, model.mean, model.std,
                                 batch_size=options.batch_size, precision=precision, device=device,
                                 num_workers=workers)
@@ -127,6 +138,7 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
     test_set = load_labeled(test_spec, model.input_size, "test")
     train_labels, test_labels = train_set.labels, align_labels(train_set, test_set)
     classes = train_set.classes
+    options = replace(options, precision=extraction_precision(options.precision, device, len(test_set)))
 
     timings = {}
     tic = time.perf_counter()
