@@ -18,15 +18,11 @@ Commands behind BENCHMARKS.md ("Feature precision")::
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import os
-import platform
 import time
-from pathlib import Path
 
 import torch
+from bench_probe import TINY_NETWORK, labeled_pair_parser, parse_labeled_pair, write_rows
 
 from unsupdistill.evaluate.knn import knn_predict
 from unsupdistill.evaluate.labeled import align_labels, load_labeled
@@ -69,31 +65,13 @@ def score(spec: str, train: str, test: str, image_size: int | None) -> list[dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", default="digits", help="labeled train set (folder, CSV or digits)")
-    parser.add_argument("--test", default="digits", help="labeled test set")
-    parser.add_argument("--model", action="append", help="MODEL arguments (run directory, export, timm:, pixels)")
-    parser.add_argument("--image-size", type=int, help="input side for pixels and random-init timm models")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--quick", action="store_true", help="digits and a tiny random-init network (a smoke test)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.train = args.test = "digits"
-        args.image_size = args.image_size or 16
-        args.model = args.model or ["timm:resnet18,small_image_stem=true,channels=[8,8,16,16],stem_width=8"]
-    if not args.model:
-        parser.error("give at least one --model (or --quick)")
+    parser = labeled_pair_parser(__doc__, "digits and a tiny random-init network (a smoke test)")
+    args = parse_labeled_pair(parser, argv, [TINY_NETWORK])
     rows = [row for spec in args.model for row in score(spec, args.train, args.test, args.image_size)]
     print(format_table(rows, ["model", "test", "precision", "knn_top1", "linear_top1", "knn_flips", "linear_flips",
                               "feature_error_pct", "images_per_s"], markdown=True))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor()
-            or platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "rows": rows}, indent=2))
+    write_rows(args.json, rows, torch.get_num_threads())
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
