@@ -5,13 +5,13 @@ are. The built-in defaults are sized for 8x8 digits, so the settings that depend
 chosen here from the folder's scan and the device, each with the reason, and every value the user
 gave (``key=value``) wins:
 
-- the crop sizes follow the images' median shorter side, capped by what the device trains in
-  reasonable time; the decode size leaves the crops close to 1:1 (DINO crops from the whole image);
-- the network follows the crop size: the small-image ResNet stem below 64 px, a ViT patch size that
-  gives 8-14 patches a side;
-- DINO's dataset-size-dependent settings are scaled the way LightlyTrain scales them: head output
-  1,024 below 20k images up to 65,536, teacher temperature 0.02 -> 0.07 and momentum 0.99 -> 0.996
-  between 20k and 1M images; warm-ups are a share of the run's steps, not a number of epochs.
+- shared by every method: the student's crop size follows the images' median shorter side, capped by
+  what the device trains in reasonable time; the network follows the crop size (the small-image ResNet
+  stem below 64 px, a ViT patch size that gives 8-14 patches a side, 64 px at least for a mobile network);
+  the batch, epochs and the lr warm-up follow the number of images, the warm-up as a share of the planned
+  steps (a time budget's too);
+- each method adds its own choices through ``Method.auto_settings`` (DINO: local crops, decode size, head and
+  temperatures; distillation: the teacher's input size and a decode size that serves both networks).
 """
 
 from __future__ import annotations
@@ -28,31 +28,20 @@ MAX_CROP = {"cpu": 96, "cuda": 224}
 """Largest global crop chosen per device: 96 px keeps a CPU epoch of 10k images to minutes; 224 is DINO's."""
 DECODE_HEADROOM = 1.15
 """The decoded image is at least this much larger than the global crop (ImageNet's 256 for 224)."""
-DECODE_RATIO = 1.25
-"""Decode size as a multiple of the global crop when the images are large enough."""
-LOCAL_RATIO = 96 / 224
-"""Local crop size as a share of the global one (DINO's 96 and 224 px)."""
 SMALL_STEM_BELOW = 64
 """ResNets get the 3x3 stride-1 stem (no max-pool) for global crops under this many pixels."""
-OUTPUT_DIM_BUCKETS = ((20_000, 1024), (50_000, 2048), (100_000, 4096), (200_000, 16384), (500_000, 32768))
-"""(images below, head output dim); 65,536 above the last bucket."""
-SCALE_FROM, SCALE_TO = 20_000, 1_000_000
-"""Teacher temperature and momentum move from their small-data to their ImageNet values over this range."""
 WARMUP_SHARE, WARMUP_MAX_STEPS = 0.1, 12_500
 """lr warm-up: 10 % of the steps, at most DINO's 10 ImageNet epochs of batch 1024."""
 MIN_STEPS = 1_000
 """Tiny sets train for enough epochs to reach this many steps (at least 100 epochs)."""
 
-AUTOMATIC_KEYS = frozenset({
-    "augment.global_1.size", "augment.global_2.size", "augment.local.size", "augment.num_local_crops",
-    "augment.global_1.blur_p", "augment.global_2.blur_p", "augment.local.blur_p", "data.image_size",
-    "model.backbone_kwargs", "model.small_image_stem", "model.head_batch_norm", "model.norm_last_layer",
-    "model.head_hidden_dim", "model.head_bottleneck_dim", "model.head_output_dim",
-    "loss.teacher_temp", "loss.warmup_teacher_temp", "loss.warmup_teacher_temp_epochs",
-    "optim.lr", "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "optim.teacher_momentum",
-    "train.batch_size", "train.epochs",
+SHARED_KEYS = frozenset({
+    "augment.global_1.size", "model.backbone_kwargs", "model.small_image_stem", "train.batch_size", "train.epochs",
+    "optim.warmup_share",
 })
-"""Every key :func:`auto_settings` may set (a bad value the user gave for one is still an error)."""
+"""The keys the shared part of :func:`auto_settings` may set; a method adds its own (``Method.automatic_keys``)."""
+MOBILE_MIN_CROP = 64
+"""Least input of a network that downsamples 32x and has no small-image stem (a 2x2 last feature map)."""
 
 
 @dataclass
@@ -64,9 +53,39 @@ class Choice:
     why: str
 
 
+@dataclass(frozen=True)
+class FolderFacts:
+    """What the automatic settings know of the data and the machine.
+
+    Attributes:
+        images: readable images in the folder.
+        shorter_side: the images' median shorter side in pixels.
+        device_type: ``"cpu"`` or ``"cuda"``.
+        world_size: processes the global batch is split over.
+    """
+
+    images: int
+    shorter_side: float
+    device_type: str
+    world_size: int
+
+    @property
+    def device(self) -> str:
+        return self.device_type.upper()
+
+
+def automatic_keys(method: Any) -> frozenset[str]:
+    """Every key :func:`auto_settings` may set for ``method`` (a bad value the user gave for one is still an error)."""
+    return SHARED_KEYS | frozenset(getattr(method, "automatic_keys", frozenset()))
+
+
 def auto_settings(config: Config, scan: FolderScan, device_type: str, explicit: set[str],
-                  world_size: int = 1) -> tuple[Config, list[Choice]]:
+                  world_size: int = 1, method: Any = None) -> tuple[Config, list[Choice]]:
     """Choose the settings that depend on the images and the device; keys in ``explicit`` are kept.
+
+    The data- and device-driven part is shared: the student's crop size and network, the batch, epochs and lr
+    warm-up. Then the method (``method.auto_settings(chooser, config, facts)``, a class of ``unsupdistill.methods``)
+    adds its own choices in between (DINO's crops and head, distillation's teacher size), each with its reason.
 
     Args:
         config: defaults with the user's overrides applied.
@@ -75,110 +94,84 @@ def auto_settings(config: Config, scan: FolderScan, device_type: str, explicit: 
         explicit: dotted keys the user set (``augment.global_1.size``); a key, its parents and its
             children are never changed.
         world_size: processes the global batch is split over.
+        method: the method class; None: the one ``config.method`` names.
 
     Returns:
         The config with the choices applied, validated, and the choices.
     """
-    chooser = _Chooser(explicit)
-    n = len(scan.files)
-    short = statistics.median(min(w, h) for w, h in scan.sizes)
-    m, a = config.model, config.augment
-    cap = MAX_CROP["cuda" if device_type == "cuda" else "cpu"]
+    if method is None:
+        from unsupdistill.methods import METHODS  # the registry; methods do not import this module
 
-    # ---- network family, crop sizes, decode size ----------------------------------------------
-    vit = _is_vit(m.backbone)
-    backbone_given = chooser.is_explicit("model.backbone")
+        method = METHODS[config.method]
+    facts = FolderFacts(len(scan.files), statistics.median(min(w, h) for w, h in scan.sizes), device_type,
+                        world_size)
+    chooser = Chooser(explicit, automatic_keys(method))
+    _network(chooser, config, facts)
+    _schedule(chooser, chooser.apply(config), facts, getattr(method, "auto_batch", {}))
+    method.auto_settings(chooser, chooser.apply(config), facts)
+    config = chooser.apply(config)
+    validate(config)
+    return config, chooser.choices
+
+
+def _network(chooser: Chooser, config: Config, facts: FolderFacts) -> None:
+    """The student's crop size (``augment.global_1.size``) and network, from the images and the device."""
+    m, a = config.model, config.augment
+    cap = MAX_CROP["cuda" if facts.device_type == "cuda" else "cpu"]
+    vit = is_vit(m.backbone)
+    resnet = m.backbone.startswith(("resnet", "wide_resnet", "resnext", "seresnet", "skresnet"))
     if chooser.is_explicit("augment.global_1.size"):
         crop = a.global_1.size
-        patch = _patch_size(crop)
     else:
-        fit = short / DECODE_HEADROOM
+        fit = facts.shorter_side / DECODE_HEADROOM
         wanted = min(cap, fit)
-        patch = _patch_size(wanted)
-        unit = patch if vit else (8 if wanted >= 64 else 4)
+        unit = patch_size(wanted) if vit else (8 if wanted >= 64 else 4)
         crop = max(unit, int(wanted // unit) * unit)
-        limit = "" if fit <= cap else f", capped at {cap} px on {device_type.upper()}"
-        chooser.set("augment.global_1.size", crop, f"median shorter side {short:g} px / {DECODE_HEADROOM}{limit}")
-    chooser.set("augment.global_2.size", crop, "the same as augment.global_1.size")
-    unit = patch if vit else 4
-    local = min(crop, max(unit if vit else 8, round(crop * LOCAL_RATIO / unit) * unit))
-    chooser.set("augment.local.size", local, f"{LOCAL_RATIO:.2f} x the global crop (DINO: 96 / 224)")
-    decode = max(crop, min(int(short), round(crop * DECODE_RATIO)))
-    chooser.set("data.image_size", decode,
-                f"decode to {decode / crop:.2f} x the global crop, no larger than the images: crops stay near 1:1")
-    if crop < 64:
-        for name in ("global_1", "global_2", "local"):
-            chooser.set(f"augment.{name}.blur_p", 0.0, "no Gaussian blur on crops under 64 px (too little detail)")
-    locals_wanted = 6 if device_type == "cuda" else 4
-    chooser.set("augment.num_local_crops", locals_wanted, f"{locals_wanted} local crops on {device_type.upper()}")
-
+        limit = "" if fit <= cap else f", capped at {cap} px on {facts.device}"
+        why = f"median shorter side {facts.shorter_side:g} px / {DECODE_HEADROOM}{limit}"
+        if not vit and not resnet and crop < MOBILE_MIN_CROP:
+            crop, why = MOBILE_MIN_CROP, (f"{m.backbone} downsamples 32x and has no small-image stem: "
+                                          f"{MOBILE_MIN_CROP} px for a 2x2 last feature map (upsampled)")
+        chooser.set("augment.global_1.size", crop, why)
     if vit:
+        patch = patch_size(crop)
         chooser.set("model.backbone_kwargs", {"img_size": crop, "patch_size": patch},
                     f"patch {patch} px: {crop // patch} patches a side")
         chooser.set("model.small_image_stem", False, "a ViT has no ResNet stem")
-        chooser.set("model.head_batch_norm", False, "ViT: no BatchNorm in the head (DINO)")
-        chooser.set("model.norm_last_layer", False, "ViT: DINO's setting for ViT-S")
-        chooser.set("optim.lr", 5e-4, "DINO's ViT learning rate per 256 images")
+        return
+    if resnet:
+        small = crop < SMALL_STEM_BELOW
+        chooser.set("model.small_image_stem", small,
+                    f"3x3 stride-1 stem, no max-pool, for crops under {SMALL_STEM_BELOW} px" if small else
+                    f"ImageNet stem (7x7 stride 2 + max-pool) for crops of {SMALL_STEM_BELOW} px or more")
     else:
-        resnet = m.backbone.startswith(("resnet", "wide_resnet", "resnext", "seresnet", "skresnet"))
-        if resnet:
-            small = crop < SMALL_STEM_BELOW
-            chooser.set("model.small_image_stem", small,
-                        f"3x3 stride-1 stem, no max-pool, for crops under {SMALL_STEM_BELOW} px" if small else
-                        f"ImageNet stem (7x7 stride 2 + max-pool) for crops of {SMALL_STEM_BELOW} px or more")
-        else:
-            chooser.set("model.small_image_stem", False, f"{m.backbone} is not a ResNet")
-        if backbone_given:
-            chooser.set("model.backbone_kwargs", {}, f"timm's own arguments for {m.backbone}")
-        elif device_type == "cuda":
-            chooser.set("model.backbone_kwargs", {}, "full-width ResNet-18 on a GPU")
-        else:
-            chooser.set("model.backbone_kwargs", dict(m.backbone_kwargs), "half-width ResNet-18: 4x fewer FLOPs on CPU")
-        chooser.set("optim.lr", 2e-3, "per 256 images: left DINO's plateau soonest in our CIFAR-10 CPU trials")
+        chooser.set("model.small_image_stem", False, f"{m.backbone} is not a ResNet")
+    if chooser.is_explicit("model.backbone"):
+        chooser.set("model.backbone_kwargs", {}, f"timm's own arguments for {m.backbone}")
+    elif facts.device_type == "cuda":
+        chooser.set("model.backbone_kwargs", {}, "full-width ResNet-18 on a GPU")
+    else:
+        chooser.set("model.backbone_kwargs", dict(m.backbone_kwargs), "half-width ResNet-18: 4x fewer FLOPs on CPU")
 
-    # ---- batch, epochs, warm-ups ----------------------------------------------------------------
+
+def _schedule(chooser: Chooser, config: Config, facts: FolderFacts, bases: dict[str, int]) -> None:
+    """Batch, epochs and the lr warm-up, from the number of images (``bases``: the method's batch per device)."""
+    n, world = facts.images, facts.world_size
     batch = config.train.batch_size
     if not chooser.is_explicit("train.batch_size"):
-        base = 128 if device_type == "cuda" else 64
+        base = bases.get(facts.device_type, 128 if facts.device_type == "cuda" else 64)
         batch = min(base, 2 ** int(math.log2(max(2, n // 2))))
-        batch = max(world_size, batch // world_size * world_size)
-        chooser.set("train.batch_size", batch, f"{base} on {device_type.upper()}, at most half the {n} images")
+        batch = max(world, batch // world * world)
+        chooser.set("train.batch_size", batch, f"{base} on {facts.device}, at most half the {n} images")
     steps_per_epoch = max(1, n // batch)
-    epochs = config.train.epochs
     if not chooser.is_explicit("train.epochs"):
         epochs = max(100, math.ceil(MIN_STEPS / steps_per_epoch))
         chooser.set("train.epochs", epochs, f"at least 100 epochs and {MIN_STEPS} steps ({steps_per_epoch} per epoch)")
-    total = steps_per_epoch * epochs
-    warmup_steps = min(WARMUP_MAX_STEPS, WARMUP_SHARE * total)
-    chooser.set("optim.warmup_epochs", round(warmup_steps / steps_per_epoch, 3),
-                f"{warmup_steps:.0f} steps: {WARMUP_SHARE:.0%} of the run, at most {WARMUP_MAX_STEPS}")
-    chooser.set("optim.freeze_last_layer_epochs", round(min(1.0, 0.05 * epochs), 3),
-                "one epoch (DINO), at most 5 % of the run")
-
-    # ---- DINO settings scaled with the number of images ----------------------------------------
-    output_dim = next((dim for below, dim in OUTPUT_DIM_BUCKETS if n < below), 65536)
-    chooser.set("model.head_output_dim", output_dim, f"{n} images (LightlyTrain's buckets: 1,024 below 20k)")
-    chooser.set("model.head_hidden_dim", 2048, "DINO")
-    chooser.set("model.head_bottleneck_dim", 256, "DINO")
-    teacher_temp = round(_interpolate(n, 0.02, 0.07), 2)
-    chooser.set("loss.teacher_temp", teacher_temp, "0.02 below 20k images, 0.07 from 1M (sharper on small data)")
-    warm_temp = min(teacher_temp, round(_interpolate(n, 0.02, 0.04), 2))
-    chooser.set("loss.warmup_teacher_temp", warm_temp, "starts at most at DINO's 0.04")
-    chooser.set("loss.warmup_teacher_temp_epochs", int(min(30, 0.3 * epochs)) if warm_temp < teacher_temp else 0,
-                "30 % of the epochs, at most 30 (DINO)" if warm_temp < teacher_temp else "no warm-up needed")
-    chooser.set("optim.teacher_momentum", round(_interpolate(n, 0.99, 0.996), 3),
-                "0.99 below 20k images, 0.996 from 1M (a teacher that follows faster on small data)")
-
-    data = {}
-    for choice in chooser.choices:
-        node = data
-        *parents, last = choice.key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = choice.value
-    config = merge(config, data, "automatic settings")
-    validate(config)
-    return config, chooser.choices
+    budget = config.train.time_budget_s
+    share = WARMUP_SHARE if budget else min(WARMUP_SHARE, WARMUP_MAX_STEPS / (steps_per_epoch * config.train.epochs))
+    chooser.set("optim.warmup_share", round(share, 4),
+                f"{share:.1%} of the planned steps" + (f" (those {budget:g} s allow)" if budget else
+                                                       f", at most {WARMUP_MAX_STEPS} steps"))
 
 
 def format_choices(choices: list[Choice]) -> str:
@@ -188,19 +181,36 @@ def format_choices(choices: list[Choice]) -> str:
     return "\n".join(f"  {k:<{width[0]}}  {v:<{width[1]}}  {why}" for k, v, why in rows)
 
 
-class _Chooser:
-    """Collects choices, leaving out the keys the user set (the key, a parent or a child of it)."""
+class Chooser:
+    """Collects choices, leaving out the keys the user set (the key, a parent or a child of it); a later choice of a
+    key replaces an earlier one (a method's choice wins over the shared one).
 
-    def __init__(self, explicit: set[str]) -> None:
-        self.explicit, self.choices = explicit, []
+    Args:
+        explicit: dotted keys the user set.
+        allowed: the keys that may be chosen.
+    """
+
+    def __init__(self, explicit: set[str], allowed: frozenset[str]) -> None:
+        self.explicit, self.allowed, self.choices = explicit, allowed, []
 
     def is_explicit(self, key: str) -> bool:
         return any(key == e or key.startswith(e + ".") or e.startswith(key + ".") for e in self.explicit)
 
     def set(self, key: str, value: Any, why: str) -> None:
-        assert key in AUTOMATIC_KEYS, key  # the CLI validates the others before it scans the folder
+        assert key in self.allowed, key  # the CLI validates the others before it scans the folder
         if not self.is_explicit(key):
-            self.choices.append(Choice(key, value, why))
+            self.choices = [c for c in self.choices if c.key != key] + [Choice(key, value, why)]
+
+    def apply(self, config: Config) -> Config:
+        """``config`` with the choices so far merged in."""
+        data: dict[str, Any] = {}
+        for choice in self.choices:
+            node = data
+            *parents, last = choice.key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = choice.value
+        return merge(config, data, "automatic settings")
 
 
 def explicit_keys(overrides: list[str]) -> set[str]:
@@ -208,17 +218,11 @@ def explicit_keys(overrides: list[str]) -> set[str]:
     return {item.partition("=")[0].strip() for item in overrides if "=" in item}
 
 
-def _interpolate(n: int, small: float, large: float) -> float:
-    """``small`` below 20k images, ``large`` from 1M, linear in between."""
-    t = min(1.0, max(0.0, (n - SCALE_FROM) / (SCALE_TO - SCALE_FROM)))
-    return small + t * (large - small)
-
-
-def _is_vit(name: str) -> bool:
+def is_vit(name: str) -> bool:
     return name.startswith(("vit", "deit", "eva", "beit"))
 
 
-def _patch_size(crop: float) -> int:
+def patch_size(crop: float) -> int:
     """ViT patch size giving 8-14 patches a side: 4 px under 64, 8 px under 160, else 16."""
     return 4 if crop < 64 else 8 if crop < 160 else 16
 

@@ -92,3 +92,9 @@ def cleanup() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing when not distributed)."""
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,21 +1,37 @@
-"""Augmentation for knowledge distillation from a frozen teacher, batched on any device with kornia.
+"""Augmentation for knowledge distillation from a frozen teacher, batched on any device.
 
 The "consistent teacher" recipe (Beyer et al. 2022, "Knowledge distillation: A good teacher is patient and
 consistent", Sec. 3): teacher and student see exactly the same view of each image. One view is drawn per
 image (random resized crop, horizontal flip, colour jitter, grayscale, then optionally mixup within the
-batch) and resized to each network's input size and normalised with each network's statistics. Every
-sample draws its own parameters from torch's global RNG, so ``torch.manual_seed`` makes a run reproducible.
+batch) and resized to each network's input size and normalised with each network's statistics.
+
+A view is a row of numbers (:data:`VIEW_PARAMS`), drawn by :meth:`DistillAugmentation.sample` and drawn on
+the image by :meth:`DistillAugmentation.render`, so a view the teacher saw can be stored and rendered again,
+pixel for pixel, for the student in a later epoch (the teacher cache, FKD: Shen & Xing, ECCV 2022). Every
+sample draws its parameters from torch's global RNG, so ``torch.manual_seed`` makes a run reproducible.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from kornia.augmentation import Normalize
+from kornia.color import rgb_to_grayscale
+from kornia.enhance import adjust_hue, adjust_saturation
+from kornia.geometry.transform import crop_and_resize
 from torch import Tensor, nn
 
-from unsupdistill.augment.multicrop import build_view_transform
-from unsupdistill.config import CropSpec, DistillConfig
+from unsupdistill.config import DistillConfig
+
+VIEW_PARAMS = ("left", "top", "width", "height", "flip", "jitter", "brightness", "contrast", "saturation", "hue",
+               "grayscale")
+"""The columns of a view's parameters: the crop box as shares of the image side, then 0/1 flags and the colour
+jitter's factors (applied in this order: brightness, contrast, saturation, hue)."""
+CROP_RATIO = (3 / 4, 4 / 3)
+"""Aspect ratios of the random resized crop (torchvision's and DINO's)."""
+CROP_TRIES = 10
 
 
 def resize_view(views: Tensor, size: int) -> Tensor:
@@ -49,8 +65,10 @@ def mixup(views: Tensor, alpha: float) -> Tensor:
 class DistillAugmentation(nn.Module):
     """One view per image, shared by teacher and student, at each network's size and normalisation.
 
-    The crop is taken once at the larger of the two sizes, so both views show the same pixels of the
-    image; the smaller one is an antialiased downscale of it.
+    The crop is rendered once, at the larger of the two input sizes (no larger than the decoded images where
+    the teacher's size exceeds them: a small image is upsampled once, for the teacher, not rendered large and
+    shrunk again for the student), so both views show the same pixels of the image; each network's view is a
+    bilinear resize of it (antialiased when shrinking).
 
     Args:
         cfg: the distillation section of the config (crop scale, flip, jitter, grayscale, mixup).
@@ -73,24 +91,81 @@ class DistillAugmentation(nn.Module):
         teacher_std: tuple[float, float, float],
     ) -> None:
         super().__init__()
+        self.cfg = cfg
         self.student_size = student_size
         self.teacher_size = teacher_size
         self.mixup_alpha = cfg.mixup_alpha
-        spec = CropSpec(
-            size=max(student_size, teacher_size),
-            scale=cfg.crop_scale,
-            flip_p=cfg.flip_p,
-            color_jitter=cfg.color_jitter,
-            color_jitter_p=cfg.color_jitter_p,
-            grayscale_p=cfg.grayscale_p,
-            blur_p=0.0,
-            solarize_p=0.0,
-        )
-        # DINO's view pipeline without blur and solarization; its last stage, the normalisation, is
-        # dropped because each network normalises the shared view with its own statistics.
-        self.shared_view = build_view_transform(spec, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[:-1]
         self.student_normalize = Normalize(mean=torch.tensor(student_mean), std=torch.tensor(student_std))
         self.teacher_normalize = Normalize(mean=torch.tensor(teacher_mean), std=torch.tensor(teacher_std))
+
+    def render_size(self, image_size: int) -> int:
+        """Side of the shared crop for images decoded to ``image_size``."""
+        return max(self.student_size, min(self.teacher_size, image_size))
+
+    @torch.no_grad()
+    def sample(self, batch: int) -> Tensor:
+        """Draw one view per image from torch's global RNG: (batch, len(VIEW_PARAMS)) float32 on the CPU."""
+        c = self.cfg
+        # random resized crop of a square image: area share and log aspect ratio, the first of 10 tries that fits
+        area = torch.empty(batch, CROP_TRIES).uniform_(*c.crop_scale)
+        log_ratio = torch.empty(batch, CROP_TRIES).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+        width, height = (area * log_ratio.exp()).sqrt(), (area / log_ratio.exp()).sqrt()
+        fits = (width <= 1) & (height <= 1)
+        first = fits.float().argmax(dim=1, keepdim=True)
+        width = torch.where(fits.any(1), width.gather(1, first).squeeze(1), torch.ones(batch))  # else the whole image
+        height = torch.where(fits.any(1), height.gather(1, first).squeeze(1), torch.ones(batch))
+        left, top = torch.rand(batch) * (1 - width), torch.rand(batch) * (1 - height)
+        flip = (torch.rand(batch) < c.flip_p).float()
+        jitter = (torch.rand(batch) < c.color_jitter_p).float() if any(c.color_jitter) else torch.zeros(batch)
+        b, k, s, h = c.color_jitter
+        factors = [torch.empty(batch).uniform_(max(0.0, 1 - v), 1 + v) for v in (b, k, s)]
+        hue = torch.empty(batch).uniform_(-h, h)
+        gray = (torch.rand(batch) < c.grayscale_p).float()
+        return torch.stack([left, top, width, height, flip, jitter, *factors, hue, gray], dim=1)
+
+    @torch.no_grad()
+    def render(self, images: Tensor, params: Tensor, teacher: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Draw the views ``params`` describes on ``images``; the same parameters give the same pixels.
+
+        Args:
+            images: (B, 3, H, H), uint8 in 0..255 or float in [0, 1], on any device.
+            params: (B, len(VIEW_PARAMS)) from :meth:`sample`.
+            teacher: also render the teacher's view (a student replaying a stored view needs only its own).
+
+        Returns:
+            student_views: (B, 3, S, S), normalised with the student's mean and std.
+            teacher_views: (B, 3, T, T), the same views normalised with the teacher's statistics, or None.
+        """
+        images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+        side = images.shape[-1]
+        size = self.render_size(side)
+        p = params.to(images.device, torch.float32)
+        # crop box corners in pixels (top-left, top-right, bottom-right, bottom-left), kornia's convention
+        x0, y0 = p[:, 0] * side, p[:, 1] * side
+        x1, y1 = x0 + p[:, 2] * side - 1, y0 + p[:, 3] * side - 1
+        boxes = torch.stack([torch.stack([x0, y0], 1), torch.stack([x1, y0], 1), torch.stack([x1, y1], 1),
+                             torch.stack([x0, y1], 1)], dim=1)  # (B, 4, 2)
+        views = crop_and_resize(images, boxes, (size, size))  # (B, 3, R, R)
+        views = torch.where(p[:, 4, None, None, None] > 0, views.flip(-1), views)
+        views = torch.where(p[:, 5, None, None, None] > 0, self._jitter(views, p[:, 6:10]), views)
+        gray = rgb_to_grayscale(views).expand_as(views)
+        views = torch.where(p[:, 10, None, None, None] > 0, gray, views)
+        if self.mixup_alpha > 0:
+            views = mixup(views, self.mixup_alpha)
+        student_views = self.student_normalize(resize_view(views, self.student_size)).contiguous()
+        if not teacher:
+            return student_views, None
+        return student_views, self.teacher_normalize(resize_view(views, self.teacher_size)).contiguous()
+
+    @staticmethod
+    def _jitter(views: Tensor, factors: Tensor) -> Tensor:
+        """torchvision's brightness and contrast, kornia's saturation and hue, in that order, per image."""
+        brightness, contrast, saturation, hue = (factors[:, i] for i in range(4))
+        views = (views * brightness[:, None, None, None]).clamp_(0, 1)
+        mean = rgb_to_grayscale(views).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+        views = ((views - mean) * contrast[:, None, None, None] + mean).clamp_(0, 1)
+        views = adjust_saturation(views, saturation).clamp_(0, 1)
+        return adjust_hue(views, hue * 2 * math.pi).clamp_(0, 1)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,10 +178,5 @@ class DistillAugmentation(nn.Module):
             student_views: (B, 3, S, S), normalised with the student's mean and std.
             teacher_views: (B, 3, T, T), the same views, normalised with the teacher's mean and std.
         """
-        images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
-        views = self.shared_view(images)  # (B, 3, max(S, T), max(S, T))
-        if self.mixup_alpha > 0:
-            views = mixup(views, self.mixup_alpha)
-        student_views = self.student_normalize(resize_view(views, self.student_size))  # (B, 3, S, S)
-        teacher_views = self.teacher_normalize(resize_view(views, self.teacher_size))  # (B, 3, T, T)
-        return student_views.contiguous(), teacher_views.contiguous()
+        student_views, teacher_views = self.render(images, self.sample(images.shape[0]))
+        return student_views, teacher_views

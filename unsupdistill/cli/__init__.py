@@ -82,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the network runs (default auto: CUDA when available, else the CPU)")
     e.add_argument("--workers", type=_count, help="image-decoding processes (default: one per core, up to 8; "
                                                "none for the in-memory digits)")
+    e.add_argument("--speed", action="store_true",
+                   help="also measure inference speed at each model's input size, on --device at the extraction "
+                        "precision: images/s, latency of one image, parameters and GFLOPs (eval.json 'speed')")
+    e.add_argument("--speed-batch", type=int, default=64, help="images per pass of the --speed throughput timing "
+                                                               "(default 64)")
+    e.add_argument("--speed-seconds", type=float, default=2.0,
+                   help="time limit of each --speed timing, throughput and latency (default 2; longer is steadier)")
 
     x = commands.add_parser(
         "export", help="export a trained backbone as safetensors, TorchScript or ONNX, checked for parity",

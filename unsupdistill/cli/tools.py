@@ -10,14 +10,20 @@ from unsupdistill.export import embed_folder, export_model
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    from unsupdistill.config import ConfigError
     from unsupdistill.evaluate.report import format_table
     from unsupdistill.evaluate.run import EvalOptions, evaluate, summary_row
+    from unsupdistill.evaluate.speed import describe_speed
 
+    if args.speed_batch < 1 or args.speed_seconds < 0:  # checked before the features, not after them
+        raise ConfigError(f"--speed-batch {args.speed_batch} / --speed-seconds {args.speed_seconds}: allowed values "
+                          "are a batch of 1 image or more and a time limit of 0 s or more")
     options = EvalOptions(
         image_size=args.image_size, batch_size=args.batch_size, precision=args.precision,
         linear=not args.no_linear, linear_backend=args.linear, clustering=not args.no_clustering,
         vit_blocks=args.vit_blocks, avgpool=args.avgpool, student=args.student, cache=not args.no_cache,
         cache_dir=args.cache_dir, plots=not args.no_plots, device=args.device, workers=args.workers,
+        speed=args.speed, speed_batch_size=args.speed_batch, speed_seconds=args.speed_seconds,
     )
     out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
     if args.suite or len(args.model) > 1:
@@ -36,6 +42,8 @@ def eval_command(args: argparse.Namespace) -> int:
     print(format_table([row], list(row)))
     knn = "  ".join(f"k={k}: {r['top1']:.1f}" for k, r in results["knn"].items())
     print(f"\nk-NN top-1 by k (T={options.temperature}): {knn}")
+    if "speed" in results:
+        print(describe_speed(results["speed"]))
     pictures = sorted(out.glob("*.png"))
     print(f"\nreport: {out / 'eval.json'}"
           + (f"\nplots:  {out}/{{{','.join(p.name for p in pictures)}}}" if pictures and not args.no_plots else ""))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from unsupdistill import distributed
-from unsupdistill.auto import AUTOMATIC_KEYS, auto_settings, explicit_keys, format_choices
+from unsupdistill.auto import auto_settings, automatic_keys, explicit_keys, format_choices
 from unsupdistill.config import (
     Config,
     ConfigError,
@@ -93,7 +93,10 @@ def train_command(args: argparse.Namespace) -> int:
     config = absolute_paths(config)
     automatic = args.recipe is None and checkpoint is None and config.data.path is not None
     # before any data is read; what the automatic settings will set is checked once they have
-    validate(config, ignore=AUTOMATIC_KEYS - explicit_keys(overrides) if automatic else frozenset())
+    from unsupdistill.methods import METHODS
+
+    validate(config, ignore=automatic_keys(METHODS[config.method]) - explicit_keys(overrides) if automatic
+             else frozenset())
 
     pair = labeled_pair(config, args)  # scored at the end; a bad pair fails now
     # every process joins now: process 0 names the run directory and scans the folder for all
@@ -156,7 +159,9 @@ def train_command(args: argparse.Namespace) -> int:
         if pair is not None and config.eval.summary:
             from unsupdistill.evaluate.summary import SUMMARY_FILE, run_summary
 
-            summary = run_summary(run_dir, *pair, seed=config.train.seed, device=config.train.device)
+            teacher = config.distill.teacher if config.method == "distill" else None
+            summary = run_summary(run_dir, *pair, seed=config.train.seed, device=config.train.device,
+                                  teacher=teacher, teacher_size=config.distill.teacher_size if teacher else None)
             memory, scored = (f"the digits' {part} split" if spec == "digits" else spec
                               for spec, part in zip(pair, ("train", "test")))
             print(f"\nWhat the run learned: k-NN top-1 (k = 20) on {scored}, memory {memory}:\n"

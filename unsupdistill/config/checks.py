@@ -80,6 +80,8 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
     need(o.lr > 0, "optim.lr", "a number > 0")
     need(0 <= o.min_lr <= o.lr, "optim.min_lr", f"a number in [0, optim.lr={o.lr}]")
     need(o.warmup_epochs >= 0, "optim.warmup_epochs", "a number >= 0")
+    need(o.warmup_share is None or 0 <= o.warmup_share <= 1, "optim.warmup_share",
+         "null (use optim.warmup_epochs) or a share of the planned steps in [0, 1]")
     need(o.weight_decay >= 0 and o.weight_decay_end >= 0, "optim.weight_decay", "numbers >= 0")
     need(0 <= o.sgd_momentum < 1, "optim.sgd_momentum", "a number in [0, 1)")
     need(o.clip_grad >= 0, "optim.clip_grad", "a number >= 0 (0 disables clipping)")
@@ -125,6 +127,12 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
     need(all(v >= 0 for v in di.color_jitter) and di.color_jitter[3] <= 0.5, "distill.color_jitter",
          "[brightness, contrast, saturation, hue], all >= 0, hue <= 0.5")
     need(di.mixup_alpha >= 0, "distill.mixup_alpha", "a number >= 0 (0 turns mixup off)")
+    need(di.cache in ("auto", "on", "off"), "distill.cache", "auto, on or off")
+    need(di.cache_views >= 1, "distill.cache_views", "an integer >= 1")
+    need(di.cache != "on" or (di.mixup_alpha == 0 and di.dense_weight == 0), "distill.cache",
+         "auto or off with distill.mixup_alpha > 0 or distill.dense_weight > 0 (a mixed view's or a patch map's "
+         "teacher output is not stored)")
+    need(di.cache_max_gb > 0, "distill.cache_max_gb", "a number of gigabytes > 0")
 
     # NaN fails every range check above, but infinity passes the one-sided ones (lr > 0). A key
     # that is not finite gets this error alone: its range checks would only repeat it.

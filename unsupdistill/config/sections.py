@@ -142,6 +142,10 @@ class OptimConfig:
     """Peak learning rate per 256 images; the used value is lr * global_batch / 256 (DINO: 5e-4)."""
     min_lr: float = 1e-6
     warmup_epochs: float = 2.0
+    warmup_share: float | None = None
+    """The lr warm-up as a share of the planned steps (those a time budget allows, or all epochs' steps); when
+    set it replaces ``warmup_epochs``. The automatic settings use it (10 %), so a budgeted run warms up within
+    the steps it will take."""
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     sgd_momentum: float = 0.9
@@ -243,6 +247,16 @@ class DistillConfig:
     grayscale_p: float = 0.2
     mixup_alpha: float = 0.0
     """Mix each view with another image of the batch, weight ~ Beta(alpha, alpha); 0 turns mixup off."""
+    cache: Literal["auto", "on", "off"] = "auto"
+    """Teacher cache (FKD, Shen & Xing 2022): the first ``cache_views`` epochs store each image's view (crop box,
+    flip, colour jitter) with the teacher's features for it in RUN/teacher_cache; later epochs replay a stored
+    view without running the teacher. auto: on when the teacher's forward costs more FLOPs per image than the
+    student's training step and the run has more epochs than ``cache_views`` (never with mixup or the dense
+    term, whose targets cannot be stored); on: whenever it can be."""
+    cache_views: int = 2
+    """Views stored per image: the teacher runs in the first this many epochs, later epochs replay one of them."""
+    cache_max_gb: float = 8.0
+    """Most disk the cache may take; fewer views are stored when the full cache would not fit (0 views: off)."""
 
 
 @dataclass

@@ -12,12 +12,14 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from unsupdistill.data.fingerprint import data_fingerprint
 from unsupdistill.storage import atomic_write
+
+__all__ = ["cache_path", "cached_features", "data_fingerprint", "default_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,32 +28,6 @@ def default_cache_dir() -> Path:
     """``$UNSUPDISTILL_CACHE`` if set, else ``~/.cache/unsupdistill/features``."""
     env = os.environ.get("UNSUPDISTILL_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "unsupdistill" / "features"
-
-
-def data_fingerprint(dataset: Any) -> str:
-    """sha256 hex identity of a labeled dataset's images and labels.
-
-    A dataset of files (with ``paths``) is identified by every path with its size, modification time
-    (ns) and label, so editing, replacing or touching a file changes it; an in-memory dataset (the
-    digits) by its class name, length, labels and, when present, its source pixels (``gray``).
-    The image size (``image_size``) is part of both.
-    """
-    digest = hashlib.sha256()
-    digest.update(f"{type(dataset).__name__}|{len(dataset)}|{getattr(dataset, 'image_size', None)}\n".encode())
-    labels = getattr(dataset, "labels", None)
-    paths = getattr(dataset, "paths", None)
-    if paths is not None:
-        label_list = labels.tolist() if labels is not None else [None] * len(paths)
-        for path, label in zip(paths, label_list, strict=True):
-            stat = os.stat(path)
-            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode())
-        return digest.hexdigest()
-    for name in ("labels", "gray"):  # gray: the digits' source pixels, cheap to hash (1,797 x 8 x 8)
-        tensor = getattr(dataset, name, None)
-        if isinstance(tensor, torch.Tensor):
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def cache_path(model_key: str, data_key: str, extra: str, cache_dir: Path) -> Path:

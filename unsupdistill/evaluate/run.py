@@ -27,6 +27,7 @@ from unsupdistill.evaluate.linear import DINOViTFeatures, linear_probe
 from unsupdistill.evaluate.linear_grid import linear_probe_grid
 from unsupdistill.evaluate.pictures import write_pictures
 from unsupdistill.evaluate.report import plot_confusion, plot_feature_map, plot_knn_vs_k, write_json
+from unsupdistill.evaluate.speed import measure_speed, speed_cells
 from unsupdistill.models.load import FeatureModel, load_model
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,13 @@ class EvalOptions:
     """auto (CUDA when available, else the CPU), cpu, cuda or cuda:N."""
     workers: int | None = None
     """DataLoader processes decoding images; None: one per CPU core up to 8 (none for the in-memory digits)."""
+    speed: bool = False
+    """Also measure the backbone's inference speed (:func:`~unsupdistill.evaluate.speed.measure_speed`) on the eval
+    device, at the resolved extraction precision."""
+    speed_batch_size: int = 64
+    """Images per pass of the throughput timing."""
+    speed_seconds: float = 2.0
+    """Time limit of each of the two speed timings (throughput, latency)."""
 
 
 def extraction_precision(name: str, device: torch.device, test_images: int) -> str:
@@ -130,7 +138,11 @@ def vit_probe_variants(backbone: nn.Module) -> tuple[int, dict[str, slice], slic
 
 def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOptions | None = None,
              out_dir: Path | None = None) -> dict:
-    """Evaluate one model; write ``eval.json`` and plots to ``out_dir`` when given. Returns the results."""
+    """Evaluate one model; write ``eval.json`` and plots to ``out_dir`` when given. Returns the results.
+
+    With ``options.speed`` the results hold ``speed``: :func:`~unsupdistill.evaluate.speed.measure_speed`'s
+    dict at the model's input size, on the eval device and precision (None for raw pixels).
+    """
     options = options or EvalOptions()
     device = resolve_device(options.device)
     model = load_model(model_spec, image_size=options.image_size, student=options.student)
@@ -182,6 +194,11 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
         clusters = cluster(test_features, test_labels, seeds=options.cluster_seeds)
         results["clustering"] = {k: v for k, v in clusters.items() if k != "assignments"}
         timings["clustering_s"] = time.perf_counter() - tic
+    if options.speed:  # the plain backbone, whatever vit_blocks concatenates for the probe; None for raw pixels
+        tic = time.perf_counter()
+        results["speed"] = measure_speed(model, device, options.speed_batch_size, options.precision,
+                                         options.speed_seconds)
+        timings["speed_s"] = time.perf_counter() - tic
     results["seconds"] = timings
 
     if out_dir is not None:
@@ -211,4 +228,5 @@ def summary_row(results: dict) -> dict:
         row["NMI"] = f"{c['nmi']:.3f}"
         row["ARI"] = f"{c['ari']:.3f}"
         row["cluster acc"] = f"{c['accuracy']:.1f}"
+    row.update(speed_cells(results.get("speed")))
     return row

@@ -35,6 +35,9 @@ from unsupdistill.evaluate.run import EvalOptions, evaluate, summary_row
 from unsupdistill.storage import atomic_write
 
 SUITE_KEYS = ("name", "train", "test", "image_size")
+SPEED_NOTE = ("Speed (--speed): eager PyTorch at each model's input size on the eval device and precision, median "
+              "images/s over batches of {batch}, latency of a batch of 1, parameters in millions, forward GFLOPs per "
+              "image (torch's FlopCounterMode: a multiply-add is 2 FLOPs).")
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,8 @@ def run_suite(models: Sequence[str], pairs: Sequence[LabeledPair], options: Eval
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     text = (format_table(rows, columns, markdown=True)
             + f"\n\nDate: {datetime.date.today().isoformat()}. Machine: {machine}. k-NN: k = 20, T = 0.07, top-1 on "
-            f"the test split; linear probe: {options.linear_backend}, chosen on 20 % of the training split.\n")
+            f"the test split; linear probe: {options.linear_backend}, chosen on 20 % of the training split."
+            + (f" {SPEED_NOTE.format(batch=options.speed_batch_size)}" if options.speed else "") + "\n")
     atomic_write(out_dir / "suite.md", lambda tmp: Path(tmp).write_text(text))
     write_json({"date": datetime.date.today().isoformat(), "machine": machine, "models": list(models),
                 "datasets": [vars(p) for p in pairs], "results": results}, out_dir / "suite.json")

@@ -1,9 +1,11 @@
 """What a run learned, in three numbers: k-NN of its exported backbone, of the same network at random
-initialisation, and of raw pixels, on a labeled train/test pair, by the code of ``unsupdistill eval``."""
+initialisation, and of raw pixels, on a labeled train/test pair, by the code of ``unsupdistill eval``; for a
+distilled run also its teacher's k-NN, and what the student and its teacher cost to run."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import torch
 
 from unsupdistill.evaluate.report import format_table, write_json
 from unsupdistill.evaluate.run import HEADLINE_K, EvalOptions, evaluate
+from unsupdistill.evaluate.speed import SPEED_COLUMNS, speed_cells, speed_ratio
 
 SUMMARY_FILE = "summary.json"
 
@@ -25,9 +28,16 @@ def random_init_spec(sidecar: dict[str, Any]) -> str:
     return "timm:" + ",".join(parts)
 
 
-def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str = "auto") -> dict[str, Any]:
+def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str = "auto",
+                teacher: str | None = None, teacher_size: int | None = None,
+                speed_seconds: float = 2.0) -> dict[str, Any]:
     """k-NN (k = 20, T = 0.07) of the run's backbone, of its architecture at random init (seeded) and of raw pixels
     at its input size; written to ``run_dir/summary.json`` and returned with a table and a one-line reading.
+
+    With a distillation ``teacher``, the teacher gets a row too (k-NN at its own input size, as distillation fed
+    it), the run and its teacher get speed columns (:func:`~unsupdistill.evaluate.speed.measure_speed` on the
+    same device, batch and precision), and the reading says how far the student is from its teacher and at
+    what cost.
 
     Args:
         run_dir: a finished run (``backbone.safetensors`` + ``backbone.json``).
@@ -35,24 +45,54 @@ def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str
         test: the labeled set scored (as ``--test``).
         seed: torch seed of the random initialisation.
         device: where the networks run.
+        teacher: the frozen teacher a distillation run learned from, as ``distill --teacher`` takes it (a run
+            directory, an export, a checkpoint or ``timm:NAME[,pretrained=true][,key=value...]``); None: no
+            teacher row and no speed columns.
+        teacher_size: the teacher's input side (``distill.teacher_size``); None: its own.
+        speed_seconds: time limit of each speed timing (throughput, latency) of each network.
     """
     sidecar = json.loads((run_dir / "backbone.json").read_text())
     size = int(sidecar["input_size"])
-    options = EvalOptions(image_size=size, linear=False, clustering=False, plots=False, cache=False, device=device)
+    options = EvalOptions(image_size=size, linear=False, clustering=False, plots=False, cache=False, device=device,
+                          speed_seconds=speed_seconds)
     specs = {"this run": str(run_dir), "same network, random init": random_init_spec(sidecar), "raw pixels": "pixels"}
-    scores = {}
+    scores, speeds, sizes = {}, {}, dict.fromkeys(specs, size)
     for name, spec in specs.items():
         torch.manual_seed(seed)  # the random init is the same on every call
-        scores[name] = evaluate(spec, train, test, options)["knn"][HEADLINE_K]["top1"]
+        result = evaluate(spec, train, test, replace(options, speed=teacher is not None and name == "this run"))
+        scores[name] = result["knn"][HEADLINE_K]["top1"]
+        speeds[name] = result.get("speed")
     trained, random, pixels = scores.values()
-    summary = {"train": train, "test": test, "k": HEADLINE_K, "knn_top1": scores, "models": specs,
-               "reading": reading(trained, random, pixels),
+    text = reading(trained, random, pixels)
+    columns = ["features", "k-NN top-1 (%)"]
+    if teacher is not None:
+        torch.manual_seed(seed)
+        # at the teacher's own input size (or distill.teacher_size), as distillation fed it, not the student's
+        result = evaluate(teacher, train, test, replace(options, image_size=teacher_size, speed=True))
+        specs["teacher"], scores["teacher"] = teacher, result["knn"][HEADLINE_K]["top1"]
+        speeds["teacher"], sizes["teacher"] = result["speed"], result["input_size"]
+        text += " " + teacher_reading(trained, scores["teacher"], speeds["this run"], speeds["teacher"])
+        columns += ["input px", *SPEED_COLUMNS]
+    summary = {"train": train, "test": test, "k": HEADLINE_K, "knn_top1": scores, "models": specs, "reading": text,
                "command": f"unsupdistill eval MODEL --train {train} --test {test} --image-size {size} "
                           "--no-linear --no-clustering"}
-    summary["table"] = format_table([{"features": name, "k-NN top-1 (%)": f"{top1:.1f}"}
-                                     for name, top1 in scores.items()], ["features", "k-NN top-1 (%)"])
+    if teacher is not None:
+        summary["speed"] = {name: speeds[name] for name in ("this run", "teacher")}
+        summary["teacher_size"] = sizes["teacher"]
+        summary["teacher_command"] = (f"unsupdistill eval {teacher} --train {train} --test {test}"
+                                      + (f" --image-size {teacher_size}" if teacher_size else "")
+                                      + " --no-linear --no-clustering --speed")
+    summary["table"] = format_table([{"features": name, "k-NN top-1 (%)": f"{top1:.1f}", "input px": str(sizes[name]),
+                                      **speed_cells(speeds.get(name))} for name, top1 in scores.items()], columns)
     write_json(summary, run_dir / SUMMARY_FILE)
     return summary
+
+
+def teacher_reading(student: float, teacher: float, student_speed: dict, teacher_speed: dict) -> str:
+    """One line saying how far a distilled student is from its teacher, and at what cost."""
+    gap = student - teacher
+    where = f"{abs(gap):.1f} k-NN points {'below' if gap < 0 else 'above'}" if round(gap, 1) else "level with"
+    return f"The student is {where} its teacher at {speed_ratio(student_speed, teacher_speed, 'its')}."
 
 
 def reading(trained: float, random: float, pixels: float) -> str:

@@ -4,23 +4,33 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from unsupdistill.augment import MultiCropAugmentation, ibot_masks, scaled_crops
+from unsupdistill.auto import Chooser, FolderFacts, is_vit, patch_size
 from unsupdistill.config import Config
 from unsupdistill.losses import KoLeo, MaskedPatchLoss, build_dino_loss
 from unsupdistill.models import build_student_teacher
 from unsupdistill.models.backbone import patch_grid
 from unsupdistill.train.health import collapse_warnings, health_signals
-from unsupdistill.train.method import Export, Method, Runtime
+from unsupdistill.train.method import Batch, Export, Method, Runtime
 from unsupdistill.train.optimizer import update_ema
 from unsupdistill.train.precision import avoid_cpu_bf16_faults
 from unsupdistill.train.schedules import ScheduleValues
 
 logger = logging.getLogger(__name__)
+
+DECODE_RATIO = 1.25
+"""Decode size as a multiple of the global crop when the images are large enough."""
+LOCAL_RATIO = 96 / 224
+"""Local crop size as a share of the global one (DINO's 96 and 224 px)."""
+OUTPUT_DIM_BUCKETS = ((20_000, 1024), (50_000, 2048), (100_000, 4096), (200_000, 16384), (500_000, 32768))
+"""(images below, head output dim); 65,536 above the last bucket."""
+SCALE_FROM, SCALE_TO = 20_000, 1_000_000
+"""Teacher temperature and momentum move from their small-data to their ImageNet values over this range."""
 
 
 class DINO(Method):
@@ -61,17 +71,74 @@ class DINO(Method):
         self._last: tuple[Tensor, Tensor, Tensor] | None = None
         self._terms: dict[str, float] = {}
 
+    automatic_keys: ClassVar[frozenset[str]] = frozenset({
+        "augment.global_2.size", "augment.local.size", "augment.num_local_crops", "augment.global_1.blur_p",
+        "augment.global_2.blur_p", "augment.local.blur_p", "data.image_size", "model.head_batch_norm",
+        "model.norm_last_layer", "model.head_hidden_dim", "model.head_bottleneck_dim", "model.head_output_dim",
+        "loss.teacher_temp", "loss.warmup_teacher_temp", "loss.warmup_teacher_temp_epochs", "optim.lr",
+        "optim.freeze_last_layer_epochs", "optim.teacher_momentum",
+    })
+
+    @classmethod
+    def auto_settings(cls, chooser: Chooser, config: Config, facts: FolderFacts) -> None:
+        """DINO's crops, decode size, head and temperatures for a folder without a recipe.
+
+        Local crops are 0.43 x the global one (DINO's 96 / 224) and the decode 1.25 x it (crops stay near 1:1);
+        the dataset-size-dependent settings are scaled the way LightlyTrain scales them: head output 1,024 below
+        20k images up to 65,536, teacher temperature 0.02 -> 0.07 and momentum 0.99 -> 0.996 between 20k and 1M.
+        """
+        a, m, n = config.augment, config.model, facts.images
+        crop, vit = a.global_1.size, is_vit(m.backbone)
+        chooser.set("augment.global_2.size", crop, "the same as augment.global_1.size")
+        unit = patch_size(crop) if vit else 4
+        local = min(crop, max(unit if vit else 8, round(crop * LOCAL_RATIO / unit) * unit))
+        chooser.set("augment.local.size", local, f"{LOCAL_RATIO:.2f} x the global crop (DINO: 96 / 224)")
+        decode = max(crop, min(int(facts.shorter_side), round(crop * DECODE_RATIO)))
+        chooser.set("data.image_size", decode,
+                    f"decode to {decode / crop:.2f} x the global crop, no larger than the images: crops stay near 1:1")
+        if crop < 64:
+            for name in ("global_1", "global_2", "local"):
+                chooser.set(f"augment.{name}.blur_p", 0.0, "no Gaussian blur on crops under 64 px (too little detail)")
+        local_crops = 6 if facts.device_type == "cuda" else 4
+        chooser.set("augment.num_local_crops", local_crops, f"{local_crops} local crops on {facts.device}")
+        if vit:
+            chooser.set("model.head_batch_norm", False, "ViT: no BatchNorm in the head (DINO)")
+            chooser.set("model.norm_last_layer", False, "ViT: DINO's setting for ViT-S")
+            chooser.set("optim.lr", 5e-4, "DINO's ViT learning rate per 256 images")
+        else:
+            chooser.set("optim.lr", 2e-3, "per 256 images: left DINO's plateau soonest in our CIFAR-10 CPU trials")
+        chooser.set("optim.freeze_last_layer_epochs", round(min(1.0, 0.05 * config.train.epochs), 3),
+                    "one epoch (DINO), at most 5 % of the epochs")
+        output_dim = next((dim for below, dim in OUTPUT_DIM_BUCKETS if n < below), 65536)
+        chooser.set("model.head_output_dim", output_dim, f"{n} images (LightlyTrain's buckets: 1,024 below 20k)")
+        chooser.set("model.head_hidden_dim", 2048, "DINO")
+        chooser.set("model.head_bottleneck_dim", 256, "DINO")
+        teacher_temp = round(interpolate(n, 0.02, 0.07), 2)
+        chooser.set("loss.teacher_temp", teacher_temp, "0.02 below 20k images, 0.07 from 1M (sharper on small data)")
+        warm_temp = min(teacher_temp, round(interpolate(n, 0.02, 0.04), 2))
+        chooser.set("loss.warmup_teacher_temp", warm_temp, "starts at most at DINO's 0.04")
+        if warm_temp >= teacher_temp:
+            chooser.set("loss.warmup_teacher_temp_epochs", 0, "no warm-up needed")
+        elif config.train.time_budget_s:
+            chooser.set("loss.warmup_teacher_temp_epochs", 0,
+                        "none under a time budget: a warm-up in epochs could outlast the run")
+        else:
+            chooser.set("loss.warmup_teacher_temp_epochs", int(min(30, 0.3 * config.train.epochs)),
+                        "30 % of the epochs, at most 30 (DINO)")
+        chooser.set("optim.teacher_momentum", round(interpolate(n, 0.99, 0.996), 3),
+                    "0.99 below 20k images, 0.996 from 1M (a teacher that follows faster on small data)")
+
     def sync_batch_norm(self) -> None:
         super().sync_batch_norm()
         self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)  # DINO converts both networks
 
-    def views(self, images: Tensor, sched: ScheduleValues) -> list[Tensor]:
+    def views(self, batch: Batch, sched: ScheduleValues) -> list[Tensor]:
         low_res = self.low_res_augment is not None and sched.progress < self.low_res_share
         if not low_res and self.low_res_augment is not None:
             logger.info("progressive resizing: full-size crops from here on (%.0f %% of the planned steps done)",
                         100 * sched.progress)
             self.low_res_augment = None  # a run never goes back to the small crops
-        global_views, local_views = (self.low_res_augment if low_res else self.augment)(images)
+        global_views, local_views = (self.low_res_augment if low_res else self.augment)(batch.images)
         views = [global_views.contiguous(memory_format=torch.channels_last)]  # (2B, 3, S, S)
         if local_views is not None:
             views.append(local_views.contiguous(memory_format=torch.channels_last))  # (N*B, 3, s, s)
@@ -109,6 +176,13 @@ class DINO(Method):
         return health_signals(teacher_out, center, sched.teacher_temp, student_features, targets) | {
             name: value.item() for name, value in self._terms.items()}
 
+    def scheduled(self, sched: ScheduleValues) -> dict[str, float]:
+        return {"teacher_momentum": sched.teacher_momentum, "teacher_temp": sched.teacher_temp}
+
+    @classmethod
+    def unused_keys(cls, config: Config) -> set[str]:
+        return {"distill"}
+
     def warnings(self, signals: dict[str, float]) -> dict[str, str]:
         return collapse_warnings(signals, self.config.model.head_output_dim, self.spec.feature_dim)
 
@@ -139,3 +213,9 @@ class DINO(Method):
 
     def export(self) -> Export:
         return Export(self.teacher.backbone.state_dict(), self.spec, "teacher", {})
+
+
+def interpolate(n: int, small: float, large: float) -> float:
+    """``small`` below 20k images, ``large`` from 1M, linear in between."""
+    t = min(1.0, max(0.0, (n - SCALE_FROM) / (SCALE_TO - SCALE_FROM)))
+    return small + t * (large - small)

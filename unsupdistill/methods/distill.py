@@ -6,30 +6,71 @@ teacher embeddings (:class:`~unsupdistill.losses.QueueKLLoss`, LightlyTrain's ``
 with a dense patch-similarity term. ``loss=dino`` is DINOv2's recipe for its small models: DINO's loss
 against the frozen teacher's own head, with an EMA of the student kept as the exported model. Teacher and
 student see the same view of each image ("consistent teacher", Beyer et al. 2022), each at its own input
-size and normalisation.
+size and normalisation. With the teacher cache (``distill.cache``), the first epochs store every view with the
+teacher's features for it and later epochs replay stored views without running the teacher (FKD).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from lightly.models.modules import DINOProjectionHead
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
+from unsupdistill import distributed
 from unsupdistill.augment import DistillAugmentation
+from unsupdistill.augment.distill import VIEW_PARAMS
+from unsupdistill.auto import Chooser, FolderFacts
 from unsupdistill.config import Config, ConfigError
+from unsupdistill.data.fingerprint import data_fingerprint
 from unsupdistill.losses import CosineLoss, DensePatchKLLoss, FrozenTeacherDINOLoss, QueueKLLoss, default_queue_size
-from unsupdistill.models.backbone import create_backbone, pooled_and_spatial
+from unsupdistill.models.backbone import create_backbone, forward_gflops, pooled_and_spatial
+from unsupdistill.models.teacher_cache import CACHE_DIR, TeacherCache, cache_bytes, cache_key
 from unsupdistill.models.teachers import load_teacher
 from unsupdistill.train.health import feature_spread, health_signals
-from unsupdistill.train.method import Export, Method, Runtime
+from unsupdistill.train.method import Batch, Export, Method, Runtime
 from unsupdistill.train.optimizer import update_ema
 from unsupdistill.train.precision import avoid_cpu_bf16_faults
 from unsupdistill.train.schedules import ScheduleValues
+
+logger = logging.getLogger(__name__)
+
+TEACHER_MAX_CPU = 224
+"""Largest automatic teacher input on a CPU (a 518-px DINOv2 would take seconds per image)."""
+TEACHER_LEAST_SHARE = 0.7
+"""Images smaller than this share of the teacher's size are upsampled to it: EfficientNet-Lite0 (224 px) scored
+its best CIFAR-10 k-NN at 160 px of 96-224 (BENCHMARKS, Distillation)."""
+
+
+@dataclass
+class DistillViews:
+    """One step's views: the student's, the teacher's for the images it runs on, and the cache's part.
+
+    Attributes:
+        student: (B, 3, S, S) the student's views.
+        teacher: (M, 3, T, T) the teacher's views of the images ``run_teacher`` marks (all B without the cache),
+            or None when every target comes from the cache.
+        run_teacher: (B,) bool, the images whose teacher output is computed this step; None without the cache.
+        stored: (B, D) float16 teacher features from the cache (used where ``run_teacher`` is False), or None.
+        params: (B, P) the views' parameters, stored with the teacher's outputs.
+        indices: (B,) the images' dataset indices.
+        slots: (B,) their cache slots.
+    """
+
+    student: Tensor
+    teacher: Tensor | None
+    run_teacher: Tensor | None = None
+    stored: Tensor | None = None
+    params: Tensor | None = None
+    indices: Tensor | None = None
+    slots: Tensor | None = None
 
 
 class Student(nn.Module):
@@ -54,6 +95,49 @@ class Distillation(Method):
 
     name = "distill"
     command = "distill"
+
+    automatic_keys: ClassVar[frozenset[str]] = frozenset({
+        "distill.teacher_size", "data.image_size", "model.backbone_kwargs", "optim.lr", "optim.weight_decay",
+        "optim.weight_decay_end",
+    })
+    auto_batch: ClassVar[dict[str, int]] = {"cpu": 256, "cuda": 256}
+
+    @classmethod
+    def auto_settings(cls, chooser: Chooser, config: Config, facts: FolderFacts) -> None:
+        """The teacher's input size, a decode size that serves both networks, the student's width and optimiser.
+
+        The teacher runs at its own size, at most :data:`TEACHER_MAX_CPU` px on a CPU, and no larger than the
+        images hold, except that images smaller than :data:`TEACHER_LEAST_SHARE` of its size are upsampled to that
+        share (an ImageNet network sees objects too small below it). The images are decoded at least at the
+        teacher's size where they are that large, so its views are not upsampled from a smaller decode.
+        """
+        d, crop = config.distill, config.augment.global_1.size
+        native = load_teacher(d.teacher).input_size if d.teacher else crop
+        cap = native if facts.device_type == "cuda" else min(native, TEACHER_MAX_CPU)
+        least = min(cap, max(32, round(TEACHER_LEAST_SHARE * native / 32) * 32))
+        held = int(facts.shorter_side) // 32 * 32
+        size = max(least, min(cap, held))
+        if size == cap:
+            why = f"the teacher's own size {native} px" + (f", capped at {cap} px on CPU" if cap < native else "")
+        elif size == least:
+            why = (f"images of {facts.shorter_side:g} px upsampled to {TEACHER_LEAST_SHARE:.1f} x the teacher's "
+                   f"{native} px (CIFAR-10 k-NN of EfficientNet-Lite0: 68 % at 96, 74 % at 160, 72 % at 224 px)")
+        else:
+            why = f"the images' median shorter side {facts.shorter_side:g} px (to 32), below the teacher's {native}"
+        if not chooser.is_explicit("distill.teacher_size"):
+            chooser.set("distill.teacher_size", size, why)
+        else:
+            size = d.teacher_size or native
+        decode = max(crop, min(int(facts.shorter_side), max(size, crop)))
+        chooser.set("data.image_size", decode, f"the larger network's input ({max(size, crop)} px), no larger than "
+                    "the images: neither view is upsampled from a smaller decode than they allow")
+        if facts.device_type != "cuda" and not chooser.is_explicit("model.backbone") and \
+                config.model.backbone == "resnet18":
+            chooser.set("model.backbone_kwargs", {"channels": [16, 32, 64, 128], "stem_width": 16},
+                        "quarter-width ResNet-18: distils in a CPU budget (80.7 % CIFAR-10 k-NN in 30 min, BENCHMARKS)")
+        chooser.set("optim.lr", 2e-3, "per 256 images: recipes/cifar10_distill.yaml's (BENCHMARKS, Distillation)")
+        chooser.set("optim.weight_decay", 0.05, "constant 0.05: the student regresses fixed targets")
+        chooser.set("optim.weight_decay_end", 0.05, "the same as optim.weight_decay")
 
     def __init__(self, config: Config, runtime: Runtime) -> None:
         super().__init__(config, runtime)
@@ -89,6 +173,9 @@ class Distillation(Method):
             self.dense_loss = DensePatchKLLoss(d.dense_temperature)
         self.global_loss.to(runtime.device)
         self._last: dict[str, Tensor] = {}
+        self.cache: TeacherCache | None = None
+        self.cache_reason = self._cache_decision()
+        self.epoch = 0
 
     @torch.no_grad()
     def _check_spatial(self, size: int) -> None:
@@ -114,37 +201,106 @@ class Distillation(Method):
                                       h.head_output_dim, batch_norm=h.head_batch_norm,
                                       norm_last_layer=h.norm_last_layer)
 
-    def setup(self, num_images: int) -> None:
-        d = self.config.distill
+    @torch.no_grad()
+    def _cache_decision(self) -> str:
+        """Whether the teacher cache is wanted (``self.cache_wanted``) and why, from ``distill.cache`` and the cost
+        of the teacher's forward against the student's training step (about 3 forwards), in FLOPs per image."""
+        d, epochs = self.config.distill, self.config.train.epochs
+        self.cache_wanted = False
+        if d.cache == "off":
+            return "off (distill.cache=off)"
+        if d.mixup_alpha > 0 or d.dense_weight > 0:
+            return "off: a mixed view's or a patch map's teacher output cannot be stored"
+        teacher = forward_gflops(self.teacher.backbone, self.teacher.input_size)
+        student = 3 * forward_gflops(self.student.backbone, self.augment.student_size)
+        cost = f"teacher {teacher:.3g} GFLOPs per image, student step {student:.3g}"
+        if d.cache == "auto" and teacher <= student:
+            return f"off: the teacher costs no more than the student's step ({cost}); distill.cache=on forces it"
+        if d.cache == "auto" and epochs <= d.cache_views:
+            return f"off: {epochs} epochs leave none to replay {d.cache_views} stored views (distill.cache_views)"
+        self.cache_wanted = True
+        return f"on ({cost})" if d.cache == "auto" else "on (distill.cache=on)"
+
+    def setup(self, dataset: Dataset) -> None:
+        d, num_images = self.config.distill, len(dataset)
         if isinstance(self.global_loss, QueueKLLoss):
             size = d.queue_size or default_queue_size(num_images)
             self.global_loss = QueueKLLoss(self.teacher.feature_dim, size, d.temperature).to(self.runtime.device)
+        if not self.cache_wanted or self.runtime.run_dir is None:
+            return
+        views, per_view = d.cache_views, cache_bytes(num_images, 1, self.teacher.feature_dim, len(VIEW_PARAMS))
+        if views * per_view > d.cache_max_gb * 1e9:
+            views = int(d.cache_max_gb * 1e9 // per_view)
+            logger.warning("teacher cache: %d views per image would take %.2f GB, more than distill.cache_max_gb=%g; "
+                           "storing %d", d.cache_views, d.cache_views * per_view / 1e9, d.cache_max_gb, views)
+        if views < 1:
+            self.cache_reason = f"off: one view per image takes {per_view / 1e9:.2f} GB > distill.cache_max_gb"
+            return
+        folder = self.runtime.run_dir / CACHE_DIR
+        logger.info("teacher cache: %d images x %d views x %d-d fp16 features = %.2f GB in %s (limit "
+                    "distill.cache_max_gb=%g); the teacher runs in the first %d epochs, later epochs replay its views",
+                    num_images, views, self.teacher.feature_dim, views * per_view / 1e9, folder, d.cache_max_gb, views)
+        key = cache_key(teacher=self.teacher.cache_key, teacher_size=self.teacher.input_size,
+                        student_size=self.augment.student_size, images=data_fingerprint(dataset),
+                        views={name: getattr(d, name) for name in ("crop_scale", "flip_p", "color_jitter",
+                                                                   "color_jitter_p", "grayscale_p")},
+                        view_params=VIEW_PARAMS)
+        self.cache = TeacherCache.open(folder, key, num_images, views, self.teacher.feature_dim, len(VIEW_PARAMS))
+        self.cache_reason = f"on: {views} views per image in {folder}"
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.cache is not None:
+            self.cache.flush()
+            distributed.barrier()  # views stored by every process are on disk before any replays them
 
     def describe(self) -> str:
         d = self.config.distill
         dense = f" + {d.dense_weight:g} x dense" if self.dense_loss is not None else ""
         queue = f", queue {self.global_loss.queue.shape[0]}" if isinstance(self.global_loss, QueueKLLoss) else ""
         return (f"distill: {self.spec.name} ({self.config.augment.global_1.size} px) from teacher {self.teacher.name} "
-                f"({self.teacher.input_size} px, {self.teacher.feature_dim}-d), loss {d.loss}{dense}{queue}")
+                f"({self.teacher.input_size} px, {self.teacher.feature_dim}-d), loss {d.loss}{dense}{queue}; "
+                f"teacher cache {self.cache_reason}")
 
-    def views(self, images: Tensor, sched: ScheduleValues) -> tuple[Tensor, Tensor]:
-        student_views, teacher_views = self.augment(images)  # the same crop: (B, 3, s, s), (B, 3, t, t)
-        return (student_views.contiguous(memory_format=torch.channels_last),
-                teacher_views.contiguous(memory_format=torch.channels_last))
+    def views(self, batch: Batch, sched: ScheduleValues) -> DistillViews:
+        params = self.augment.sample(len(batch.indices))  # drawn every step alike, so a resume replays the RNG
+        if self.cache is None:
+            student, teacher = self.augment.render(batch.images, params)  # the same view: (B, 3, s, s), (B, 3, t, t)
+            return DistillViews(_channels_last(student), _channels_last(teacher))
+        if self.epoch < self.cache.views:  # a recording epoch: a new view per image, in slot `epoch`
+            slots = torch.full_like(batch.indices, self.epoch)
+            run_teacher = torch.ones(len(batch.indices), dtype=torch.bool)
+            stored = None
+        else:  # replay one of the stored views; one never stored (e.g. a dropped last batch) runs the teacher
+            slots = torch.randint(self.cache.views, batch.indices.shape)
+            stored_params, stored, filled = self.cache.lookup(batch.indices, slots)
+            params = torch.where(filled[:, None], stored_params, params)
+            run_teacher = ~filled
+        student, _ = self.augment.render(batch.images, params, teacher=False)
+        teacher = None
+        if run_teacher.any():
+            teacher = self.augment.render(batch.images[run_teacher.to(batch.images.device)], params[run_teacher])[1]
+            teacher = _channels_last(teacher)
+        return DistillViews(_channels_last(student), teacher, run_teacher, stored, params, batch.indices, slots)
 
-    def loss(self, views: tuple[Tensor, Tensor], sched: ScheduleValues) -> Tensor:
-        student_views, teacher_views = views
+    def loss(self, views: DistillViews, sched: ScheduleValues) -> Tensor:
         with self.runtime.autocast():
-            # frozen teacher on the view, at its own size
+            # frozen teacher on the views it has not seen yet, at its own size
             with torch.no_grad():
-                teacher_pooled, teacher_spatial = pooled_and_spatial(self.teacher.backbone, teacher_views)
-                target = teacher_pooled if self.teacher.head is None or self.config.distill.loss != "dino" \
-                    else self.teacher.head(teacher_pooled)  # (B, Dt) or (B, K)
-            # student on the same view
-            student_pooled, student_spatial, student_out = self.student_forward(student_views)
+                teacher_pooled, teacher_spatial = (None, None) if views.teacher is None else \
+                    pooled_and_spatial(self.teacher.backbone, views.teacher)  # (M, Dt), (M, h, w, C) | None
+            # student on the same views
+            student_pooled, student_spatial, student_out = self.student_forward(views.student)
+        if views.run_teacher is not None:  # the cache: stored features where there are some, the teacher's else
+            teacher_pooled = self._through_cache(views, teacher_pooled)
+        with torch.no_grad(), self.runtime.autocast():
+            target = teacher_pooled if self.teacher.head is None or self.config.distill.loss != "dino" \
+                else self.teacher.head(teacher_pooled)  # (B, Dt) or (B, K)
         target, student_out = target.float(), student_out.float()
         self._last = {"student": student_pooled.detach(), "teacher": teacher_pooled.detach(),
                       "target": target.detach(), "output": student_out.detach()}
+        if views.run_teacher is not None:
+            self._last["cache_hits"] = (~views.run_teacher).float().mean()
         if isinstance(self.global_loss, FrozenTeacherDINOLoss):
             self._last["center"] = self.global_loss.center.clone()
             loss = self.global_loss(target, student_out, teacher_temp=sched.teacher_temp)
@@ -169,7 +325,39 @@ class Distillation(Method):
             out |= health_signals(last["target"], last["center"], sched.teacher_temp, last["student"])
         if "dense" in last:
             out["dense_loss"] = last["dense"].item()
+        if "cache_hits" in last:
+            out["teacher_cache_hits"] = last["cache_hits"].item()
         return out
+
+    def _through_cache(self, views: DistillViews, computed: Tensor | None) -> Tensor:
+        """The step's teacher features (B, D), fp16-rounded as stored: from the cache, or computed now and stored."""
+        assert self.cache is not None and views.run_teacher is not None and views.params is not None
+        run = views.run_teacher
+        features = torch.empty(len(run), self.teacher.feature_dim, device=self.runtime.device)
+        if computed is not None:
+            computed = computed.detach().to(torch.float16)
+            features[run.to(features.device)] = computed.float()
+            self.cache.store(views.indices[run], views.slots[run], views.params[run], computed)
+        if views.stored is not None and not run.all():
+            features[~run.to(features.device)] = views.stored[~run].to(features.device).float()
+        return features
+
+    def scheduled(self, sched: ScheduleValues) -> dict[str, float]:
+        return {"teacher_temp": sched.teacher_temp} if self.config.distill.loss == "dino" else {}
+
+    @classmethod
+    def unused_keys(cls, config: Config) -> set[str]:
+        """DINO's own keys; ``loss=dino`` reads the loss section's temperatures and centre momentum."""
+        unused = {"augment.global_2", "augment.local", "augment.num_local_crops", "augment.crop_mode",
+                  "augment.low_res_share", "augment.low_res_scale", "model.head_hidden_dim",
+                  "model.head_bottleneck_dim", "model.head_output_dim", "model.head_batch_norm",
+                  "model.norm_last_layer", "optim.teacher_momentum", "optim.teacher_momentum_end",
+                  "optim.freeze_last_layer_epochs"}
+        unused |= {f"augment.global_1.{key}" for key in ("scale", "flip_p", "color_jitter", "color_jitter_p",
+                                                         "grayscale_p", "blur_p", "blur_sigma", "solarize_p")}
+        if config.distill.loss != "dino":
+            unused.add("loss")
+        return unused
 
     def warnings(self, signals: dict[str, float]) -> dict[str, str]:
         healthy = 1 / math.sqrt(self.spec.feature_dim)
@@ -214,3 +402,7 @@ class Distillation(Method):
         network, source = (self.ema, "student_ema") if self.ema is not None else (self.student, "student")
         return Export(network.backbone.state_dict(), self.spec, source,
                       {"distilled_from": self.teacher.name, "distill_loss": self.config.distill.loss})
+
+
+def _channels_last(views: Tensor) -> Tensor:
+    return views.contiguous(memory_format=torch.channels_last)

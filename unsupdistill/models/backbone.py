@@ -6,7 +6,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import timm
+import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from unsupdistill.config import Config, ConfigError, ModelConfig
 
@@ -165,3 +167,16 @@ def describe_backbone(spec: BackboneSpec, config: Config, step: int, source: str
         "mean": list(a.mean), "std": list(a.std), "step": step, "source": source,
         "trained_on": config.data.path or "digits",
     }
+
+
+@torch.no_grad()
+def forward_gflops(backbone: nn.Module, input_size: int) -> float:
+    """Forward GFLOPs of one image through ``backbone`` at ``input_size`` px, in eval mode, as counted by
+    :class:`torch.utils.flop_counter.FlopCounterMode`: a multiply-add counts as 2 FLOPs, and only matrix
+    products, convolutions and attention are counted (normalisations, activations and pooling are not)."""
+    device = next(backbone.parameters(), torch.empty(0)).device
+    was_training = backbone.training
+    with FlopCounterMode(display=False) as counter:
+        backbone.eval()(torch.zeros(1, 3, input_size, input_size, device=device))  # (1, 3, S, S)
+    backbone.train(was_training)
+    return counter.get_total_flops() / 1e9

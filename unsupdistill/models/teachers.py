@@ -51,6 +51,7 @@ class Teacher:
         architecture: the timm model name.
         description: the export's JSON sidecar, or a summary of timm's pretrained config; None for a
             random-init timm network.
+        cache_key: sha256 hex identity of the weights and preprocessing (a teacher cache is keyed by it).
     """
 
     name: str
@@ -63,6 +64,7 @@ class Teacher:
     feature_dim: int
     architecture: str
     description: dict[str, Any] | None
+    cache_key: str = ""
 
 
 def load_teacher(spec: str, input_size: int | None = None, need_head: bool = False) -> Teacher:
@@ -94,7 +96,7 @@ def load_teacher(spec: str, input_size: int | None = None, need_head: bool = Fal
         raise TeacherError(f"teacher: {err}") from err
     feature_dim = _check_inputs(spec, model, head)
     return Teacher(name or model.name, model.backbone, head, head_config, model.input_size, model.mean, model.std,
-                   feature_dim, model.architecture, model.description)
+                   feature_dim, model.architecture, model.description, model.cache_key)
 
 
 def _source(spec: str, input_size: int | None, need_head: bool) -> tuple[str | Path, str | None]:

@@ -36,7 +36,7 @@ from unsupdistill.train.faults import (
     non_finite_advice,
     non_finite_report,
 )
-from unsupdistill.train.method import Method, Runtime
+from unsupdistill.train.method import Batch, Method, Runtime
 from unsupdistill.train.metrics import MetricsLogger
 from unsupdistill.train.optimizer import build_optimizer, clip_gradients
 from unsupdistill.train.precision import resolve_precision
@@ -84,7 +84,8 @@ class Trainer:
         torch.manual_seed(train.seed)  # identical initial weights in every process
 
         # ---- the method's networks, then data decoded at the size it asks for ------------------
-        self.method = method(config, Runtime(self.device, self.autocast_dtype, self.world))
+        self.method = method(config, Runtime(self.device, self.autocast_dtype, self.world,
+                                             None if dry_run else run_dir))
         # a file that fails after the start-up scan is replaced in its batch, counted and listed (not a crash)
         self.dataset = build_dataset(config.data, self.method.image_size, scan=scan, substitute=True)
         self.files_failed = 0
@@ -98,7 +99,7 @@ class Trainer:
                                                  train.seed, num_workers(config.data), self.device.type == "cuda")
         self.steps_per_epoch = per_process // self.local_batch
         self.total_steps = self.steps_per_epoch * train.epochs
-        self.method.setup(len(self.dataset))
+        self.method.setup(self.dataset)
 
         # ---- the trained module under DDP, optimizer ----------------------------------------------
         if self.world > 1 and self.device.type == "cuda":
@@ -122,8 +123,8 @@ class Trainer:
 
     # ---- one step, in the order of the algorithm -------------------------------------------------
 
-    def train_step(self, images: Tensor, sched: ScheduleValues, with_signals: bool) -> dict:
-        """One step on a batch of uint8 images (B, 3, H, W).
+    def train_step(self, batch: Batch, sched: ScheduleValues, with_signals: bool) -> dict:
+        """One step on a batch (uint8 images (B, 3, H, W) and their dataset indices).
 
         Returns:
             The loss; health signals and the gradient norm when ``with_signals``; ``stop``: whether any
@@ -139,7 +140,7 @@ class Trainer:
         self.optimizer.param_groups[0]["weight_decay"] = sched.weight_decay
 
         # views, forward passes and loss (the method's)
-        views = self.method.views(images.to(self.device, non_blocking=True), sched)
+        views = self.method.views(batch, sched)
         loss = self.method.loss(views, sched)
         signals = self.method.signals(sched) if with_signals else {}
 
@@ -193,7 +194,7 @@ class Trainer:
         return non_finite_report(
             what, step=self.step + 1, epoch=(self.step + 1) / self.steps_per_epoch, world=self.world,
             loss=loss.item(), grad_norm=grad_norm.item(),
-            values={"lr": sched.lr, "teacher temperature": sched.teacher_temp},
+            values={"lr": sched.lr, **self.method.scheduled(sched)},
             setting=f"loss scale {scale}, precision {precision} on {self.device.type}", bad_parameters=bad,
             signals=signals, warnings=list(self.method.warnings(signals).values()), saved_step=self.saved_step,
             advice=non_finite_advice(self.config.optim, self.autocast_dtype, self.device),
@@ -217,7 +218,8 @@ class Trainer:
         last_step = min(cap, planned)
         metrics = None
         if self.is_main:
-            write_run_files(self.run_dir, self.config, self.config_notes, self.dataset)
+            write_run_files(self.run_dir, self.config, self.config_notes, self.dataset,
+                            self.method.unused_keys(self.config))
             metrics = MetricsLogger(self.run_dir, resume_step=self.step if self.step else None)
             logger.info(
                 "training %s on %d images: %d epochs x %d steps, global batch %d over %d process(es), "
@@ -239,14 +241,15 @@ class Trainer:
                 self.sampler.set_epoch(epoch)
                 self.sampler.start = offset * self.local_batch
                 steps_left = min(self.steps_per_epoch - offset, cap - self.step)  # a budget may end it sooner
-                bar = tqdm(total=steps_left, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                self.method.start_epoch(epoch)
+                bar = tqdm(total=steps_left, desc=self._bar_title(epoch, last_step), unit="step",
                            disable=not self.is_main, mininterval=1.0, file=sys.stderr)
-                for batch in itertools.islice(self.loader, steps_left):
-                    images = self.batch_images(batch)
+                for loaded in itertools.islice(self.loader, steps_left):
+                    batch = self.batch(loaded)
                     sched = schedule_at(self.step, planned, self.steps_per_epoch, self.global_batch,
                                         self.config.optim, self.config.loss)
                     log_now = (self.step + 1) % cfg.log_every_steps == 0 or self.step + 1 == last_step
-                    out = self.train_step(images, sched, with_signals=log_now)
+                    out = self.train_step(batch, sched, with_signals=log_now)
                     stop = out.pop("stop")
                     self.step += 1
                     images_since += self.global_batch
@@ -254,12 +257,12 @@ class Trainer:
                     if self.budget is not None:
                         planned = self.planned_steps()
                         last_step = min(cap, planned)
+                        bar.set_description(self._bar_title(epoch, last_step), refresh=False)
                     if log_now:
                         loss = distributed.all_reduce_mean(out.pop("loss")).item()
                         elapsed = time.perf_counter() - tic
                         record = {"epoch": self.step / self.steps_per_epoch, "loss": loss, "lr": sched.lr,
-                                  "weight_decay": sched.weight_decay, "teacher_momentum": sched.teacher_momentum,
-                                  "teacher_temp": sched.teacher_temp, **out,
+                                  "weight_decay": sched.weight_decay, **self.method.scheduled(sched), **out,
                                   "images_per_s": images_since / elapsed}
                         if self.config.data.path is not None:  # an image folder: count late failures
                             failed = torch.tensor(float(self.files_failed), device=self.device)
@@ -301,22 +304,30 @@ class Trainer:
             return self.total_steps
         return distributed.broadcast_int(self.budget.plan(self.step))
 
-    def batch_images(self, batch: Tensor | list[Tensor]) -> Tensor:
-        """The batch's images; files that failed after the scan (replaced in the batch) are counted and listed."""
-        if not isinstance(batch, (list, tuple)):
-            return batch
-        images, failed = batch
-        self.files_failed += list_late_failures(self.dataset, failed, self.run_dir / "skipped.txt")
-        return images
+    def _bar_title(self, epoch: int, last_step: int) -> str:
+        """``epoch 3/8 of 1105 steps``: the epochs and steps the run will reach (a time budget's plan)."""
+        epochs = -(-last_step // self.steps_per_epoch)  # ceil
+        return f"epoch {epoch + 1}/{epochs} of {last_step} steps"
+
+    def batch(self, loaded: list) -> Batch:
+        """The loader's ``(items, indices)`` as a :class:`Batch` on the device; files that failed after the scan
+        (replaced in the batch) are counted and listed."""
+        items, indices = loaded
+        if isinstance(items, (list, tuple)):
+            items, failed = items
+            self.files_failed += list_late_failures(self.dataset, failed, self.run_dir / "skipped.txt")
+        return Batch(items.to(self.device, non_blocking=True), indices)
 
     def dry_run_step(self) -> dict:
         """Run one step on a tiny batch and report what a full run would do; writes nothing."""
-        batch = next(iter(self.loader))
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch  # (images, failed files) from a folder
+        items, indices = next(iter(self.loader))
+        images = items[0] if isinstance(items, (list, tuple)) else items  # (images, failed files) from a folder
+        batch = Batch(images.to(self.device), indices)
+        self.method.start_epoch(0)
         sched = schedule_at(0, self.total_steps, self.steps_per_epoch, self.config.train.batch_size,
                             self.config.optim, self.config.loss)
         tic = time.perf_counter()
-        out = self.train_step(images, sched, with_signals=True)
+        out = self.train_step(batch, sched, with_signals=True)
         n_params = sum(p.numel() for p in self.method.student.parameters())
         return {"loss": out["loss"].item(), "step_seconds": time.perf_counter() - tic,
                 "batch_used": self.global_batch, "student_parameters": n_params,

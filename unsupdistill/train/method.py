@@ -4,7 +4,8 @@ The engine (:class:`unsupdistill.train.loop.Trainer`) owns the run: data, precis
 checkpoints, resume, stop signals, torchrun, metrics. It calls a method only through the hooks below, in
 this order every step::
 
-    views = method.views(images, sched)          # device augmentation
+    method.start_epoch(epoch)                     # before an epoch's first step
+    views = method.views(batch, sched)           # device augmentation of the batch's images
     loss = method.loss(views, sched)              # forward passes and the loss (autocast inside)
     signals = method.signals(sched)               # health, on logging steps only
     backward, clip, method.before_optimizer_step(sched), optimizer step
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from unsupdistill.config import Config
 from unsupdistill.models.backbone import BackboneSpec
@@ -33,17 +36,32 @@ class Runtime:
         device: the device of this process.
         autocast_dtype: bf16 or fp16 autocast, None for float32.
         world_size: processes in the run (torchrun), 1 without.
+        run_dir: the run directory, where a method may keep files of its own (a teacher cache); None in a dry run.
     """
 
     device: torch.device
     autocast_dtype: torch.dtype | None
     world_size: int
+    run_dir: Path | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` to the run's precision, or nothing for float32."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+@dataclass
+class Batch:
+    """One step's share of the data in this process.
+
+    Attributes:
+        images: (B, 3, H, W) uint8 images on the device.
+        indices: (B,) int64 positions of the images in the dataset (CPU), to key per-image state (a teacher cache).
+    """
+
+    images: Tensor
+    indices: Tensor
 
 
 @dataclass
@@ -77,6 +95,10 @@ class Method(nn.Module):
     """The ``method`` value in the config."""
     command: ClassVar[str]
     """The CLI verb that runs it (in resume commands)."""
+    automatic_keys: ClassVar[frozenset[str]] = frozenset()
+    """The config keys :meth:`auto_settings` may set."""
+    auto_batch: ClassVar[dict[str, int]] = {}
+    """Automatic global batch per device type (``cpu``, ``cuda``); the shared default where absent."""
 
     def __init__(self, config: Config, runtime: Runtime) -> None:
         super().__init__()
@@ -86,8 +108,14 @@ class Method(nn.Module):
         self.image_size: int
         self.run_student: nn.Module | None = None
 
-    def setup(self, num_images: int) -> None:
-        """Size what depends on the dataset (called once, before a checkpoint is restored)."""
+    @classmethod
+    def auto_settings(cls, chooser: Any, config: Config, facts: Any) -> None:
+        """The method's part of the automatic settings of a folder without a recipe (``unsupdistill.auto``):
+        ``chooser.set(key, value, why)`` for keys in :attr:`automatic_keys`; ``config`` holds the shared choices
+        (crop size, network) and ``facts`` the folder's (images, shorter side, device)."""
+
+    def setup(self, dataset: Dataset) -> None:
+        """Size what depends on the dataset, or keyed by its images (called once, before a checkpoint is restored)."""
 
     def sync_batch_norm(self) -> None:
         """Replace the BatchNorm layers of the networks that see batches by SyncBatchNorm (CUDA under
@@ -102,8 +130,11 @@ class Method(nn.Module):
         """The student's forward, through DDP when the run has several processes."""
         return (self.run_student or self.student)(*args)
 
-    def views(self, images: Tensor, sched: ScheduleValues) -> Any:
-        """The augmented views of a batch of images ``(B, 3, H, W)`` (uint8) on the device, at step ``sched``."""
+    def start_epoch(self, epoch: int) -> None:
+        """Called before the first step of every epoch (0-based), a resumed partial epoch included."""
+
+    def views(self, batch: Batch, sched: ScheduleValues) -> Any:
+        """The augmented views of a batch (``batch.images``: (B, 3, H, W) uint8 on the device), at step ``sched``."""
         raise NotImplementedError
 
     def loss(self, views: Any, sched: ScheduleValues) -> Tensor:
@@ -113,6 +144,16 @@ class Method(nn.Module):
     def signals(self, sched: ScheduleValues) -> dict[str, float]:
         """Health signals of the last :meth:`loss` call."""
         return {}
+
+    def scheduled(self, sched: ScheduleValues) -> dict[str, float]:
+        """The method's own scheduled values at ``sched``, logged beside lr and weight decay."""
+        return {}
+
+    @classmethod
+    def unused_keys(cls, config: Config) -> set[str]:
+        """Dotted config keys (sections or fields) this method does not read with ``config``; left out of the
+        run's ``config.yaml`` so that it shows only what the run used."""
+        return set()
 
     def warnings(self, signals: dict[str, float]) -> dict[str, str]:
         """Plain-words diagnoses of failure modes by kind (e.g. collapse); empty when healthy."""

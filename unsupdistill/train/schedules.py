@@ -31,8 +31,11 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 def schedule_at(
     step: int, total_steps: int, steps_per_epoch: int, global_batch: int, optim: OptimConfig, loss: LossConfig
 ) -> ScheduleValues:
-    """All schedules at ``step`` (0-based) of a run of ``total_steps`` steps."""
-    warmup_steps = min(round(optim.warmup_epochs * steps_per_epoch), total_steps)
+    """All schedules at ``step`` (0-based) of a run of ``total_steps`` steps (a time budget's plan)."""
+    if optim.warmup_share is not None:  # a share of the planned steps, however many a budget allows
+        warmup_steps = round(optim.warmup_share * total_steps)
+    else:
+        warmup_steps = min(round(optim.warmup_epochs * steps_per_epoch), total_steps)
     lr = cosine_warmup_schedule(
         step, total_steps, scaled_lr(optim, global_batch), optim.min_lr, warmup_steps, warmup_start_value=0.0
     )

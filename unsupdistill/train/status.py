@@ -80,16 +80,25 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def write_run_files(run_dir: Path, config: Config, notes: str, dataset: Dataset) -> None:
+def write_run_files(run_dir: Path, config: Config, notes: str, dataset: Dataset,
+                    unused: set[str] = frozenset()) -> None:
     """At the start of a run (process 0): remove temporary files of writers killed mid-write, write
-    ``config.yaml`` (``notes`` as comment lines on top) and list the dataset's unreadable files in ``skipped.txt``."""
+    ``config.yaml`` (``notes`` as comment lines on top, without the dotted keys in ``unused``: what the run's
+    method does not read) and list the dataset's unreadable files in ``skipped.txt``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for folder in (run_dir, run_dir / "checkpoints"):
         for tmp in remove_stale_temp_files(folder):
             logger.info("removed %s, left by a process killed while writing", tmp)
     comments = "".join(f"# {line}\n" for line in notes.splitlines())
-    (run_dir / "config.yaml").write_text(comments + yaml.safe_dump(config.to_dict(), sort_keys=False,
-                                                                   allow_unicode=True), encoding="utf-8")
+    values = config.to_dict()
+    for key in unused:
+        *parents, last = key.split(".")
+        node = values
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(last, None)
+    (run_dir / "config.yaml").write_text(comments + yaml.safe_dump(values, sort_keys=False, allow_unicode=True),
+                                         encoding="utf-8")
     skipped = write_skipped(dataset, run_dir / "skipped.txt")
     if skipped:
         logger.info("%d unreadable files listed in %s", skipped, run_dir / "skipped.txt")
