@@ -43,7 +43,7 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
         need(all(v >= 0 for v in spec.color_jitter) and spec.color_jitter[3] <= 0.5,
              f"{key}.color_jitter", "[brightness, contrast, saturation, hue], all >= 0, hue <= 0.5")
         need(0 < spec.blur_sigma[0] <= spec.blur_sigma[1], f"{key}.blur_sigma", "[min, max] with 0 < min <= max")
-    need(a.global_1.size == a.global_2.size, "augment.global_2.size",
+    need(config.method != "dino" or a.global_1.size == a.global_2.size, "augment.global_2.size",
          f"the same size as augment.global_1.size ({a.global_1.size})")
     need(a.num_local_crops >= 0, "augment.num_local_crops", "an integer >= 0")
     need(a.local.size <= a.global_1.size, "augment.local.size",
