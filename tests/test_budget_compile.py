@@ -88,3 +88,20 @@ def test_compiled_backbones_train_and_keep_their_parameter_names(tmp_path):
     losses = [[r["loss"] for r in read_metrics(run) if "loss" in r] for run in (plain, compiled)]
     assert len(losses[1]) == 2 and all(map(math.isfinite, losses[1]))
     assert losses[1] == pytest.approx(losses[0], abs=0.05)  # the same network and data; kernels differ
+
+
+def test_plan_follows_a_forecast_of_cheaper_epochs(monkeypatch):
+    """A method whose steps get cheaper after epoch 1 (a teacher cache) plans those epochs at their own cost."""
+    clock = FakeClock()
+    monkeypatch.setattr(schedules.time, "perf_counter", clock)
+    budget = TimeBudget(seconds=100.0, max_steps=1000)
+    budget.start(step=0)
+    clock.now += 20.0  # 10 steps of 2 s (epochs of 10 steps): 80 s left
+    assert budget.plan(10) == 50  # without a forecast: 40 more steps of 2 s
+    # epoch 1 on costs 1.5 s less a step than the 2 s so far: 80 s fit 160 steps of 0.5 s
+    assert budget.plan(10, lambda epoch: -1.5 if epoch >= 1 else 0.0, steps_per_epoch=10) == 170
+    # epoch 1 still at 2 s, then 0.5 s: 20 s for epoch 1, 60 s for 120 more
+    assert budget.plan(10, lambda epoch: -1.5 if epoch >= 2 else 0.0, steps_per_epoch=10) == 140
+    # the run ends inside an epoch: at step 47, 5 s left fit 2 steps of 95 / 47 s
+    clock.now += 75.0
+    assert budget.plan(47, lambda epoch: 0.0, steps_per_epoch=10) == 49

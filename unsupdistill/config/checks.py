@@ -127,9 +127,8 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
     need(all(v >= 0 for v in di.color_jitter) and di.color_jitter[3] <= 0.5, "distill.color_jitter",
          "[brightness, contrast, saturation, hue], all >= 0, hue <= 0.5")
     need(di.mixup_alpha >= 0, "distill.mixup_alpha", "a number >= 0 (0 turns mixup off)")
-    need(di.cache in ("auto", "on", "off"), "distill.cache", "auto, on or off")
     need(di.cache_views >= 1, "distill.cache_views", "an integer >= 1")
-    need(di.cache != "on" or (di.mixup_alpha == 0 and di.dense_weight == 0), "distill.cache",
+    need(di.cache is not True or (di.mixup_alpha == 0 and di.dense_weight == 0), "distill.cache",
          "auto or off with distill.mixup_alpha > 0 or distill.dense_weight > 0 (a mixed view's or a patch map's "
          "teacher output is not stored)")
     need(di.cache_max_gb > 0, "distill.cache_max_gb", "a number of gigabytes > 0")

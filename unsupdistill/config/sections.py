@@ -247,12 +247,12 @@ class DistillConfig:
     grayscale_p: float = 0.2
     mixup_alpha: float = 0.0
     """Mix each view with another image of the batch, weight ~ Beta(alpha, alpha); 0 turns mixup off."""
-    cache: Literal["auto", "on", "off"] = "auto"
+    cache: Literal["auto", True, False] = "auto"
     """Teacher cache (FKD, Shen & Xing 2022): the first ``cache_views`` epochs store each image's view (crop box,
     flip, colour jitter) with the teacher's features for it in RUN/teacher_cache; later epochs replay a stored
     view without running the teacher. auto: on when the teacher's forward costs more FLOPs per image than the
     student's training step and the run has more epochs than ``cache_views`` (never with mixup or the dense
-    term, whose targets cannot be stored); on: whenever it can be."""
+    term, whose targets cannot be stored); true (or on): whenever it can be; false (or off): never."""
     cache_views: int = 2
     """Views stored per image: the teacher runs in the first this many epochs, later epochs replay one of them."""
     cache_max_gb: float = 8.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -184,6 +185,9 @@ class Distillation(Method):
         self.cache: TeacherCache | None = None
         self.cache_reason = self._cache_decision()
         self.epoch = 0
+        self._teacher_view_seconds = 0.0
+        # the teacher's seconds (views and forward) over this process's steps, for a time budget's plan
+        self._timing = {"steps": 0, "teacher_s": 0.0, "recording_steps": 0, "recording_s": 0.0}
 
     @torch.no_grad()
     def _check_spatial(self, size: int) -> None:
@@ -215,19 +219,19 @@ class Distillation(Method):
         of the teacher's forward against the student's training step (about 3 forwards), in FLOPs per image."""
         d, epochs = self.config.distill, self.config.train.epochs
         self.cache_wanted = False
-        if d.cache == "off":
-            return "off (distill.cache=off)"
+        if d.cache is False:
+            return "off (distill.cache=false)"
         if d.mixup_alpha > 0 or d.dense_weight > 0:
             return "off: a mixed view's or a patch map's teacher output cannot be stored"
         teacher = forward_gflops(self.teacher.backbone, self.teacher.input_size)
         student = 3 * forward_gflops(self.student.backbone, self.augment.student_size)
         cost = f"teacher {teacher:.3g} GFLOPs per image, student step {student:.3g}"
         if d.cache == "auto" and teacher <= student:
-            return f"off: the teacher costs no more than the student's step ({cost}); distill.cache=on forces it"
+            return f"off: the teacher costs no more than the student's step ({cost}); distill.cache=true forces it"
         if d.cache == "auto" and epochs <= d.cache_views:
             return f"off: {epochs} epochs leave none to replay {d.cache_views} stored views (distill.cache_views)"
         self.cache_wanted = True
-        return f"on ({cost})" if d.cache == "auto" else "on (distill.cache=on)"
+        return f"on ({cost})" if d.cache == "auto" else "on (distill.cache=true)"
 
     def setup(self, dataset: Dataset) -> None:
         d, num_images = self.config.distill, len(dataset)
@@ -285,22 +289,26 @@ class Distillation(Method):
             params = torch.where(filled[:, None], stored_params, params)
             run_teacher = ~filled
         student, _ = self.augment.render(batch.images, params, teacher=False)
-        teacher = None
+        teacher, tic = None, time.perf_counter()
         if run_teacher.any():
             teacher = self.augment.render(batch.images[run_teacher.to(batch.images.device)], params[run_teacher])[1]
             teacher = _channels_last(teacher)
+        self._teacher_view_seconds = time.perf_counter() - tic  # the teacher's views; its forward is timed in loss()
         return DistillViews(_channels_last(student), teacher, run_teacher, stored, params, batch.indices, slots)
 
     def loss(self, views: DistillViews, sched: ScheduleValues) -> Tensor:
         with self.runtime.autocast():
             # frozen teacher on the views it has not seen yet, at its own size
             with torch.no_grad():
+                tic = time.perf_counter()
                 teacher_pooled, teacher_spatial = (None, None) if views.teacher is None else \
                     pooled_and_spatial(self.teacher.backbone, views.teacher)  # (M, Dt), (M, h, w, C) | None
+                teacher_seconds = time.perf_counter() - tic
             # student on the same views
             student_pooled, student_spatial, student_out = self.student_forward(views.student)
         if views.run_teacher is not None:  # the cache: stored features where there are some, the teacher's else
             teacher_pooled = self._through_cache(views, teacher_pooled)
+            self._count_teacher_time(teacher_seconds)
         with torch.no_grad(), self.runtime.autocast():
             target = teacher_pooled if self.teacher.head is None or self.config.distill.loss != "dino" \
                 else self.teacher.head(teacher_pooled)  # (B, Dt) or (B, K)
@@ -349,6 +357,25 @@ class Distillation(Method):
         if views.stored is not None and not run.all():
             features[~run.to(features.device)] = views.stored[~run].to(features.device).float()
         return features
+
+    def _count_teacher_time(self, forward_seconds: float) -> None:
+        """Add this step's teacher seconds (its views, timed in views(), and its forward) to the totals."""
+        seconds = forward_seconds + self._teacher_view_seconds
+        t = self._timing
+        t["steps"] += 1
+        t["teacher_s"] += seconds
+        if self.cache is not None and self.epoch < self.cache.views:
+            t["recording_steps"] += 1
+            t["recording_s"] += seconds
+
+    def forecast_seconds(self, epoch: int) -> float:
+        """With the cache on a CPU: a replay epoch's steps save the teacher's seconds of a recording epoch's."""
+        t = self._timing
+        if self.cache is None or not t["steps"] or self.runtime.device.type != "cpu":  # CUDA: not timed (async)
+            return 0.0
+        recording = t["recording_s"] / t["recording_steps"] if t["recording_steps"] else 0.0
+        expected = recording if epoch < self.cache.views else 0.0
+        return expected - t["teacher_s"] / t["steps"]
 
     def scheduled(self, sched: ScheduleValues) -> dict[str, float]:
         return {"teacher_temp": sched.teacher_temp} if self.config.distill.loss == "dino" else {}

@@ -1,6 +1,7 @@
 """Training curves of a run from its ``metrics.jsonl``: loss, teacher entropy against its maximum log K
-(DINO's collapse signal, Caron et al. 2021, Sec. 5.3), k-NN top-1 during training, the optimiser's
-schedules (learning rate, weight decay) and the teacher's momentum, in one PNG.
+(DINO's collapse signal, Caron et al. 2021, Sec. 5.3), a distilled student's agreement with its teacher, k-NN
+top-1 during training, the optimiser's schedules (learning rate, weight decay) and DINO's teacher momentum, in
+one PNG; a method logs only its own keys, so a panel without data is left out.
 
 Plots use matplotlib's object-oriented API on an Agg canvas, as ``evaluate/report.py`` does.
 """
@@ -27,6 +28,7 @@ DPI = 100
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("loss", ("loss",)),
     ("teacher entropy (nats)", ("teacher_entropy",)),
+    ("agreement with the teacher (cosine)", ("teacher_agreement",)),
     ("k-NN top-1 (%)", ("knn_top1",)),
     ("learning rate and weight decay", ("lr", "weight_decay")),
     ("teacher momentum", ("teacher_momentum",)),

@@ -302,7 +302,8 @@ class Trainer:
         """Steps the schedules span: all epochs, or as many as fit in ``train.time_budget_s`` (process 0's plan)."""
         if self.budget is None:
             return self.total_steps
-        return distributed.broadcast_int(self.budget.plan(self.step))
+        return distributed.broadcast_int(self.budget.plan(self.step, self.method.forecast_seconds,
+                                                           self.steps_per_epoch))
 
     def _bar_title(self, epoch: int, last_step: int) -> str:
         """``epoch 3/8 of 1105 steps``: the epochs and steps the run will reach (a time budget's plan)."""

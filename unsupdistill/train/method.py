@@ -145,6 +145,11 @@ class Method(nn.Module):
         """Health signals of the last :meth:`loss` call."""
         return {}
 
+    def forecast_seconds(self, epoch: int) -> float:
+        """Seconds a step of ``epoch`` is expected to take more (negative: less) than this process's average step
+        so far, for a time budget's plan (a teacher that stops running after the first epochs); 0 by default."""
+        return 0.0
+
     def scheduled(self, sched: ScheduleValues) -> dict[str, float]:
         """The method's own scheduled values at ``sched``, logged beside lr and weight decay."""
         return {}

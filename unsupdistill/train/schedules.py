@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lightly.utils.scheduler import cosine_schedule, cosine_warmup_schedule
@@ -82,8 +83,16 @@ class TimeBudget:
         """Seconds used so far, earlier sessions of a resumed run included."""
         return self.spent_before + (time.perf_counter() - self.start_time if self.start_time is not None else 0.0)
 
-    def plan(self, step: int) -> int:
-        """Total steps of the run, as planned at ``step``: ``step`` itself once the next would not fit."""
+    def plan(self, step: int, forecast: Callable[[int], float] | None = None, steps_per_epoch: int = 1) -> int:
+        """Total steps of the run, as planned at ``step``: ``step`` itself once the next would not fit.
+
+        Args:
+            step: the steps done.
+            forecast: seconds a step of epoch ``e`` is expected to take more (or, negative, less) than the
+                average step so far (a method whose teacher runs in the first epochs only says so); None: the
+                same for every step.
+            steps_per_epoch: the epoch length ``forecast`` is given in.
+        """
         remaining = self.seconds - self.spent()
         done = step - self.start_step
         if remaining <= 0:
@@ -91,4 +100,14 @@ class TimeBudget:
         if done == 0 or self.start_time is None:
             return self.max_steps
         seconds_per_step = (time.perf_counter() - self.start_time) / done
-        return min(self.max_steps, step + int(remaining / seconds_per_step))
+        if forecast is None:
+            return min(self.max_steps, step + int(remaining / seconds_per_step))
+        planned = step
+        while planned < self.max_steps:  # epoch by epoch, each at its forecast cost per step
+            epoch_end = min(self.max_steps, (planned // steps_per_epoch + 1) * steps_per_epoch)
+            cost = max(seconds_per_step + forecast(planned // steps_per_epoch), 0.05 * seconds_per_step)
+            fit = min(epoch_end - planned, int(remaining / cost))
+            planned, remaining = planned + fit, remaining - fit * cost
+            if planned < epoch_end:
+                break
+        return planned

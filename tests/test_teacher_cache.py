@@ -1,0 +1,230 @@
+"""Distillation's teacher cache (stored views replay pixel for pixel; a changed teacher, view recipe or image
+invalidates it; resume and torchrun), and distillation's automatic settings on a folder of photos."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli, read_metrics
+from PIL import Image
+
+from unsupdistill.cli import main
+from unsupdistill.config import load_config
+from unsupdistill.data import build_dataset
+from unsupdistill.methods.distill import Distillation
+from unsupdistill.models.backbone import create_backbone, describe_backbone, pooled_and_spatial
+from unsupdistill.storage import load_checkpoint, save_backbone
+from unsupdistill.train.method import Batch, Runtime
+from unsupdistill.train.schedules import schedule_at
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STUDENT = ["model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", "augment.global_1.size=12",
+           "train.batch_size=16", "data.num_workers=0", "train.log_every_steps=1", "eval.summary=false"]
+CACHED = ["distill.cache=on", "distill.cache_views=1"]
+"""One stored view per image: every epoch after the first replays it."""
+DINO_ONLY = ("loss.", "head_", "teacher_momentum", "teacher_temp", "num_local_crops", "global_2", "local.",
+             "freeze_last_layer", "norm_last_layer", "low_res")
+
+
+def write_images(folder: Path, count: int, width: int, height: int, seed: int = 0, fmt: str = "PNG") -> Path:
+    """``count`` images of random blocks (each different), as PNG or JPEG."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        blocks = rng.integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)
+        image = Image.fromarray(blocks).resize((width, height), Image.Resampling.NEAREST)
+        image.save(folder / f"{i:03d}.{'png' if fmt == 'PNG' else 'jpg'}", fmt)
+    return folder
+
+
+def export_teacher(folder: Path, size: int, seed: int) -> Path:
+    """A tiny exported ResNet teacher whose sidecar says ``size`` px."""
+    config = load_config(None, ["model.backbone_kwargs={channels: [8, 16, 16, 32], stem_width: 8}",
+                                f"augment.global_1.size={size}", f"augment.global_2.size={size}"])
+    torch.manual_seed(seed)
+    backbone, spec = create_backbone(config.model)
+    return save_backbone(backbone.state_dict(), describe_backbone(spec, config, 0, "teacher"), folder)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return write_images(tmp_path_factory.mktemp("cache") / "images", 48, 20, 20)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return export_teacher(tmp_path_factory.mktemp("teacher"), 16, seed=0)
+
+
+def build(teacher: Path, images: Path, run_dir: Path, *overrides: str) -> tuple[Distillation, object]:
+    """The distillation method on ``images`` with its dataset, set up (the cache opened) in ``run_dir``."""
+    config = load_config(None, ["method=distill", f"distill.teacher={teacher}", f"data.path={images}", *STUDENT,
+                                *CACHED, *overrides])
+    method = Distillation(config, Runtime(torch.device("cpu"), None, 1, run_dir))
+    dataset = build_dataset(config.data, method.image_size)
+    method.setup(dataset)
+    return method, dataset
+
+
+def step_values(method: Distillation):
+    return schedule_at(0, 10, 3, 16, method.config.optim, method.config.loss)
+
+
+def record(method: Distillation, dataset, count: int = 8):
+    """A recording epoch's step on the first ``count`` images; returns the views it made."""
+    batch = Batch(torch.stack([dataset[i] for i in range(count)]), torch.arange(count))
+    method.start_epoch(0)
+    views = method.views(batch, step_values(method))
+    method.loss(views, step_values(method))  # runs the teacher and stores its features
+    return batch, views
+
+
+def test_a_replayed_view_is_the_view_the_teacher_saw(teacher, images, tmp_path):
+    torch.manual_seed(0)
+    method, dataset = build(teacher, images, tmp_path)
+    batch, seen = record(method, dataset)
+    assert seen.teacher is not None and seen.run_teacher.all()
+    method.start_epoch(1)  # a replay epoch: the teacher does not run
+    replayed = method.views(batch, step_values(method))
+    assert replayed.teacher is None and not replayed.run_teacher.any()
+    assert torch.equal(replayed.params, seen.params)
+    assert torch.equal(replayed.student, seen.student)  # pixel for pixel
+    # the stored targets are the teacher's features of the views it saw, as fp16
+    with torch.no_grad():
+        expected, _ = pooled_and_spatial(method.teacher.backbone, seen.teacher)
+    assert torch.equal(replayed.stored, expected.to(torch.float16))
+    # and the student's view shows the teacher's crop: the teacher's view, shrunk, is the student's
+    t_mean, t_std = (torch.tensor(v).view(1, 3, 1, 1) for v in (method.teacher.mean, method.teacher.std))
+    s_mean, s_std = (torch.tensor(v).view(1, 3, 1, 1) for v in (method.config.augment.mean, method.config.augment.std))
+    shrunk = torch.nn.functional.interpolate(seen.teacher * t_std + t_mean, size=(12, 12), mode="bilinear",
+                                             align_corners=False, antialias=True)
+    torch.testing.assert_close(shrunk, replayed.student * s_std + s_mean, atol=1e-5, rtol=0)
+    # a new epoch's fresh view of the same image differs: replaying is not drawing the same view again
+    method.start_epoch(0)
+    assert not torch.equal(method.views(batch, step_values(method)).student, seen.student)
+
+
+def test_a_changed_teacher_view_recipe_or_image_invalidates_the_cache(teacher, images, tmp_path):
+    method, dataset = build(teacher, images, tmp_path / "run")
+    record(method, dataset)
+    assert method.cache.filled.sum() == 8
+
+    def stored_after(*overrides: str, teacher_path: Path = teacher, folder: Path = images) -> int:
+        again, again_data = build(teacher_path, folder, tmp_path / "run", *overrides)
+        count = int(again.cache.filled.sum())
+        record(again, again_data)  # refill, so the next case starts from a full cache of its own key
+        return count
+
+    assert stored_after() == 8  # the same teacher, views and images: reused
+    other = export_teacher(tmp_path / "other", 16, seed=1)  # the same architecture, other weights
+    assert stored_after(teacher_path=other) == 0
+    assert stored_after() == 0  # and back: that cache was the other teacher's
+    assert stored_after("distill.crop_scale=[0.5, 1.0]") == 0
+    assert stored_after("distill.crop_scale=[0.5, 1.0]") == 8
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in images.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    assert stored_after("distill.crop_scale=[0.5, 1.0]", folder=copy) == 0  # other files (paths, times)
+    assert stored_after("distill.crop_scale=[0.5, 1.0]", folder=copy) == 8
+    write_images(tmp_path / "changed", 1, 20, 20, seed=9)
+    os.replace(tmp_path / "changed" / "000.png", copy / "005.png")  # one image replaced
+    assert stored_after("distill.crop_scale=[0.5, 1.0]", folder=copy) == 0
+
+
+def test_resume_after_sigkill_with_the_cache_gives_the_same_losses(teacher, images, tmp_path):
+    args = ["--teacher", str(teacher), str(images), *STUDENT, *CACHED, "train.max_steps=21",
+            "train.save_every_steps=3", "train.seed=5", "distill.loss=queue_kl"]  # a queue: state across steps
+    reference = tmp_path / "reference"
+    assert cli("distill", "--out", str(reference), *args).returncode == 0
+    expected = {m["step"]: m["loss"] for m in read_metrics(reference)}
+    assert [m["teacher_cache_hits"] for m in read_metrics(reference)][3:] == [1.0] * 18  # epochs 2-7 replay
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "unsupdistill", "distill", "--out", str(killed), *args],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not any(m["step"] >= 8 for m in read_metrics(killed)):
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = load_checkpoint(killed / "checkpoints" / "last.pt")["step"]
+    assert 6 <= resumed_from < 21
+
+    result = cli("distill", "--resume", str(killed))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "teacher cache" in result.stderr and "reused" in result.stderr
+    got = {m["step"]: m["loss"] for m in read_metrics(killed)}
+    assert sorted(got) == list(range(1, 22))
+    for step in range(resumed_from + 1, 22):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), f"step {step}"
+
+
+def test_two_process_torchrun_with_the_cache(teacher, images, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "unsupdistill",
+         "distill", str(images), "--out", str(out), "--teacher", str(teacher), *STUDENT, *CACHED,
+         "train.max_steps=9"], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, 10))
+    # 48 images over 2 processes, 8 a step each: 3 steps an epoch; each process's second epoch replays views
+    # that either process stored in the first (the sampler shuffles across processes)
+    assert [m["teacher_cache_hits"] for m in metrics] == [0.0] * 3 + [1.0] * 6
+    assert int(np.load(out / "teacher_cache" / "filled.npy").sum()) == 48
+
+
+def test_a_photo_folder_gets_distillation_settings_and_no_dino_keys(tmp_path, caplog):
+    photos = write_images(tmp_path / "photos", 8, 300, 200, fmt="JPEG")
+    teacher = export_teacher(tmp_path / "teacher", 224, seed=0)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        assert main(["distill", str(photos), "--teacher", str(teacher), "--out", str(out), "train.max_steps=2",
+                     "data.num_workers=0", "train.log_every_steps=1"]) == 0
+    config = load_config(str(out / "config.yaml"))
+    assert config.distill.teacher_size == 192  # 224 px, no larger than the photos' 200 px (to 32)
+    assert config.data.image_size >= min(config.distill.teacher_size, 200)  # the teacher's views are not upsampled
+    table = caplog.text.split("settings chosen for 8 images")[1].split("\n\n")[0]
+    text = (out / "config.yaml").read_text()
+    for key in DINO_ONLY:
+        assert key not in table and key not in text, key
+    assert "distill.teacher_size" in table and "# Settings chosen automatically" in text
+    metrics = read_metrics(out)
+    assert metrics and not any(key in record for record in metrics for key in ("teacher_momentum", "teacher_temp"))
+    assert "teacher_agreement" in metrics[-1]
+    # overrides win, and what follows from them follows
+    with caplog.at_level(logging.INFO):
+        assert main(["distill", str(photos), "--teacher", str(teacher), "--out", str(tmp_path / "mine"),
+                     "train.max_steps=1", "data.num_workers=0", "distill.teacher_size=64",
+                     "augment.global_1.size=48"]) == 0
+    mine = load_config(str(tmp_path / "mine" / "config.yaml"))
+    assert (mine.distill.teacher_size, mine.augment.global_1.size, mine.data.image_size) == (64, 48, 64)
+    assert json.loads((tmp_path / "mine" / "backbone.json").read_text())["input_size"] == 48
+
+
+def test_a_time_budget_warms_up_and_decays_within_its_planned_steps(images, teacher, tmp_path):
+    """The automatic warm-up is a share of the planned steps: a 6-s budget of a folder planned for 100+ epochs
+    still reaches the peak lr early and ends near the minimum (it rose until the last step before)."""
+    out = tmp_path / "run"
+    assert main(["distill", str(images), "--teacher", str(teacher), "--out", str(out), "train.time_budget_s=6",
+                 "data.num_workers=0", "train.log_every_steps=1", "distill.cache=off"]) == 0
+    metrics = read_metrics(out)
+    lrs = [m["lr"] for m in metrics]
+    planned = metrics[-1]["planned_steps"]
+    assert len(lrs) == planned > 10
+    peak = lrs.index(max(lrs)) + 1
+    assert peak <= 0.25 * planned, (peak, planned)  # the warm-up ended early in the run
+    assert lrs[-1] < 0.1 * max(lrs)  # and the cosine decayed by its end
