@@ -1,23 +1,27 @@
 """Distillation against DINO from scratch: small students on CIFAR-10, 2 CPU cores, one wall-clock budget.
 
-For every student (a quarter-width ResNet-18 with the small-image stem, a ViT-Tiny with 4-px patches at
-32 px) and every teacher (``--teacher NAME=PATH``, e.g. the stand-in of ``../shared/teachers`` and a
-``recipes/cifar10_cpu.yaml`` run of ours), it runs, each as the CLI command a user would type (called in
-this process, one after the other):
+For every teacher (``--teacher NAME=SPEC``: the ImageNet EfficientNet-Lite0 of ``../shared/teachers`` as a
+``timm:`` spec, the CIFAR-10 stand-in, a run of ours) it scores the teacher itself at each ``--teacher-sizes`` input
+(k-NN, linear probe and inference speed), then, for every student (``--students``: the quarter-width ResNet-18 the
+automatic settings choose on a CPU, ``mobilenetv3_small_100``, ``resnet10t``, a ViT-Tiny/4), runs, each as the CLI
+command a user would type (called in this process, one after the other):
 
-- ``unsupdistill distill TRAIN --recipe cifar10_distill --teacher PATH`` with the student's model section,
-  for ``--budget`` seconds (``train.time_budget_s``);
+- ``unsupdistill distill TRAIN --teacher SPEC`` with the student's model overrides and nothing else: the automatic
+  settings (teacher input size, decode size, teacher cache), for ``--budget`` seconds (``train.time_budget_s``);
+  with ``--cache both`` once more with ``distill.cache=false`` (rows "no cache"); ``--recipe NAME`` uses a recipe;
 - ``unsupdistill pretrain TRAIN --recipe cifar10_cpu`` with the same student, for the same budget (DINO from
-  scratch, the comparison);
-- ``unsupdistill eval`` of every student and teacher: k-NN (k = 20, T = 0.07) and the linear probe on the
-  full test split, with the training split as memory and probe training set.
+  scratch, the comparison; ``--no-scratch`` skips it);
+- ``unsupdistill eval --speed`` of every student and teacher: k-NN (k = 20, T = 0.07) and the linear probe on the
+  full test split, with the training split as memory and probe training set, and inference images/s, latency,
+  parameters and GFLOPs (same device, batch 64 and precision, each network at its own input size).
 
-Reported per run: k-NN and linear top-1, training images/s (median of the logged rates), forward GFLOPs
-per image of the network at its input size, and the training seconds. A run whose ``eval.json`` exists
-is not run again, so a long benchmark can be continued. The commands behind BENCHMARKS.md::
+Reported per run: k-NN and linear top-1, training images/s (median of the logged rates, and after the first
+epoch), epochs reached, inference images/s and latency, parameters and forward GFLOPs per image. A run whose
+``eval.json`` exists is not run again, so a long benchmark can be continued. The commands behind BENCHMARKS.md::
 
-    python eval/bench_distill.py --data /tmp/cifar10 --out /work/bench/distill --budget 1800 \\
-        --teacher standin=../shared/teachers/cifar10_resnet18_half_supervised --teacher ours=RUN
+    python eval/bench_distill.py --data /tmp/cifar10 --out /work/bench/distill25 --budget 1800 --no-scratch \
+        --teacher "lite0=timm:tf_efficientnet_lite0,pretrained=true,pretrained_cfg_overlay={file: PATH}" \
+        --teacher-sizes 96,128,160,224 --students resnet18-quarter,mobilenetv3-small
     python eval/bench_distill.py --quick --out /tmp/distill-smoke --json /tmp/distill-smoke/result.json
 """
 
@@ -36,27 +40,27 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 
 from unsupdistill.cli import main as cli_main
 from unsupdistill.evaluate.report import format_table, write_json
-from unsupdistill.models.load import load_model
 
 logger = logging.getLogger("bench_distill")
 
 STUDENTS = {
     "resnet18-quarter": ["model.backbone=resnet18", "model.backbone_kwargs={channels: [16, 32, 64, 128], "
                          "stem_width: 16}", "model.small_image_stem=true"],
+    "mobilenetv3-small": ["model.backbone=mobilenetv3_small_100"],
+    "resnet10t": ["model.backbone=resnet10t"],
     "vit-tiny-p4": ["model.backbone=vit_tiny_patch16_224", "model.backbone_kwargs={img_size: 32, patch_size: 4}",
                     "model.small_image_stem=false", "model.head_batch_norm=false"],
 }
-"""The students, as model-section overrides of the recipes."""
+"""The students, as model-section overrides (without a recipe the automatic settings choose their input size)."""
 QUICK_STUDENTS = {
     "resnet18-tiny": ["model.backbone=resnet18", "model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}",
                       "model.small_image_stem=true"],
 }
 QUICK = ["train.batch_size=16", "data.num_workers=0", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
-         "model.head_output_dim=256", "train.log_every_steps=1"]
+         "model.head_output_dim=256", "train.log_every_steps=1", "train.epochs=3"]
 """Overrides of every run in ``--quick`` (a smoke run of the whole script in about a minute)."""
 
 
@@ -67,34 +71,33 @@ def run_cli(*args: str) -> None:
         raise RuntimeError(f"unsupdistill {' '.join(args[:2])} failed with status {code} (see the log above)")
 
 
-def evaluate(model: str | Path, data: Path, out: Path, linear: bool) -> dict:
-    """``unsupdistill eval`` on the full splits (kept in ``out/eval.json``, run again only to add the linear
-    probe; features come from the feature cache); k-NN@20 and linear top-1."""
+def evaluate(model: str | Path, data: Path, out: Path, linear: bool, size: int | None = None) -> dict:
+    """``unsupdistill eval --speed`` on the full splits (kept in ``out/eval.json``, run again only to add the linear
+    probe; features come from the feature cache); k-NN@20, linear top-1 and the inference speed."""
     report = out / "eval.json"
     if not report.is_file() or (linear and "linear" not in json.loads(report.read_text())):
         run_cli("eval", str(model), "--train", str(data / "train"), "--test", str(data / "test"), "--out", str(out),
-                "--no-plots", "--no-clustering", *([] if linear else ["--no-linear"]))
+                "--no-plots", "--no-clustering", "--speed", *([] if linear else ["--no-linear"]),
+                *([] if size is None else ["--image-size", str(size)]))
     results = json.loads(report.read_text())
     knn = results["knn"].get("20") or results["knn"][min(results["knn"], key=lambda k: abs(int(k) - 20))]
-    return {"knn_top1": knn["top1"], "linear_top1": results.get("linear", {}).get("top1")}
-
-
-def forward_gflops(model: str | Path) -> float:
-    """Forward GFLOPs (matmuls and convolutions) of one image through the backbone at its input size."""
-    loaded = load_model(str(model))
-    x = torch.zeros(1, 3, loaded.input_size, loaded.input_size)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        loaded.backbone(x)
-    return counter.get_total_flops() / 1e9
+    speed = results.get("speed") or {}
+    return {"knn_top1": knn["top1"], "linear_top1": results.get("linear", {}).get("top1"),
+            "input_size": speed.get("input_size"), "inference_images_per_s": speed.get("images_per_s"),
+            "latency_ms": speed.get("latency_ms"), "parameters": speed.get("parameters"),
+            "gflops_per_image": speed.get("gflops")}
 
 
 def training_summary(run: Path) -> dict:
-    """Median logged images/s and the training seconds of a run directory."""
+    """Median logged images/s (all, and after the first epoch), steps, epochs and the training seconds of a run."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rates = [r["images_per_s"] for r in records if "images_per_s" in r]
+    records = [r for r in records if "images_per_s" in r]
+    later = [r["images_per_s"] for r in records if r["epoch"] > 1.0 + 1e-9]
     budget = [r for r in records if "budget_left_s" in r]
-    return {"images_per_s": statistics.median(rates) if rates else None, "steps": records[-1]["step"],
-            "epochs": records[-1].get("epoch"), "budget_left_s": budget[-1]["budget_left_s"] if budget else None}
+    return {"images_per_s": statistics.median(r["images_per_s"] for r in records) if records else None,
+            "images_per_s_after_epoch_1": statistics.median(later) if later else None,
+            "steps": records[-1]["step"], "epochs": records[-1].get("epoch"),
+            "budget_left_s": budget[-1]["budget_left_s"] if budget else None}
 
 
 def train_and_score(kind: str, name: str, args: argparse.Namespace, command: list[str], linear: bool) -> dict:
@@ -103,8 +106,7 @@ def train_and_score(kind: str, name: str, args: argparse.Namespace, command: lis
     if not (run / "backbone.safetensors").is_file():
         logger.info("training %s (%s, %.0f s)", name, kind, args.budget)
         run_cli(*command, "--out", str(run))
-    row = {"run": name, "kind": kind, **evaluate(run, args.data, run / "eval", linear), **training_summary(run),
-           "gflops_per_image": forward_gflops(run)}
+    row = {"run": name, "kind": kind, **evaluate(run, args.data, run / "eval", linear), **training_summary(run)}
     logger.info("%s: k-NN %.2f", name, row["knn_top1"])
     return row
 
@@ -132,7 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, help="folder with train/ and test/ (one subfolder per class)")
     parser.add_argument("--teacher", action="append", default=[], metavar="NAME=PATH",
                         help="a teacher to distill from (repeat for several)")
-    parser.add_argument("--students", default=",".join(STUDENTS), help=f"comma-separated: {', '.join(STUDENTS)}")
+    parser.add_argument("--teacher-sizes", default="", metavar="S1,S2",
+                        help="score every teacher at these input sizes too (default: its own size only)")
+    parser.add_argument("--students", default="resnet18-quarter,mobilenetv3-small",
+                        help=f"comma-separated: {', '.join(STUDENTS)}")
+    parser.add_argument("--recipe", help="distill with this recipe (default: none, the automatic settings)")
+    parser.add_argument("--cache", choices=("auto", "off", "both"), default="auto",
+                        help="the teacher cache of the distillation runs: automatic, off, or a run of each")
     parser.add_argument("--budget", type=float, default=1800, help="training seconds of every run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for the distillation runs (e.g. distill.loss=cosine)")
@@ -158,23 +166,37 @@ def main(argv: list[str] | None = None) -> int:
     budget = [f"train.time_budget_s={args.budget}"]
 
     rows = []
+    sizes = [int(size) for size in args.teacher_sizes.split(",") if size] if not args.quick else [16, 24]
     for tname, path in teachers.items():
-        scores = evaluate(path, args.data, args.out / f"teacher-{tname}", not args.no_linear)
-        rows.append({"run": f"teacher:{tname}", "kind": "teacher", **scores, "gflops_per_image": forward_gflops(path)})
+        for size in [None, *sizes]:
+            scores = evaluate(path, args.data, args.out / f"teacher-{tname}" / str(size or "own"), not args.no_linear,
+                              size)
+            rows.append({"run": f"teacher:{tname}" + (f"@{size}" if size else ""), "kind": "teacher", **scores})
+    caches = {"auto": [""], "off": ["off"], "both": ["", "off"]}[args.cache if not args.quick else "both"]
+    recipe = ["--recipe", args.recipe] if args.recipe else []
     for sname, model in students.items():
         for tname, path in teachers.items():
-            command = ["distill", str(args.data / "train"), "--recipe", "cifar10_distill", "--teacher", path,
-                       *model, *budget, *extra, *args.set]
-            rows.append(train_and_score(f"distilled from {tname}", f"{sname}-from-{tname}{args.tag}", args, command,
-                                        not args.no_linear))
+            for cache in caches:
+                command = ["distill", str(args.data / "train"), *recipe, "--teacher", path, *model, *budget, *extra,
+                           *(["distill.cache=false"] if cache else []), *args.set]
+                name = f"{sname}-from-{tname}{'-nocache' if cache else ''}{args.tag}"
+                kind = f"distilled from {tname}" + (", no cache" if cache else "")
+                rows.append(train_and_score(kind, name, args, command, not args.no_linear))
         if not args.no_scratch:
             command = ["pretrain", str(args.data / "train"), "--recipe", "cifar10_cpu", *model, *budget, *extra]
             rows.append(train_and_score("DINO from scratch", f"{sname}-dino", args, command, not args.no_linear))
 
-    table = [{"run": r["run"], "kind": r["kind"], "k-NN top-1": f"{r['knn_top1']:.2f}",
-              "linear top-1": "-" if r.get("linear_top1") is None else f"{r['linear_top1']:.2f}",
-              "images/s": "-" if r.get("images_per_s") is None else f"{r['images_per_s']:.0f}",
-              "GFLOPs/image": f"{r['gflops_per_image']:.3f}"} for r in rows]
+    def cell(row: dict, key: str, form: str) -> str:
+        return "-" if row.get(key) is None else format(row[key], form)
+
+    table = [{"run": r["run"], "kind": r["kind"], "input px": cell(r, "input_size", "d"),
+              "k-NN top-1": f"{r['knn_top1']:.2f}", "linear top-1": cell(r, "linear_top1", ".2f"),
+              "train img/s": cell(r, "images_per_s", ".0f"),
+              "train img/s after epoch 1": cell(r, "images_per_s_after_epoch_1", ".0f"),
+              "epochs": cell(r, "epochs", ".2f"), "inference img/s": cell(r, "inference_images_per_s", ".0f"),
+              "latency ms": cell(r, "latency_ms", ".2f"),
+              "params M": "-" if r.get("parameters") is None else f"{r['parameters'] / 1e6:.2f}",
+              "GFLOPs/image": cell(r, "gflops_per_image", ".3f")} for r in rows]
     print(format_table(table, list(table[0]), markdown=True))
     result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores", "torch": torch.__version__, "budget_s": args.budget,

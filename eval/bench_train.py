@@ -126,7 +126,7 @@ class UnsupdistillPipeline:
         """Fetch a batch and run ``train_step``; at log steps read the loss, as ``fit`` does."""
         t = self.trainer
         log_now = (t.step + 1) % t.config.train.log_every_steps == 0
-        out = t.train_step(t.batch_images(next(self.batches)), self.schedule(), with_signals=log_now)
+        out = t.train_step(t.batch(next(self.batches)), self.schedule(), with_signals=log_now)
         if log_now:
             out["loss"].item()
         t.step += 1
@@ -310,7 +310,7 @@ def timed_step(pipeline: UnsupdistillPipeline, timer: StageTimer) -> None:
     """
     t, sched = pipeline.trainer, pipeline.schedule()
     with timer("data loader wait (decode in workers)"):
-        images = t.batch_images(next(pipeline.batches))
+        batch = t.batch(next(pipeline.batches))
     hooks = {"augmentation (the method's views)": (t.method, "views"),
              "student forward": (t.method, "student_forward"),
              "teacher forward and loss (rest of the method's loss)": (t.method, "loss"),
@@ -322,7 +322,7 @@ def timed_step(pipeline: UnsupdistillPipeline, timer: StageTimer) -> None:
     try:
         synchronize(t.device)
         start = time.perf_counter()
-        t.train_step(images, sched, with_signals=False)
+        t.train_step(batch, sched, with_signals=False)
         synchronize(t.device)
         total = time.perf_counter() - start
     finally:
@@ -352,11 +352,11 @@ def flops_per_image(pipeline: UnsupdistillPipeline) -> float:
     """Matmul and convolution FLOPs per source image of one real ``train_step``: the teacher's forward, the
     student's forward and backward, and the loss (``FlopCounterMode`` counts no element-wise operations)."""
     t = pipeline.trainer
-    images = t.batch_images(next(pipeline.batches))
+    batch = t.batch(next(pipeline.batches))
     with FlopCounterMode(display=False) as counter:
-        t.train_step(images, pipeline.schedule(), with_signals=False)
+        t.train_step(batch, pipeline.schedule(), with_signals=False)
     t.step += 1
-    return counter.get_total_flops() / len(images)
+    return counter.get_total_flops() / len(batch.indices)
 
 
 def best_seconds(run: Callable[[], object], device: torch.device, repeats: int = 5) -> float:

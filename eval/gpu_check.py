@@ -52,6 +52,7 @@ from unsupdistill.config import Config, load_config
 from unsupdistill.data import num_workers
 from unsupdistill.devices import resolve_device
 from unsupdistill.evaluate.report import format_table, write_json
+from unsupdistill.train.method import Batch
 
 logger = logging.getLogger("gpu_check")
 
@@ -116,7 +117,7 @@ def largest_batch(config: Config, run_dir: Path, cap: int) -> tuple[int, list[di
     batch = min(32, cap)
     while batch <= cap:
         try:
-            t.train_step(images[:batch], pipeline.schedule(), with_signals=False)
+            t.train_step(Batch(images[:batch], torch.arange(batch)), pipeline.schedule(), with_signals=False)
             bench_train.synchronize(t.device)
         except torch.cuda.OutOfMemoryError:
             tries.append({"batch": batch, "fits": False})

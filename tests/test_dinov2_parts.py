@@ -251,7 +251,7 @@ def test_progressive_resizing_shrinks_every_crop_then_switches_once():
 
     from unsupdistill.config import load_config
     from unsupdistill.methods.dino import DINO
-    from unsupdistill.train.method import Runtime
+    from unsupdistill.train.method import Batch, Runtime
     from unsupdistill.train.schedules import ScheduleValues
 
     config = load_config(None, [*TINY, "augment.low_res_share=0.5", "augment.low_res_scale=0.75"])
@@ -259,7 +259,8 @@ def test_progressive_resizing_shrinks_every_crop_then_switches_once():
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
 
     def sizes(progress: float) -> list[tuple[int, ...]]:
-        return [tuple(v.shape) for v in dino.views(images, ScheduleValues(1e-3, 0.04, 0.99, 0.04, False, progress))]
+        sched = ScheduleValues(1e-3, 0.04, 0.99, 0.04, False, progress)
+        return [tuple(v.shape) for v in dino.views(Batch(images, torch.arange(4)), sched)]
 
     low, full = [(8, 3, 12, 12), (8, 3, 6, 6)], [(8, 3, 16, 16), (8, 3, 8, 8)]
     assert sizes(0.0) == low and sizes(0.49) == low
