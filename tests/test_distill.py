@@ -2,16 +2,14 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from conftest import TINY, cli, read_metrics
+from conftest import TINY, cli, read_metrics, sigkill_then_resume
 from safetensors.torch import save_file
 
 from unsupdistill.cli import main
@@ -154,22 +152,9 @@ def test_resume_after_sigkill_gives_the_same_losses(teacher_run, tmp_path):
     assert cli("distill", "--out", str(reference), *args).returncode == 0
     expected = {m["step"]: m["loss"] for m in read_metrics(reference)}
 
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "unsupdistill", "distill", "--out", str(killed), *args],
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not any(m["step"] >= 9 for m in read_metrics(killed)):
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed_from = load_checkpoint(killed / "checkpoints" / "last.pt")["step"]
+    resumed_from, metrics = sigkill_then_resume("distill", tmp_path / "killed", args, after_step=9)
     assert 8 <= resumed_from < 24
-
-    result = cli("distill", "--resume", str(killed))
-    assert result.returncode == 0, result.stderr[-3000:]
-    got = {m["step"]: m["loss"] for m in read_metrics(killed)}
+    got = {m["step"]: m["loss"] for m in metrics}
     assert sorted(got) == list(range(1, 25))
     for step in range(resumed_from + 1, 25):
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), f"step {step}"

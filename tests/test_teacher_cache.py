@@ -4,16 +4,14 @@ invalidates it; resume and torchrun), and distillation's automatic settings on a
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import cli, read_metrics
+from conftest import cli, read_metrics, sigkill_then_resume
 from PIL import Image
 
 from unsupdistill.cli import main
@@ -21,7 +19,7 @@ from unsupdistill.config import load_config
 from unsupdistill.data import build_dataset
 from unsupdistill.methods.distill import Distillation
 from unsupdistill.models.backbone import create_backbone, describe_backbone, pooled_and_spatial
-from unsupdistill.storage import load_checkpoint, save_backbone
+from unsupdistill.storage import save_backbone
 from unsupdistill.train.method import Batch, Runtime
 from unsupdistill.train.schedules import schedule_at
 
@@ -150,22 +148,10 @@ def test_resume_after_sigkill_with_the_cache_gives_the_same_losses(teacher, imag
     assert [m["teacher_cache_hits"] for m in read_metrics(reference)][3:] == [1.0] * 18  # epochs 2-7 replay
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "unsupdistill", "distill", "--out", str(killed), *args],
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not any(m["step"] >= 8 for m in read_metrics(killed)):
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed_from = load_checkpoint(killed / "checkpoints" / "last.pt")["step"]
+    resumed_from, metrics = sigkill_then_resume("distill", killed, args, after_step=8)
     assert 6 <= resumed_from < 21
-
-    result = cli("distill", "--resume", str(killed))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "teacher cache" in result.stderr and "reused" in result.stderr
-    got = {m["step"]: m["loss"] for m in read_metrics(killed)}
+    assert "reused" in (killed / "train.log").read_text()  # the resumed run replays the views stored before
+    got = {m["step"]: m["loss"] for m in metrics}
     assert sorted(got) == list(range(1, 22))
     for step in range(resumed_from + 1, 22):
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), f"step {step}"
