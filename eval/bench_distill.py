@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = [f"train.time_budget_s={args.budget}"]
 
     rows = []
-    sizes = [int(size) for size in args.teacher_sizes.split(",") if size] if not args.quick else [16, 24]
+    sizes = [int(size) for size in args.teacher_sizes.split(",") if size] if not args.quick else [16]
     for tname, path in teachers.items():
         for size in [None, *sizes]:
             scores = evaluate(path, args.data, args.out / f"teacher-{tname}" / str(size or "own"), not args.no_linear,

@@ -26,8 +26,6 @@ from unsupdistill.data.scan import FolderScan
 
 MAX_CROP = {"cpu": 96, "cuda": 224}
 """Largest global crop chosen per device: 96 px keeps a CPU epoch of 10k images to minutes; 224 is DINO's."""
-DECODE_HEADROOM = 1.15
-"""The decoded image is at least this much larger than the global crop (ImageNet's 256 for 224)."""
 SMALL_STEM_BELOW = 64
 """ResNets get the 3x3 stride-1 stem (no max-pool) for global crops under this many pixels."""
 WARMUP_SHARE, WARMUP_MAX_STEPS = 0.1, 12_500
@@ -106,7 +104,7 @@ def auto_settings(config: Config, scan: FolderScan, device_type: str, explicit: 
     facts = FolderFacts(len(scan.files), statistics.median(min(w, h) for w, h in scan.sizes), device_type,
                         world_size)
     chooser = Chooser(explicit, automatic_keys(method))
-    _network(chooser, config, facts)
+    _network(chooser, config, facts, method.crop_headroom)
     _schedule(chooser, chooser.apply(config), facts, getattr(method, "auto_batch", {}))
     method.auto_settings(chooser, chooser.apply(config), facts)
     config = chooser.apply(config)
@@ -114,8 +112,9 @@ def auto_settings(config: Config, scan: FolderScan, device_type: str, explicit: 
     return config, chooser.choices
 
 
-def _network(chooser: Chooser, config: Config, facts: FolderFacts) -> None:
-    """The student's crop size (``augment.global_1.size``) and network, from the images and the device."""
+def _network(chooser: Chooser, config: Config, facts: FolderFacts, headroom: float) -> None:
+    """The student's crop size (``augment.global_1.size``) and network, from the images and the device; the crop
+    is the images' shorter side / ``headroom`` (the method's: DINO crops from a larger decode)."""
     m, a = config.model, config.augment
     cap = MAX_CROP["cuda" if facts.device_type == "cuda" else "cpu"]
     vit = is_vit(m.backbone)
@@ -123,12 +122,12 @@ def _network(chooser: Chooser, config: Config, facts: FolderFacts) -> None:
     if chooser.is_explicit("augment.global_1.size"):
         crop = a.global_1.size
     else:
-        fit = facts.shorter_side / DECODE_HEADROOM
+        fit = facts.shorter_side / headroom
         wanted = min(cap, fit)
         unit = patch_size(wanted) if vit else (8 if wanted >= 64 else 4)
         crop = max(unit, int(wanted // unit) * unit)
         limit = "" if fit <= cap else f", capped at {cap} px on {facts.device}"
-        why = f"median shorter side {facts.shorter_side:g} px / {DECODE_HEADROOM}{limit}"
+        why = f"median shorter side {facts.shorter_side:g} px" + (f" / {headroom}" if headroom != 1 else "") + limit
         if not vit and not resnet and crop < MOBILE_MIN_CROP:
             crop, why = MOBILE_MIN_CROP, (f"{m.backbone} downsamples 32x and has no small-image stem: "
                                           f"{MOBILE_MIN_CROP} px for a 2x2 last feature map (upsampled)")

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from unsupdistill import distributed
 from unsupdistill.augment import DistillAugmentation
 from unsupdistill.augment.distill import VIEW_PARAMS
-from unsupdistill.auto import MAX_CROP, Chooser, FolderFacts
+from unsupdistill.auto import Chooser, FolderFacts
 from unsupdistill.config import Config, ConfigError
 from unsupdistill.data.fingerprint import data_fingerprint
 from unsupdistill.losses import CosineLoss, DensePatchKLLoss, FrozenTeacherDINOLoss, QueueKLLoss, default_queue_size
@@ -98,10 +98,11 @@ class Distillation(Method):
     command = "distill"
 
     automatic_keys: ClassVar[frozenset[str]] = frozenset({
-        "augment.global_1.size", "distill.teacher_size", "data.image_size", "model.backbone_kwargs", "optim.lr",
-        "optim.weight_decay", "optim.weight_decay_end",
+        "distill.teacher_size", "data.image_size", "model.backbone_kwargs", "optim.lr", "optim.weight_decay",
+        "optim.weight_decay_end",
     })
     auto_batch: ClassVar[dict[str, int]] = {"cpu": 256, "cuda": 256}
+    crop_headroom: ClassVar[float] = 1.0  # the student sees whole images, rescaled, as it will once deployed
 
     @classmethod
     def auto_settings(cls, chooser: Chooser, config: Config, facts: FolderFacts) -> None:
@@ -113,14 +114,6 @@ class Distillation(Method):
         teacher's size where they are that large, so its views are not upsampled from a smaller decode.
         """
         d, crop = config.distill, config.augment.global_1.size
-        if not chooser.is_explicit("augment.global_1.size"):  # whole images, as the student will see them deployed
-            unit = 8 if crop >= 64 else 4
-            whole = min(MAX_CROP["cuda" if facts.device_type == "cuda" else "cpu"],
-                        int(facts.shorter_side) // unit * unit)
-            if whole > crop:
-                crop = whole
-                chooser.set("augment.global_1.size", crop, f"the student's input: the images' median shorter side "
-                            f"{facts.shorter_side:g} px, at most {MAX_CROP['cpu']} px on CPU (one view, rescaled)")
         native = load_teacher(d.teacher).input_size if d.teacher else crop
         cap = native if facts.device_type == "cuda" else min(native, TEACHER_MAX_CPU)
         least = min(cap, max(32, round(TEACHER_LEAST_SHARE * native / 32) * 32))

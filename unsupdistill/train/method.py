@@ -97,6 +97,9 @@ class Method(nn.Module):
     """The CLI verb that runs it (in resume commands)."""
     automatic_keys: ClassVar[frozenset[str]] = frozenset()
     """The config keys :meth:`auto_settings` may set."""
+    crop_headroom: ClassVar[float] = 1.15
+    """Automatic settings: the student's input is the images' shorter side / this (DINO: random crops from a decode
+    somewhat larger than the crop, as ImageNet's 224 from 256)."""
     auto_batch: ClassVar[dict[str, int]] = {}
     """Automatic global batch per device type (``cpu``, ``cuda``); the shared default where absent."""
 
