@@ -214,3 +214,15 @@ def test_a_time_budget_warms_up_and_decays_within_its_planned_steps(images, teac
     peak = lrs.index(max(lrs)) + 1
     assert peak <= 0.25 * planned, (peak, planned)  # the warm-up ended early in the run
     assert lrs[-1] < 0.1 * max(lrs)  # and the cosine decayed by its end
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "resnet10t"])
+def test_a_mobile_student_reports_its_pooled_width(name):
+    """MobileNetV3 pools, then widens through a conv head to 1,024: the spec's feature_dim, which sizes
+    distillation's projection, is the width the backbone returns (it was timm's num_features, before the head)."""
+    from unsupdistill.config import ModelConfig
+
+    backbone, spec = create_backbone(ModelConfig(backbone=name, backbone_kwargs={}, small_image_stem=False))
+    with torch.no_grad():
+        pooled, _ = pooled_and_spatial(backbone.eval(), torch.zeros(1, 3, 64, 64))
+    assert spec.feature_dim == pooled.shape[1]

@@ -58,7 +58,9 @@ def create_backbone(cfg: ModelConfig, crop_sizes: tuple[int, ...] = ()) -> tuple
     if cfg.small_image_stem:
         apply_small_image_stem(model)
     check_crops_fit_patches(model, crop_sizes)
-    spec = BackboneSpec(cfg.backbone, kwargs, cfg.small_image_stem, int(model.num_features))
+    # the pooled width: after a conv head (MobileNetV3, 576 -> 1024) it is head_hidden_size, not num_features
+    spec = BackboneSpec(cfg.backbone, kwargs, cfg.small_image_stem,
+                        int(getattr(model, "head_hidden_size", None) or model.num_features))
     return model, spec
 
 
