@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import unsupdistill
-from unsupdistill.evaluate.labeled import load_labeled
+from unsupdistill.data.labeled import load_labeled
 from unsupdistill.evaluate.report import format_table
 from unsupdistill.evaluate.run import EvalOptions, model_features
 from unsupdistill.models.load import load_model

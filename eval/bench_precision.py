@@ -24,8 +24,8 @@ import time
 import torch
 from bench_probe import TINY_NETWORK, labeled_pair_parser, parse_labeled_pair, write_rows
 
+from unsupdistill.data.labeled import align_labels, load_labeled
 from unsupdistill.evaluate.knn import knn_predict
-from unsupdistill.evaluate.labeled import align_labels, load_labeled
 from unsupdistill.evaluate.linear_grid import linear_probe_grid
 from unsupdistill.evaluate.report import format_table
 from unsupdistill.evaluate.run import HEADLINE_K, EvalOptions, model_features

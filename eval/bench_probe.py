@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from unsupdistill.evaluate.labeled import align_labels, load_labeled
+from unsupdistill.data.labeled import align_labels, load_labeled
 from unsupdistill.evaluate.linear import linear_probe
 from unsupdistill.evaluate.linear_grid import linear_probe_grid
 from unsupdistill.evaluate.report import format_table

@@ -120,7 +120,7 @@ class UnsupdistillPipeline:
     def schedule(self) -> ScheduleValues:
         """The schedules at the trainer's current step."""
         t = self.trainer
-        return schedule_at(t.step, t.total_steps, t.steps_per_epoch, t.global_batch, t.config.optim, t.config.loss)
+        return schedule_at(t.step, t.total_steps, t.steps_per_epoch, t.global_batch, t.config.optim)
 
     def step(self) -> None:
         """Fetch a batch and run ``train_step``; at log steps read the loss, as ``fit`` does."""
@@ -190,13 +190,14 @@ class LightlyReference:
                                  pin_memory=device.type == "cuda")
         self.steps_per_epoch = len(self.loader)
         self.total_steps = self.steps_per_epoch * config.train.epochs
-        self.momentum = (o.teacher_momentum, o.teacher_momentum_end)
+        self.momentum = (config.dino.teacher_momentum, config.dino.teacher_momentum_end)
 
         crop_sizes = (a.global_1.size,) + ((a.local.size,) if a.num_local_crops else ())
         self.student_backbone, self.spec = create_backbone(m, crop_sizes)
         self.teacher_backbone = copy.deepcopy(self.student_backbone)
         heads = [DINOProjectionHead(self.spec.feature_dim, m.head_hidden_dim, m.head_bottleneck_dim, m.head_output_dim,
-                                    batch_norm=m.head_batch_norm, freeze_last_layer=round(o.freeze_last_layer_epochs),
+                                    batch_norm=m.head_batch_norm,
+                                    freeze_last_layer=round(config.dino.freeze_last_layer_epochs),
                                     norm_last_layer=m.norm_last_layer) for _ in range(2)]
         self.student_head, self.teacher_head = heads
         self.teacher_head.load_state_dict(self.student_head.state_dict())  # weight_norm cannot be deep-copied
@@ -204,7 +205,7 @@ class LightlyReference:
         deactivate_requires_grad(self.teacher_head)
         for module in (self.student_backbone, self.student_head, self.teacher_backbone, self.teacher_head):
             module.to(device)
-        lo = config.loss
+        lo = config.dino
         self.criterion = DINOLoss(
             output_dim=m.head_output_dim, warmup_teacher_temp=lo.warmup_teacher_temp, teacher_temp=lo.teacher_temp,
             warmup_teacher_temp_epochs=lo.warmup_teacher_temp_epochs, student_temp=lo.student_temp,

@@ -10,7 +10,7 @@ its overrides, steps, epochs, median images/s and k-NN top-1.
 The commands behind the trial tables of BENCHMARKS.md look like::
 
     python eval/bench_trials.py --data /tmp/cifar10 --recipe cifar10_cpu --budget 600 --out /work/bench/t14 \\
-        --trial base= --trial sk="loss.centering=sinkhorn" --trial koleo="loss.koleo_weight=0.1"
+        --trial base= --trial sk="dino.centering=sinkhorn" --trial koleo="dino.koleo_weight=0.1"
     python eval/bench_trials.py --quick --out /tmp/trials-smoke       # generated images, seconds per trial
 """
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         args.data, _ = make_quick_data(args.out / "quick")
         args.budget = 3
         args.common = [*QUICK, "model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", *args.common]
-        args.trial = args.trial or ["base=", "sinkhorn=loss.centering=sinkhorn loss.koleo_weight=0.1"]
+        args.trial = args.trial or ["base=", "sinkhorn=dino.centering=sinkhorn dino.koleo_weight=0.1"]
     if args.data is None or not args.trial:
         parser.error("give --data and at least one --trial NAME=OVERRIDES (or --quick)")
     trials = {}

@@ -8,7 +8,7 @@ workers. It runs through the real :class:`~unsupdistill.train.loop.Trainer`: its
 measured step: no epoch restart, which ImageNet has once in 1,251 steps, lands in the timing), and its
 ``train_step`` runs as ``Trainer.fit`` runs it (``UnsupdistillPipeline`` of ``eval/bench_train.py``; no
 checkpoints, no evaluation). Overrides of the recipe: the data folder, the batch size, the last layer trained
-from the first step (``optim.freeze_last_layer_epochs=0``: the steady state after DINO's first epoch), and
+from the first step (``dino.freeze_last_layer_epochs=0``: the steady state after DINO's first epoch), and
 with ``--quick`` a tiny ViT on small crops.
 
 Steps:
@@ -57,7 +57,7 @@ from unsupdistill.train.method import Batch
 logger = logging.getLogger("gpu_check")
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "imagenet_vit_small.yaml"
-STEADY_STATE = ["optim.freeze_last_layer_epochs=0"]
+STEADY_STATE = ["dino.freeze_last_layer_epochs=0"]
 """DINO freezes the head's last layer (over a third of the parameters) for the first epoch, which skips its optimizer
 update; the check times the other 99 epochs."""
 QUICK = ["model.backbone_kwargs={img_size: 32, patch_size: 8, embed_dim: 48, depth: 2, num_heads: 3, "

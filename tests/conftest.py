@@ -9,8 +9,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from unsupdistill.config import load_config
+from unsupdistill.models.backbone import create_backbone, describe_backbone
+from unsupdistill.storage import save_backbone
 
 # A network small enough that a training step takes tens of milliseconds on 2 CPU cores.
 TINY = [
@@ -64,3 +70,23 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def write_images(folder: Path, count: int, width: int, height: int, seed: int = 0, fmt: str = "PNG") -> Path:
+    """``count`` images of random blocks (each different), as PNG or JPEG."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        blocks = rng.integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)
+        image = Image.fromarray(blocks).resize((width, height), Image.Resampling.NEAREST)
+        image.save(folder / f"{i:03d}.{'png' if fmt == 'PNG' else 'jpg'}", fmt)
+    return folder
+
+
+def export_teacher(folder: Path, size: int, seed: int) -> Path:
+    """A tiny exported ResNet teacher whose sidecar says ``size`` px."""
+    config = load_config(None, ["model.backbone_kwargs={channels: [8, 16, 16, 32], stem_width: 8}",
+                                f"augment.global_1.size={size}", f"augment.global_2.size={size}"])
+    torch.manual_seed(seed)
+    backbone, spec = create_backbone(config.model)
+    return save_backbone(backbone.state_dict(), describe_backbone(spec, config, 0, "teacher"), folder)

@@ -62,7 +62,7 @@ def test_a_folder_gets_crops_decode_size_and_export_that_fit_its_images(
     shorter = min(width, height)
     assert f"median shorter side {shorter} px" in caplog.text
     assert "# Settings chosen automatically for 24 images on CPU" in (out / "config.yaml").read_text()
-    assert config["loss"]["teacher_temp"] == 0.02 and config["optim"]["teacher_momentum"] == 0.99
+    assert config["dino"]["teacher_temp"] == 0.02 and config["dino"]["teacher_momentum"] == 0.99
     assert config["train"]["batch_size"] == 8  # at most half the 24 images
     # the explicit TINY values won over the automatic ones
     assert config["model"]["backbone_kwargs"] == {"channels": [8, 16, 32, 64], "stem_width": 8}
@@ -97,9 +97,9 @@ def test_device_caps_the_crop_and_dataset_size_scales_dino_settings():
     small, mid, huge = scaled(1_000), scaled(608_000), scaled(2_000_000)
     assert (small.model.head_output_dim, mid.model.head_output_dim, huge.model.head_output_dim) == (1024, 65536, 65536)
     assert scaled(30_000).model.head_output_dim == 2048
-    assert (small.loss.teacher_temp, mid.loss.teacher_temp, huge.loss.teacher_temp) == (0.02, 0.05, 0.07)
-    assert (small.optim.teacher_momentum, huge.optim.teacher_momentum) == (0.99, 0.996)
-    assert huge.loss.warmup_teacher_temp == 0.04 and huge.loss.warmup_teacher_temp_epochs == 30
+    assert (small.dino.teacher_temp, mid.dino.teacher_temp, huge.dino.teacher_temp) == (0.02, 0.05, 0.07)
+    assert (small.dino.teacher_momentum, huge.dino.teacher_momentum) == (0.99, 0.996)
+    assert huge.dino.warmup_teacher_temp == 0.04 and huge.dino.warmup_teacher_temp_epochs == 30
     # tiny sets: warm-up in steps (10 % of at least 1,000 steps), not DINO's 10 epochs of 2 steps
     tiny = auto_settings(Config(), scan_of([(32, 32)] * 40), "cpu", set())[0]
     steps_per_epoch = 40 // tiny.train.batch_size

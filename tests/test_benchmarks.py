@@ -150,10 +150,27 @@ def test_bench_distill_quick_distills_trains_dino_and_scores_every_run(tmp_path)
     assert teacher["parameters"] > student["parameters"] == uncached["parameters"]
 
 
+def test_bench_kd_quick_runs_every_row_and_scores_the_classifiers(tmp_path):
+    result = run_script("bench_kd.py", "--quick", "--out", str(tmp_path), "--json", str(tmp_path / "r.json"))
+    assert [row["kind"] for row in result["rows"]] == [
+        "teacher, probe on the labels", "(a) cross-entropy on the labels only",
+        "(b) distillation without labels, then the probe", "(c) distillation with labels",
+        "(d) born-again generation 2"]
+    teacher, labels_only, unlabeled, kd, gen2 = result["rows"]
+    assert teacher["classifier_top1"] is None and unlabeled["classifier_top1"] is None  # no classifier exported
+    for row in (labels_only, kd, gen2):
+        assert 0 <= row["classifier_top1"] <= 100 and row["images_per_s"] > 0
+    assert all(0 <= row["linear_top1"] <= 100 and row["gflops_per_image"] > 0 for row in result["rows"])
+    with open(tmp_path / "labels.csv") as f:
+        assert len(f.readlines()) == 1 + 3 * 8  # 8 labeled images of each of the 3 classes
+    chain = tmp_path / "c-kd-tiny"
+    assert f"teacher: {chain / 'gen_1'}" in (chain / "gen_2" / "config.yaml").read_text()
+
+
 def test_bench_trials_quick_runs_and_scores_each_trial(tmp_path):
     result = run_script("bench_trials.py", "--quick", "--out", str(tmp_path), "--json", str(tmp_path / "r.json"))
     assert [row["trial"] for row in result["rows"]] == ["base", "sinkhorn"]
-    assert result["rows"][1]["overrides"] == "loss.centering=sinkhorn loss.koleo_weight=0.1"
+    assert result["rows"][1]["overrides"] == "dino.centering=sinkhorn dino.koleo_weight=0.1"
     for row in result["rows"]:
         assert 0 <= row["knn_top1"] <= 100 and row["steps"] >= 1 and row["images_per_s"] > 0
     config = (tmp_path / "sinkhorn" / "config.yaml").read_text()

@@ -42,7 +42,7 @@ def test_unknown_key_names_key_suggestion_and_allowed_keys():
     ("train.epochs=2.5", "train.epochs", "integer"),
     ("data.strict=yesplease", "data.strict", "true or false"),
     ("optim.lr=-1", "optim.lr", "> 0"),
-    ("optim.teacher_momentum=1.5", "optim.teacher_momentum", "[0, 1]"),
+    ("dino.teacher_momentum=1.5", "dino.teacher_momentum", "[0, 1]"),
     ("augment.local.scale=[0.5, 0.2]", "augment.local.scale", "min <= max"),
     ("augment.local.size=64", "augment.local.size", "at most the global crop size"),
     ("augment.global_2.size=24", "augment.global_2.size", "same size as augment.global_1.size"),
@@ -53,9 +53,9 @@ def test_unknown_key_names_key_suggestion_and_allowed_keys():
     ("eval.train=digits", "eval.test", "both eval.train and eval.test"),
     ("eval.every_epochs=0", "eval.every_epochs", ">= 1"),
     # momentum outside [0, 1]
-    ("optim.teacher_momentum=-0.1", "optim.teacher_momentum", "[0, 1]"),
-    ("optim.teacher_momentum_end=1.01", "optim.teacher_momentum_end", "[0, 1]"),
-    ("loss.center_momentum=1", "loss.center_momentum", "[0, 1)"),
+    ("dino.teacher_momentum=-0.1", "dino.teacher_momentum", "[0, 1]"),
+    ("dino.teacher_momentum_end=1.01", "dino.teacher_momentum_end", "[0, 1]"),
+    ("dino.center_momentum=1", "dino.center_momentum", "[0, 1)"),
     ("optim.sgd_momentum=-0.5", "optim.sgd_momentum", "[0, 1)"),
     # zero-size crops, zero or negative epochs and batch
     ("augment.local.size=0", "augment.local.size", ">= 1"),
@@ -72,7 +72,7 @@ def test_unknown_key_names_key_suggestion_and_allowed_keys():
     ("optim.warmup_epochs=1e400", "optim.warmup_epochs", "finite"),  # YAML reads it as a string
     ("optim.weight_decay=1.0e+400", "optim.weight_decay", "finite"),
     ("optim.lr=1" + "0" * 400, "optim.lr", "finite"),  # an integer too large for a float
-    ("loss.teacher_temp=-.inf", "loss.teacher_temp", "finite"),
+    ("dino.teacher_temp=-.inf", "dino.teacher_temp", "finite"),
     ("augment.local.scale=[.nan, 0.4]", "augment.local.scale", "finite"),
     ("augment.std=[0.2, .inf, 0.2]", "augment.std", "finite"),
     # values that break later stages
@@ -93,9 +93,9 @@ def test_bad_values_name_key_and_allowed_values(override, key, allowed):
 
 
 def test_non_finite_value_is_reported_once_not_with_every_range_check():
-    message = error_of(overrides=["optim.lr=.nan", "loss.student_temp=.inf"])
+    message = error_of(overrides=["optim.lr=.nan", "dino.student_temp=.inf"])
     assert "optim.lr: expected a finite number, got nan" in message
-    assert "loss.student_temp: expected a finite number, got inf" in message
+    assert "dino.student_temp: expected a finite number, got inf" in message
     assert "optim.lr: expected a number > 0" not in message
     assert message.count("\n") == 3  # the header line, the two keys, and min_lr that compares against lr
 
@@ -103,7 +103,7 @@ def test_non_finite_value_is_reported_once_not_with_every_range_check():
 @pytest.mark.parametrize("data, key", [
     ({"optim": {"lr": float("nan")}}, "optim.lr"),
     ({"optim": {"lr": 10**400}}, "optim.lr"),
-    ({"optim": {"teacher_momentum": float("inf")}}, "optim.teacher_momentum"),
+    ({"optim": {"teacher_momentum": float("inf")}}, "dino.teacher_momentum"),
     ({"augment": {"local": {"blur_sigma": [0.1, float("inf")]}}}, "augment.local.blur_sigma"),
     ({"train": "fast"}, "train"),
     ({"train": {"epochs": None}}, "train.epochs"),
@@ -171,9 +171,35 @@ def test_recipe_backbone_kwargs_replace_defaults_but_overrides_update_them():
     assert cfg.model.backbone_kwargs == {"drop_rate": 0.1}
 
 
-def test_config_is_dataclasses_per_component():
-    assert {f.name for f in dataclasses.fields(Config)} == {"method", "data", "augment", "model", "loss", "optim",
-                                                            "train", "eval", "distill"}
+def test_config_is_dataclasses_per_component_and_each_method_owns_its_section():
+    assert {f.name for f in dataclasses.fields(Config)} == {"method", "data", "augment", "model", "optim", "train",
+                                                            "eval", "sections"}
+    from unsupdistill.methods import METHODS
+
+    config = Config()
+    assert set(config.to_dict()) == {"method", "data", "augment", "model", "optim", "train", "eval", "dino", "distill",
+                                     "kd"}
+    owners = {method.__module__ for method in METHODS.values()}
+    for method in METHODS.values():  # every section is defined in a method's file (kd reads distill's too)
+        for name, section in method.settings.items():
+            assert section.__module__ in owners and type(getattr(config, name)) is section
+    with pytest.raises(ConfigError, match="dino.center_momentum: expected a number in"):
+        load_config(None, ["dino.center_momentum=1.5"])
+    with pytest.raises(ConfigError, match="method: expected one of dino, distill, kd"):
+        load_config(None, ["method=simclr"])
+
+
+def test_renamed_keys_are_read_under_their_new_names_with_a_warning(tmp_path, caplog):
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("loss: {teacher_temp: 0.03}\noptim: {lr: 0.001, teacher_momentum: 0.95}\n")
+    with caplog.at_level("WARNING"):
+        config = load_config(str(recipe), ["optim.freeze_last_layer_epochs=0.5"])
+    assert (config.dino.teacher_temp, config.dino.teacher_momentum, config.dino.freeze_last_layer_epochs,
+            config.optim.lr) == (0.03, 0.95, 0.5, 0.001)
+    assert "section 'loss' is now 'dino'" in caplog.text and "optim.teacher_momentum is now dino.teacher_momentum" \
+        in caplog.text and "optim.freeze_last_layer_epochs is now dino.freeze_last_layer_epochs" in caplog.text
+    with pytest.raises(ConfigError, match="unknown key 'optim.teacher_momentum_start'"):
+        load_config(None, ["optim.teacher_momentum_start=0.9"])
 
 
 def test_whole_mapping_override_replaces_and_dotted_override_updates():

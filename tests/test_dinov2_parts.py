@@ -14,11 +14,13 @@ from lightly.models.utils import update_momentum
 from torch import nn
 
 from unsupdistill.augment import MultiCropAugmentation, blur_sigma, ibot_masks
-from unsupdistill.config import AugmentConfig, ConfigError, LossConfig, ModelConfig, OptimConfig
+from unsupdistill.config import AugmentConfig, ConfigError, ModelConfig, OptimConfig
 from unsupdistill.losses import KoLeo, MaskedPatchLoss, SinkhornDINOLoss, build_dino_loss, sinkhorn_knopp
+from unsupdistill.methods.dino import DINOConfig
 from unsupdistill.models import build_student_teacher
 from unsupdistill.models.dino import vit_tokens
-from unsupdistill.train.optimizer import build_optimizer, clip_gradients, update_ema
+from unsupdistill.models.ema import update_ema
+from unsupdistill.train.optimizer import build_optimizer, clip_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,7 +88,7 @@ def test_sinkhorn_dino_loss_matches_transcription():
     terms = [-(q[t] * log_softmax(student[s].double().numpy() / 0.1)).sum(-1).mean()
              for t in range(2) for s in range(V) if s != t]
     assert loss.item() == pytest.approx(np.mean(terms), rel=1e-5)
-    assert isinstance(build_dino_loss(LossConfig(centering="sinkhorn"), K), SinkhornDINOLoss)
+    assert isinstance(build_dino_loss(DINOConfig(centering="sinkhorn"), K), SinkhornDINOLoss)
 
 
 # ---------------------------------------------------------------- KoLeo
@@ -166,7 +168,7 @@ def test_masked_tokens_reach_the_loss():
 
 
 def test_ibot_needs_a_vit():
-    with pytest.raises(ConfigError, match="loss.ibot_weight"):
+    with pytest.raises(ConfigError, match="dino.ibot_weight"):
         build_student_teacher(ModelConfig(), (16,), ibot=True)
 
 
@@ -259,7 +261,8 @@ def test_progressive_resizing_shrinks_every_crop_then_switches_once():
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
 
     def sizes(progress: float) -> list[tuple[int, ...]]:
-        sched = ScheduleValues(1e-3, 0.04, 0.99, 0.04, False, progress)
+        sched = ScheduleValues(step=round(100 * progress), total_steps=100, steps_per_epoch=10, lr=1e-3,
+                               weight_decay=0.04)
         return [tuple(v.shape) for v in dino.views(Batch(images, torch.arange(4)), sched)]
 
     low, full = [(8, 3, 12, 12), (8, 3, 6, 6)], [(8, 3, 16, 16), (8, 3, 8, 8)]

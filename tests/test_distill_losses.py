@@ -7,7 +7,6 @@ import pytest
 import torch
 from lightly.loss import DINOLoss
 
-from unsupdistill.config import LossConfig
 from unsupdistill.losses import (
     CosineLoss,
     DensePatchKLLoss,
@@ -16,6 +15,7 @@ from unsupdistill.losses import (
     build_dino_loss,
     default_queue_size,
 )
+from unsupdistill.methods.dino import DINOConfig
 
 # ---------------------------------------------------------------- NumPy references
 
@@ -242,7 +242,7 @@ def test_frozen_teacher_dino_loss_and_center_update():
 
 
 def test_build_dino_loss_uses_the_config():
-    loss_fn = build_dino_loss(LossConfig(student_temp=0.2, teacher_temp=0.05, center_momentum=0.8), 32)
+    loss_fn = build_dino_loss(DINOConfig(student_temp=0.2, teacher_temp=0.05, center_momentum=0.8), 32)
     assert isinstance(loss_fn, DINOLoss)
     assert (loss_fn.student_temp, loss_fn.teacher_temp, loss_fn.center_momentum) == (0.2, 0.05, 0.8)
     assert loss_fn.center.shape[-1] == 32

@@ -13,9 +13,9 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from unsupdistill.config import ConfigError
 from unsupdistill.data import DataError, DigitsDataset, digits_split
+from unsupdistill.data.labeled import LabeledImages, align_labels, load_labeled
 from unsupdistill.evaluate.clustering import cluster, hungarian_accuracy
 from unsupdistill.evaluate.knn import knn_accuracy
-from unsupdistill.evaluate.labeled import LabeledImages, align_labels, load_labeled
 from unsupdistill.evaluate.linear import DEFAULT_CS, dino_vit_features, linear_probe, select_regularisation
 
 

@@ -10,8 +10,8 @@ import torch
 from conftest import TINY
 
 from unsupdistill.config import load_config
+from unsupdistill.data.labeled import LabeledDigits, LabeledImages
 from unsupdistill.evaluate.cache import cache_path, cached_features, data_fingerprint, default_cache_dir
-from unsupdistill.evaluate.labeled import LabeledDigits, LabeledImages
 from unsupdistill.methods import train
 from unsupdistill.models.load import ModelSpecError, load_model, parse_timm_spec
 from unsupdistill.storage import CHECKPOINT_FORMAT

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from unsupdistill.train.health import collapse_warnings, health_signals
+from unsupdistill.losses.health import collapse_warnings, health_signals
 
 K, D = 512, 64
 

@@ -57,6 +57,20 @@ def test_separable_features_are_classified_perfectly(num_classes: int) -> None:
     json.dumps({key: value for key, value in result.items() if key != "predictions"})  # the record is plain JSON
 
 
+def test_the_returned_classifier_predicts_what_the_grid_scored() -> None:
+    train_x, train_y = blobs(4, 200)
+    train_x = train_x * 5 + 3  # far from standardised: the folded standardisation must account for it
+    test_x, test_y = blobs(4, 80, seed=1)
+    test_x = test_x * 5 + 3
+    result = linear_probe_grid(train_x, train_y, test_x, test_y, lrs=(0.01, 0.1), weight_decays=(0.0,), epochs=5,
+                               device="cpu", classifier=True)
+    weight, bias = result["linear"]
+    assert weight.shape == (4, train_x.shape[1]) and bias.shape == (4,)
+    logits = test_x @ weight.T + bias
+    assert torch.equal(logits.argmax(1), result["predictions"])
+    assert "linear" not in linear_probe_grid(train_x, train_y, test_x, test_y, epochs=1, device="cpu")
+
+
 def test_grid_picks_the_only_learning_rate_that_converges() -> None:
     result = linear_probe_grid(*nuisance(), **NUISANCE_GRID)
     val_top1 = [point["top1"] for point in result["val_top1"]]

@@ -3,8 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from unsupdistill.config import LossConfig
 from unsupdistill.losses.dino import build_dino_loss as build_loss
+from unsupdistill.methods.dino import DINOConfig
 
 
 def algorithm1(teacher: list, student: list, center: torch.Tensor, student_temp: float, teacher_temp: float,
@@ -26,7 +26,7 @@ def algorithm1(teacher: list, student: list, center: torch.Tensor, student_temp:
 
 def test_loss_and_center_match_algorithm1_over_several_steps():
     torch.manual_seed(0)
-    cfg = LossConfig(student_temp=0.1, teacher_temp=0.07, center_momentum=0.9)
+    cfg = DINOConfig(student_temp=0.1, teacher_temp=0.07, center_momentum=0.9)
     B, K, n_local = 8, 64, 4
     loss_fn = build_loss(cfg, K)
     center = torch.zeros(K)
@@ -51,7 +51,7 @@ def test_same_view_pairs_are_excluded():
     """With identical teacher/student outputs on matching views only the cross terms count."""
     torch.manual_seed(1)
     K = 16
-    loss_fn = build_loss(LossConfig(), K)
+    loss_fn = build_loss(DINOConfig(), K)
     a, b = torch.randn(4, K), torch.randn(4, K)
     with_diag = algorithm1([a, b], [a, b], torch.zeros(K), 0.1, 0.04, 0.9)[0]
     cross_only = (algorithm1([a], [a, b], torch.zeros(K), 0.1, 0.04, 0.9)[0]

@@ -131,9 +131,9 @@ def test_collapse_is_reported_in_plain_words_during_training(tmp_path, tiny, cap
     """A teacher temperature of 100 flattens the teacher's output: the run must say so."""
     with caplog.at_level(logging.WARNING):
         code = main(["pretrain", "--out", str(tmp_path / "run"), *tiny, "train.max_steps=2",
-                     "train.log_every_steps=1", "loss.teacher_temp=100", "loss.warmup_teacher_temp=100"])
+                     "train.log_every_steps=1", "dino.teacher_temp=100", "dino.warmup_teacher_temp=100"])
     assert code == 0
-    assert "collapse to uniform" in caplog.text and "loss.teacher_temp" in caplog.text
+    assert "collapse to uniform" in caplog.text and "dino.teacher_temp" in caplog.text
     assert caplog.text.count("nearly uniform") == 1  # once while it lasts, not every log step
 
 

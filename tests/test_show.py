@@ -292,7 +292,7 @@ def test_show_command_draws_what_fits_and_every_run_ends_with_its_curves(tmp_pat
 def test_eval_writes_the_pictures_that_fit(tmp_path):
     """`unsupdistill eval` adds PCA colours for a CNN, attention too for a ViT, and for both the test images'
     nearest training images, the first row headed by the first test image."""
-    from unsupdistill.evaluate.labeled import load_labeled
+    from unsupdistill.data.labeled import load_labeled
     from unsupdistill.evaluate.run import EvalOptions, evaluate
 
     cnn = "timm:resnet18,small_image_stem=true,channels=[8,8,16,16],stem_width=8"

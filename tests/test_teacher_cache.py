@@ -11,15 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli, read_metrics, sigkill_then_resume
-from PIL import Image
+from conftest import cli, export_teacher, read_metrics, sigkill_then_resume, write_images
 
 from unsupdistill.cli import main
 from unsupdistill.config import load_config
 from unsupdistill.data import build_dataset
 from unsupdistill.methods.distill import Distillation
-from unsupdistill.models.backbone import create_backbone, describe_backbone, pooled_and_spatial
-from unsupdistill.storage import save_backbone
+from unsupdistill.models.backbone import create_backbone, pooled_and_spatial
 from unsupdistill.train.method import Batch, Runtime
 from unsupdistill.train.schedules import schedule_at
 
@@ -29,28 +27,8 @@ STUDENT = ["model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", "a
            "train.batch_size=16", "data.num_workers=0", "train.log_every_steps=1", "eval.summary=false"]
 CACHED = ["distill.cache=on", "distill.cache_views=1"]
 """One stored view per image: every epoch after the first replays it."""
-DINO_ONLY = ("loss.", "head_", "teacher_momentum", "teacher_temp", "num_local_crops", "global_2", "local.",
-             "freeze_last_layer", "norm_last_layer", "low_res")
-
-
-def write_images(folder: Path, count: int, width: int, height: int, seed: int = 0, fmt: str = "PNG") -> Path:
-    """``count`` images of random blocks (each different), as PNG or JPEG."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        blocks = rng.integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)
-        image = Image.fromarray(blocks).resize((width, height), Image.Resampling.NEAREST)
-        image.save(folder / f"{i:03d}.{'png' if fmt == 'PNG' else 'jpg'}", fmt)
-    return folder
-
-
-def export_teacher(folder: Path, size: int, seed: int) -> Path:
-    """A tiny exported ResNet teacher whose sidecar says ``size`` px."""
-    config = load_config(None, ["model.backbone_kwargs={channels: [8, 16, 16, 32], stem_width: 8}",
-                                f"augment.global_1.size={size}", f"augment.global_2.size={size}"])
-    torch.manual_seed(seed)
-    backbone, spec = create_backbone(config.model)
-    return save_backbone(backbone.state_dict(), describe_backbone(spec, config, 0, "teacher"), folder)
+DINO_ONLY = ("loss.", "dino.", "\ndino:", "head_", "teacher_momentum", "teacher_temp", "num_local_crops", "global_2",
+             "local.", "freeze_last_layer", "norm_last_layer", "low_res")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +52,7 @@ def build(teacher: Path, images: Path, run_dir: Path, *overrides: str) -> tuple[
 
 
 def step_values(method: Distillation):
-    return schedule_at(0, 10, 3, 16, method.config.optim, method.config.loss)
+    return schedule_at(0, 10, 3, 16, method.config.optim)
 
 
 def record(method: Distillation, dataset, count: int = 8):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -92,6 +94,21 @@ def cleanup() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device: torch.device) -> Iterator[None]:
+    """The process group's one owner: joined on entry when torchrun launched several processes, left on exit,
+    whatever ends the block. Inside an outer session it does nothing, so a library entry point (``methods.train``)
+    and the CLI around it can both use it."""
+    if dist.is_initialized():
+        yield
+        return
+    init_distributed(device)
+    try:
+        yield
+    finally:
+        cleanup()
 
 
 def barrier() -> None:

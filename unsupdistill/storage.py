@@ -134,6 +134,22 @@ def save_backbone(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any],
 
 
 
+CLASSIFIER_FILE = "classifier.safetensors"
+"""A classifier over a backbone's pooled features, beside its ``backbone.safetensors`` (with ``classifier.json``)."""
+
+
+def save_classifier(weight: torch.Tensor, bias: torch.Tensor, classes: list[str], out_dir: Path) -> Path:
+    """Write ``classifier.safetensors`` (``weight`` (C, D), ``bias`` (C,)) and ``classifier.json`` (the class names
+    in index order) beside the backbone in ``out_dir``; logits = features @ weight.T + bias."""
+    if weight.shape[0] != len(classes) or bias.shape != (len(classes),):
+        raise ValueError(f"classifier of {tuple(weight.shape)} / {tuple(bias.shape)} for {len(classes)} classes")
+    path = out_dir / CLASSIFIER_FILE
+    save_weights({"weight": weight, "bias": bias}, path, "pt")
+    sidecar = {"classes": list(classes), "feature_dim": int(weight.shape[1]), "backbone": "backbone.safetensors"}
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
+    return path
+
+
 def atomic_write(path: Path, write: Callable[[str], Any], check: Callable[[str], Any] | None = None) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one.
 

@@ -14,6 +14,7 @@ sample draws its parameters from torch's global RNG, so ``torch.manual_seed`` ma
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,6 @@ from kornia.color import rgb_to_grayscale
 from kornia.enhance import adjust_hue, adjust_saturation
 from kornia.geometry.transform import crop_and_resize
 from torch import Tensor, nn
-
-from unsupdistill.config import DistillConfig
 
 VIEW_PARAMS = ("left", "top", "width", "height", "flip", "jitter", "brightness", "contrast", "saturation", "hue",
                "grayscale")
@@ -82,7 +81,7 @@ class DistillAugmentation(nn.Module):
 
     def __init__(
         self,
-        cfg: DistillConfig,
+        cfg: Any,
         student_size: int,
         student_mean: tuple[float, float, float],
         student_std: tuple[float, float, float],
@@ -122,6 +121,11 @@ class DistillAugmentation(nn.Module):
         hue = torch.empty(batch).uniform_(-h, h)
         gray = (torch.rand(batch) < c.grayscale_p).float()
         return torch.stack([left, top, width, height, flip, jitter, *factors, hue, gray], dim=1)
+
+    @staticmethod
+    def whole(batch: int) -> Tensor:
+        """The identity view of each image (the whole image, no flip, jitter or grayscale): (batch, P)."""
+        return torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]).expand(batch, -1).clone()
 
     @torch.no_grad()
     def render(self, images: Tensor, params: Tensor, teacher: bool = True) -> tuple[Tensor, Tensor | None]:

@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="the frozen teacher (sets distill.teacher): a run directory, an exported .safetensors (with "
                         "its .json), a checkpoint .pt, or timm:NAME[,pretrained=true][,key=value...], e.g. "
                         "timm:vit_small_patch14_dinov2.lvd142m,pretrained=true,img_size=224")
+    d.add_argument("--labels", metavar="LABELED",
+                   help="labels of some or all of the images (sets data.labels): a folder of class subfolders or a "
+                        "path,label CSV of images inside the image folder; the student then learns from the labels "
+                        "and the teacher's class probabilities too (method kd), and exports a classifier")
+    d.add_argument("--generations", type=int, default=1, metavar="N",
+                   help="born-again generations: generation k+1 is distilled from generation k's export (same "
+                        "student network), each in RUN/gen_k; 1 (default) trains one student in RUN")
 
     e = commands.add_parser(
         "eval", help="k-NN, linear probe and clustering of frozen features on a labeled train/test pair",
@@ -121,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--image-size", type=int, help="input size for pixels and timm: models")
     m.add_argument("--batch-size", type=int, default=256)
     m.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    m.add_argument("--top-k", type=int, default=5, metavar="K",
+                   help="a model distilled with labels (it has a classifier): also write <out>.predictions.csv, "
+                        "each image's K most probable classes and their probabilities (default 5; 0: none)")
     m.add_argument("--workers", type=_count, help="image-decoding processes (default: one per core, up to 8)")
     m.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
                    help="where the network runs (default auto: CUDA when available, else the CPU)")

@@ -66,12 +66,13 @@ def embed_command(args: argparse.Namespace) -> int:
 
     result = embed_folder(args.model, args.data, args.out, student=args.student, image_size=args.image_size,
                           batch_size=args.batch_size, workers=args.workers, device=args.device,
-                          precision=torch.bfloat16 if args.precision == "bf16" else None)
+                          precision=torch.bfloat16 if args.precision == "bf16" else None, top_k=args.top_k)
     print(f"\nembedded {result.count} images ({result.feature_dim} features each) at "
           f"{result.images_per_s:.0f} images/s on {result.device} ({result.workers} decoding workers); "
           f"{result.skipped} unreadable files skipped\n"
           f"features: {result.features}\npaths:    {result.paths}\nsummary:  {result.summary}"
-          + (f"\nskipped:  {result.skipped_list}" if result.skipped_list else ""))
+          + (f"\nskipped:  {result.skipped_list}" if result.skipped_list else "")
+          + (f"\nclasses:  {result.predictions} (top {args.top_k} per image)" if result.predictions else ""))
     return 0
 
 

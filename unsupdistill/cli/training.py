@@ -29,10 +29,10 @@ from unsupdistill.data import DataError, FolderScan, num_workers, scan_for_run
 from unsupdistill.devices import training_device
 from unsupdistill.export import ExportError
 from unsupdistill.models.load import ModelSpecError
-from unsupdistill.storage import CheckpointError, latest_checkpoint
+from unsupdistill.storage import CLASSIFIER_FILE, CheckpointError, atomic_write, latest_checkpoint
 from unsupdistill.train.checkpoint import set_aside_later_state
 from unsupdistill.train.faults import TrainingError, TrainingStopped
-from unsupdistill.train.status import STATUS_FILE, resume_command, write_status
+from unsupdistill.train.status import STATUS_FILE, read_status, resume_command, write_status
 
 logger = logging.getLogger("unsupdistill")
 
@@ -68,12 +68,17 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
 
 def train_command(args: argparse.Namespace) -> int:
     """``pretrain`` and ``distill``: one training run, its run directory and status."""
-    from unsupdistill.methods import train  # heavy imports after checks
+    from unsupdistill.methods import METHODS  # heavy imports after checks
 
     paths, overrides = split_pretrain_args(args.args)
-    if args.command == "distill":
-        overrides = ["method=distill", *overrides]
     checkpoint, ckpt_path = None, None
+    if args.resume and (Path(args.resume) / GENERATIONS_FILE).is_file():  # born-again generations: go on with them
+        if args.recipe or overrides or paths:
+            raise ConfigError("--resume of generations takes their own config: no --recipe, folder or key=value")
+        chain = json.loads((Path(args.resume) / GENERATIONS_FILE).read_text())
+        device = training_device(config_from_dict(chain["config"], str(args.resume)).train.device)
+        with distributed.session(device):
+            return _train_generations(Path(args.resume), chain, device)
     if args.resume:
         if args.recipe:
             raise ConfigError("--resume takes the run's own config; pass changes as key=value, not --recipe")
@@ -90,22 +95,151 @@ def train_command(args: argparse.Namespace) -> int:
         config = merge(config, {"data": {"path": paths[0]}}, "command line")
     if getattr(args, "teacher", None):
         config = merge(config, {"distill": {"teacher": args.teacher}}, "--teacher")
+    if getattr(args, "labels", None):
+        config = merge(config, {"data": {"labels": args.labels}}, "--labels")
     config = absolute_paths(config)
     automatic = args.recipe is None and checkpoint is None and config.data.path is not None
     # before any data is read; what the automatic settings will set is checked once they have
-    from unsupdistill.methods import METHODS
-
-    validate(config, ignore=automatic_keys(METHODS[config.method]) - explicit_keys(overrides) if automatic
-             else frozenset())
+    config = _verb_method(config, args.command, "method" in explicit_keys(overrides),
+                          str(ckpt_path) if ckpt_path else args.recipe)
+    method = METHODS[config.method]
+    validate(config, ignore=automatic_keys(method) - explicit_keys(overrides) if automatic else frozenset())
 
     pair = labeled_pair(config, args)  # scored at the end; a bad pair fails now
-    # every process joins now: process 0 names the run directory and scans the folder for all
+    generations = getattr(args, "generations", 1)
+    if generations < 1:
+        raise ConfigError(f"--generations {generations}: allowed values are 1 (one student) or more")
     device = training_device(config.train.device)
-    distributed.init_distributed(device)
     default_out = ckpt_path.parent.parent if ckpt_path is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(distributed.broadcast_object(str(args.out or default_out)))
-    if args.dry_run:
-        return _dry_run(config, run_dir, checkpoint, automatic, overrides, device)
+    with distributed.session(device):  # every process joins now: process 0 names the run directory, scans the folder
+        run_dir = Path(distributed.broadcast_object(str(args.out or default_out)))
+        if args.dry_run:
+            return _dry_run(config, run_dir, checkpoint, automatic, overrides, device)
+        if generations > 1:
+            chain = {"generations": generations, "config": config.to_dict(), "automatic": automatic,
+                     "overrides": overrides, "pair": pair}
+            return _train_generations(run_dir, chain, device)
+        code, config, backbone = _train_run(config, run_dir, checkpoint, ckpt_path, automatic, overrides, device)
+    if code is not None:
+        return code
+    if backbone is not None:
+        _finish_run(run_dir, config, backbone, pair)
+    return 0
+
+
+def _finish_run(run_dir: Path, config: Config, backbone: Path, pair: tuple[str, str] | None) -> dict | None:
+    """Process 0 after a run: status ``done``, the curves, where the outputs went, and what the run learned (with a
+    labeled pair); returns the summary, or None without one."""
+    from unsupdistill.methods import METHODS
+
+    method = METHODS[config.method]
+    sidecar = json.loads(backbone.with_suffix(".json").read_text())
+    write_status(run_dir, "done", 0, step=sidecar["step"], backbone=str(backbone))
+    curves = training_curves(run_dir, method.head_outputs(config))
+    classifier = run_dir / CLASSIFIER_FILE
+    print(f"\nrun directory: {run_dir}\n"
+          f"  backbone:    {backbone} (+ backbone.json, input size {sidecar['input_size']} px)\n"
+          + (f"  classifier:  {classifier} (+ classifier.json, {len(sidecar.get('classes', []))} classes)\n"
+             if classifier.is_file() else "")
+          + f"  checkpoint:  {run_dir / 'checkpoints' / 'last.pt'}\n"
+          f"  metrics:     {run_dir / 'metrics.jsonl'}  (tensorboard --logdir {run_dir / 'tensorboard'})\n"
+          f"  config:      {run_dir / 'config.yaml'}\n"
+          f"  status:      {run_dir / STATUS_FILE}"
+          + (f"\n  curves:      {curves}" if curves else ""))
+    if pair is None or not config.eval.summary:
+        return None
+    from unsupdistill.evaluate.summary import SUMMARY_FILE, run_summary
+
+    teacher, teacher_size = method.teacher_of(config) or (None, None)
+    summary = run_summary(run_dir, *pair, seed=config.train.seed, device=config.train.device,
+                          teacher=teacher, teacher_size=teacher_size)
+    memory, scored = (f"the digits' {part} split" if spec == "digits" else spec
+                      for spec, part in zip(pair, ("train", "test")))
+    print(f"\nWhat the run learned: k-NN top-1 (k = 20) on {scored}, memory {memory}:\n"
+          f"{summary['table']}\n{summary['reading']}\n  summary:     {run_dir / SUMMARY_FILE}")
+    return summary
+
+
+GENERATIONS_FILE = "generations.json"
+"""A born-again run's plan in its root folder: the generations, the config before the automatic settings, the
+overrides and the labeled pair; ``distill --resume ROOT`` continues it."""
+
+
+def _train_generations(root: Path, chain: dict, device: torch.device) -> int:
+    """Born-again generations: ``ROOT/gen_1`` learns from ``distill.teacher``, ``ROOT/gen_k+1`` from ``ROOT/gen_k``'s
+    export (the same student network, its classifier too), each a run of its own with its own automatic settings. A
+    finished generation is kept; one with a checkpoint resumes. Ends with a table of every generation."""
+    if distributed.is_main_process():
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / GENERATIONS_FILE
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(chain, indent=2) + "\n"))
+    base = merge(Config(), chain["config"], str(root / GENERATIONS_FILE))  # checked as each generation starts
+    pair = tuple(chain["pair"]) if chain.get("pair") else None
+    rows = []
+    for k in range(1, chain["generations"] + 1):
+        run_dir, teacher = root / f"gen_{k}", base.distill.teacher if k == 1 else str(root / f"gen_{k - 1}")
+        status = read_status(run_dir) or {}
+        if status.get("state") != "done" or not (run_dir / "backbone.safetensors").is_file():
+            if (run_dir / "checkpoints").is_dir():
+                ckpt_path, checkpoint = latest_checkpoint(run_dir)
+                config, automatic = config_from_dict(checkpoint["config"], str(ckpt_path)), False
+                logger.info("generation %d: resuming from %s (step %d)", k, ckpt_path, checkpoint["step"])
+            else:
+                ckpt_path, checkpoint, automatic = None, None, chain["automatic"]
+                # a later generation's teacher is the previous student, at its own input size
+                size = base.distill.teacher_size if k == 1 else None
+                config = merge(base, {"distill": {"teacher": teacher, "teacher_size": size}}, f"generation {k}")
+                logger.info("generation %d of %d: distilling from %s", k, chain["generations"], teacher)
+            code, config, backbone = _train_run(config, run_dir, checkpoint, ckpt_path, automatic,
+                                                chain["overrides"], device)
+            if code is not None:
+                write_status(root, "preempted" if code == EXIT_STOPPED else "failed", code, generation=k,
+                             resume=resume_command(root, "distill"))
+                if code == EXIT_STOPPED:
+                    logger.warning("generation %d stopped; continue the generations with: %s", k,
+                                   resume_command(root, "distill"))
+                return code
+            if backbone is None:  # another process of a torchrun: process 0 reports
+                continue
+            _finish_run(run_dir, config, backbone, pair)
+        rows.append(_generation_row(k, run_dir, teacher))
+    if rows:
+        from unsupdistill.evaluate.report import format_table
+
+        write_status(root, "done", 0, generations=len(rows))
+        table = format_table(rows, list(rows[0]))
+        (root / "generations.md").write_text(table + "\n")
+        print(f"\nBorn-again generations in {root} (each generation's teacher is the one before it):\n{table}\n"
+              f"  table:       {root / 'generations.md'}")
+    return 0
+
+
+def _generation_row(k: int, run_dir: Path, teacher: str) -> dict[str, str]:
+    """One generation's figures from its ``summary.json`` (none without a labeled pair)."""
+    from unsupdistill.evaluate.summary import SUMMARY_FILE
+
+    row = {"generation": str(k), "teacher": teacher if k == 1 else f"gen_{k - 1}", "run": str(run_dir)}
+    path = run_dir / SUMMARY_FILE
+    if path.is_file():
+        summary = json.loads(path.read_text())
+        scores = summary["knn_top1"]
+        row["k-NN top-1 (%)"] = f"{scores['this run']:.1f}"
+        if "teacher" in scores:
+            row["teacher k-NN (%)"] = f"{scores['teacher']:.1f}"
+        if "classifier_top1" in summary:
+            row["classifier top-1 (%)"] = f"{summary['classifier_top1']:.1f}"
+    return row
+
+
+def _train_run(config: Config, run_dir: Path, checkpoint: dict | None, ckpt_path: Path | None, automatic: bool,
+               overrides: list[str], device: torch.device) -> tuple[int | None, Config, Path | None]:
+    """Train in this process, with ``train.log`` and ``status.json`` kept by process 0.
+
+    Returns:
+        An exit status when the run did not finish (None when it did), the config as completed by the automatic
+        settings, and the exported backbone's path (process 0) or None.
+    """
+    from unsupdistill.methods import METHODS, train
 
     log_file = None
     if distributed.is_main_process():
@@ -122,17 +256,17 @@ def train_command(args: argparse.Namespace) -> int:
             from unsupdistill.evaluate.probe import KNNProbe
 
             probe = KNNProbe(config, device)
-        backbone = train(config, run_dir, checkpoint, scan=scan, config_notes=notes, probe=probe)
+        backbone = train(config, run_dir, checkpoint, scan=scan, config_notes=notes, probe=probe, device=device)
     except TrainingStopped as stop:
-        verb = "distill" if config.method == "distill" else "pretrain"
-        write_status(run_dir, "preempted", EXIT_STOPPED, step=stop.step, resume=resume_command(run_dir, verb))
+        write_status(run_dir, "preempted", EXIT_STOPPED, step=stop.step,
+                     resume=resume_command(run_dir, METHODS[config.method].command))
         if log_file is not None:
             logger.warning("%s", stop)
-        return EXIT_STOPPED
+        return EXIT_STOPPED, config, None
     except TrainingError as err:
         write_status(run_dir, "failed", 1, reason=str(err))
         logger.error("%s", err)
-        return 1
+        return 1, config, None
     except USER_ERRORS as err:
         write_status(run_dir, "failed", 2, reason=str(err))
         raise
@@ -141,32 +275,30 @@ def train_command(args: argparse.Namespace) -> int:
                      reason=f"{type(err).__name__}: {err}")
         raise
     finally:
-        distributed.cleanup()
         if log_file is not None:
             logging.getLogger().removeHandler(log_file)
             log_file.close()
-    if backbone is not None:
-        sidecar = json.loads(backbone.with_suffix(".json").read_text())
-        write_status(run_dir, "done", 0, step=sidecar["step"], backbone=str(backbone))
-        curves = training_curves(run_dir, config.model.head_output_dim if config.method == "dino" else None)
-        print(f"\nrun directory: {run_dir}\n"
-              f"  backbone:    {backbone} (+ backbone.json, input size {sidecar['input_size']} px)\n"
-              f"  checkpoint:  {run_dir / 'checkpoints' / 'last.pt'}\n"
-              f"  metrics:     {run_dir / 'metrics.jsonl'}  (tensorboard --logdir {run_dir / 'tensorboard'})\n"
-              f"  config:      {run_dir / 'config.yaml'}\n"
-              f"  status:      {run_dir / STATUS_FILE}"
-              + (f"\n  curves:      {curves}" if curves else ""))
-        if pair is not None and config.eval.summary:
-            from unsupdistill.evaluate.summary import SUMMARY_FILE, run_summary
+    return None, config, backbone
 
-            teacher = config.distill.teacher if config.method == "distill" else None
-            summary = run_summary(run_dir, *pair, seed=config.train.seed, device=config.train.device,
-                                  teacher=teacher, teacher_size=config.distill.teacher_size if teacher else None)
-            memory, scored = (f"the digits' {part} split" if spec == "digits" else spec
-                              for spec, part in zip(pair, ("train", "test")))
-            print(f"\nWhat the run learned: k-NN top-1 (k = 20) on {scored}, memory {memory}:\n"
-                  f"{summary['table']}\n{summary['reading']}\n  summary:     {run_dir / SUMMARY_FILE}")
-    return 0
+
+def _verb_method(config: Config, command: str, explicit: bool, source: str | None) -> Config:
+    """The config with the method the verb runs (the registry's ``Method.command``; with ``data.labels``, the verb's
+    method that learns from labels), unless a ``method=`` override names one; a recipe or checkpoint of a method
+    another verb runs is an error that names that verb."""
+    from unsupdistill.methods import METHODS, method_for_command
+
+    if config.method not in METHODS:
+        validate(config)  # names the method and the allowed ones
+    if explicit:
+        return config
+    current = METHODS[config.method]
+    if current.command != command and source is not None and config.method != Config().method:
+        raise ConfigError(f"{source} trains method {config.method}, which `unsupdistill {current.command}` runs; "
+                          "use that verb (or override with method=NAME)")
+    wanted = method_for_command(command, labeled=config.data.labels is not None)
+    if wanted.name == config.method:
+        return config
+    return merge(config, {"method": wanted.name}, f"unsupdistill {command}")
 
 
 def labeled_pair(config: Config, args: argparse.Namespace) -> tuple[str, str] | None:
@@ -221,11 +353,8 @@ def _dry_run(config: Config, run_dir: Path, checkpoint: dict | None, automatic: 
     """Build everything and run one step on a tiny batch; write nothing."""
     from unsupdistill.methods import train
 
-    try:
-        config, scan, _ = _settings_for_data(config, None, automatic, overrides, device)
-        report = train(config, run_dir, checkpoint, dry_run=True, scan=scan)
-    finally:
-        distributed.cleanup()
+    config, scan, _ = _settings_for_data(config, None, automatic, overrides, device)
+    report = train(config, run_dir, checkpoint, dry_run=True, scan=scan, device=device)
     print(json.dumps({"dry_run": "ok", **report}, indent=2))
     return 0
 

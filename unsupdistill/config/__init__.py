@@ -19,21 +19,24 @@ from unsupdistill.config.loading import (
     recipe_names,
 )
 from unsupdistill.config.sections import (
+    METHOD_NAMES,
+    METHOD_SECTIONS,
     PATH,
     AugmentConfig,
     Config,
     ConfigError,
     CropSpec,
     DataConfig,
-    DistillConfig,
     EvalConfig,
-    LossConfig,
     ModelConfig,
     OptimConfig,
     TrainConfig,
+    method_sections,
+    register_method,
 )
 
-__all__ = ["PATH", "AugmentConfig", "Config", "ConfigError", "CropSpec", "DataConfig", "DistillConfig", "EvalConfig",
-           "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig", "absolute_paths", "apply_overrides",
+__all__ = ["METHOD_NAMES", "METHOD_SECTIONS", "PATH", "AugmentConfig", "Config", "ConfigError", "CropSpec",
+           "DataConfig", "EvalConfig", "ModelConfig", "OptimConfig", "TrainConfig", "absolute_paths", "apply_overrides",
            "config_errors", "config_from_dict", "load_config", "merge", "parse_override", "path_keys", "read_recipe",
-           "recipe_names", "validate"]
+           "recipe_names", "method_sections",
+           "register_method", "validate"]

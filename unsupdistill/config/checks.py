@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
-from unsupdistill.config.sections import Config, ConfigError, CropSpec
+from unsupdistill.config.sections import METHOD_NAMES, Config, ConfigError, CropSpec, method_sections
 
 # ----------------------------------------------------------------------------------------------
 # Validation: ranges and relations that types cannot express
@@ -27,6 +27,7 @@ def validate(config: Config, ignore: set[str] | frozenset[str] = frozenset()) ->
 
 def config_errors(config: Config) -> list[tuple[str, str]]:
     """(key, message) of every out-of-range value."""
+    method_sections()  # every method's section is known (and checked), whichever runs
     checks: list[tuple[bool, str, str]] = []
 
     def need(ok: bool, key: str, allowed: str) -> None:
@@ -43,8 +44,6 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
         need(all(v >= 0 for v in spec.color_jitter) and spec.color_jitter[3] <= 0.5,
              f"{key}.color_jitter", "[brightness, contrast, saturation, hue], all >= 0, hue <= 0.5")
         need(0 < spec.blur_sigma[0] <= spec.blur_sigma[1], f"{key}.blur_sigma", "[min, max] with 0 < min <= max")
-    need(config.method != "dino" or a.global_1.size == a.global_2.size, "augment.global_2.size",
-         f"the same size as augment.global_1.size ({a.global_1.size})")
     need(a.num_local_crops >= 0, "augment.num_local_crops", "an integer >= 0")
     need(a.local.size <= a.global_1.size, "augment.local.size",
          f"at most the global crop size ({a.global_1.size})")
@@ -64,18 +63,6 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
     for key in ("head_hidden_dim", "head_bottleneck_dim", "head_output_dim"):
         need(getattr(m, key) >= 1, f"model.{key}", "an integer >= 1")
 
-    lo = config.loss
-    for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
-        need(getattr(lo, key) > 0, f"loss.{key}", "a number > 0")
-    need(lo.warmup_teacher_temp_epochs >= 0, "loss.warmup_teacher_temp_epochs", "an integer >= 0")
-    need(0 <= lo.center_momentum < 1, "loss.center_momentum", "a number in [0, 1)")
-    need(lo.sinkhorn_iterations >= 1, "loss.sinkhorn_iterations", "an integer >= 1")
-    need(lo.koleo_weight >= 0, "loss.koleo_weight", "a number >= 0 (0 turns KoLeo off)")
-    need(lo.ibot_weight >= 0, "loss.ibot_weight", "a number >= 0 (0 turns iBOT off)")
-    need(0 <= lo.ibot_mask_p <= 1, "loss.ibot_mask_p", "a probability in [0, 1]")
-    need(0 <= lo.ibot_mask_ratio[0] <= lo.ibot_mask_ratio[1] <= 1, "loss.ibot_mask_ratio",
-         "[min, max] with 0 <= min <= max <= 1")
-
     o = config.optim
     need(o.lr > 0, "optim.lr", "a number > 0")
     need(0 <= o.min_lr <= o.lr, "optim.min_lr", f"a number in [0, optim.lr={o.lr}]")
@@ -85,9 +72,6 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
     need(o.weight_decay >= 0 and o.weight_decay_end >= 0, "optim.weight_decay", "numbers >= 0")
     need(0 <= o.sgd_momentum < 1, "optim.sgd_momentum", "a number in [0, 1)")
     need(o.clip_grad >= 0, "optim.clip_grad", "a number >= 0 (0 disables clipping)")
-    need(o.freeze_last_layer_epochs >= 0, "optim.freeze_last_layer_epochs", "a number >= 0")
-    need(0 <= o.teacher_momentum <= 1, "optim.teacher_momentum", "a number in [0, 1]")
-    need(0 <= o.teacher_momentum_end <= 1, "optim.teacher_momentum_end", "a number in [0, 1]")
 
     t = config.train
     need(t.epochs >= 1, "train.epochs", "an integer >= 1")
@@ -110,28 +94,9 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
     need(e.k >= 1, "eval.k", "an integer >= 1")
     need(e.temperature > 0, "eval.temperature", "a number > 0")
 
-    di = config.distill
-    need(config.method != "distill" or bool(di.teacher and di.teacher.strip()), "distill.teacher",
-         "a teacher when method=distill: a run directory, an exported .safetensors, a checkpoint .pt or "
-         "timm:NAME[,pretrained=true]")
-    need(di.teacher_size is None or di.teacher_size >= 1, "distill.teacher_size", "null or an integer >= 1")
-    for key in ("temperature", "dense_temperature"):
-        need(getattr(di, key) > 0, f"distill.{key}", "a number > 0")
-    need(di.queue_size is None or di.queue_size >= 1, "distill.queue_size", "null (scaled with the data) or an "
-         "integer >= 1")
-    need(di.dense_weight >= 0, "distill.dense_weight", "a number >= 0 (0 turns the dense term off)")
-    need(0 <= di.ema_momentum < 1, "distill.ema_momentum", "a number in [0, 1) (0: no EMA)")
-    need(0 < di.crop_scale[0] <= di.crop_scale[1] <= 1, "distill.crop_scale", "[min, max] with 0 < min <= max <= 1")
-    for p in ("flip_p", "color_jitter_p", "grayscale_p"):
-        need(0 <= getattr(di, p) <= 1, f"distill.{p}", "a probability in [0, 1]")
-    need(all(v >= 0 for v in di.color_jitter) and di.color_jitter[3] <= 0.5, "distill.color_jitter",
-         "[brightness, contrast, saturation, hue], all >= 0, hue <= 0.5")
-    need(di.mixup_alpha >= 0, "distill.mixup_alpha", "a number >= 0 (0 turns mixup off)")
-    need(di.cache_views >= 1, "distill.cache_views", "an integer >= 1")
-    need(di.cache is not True or (di.mixup_alpha == 0 and di.dense_weight == 0), "distill.cache",
-         "auto or off with distill.mixup_alpha > 0 or distill.dense_weight > 0 (a mixed view's or a patch map's "
-         "teacher output is not stored)")
-    need(di.cache_max_gb > 0, "distill.cache_max_gb", "a number of gigabytes > 0")
+    need(config.method in METHOD_NAMES, "method", f"one of {', '.join(METHOD_NAMES)}")
+    for section in config.sections.values():  # each method checks its own section
+        checks.extend(section.checks(config) if hasattr(section, "checks") else [])
 
     # NaN fails every range check above, but infinity passes the one-sided ones (lr > 0). A key
     # that is not finite gets this error alone: its range checks would only repeat it.
@@ -148,9 +113,11 @@ _MAX_SEED = 2**32 - 1
 def _non_finite_keys(node: Any, prefix: str = "") -> dict[str, float]:
     """Dotted keys of the float fields (and float tuples) holding NaN or infinity, with the bad value."""
     found: dict[str, float] = {}
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
-        key = f"{prefix}{f.name}"
+    items = [(f.name, getattr(node, f.name)) for f in dataclasses.fields(node)]
+    if isinstance(node, Config):  # the methods' sections, as top-level ones
+        items = [(name, value) for name, value in items if name != "sections"] + list(node.sections.items())
+    for name, value in items:
+        key = f"{prefix}{name}"
         if dataclasses.is_dataclass(value):
             found.update(_non_finite_keys(value, f"{key}."))
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import types
 import typing
@@ -14,7 +15,9 @@ from typing import Any, Literal
 import yaml
 
 from unsupdistill.config.checks import validate
-from unsupdistill.config.sections import Config, ConfigError
+from unsupdistill.config.sections import Config, ConfigError, method_sections
+
+logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
 # Loading
@@ -80,11 +83,16 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def path_keys(node: Any = None, prefix: str = "") -> set[str]:
-    """Dotted names of the path-valued keys (fields with ``PATH`` metadata)."""
-    node = Config if node is None else node
-    hints = typing.get_type_hints(node)
+    """Dotted names of the path-valued keys (fields with ``PATH`` metadata), the methods' sections' included."""
     keys = set()
+    if node is None:
+        node = Config
+        for name, section in method_sections().items():
+            keys |= path_keys(section, f"{name}.")
+    hints = typing.get_type_hints(node)
     for f in dataclasses.fields(node):
+        if f.name == "sections" and node is Config:
+            continue
         if f.metadata.get("path"):
             keys.add(prefix + f.name)
         elif dataclasses.is_dataclass(hints[f.name]):
@@ -92,18 +100,22 @@ def path_keys(node: Any = None, prefix: str = "") -> set[str]:
     return keys
 
 
+DIGITS_KEYS = ("eval.train", "eval.test", "data.labels")
+"""Path keys where ``digits`` names the built-in digits."""
+
+
 def absolute_paths(config: Config) -> Config:
     """``config`` with its relative paths made absolute, so the stored config works from any folder.
 
     A path that exists as written is taken as written (a folder named ``~`` stays that folder); otherwise
-    ``~`` is expanded. ``digits`` in ``eval.train``/``eval.test`` stays the built-in set unless a file or
-    folder of that name exists; a ``timm:`` teacher is a model name, not a path.
+    ``~`` is expanded. ``digits`` in :data:`DIGITS_KEYS` stays the built-in set unless a file or folder of that
+    name exists; a ``timm:`` teacher is a model name, not a path.
     """
     data: dict[str, Any] = {}
     for key in sorted(path_keys()):
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
-        if value is None or (section == "eval" and value == "digits" and not Path(value).exists()):
+        if value is None or (key in DIGITS_KEYS and value == "digits" and not Path(value).exists()):
             continue
         if key == "distill.teacher" and value.startswith("timm:"):
             continue
@@ -180,10 +192,18 @@ def merge(config: Any, data: dict[str, Any], source: str, prefix: str = "", upda
         raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(type(config))
     fields = {f.name: f for f in dataclasses.fields(config)}
-    names = list(fields)
-    changes = {}
+    sections = None
+    if isinstance(config, Config):  # the top level: the methods' sections are keys of it too
+        data = _renamed(data, source)
+        sections = dict(config.sections)
+        del fields["sections"]
+    names = list(fields) + list(sections or {})
+    changes: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
+        if sections is not None and key in sections:
+            sections[key] = merge(sections[key], value, source, f"{path}.", update_dicts)
+            continue
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
@@ -201,7 +221,43 @@ def merge(config: Any, data: dict[str, Any], source: str, prefix: str = "", upda
             changes[key] = {**current, **value}
         else:
             changes[key] = _coerce(value, hints[key], path, source)
+    if sections is not None:
+        changes["sections"] = sections
     return dataclasses.replace(config, **changes)
+
+
+RENAMED = {"loss": "dino", "optim.teacher_momentum": "dino.teacher_momentum",
+           "optim.teacher_momentum_end": "dino.teacher_momentum_end",
+           "optim.freeze_last_layer_epochs": "dino.freeze_last_layer_epochs"}
+"""Keys that moved (old dotted name -> new): DINO's settings are its own ``dino`` section since issue 26."""
+
+
+def _renamed(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` (a whole config's mapping) with the keys of :data:`RENAMED` under their new names, logged once each;
+    a value under the new name wins over one under the old."""
+    data = dict(data)
+    for old, new in RENAMED.items():
+        old_section, _, old_key = old.partition(".")
+        new_section, _, new_key = new.partition(".")
+        if not old_key:
+            if old_section in data:
+                value = data.pop(old_section)
+                moved = {**value, **data.get(new_section, {})} if isinstance(value, dict) and isinstance(
+                    data.get(new_section, {}), dict) else data.get(new_section, value)
+                data[new_section] = moved
+                logger.warning("%s: section '%s' is now '%s' (read as such; rename it there)", source, old, new)
+            continue
+        section = data.get(old_section)
+        if isinstance(section, dict) and old_key in section:
+            section = dict(section)
+            value = section.pop(old_key)
+            data[old_section] = section
+            target = data.get(new_section)
+            target = dict(target) if isinstance(target, dict) else {}
+            target.setdefault(new_key, value)
+            data[new_section] = target
+            logger.warning("%s: %s is now %s (read as such; rename it there)", source, old, new)
+    return data
 
 
 def _coerce(value: Any, hint: Any, path: str, source: str) -> Any:

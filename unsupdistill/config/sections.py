@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -82,6 +83,10 @@ class DataConfig:
     in memory), otherwise one per CPU core up to 8."""
     strict: bool = False
     """Fail on the first unreadable file instead of skipping and counting it."""
+    labels: str | None = field(default=None, metadata=PATH)
+    """Labels of some or all training images, for a method that learns from labels too (``kd``): a folder of class
+    subfolders or a ``path,label`` CSV whose images are among ``data.path``'s (the others stay unlabeled), or
+    ``digits`` for the built-in digits' train split; null: none."""
     verify: Literal["full", "header"] = "full"
     """How the scan checks each file: a full decode (catches truncated files) or the header only
     (much faster on huge folders; a file that fails later stops the run with its path)."""
@@ -110,32 +115,6 @@ class ModelConfig:
 
 
 @dataclass
-class LossConfig:
-    student_temp: float = 0.1
-    teacher_temp: float = 0.01
-    """Teacher temperature after warmup. DINO uses 0.04 (up to 0.07 when stable) on ImageNet; the
-    built-in short run needs a sharper teacher (0.01) to leave the uniform plateau in ~100 steps."""
-    warmup_teacher_temp: float = 0.01
-    warmup_teacher_temp_epochs: int = 0
-    center_momentum: float = 0.9
-    centering: Literal["ema", "sinkhorn"] = "ema"
-    """How the teacher's outputs are centred: ``ema``, DINO's moving-average centre subtracted before the
-    softmax; ``sinkhorn``, DINOv2's Sinkhorn-Knopp normalisation of the batch (no centre kept)."""
-    sinkhorn_iterations: int = 3
-    koleo_weight: float = 0.0
-    """Weight of DINOv2's KoLeo regulariser on the student's L2-normalised backbone features of each global
-    crop (DINOv2: 0.1); 0 turns it off."""
-    ibot_weight: float = 0.0
-    """ViTs only: weight of iBOT's masked-patch loss (DINOv2: 1.0); 0 turns it off."""
-    ibot_mask_p: float = 0.5
-    """Share of global crops whose patches are masked for iBOT."""
-    ibot_mask_ratio: tuple[float, float] = (0.1, 0.5)
-    """Range of the share of patches masked in a masked crop."""
-    ibot_separate_head: bool = False
-    """Predict patch tokens through a head of their own instead of the DINO head."""
-
-
-@dataclass
 class OptimConfig:
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = 8e-3
@@ -154,11 +133,6 @@ class OptimConfig:
     clip_mode: Literal["total", "per_param"] = "total"
     """``total``: the norm over all parameters together; ``per_param``: each parameter tensor's own norm
     (DINO's ``clip_gradients``, a much weaker limit)."""
-    freeze_last_layer_epochs: float = 1.0
-    teacher_momentum: float = 0.99
-    """EMA momentum at step 0, cosine to teacher_momentum_end. DINO: 0.996 for runs of 100k+ steps;
-    a short run needs a teacher that follows the student faster."""
-    teacher_momentum_end: float = 1.0
 
 
 @dataclass
@@ -206,74 +180,60 @@ class EvalConfig:
     and on ``eval.train`` / ``eval.test`` (or --probe-train / --probe-test) for a folder; none without labels."""
 
 
-@dataclass
-class DistillConfig:
-    """Knowledge distillation from a frozen teacher (``method: distill``).
+METHOD_SECTIONS: dict[str, type] = {}
+"""Every method's own config section (a dataclass) by its name; :func:`register_method` fills it."""
+METHOD_NAMES: list[str] = []
+"""The registered ``method`` values."""
 
-    Teacher and student see the same view of each image (the "consistent teacher" recipe, Beyer et al.
-    2022), each at its own input size and normalisation; the student's size and normalisation are
-    ``augment.global_1.size``, ``augment.mean`` and ``augment.std``.
+
+def register_method(name: str, sections: dict[str, type]) -> None:
+    """Make ``method: name`` and the method's own sections (name -> dataclass) known to the config.
+
+    A section class may define ``checks(self, config) -> list[tuple[bool, str, str]]``: (ok, key, what is allowed)
+    for the values its types cannot check.
     """
+    if name not in METHOD_NAMES:
+        METHOD_NAMES.append(name)
+    METHOD_SECTIONS.update(sections)
 
-    teacher: str | None = field(default=None, metadata=PATH)
-    """The frozen teacher: a run directory of ours, an exported ``.safetensors`` (with its ``.json``), a
-    checkpoint ``.pt``, or ``timm:NAME[,pretrained=true][,key=value...]`` (e.g.
-    ``timm:vit_small_patch14_dinov2.lvd142m,pretrained=true,img_size=224``)."""
-    teacher_size: int | None = None
-    """Side of the teacher's input in pixels; null: its own (sidecar ``input_size``, a timm ``img_size``
-    argument, or timm's pretrained config)."""
-    loss: Literal["cosine", "queue_kl", "dino"] = "cosine"
-    """cosine: regression of the student's linearly projected features onto the teacher's, by cosine (the
-    best of the three in 10-minute CIFAR-10 trials, see BENCHMARKS.md); queue_kl: both as softmaxes over
-    similarities to a queue of teacher embeddings, matched by KL (LightlyTrain's loss); dino: DINO's loss
-    against the frozen teacher's own DINO head (a run of ours)."""
-    temperature: float = 0.07
-    """Softmax temperature of queue_kl."""
-    queue_size: int | None = None
-    """Teacher embeddings in the queue_kl queue; null: scaled with the dataset (see the README)."""
-    dense_weight: float = 0.0
-    """Weight of the dense term (patch-to-patch similarity KL) added to the global loss; 0 turns it off."""
-    dense_temperature: float = 0.1
-    """Softmax temperature of the dense term."""
-    ema_momentum: float = 0.0
-    """Keep an exponential moving average of the student with this momentum and export it (DINOv2's small
-    models); 0 exports the student as trained."""
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    """Range of the shared crop's area as a fraction of the image (RandomResizedCrop)."""
-    flip_p: float = 0.5
-    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-    """Brightness, contrast, saturation, hue strengths."""
-    color_jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    mixup_alpha: float = 0.0
-    """Mix each view with another image of the batch, weight ~ Beta(alpha, alpha); 0 turns mixup off."""
-    cache: Literal["auto", True, False] = "auto"
-    """Teacher cache (FKD, Shen & Xing 2022): the first ``cache_views`` epochs store each image's view (crop box,
-    flip, colour jitter) with the teacher's features for it in RUN/teacher_cache; later epochs replay a stored
-    view without running the teacher. auto: on when the teacher's forward costs more FLOPs per image than the
-    student's training step and the run has more epochs than ``cache_views`` (never with mixup or the dense
-    term, whose targets cannot be stored); true (or on): whenever it can be; false (or off): never."""
-    cache_views: int = 2
-    """Views stored per image: the teacher runs in the first this many epochs, later epochs replay one of them."""
-    cache_max_gb: float = 8.0
-    """Most disk the cache may take; fewer views are stored when the full cache would not fit (0 views: off)."""
+
+def method_sections() -> dict[str, type]:
+    """The registered method sections; importing the methods' registry (``unsupdistill.methods``) registers them,
+    so a config loaded before any method module was imported still has every section."""
+    if not METHOD_NAMES:
+        importlib.import_module("unsupdistill.methods")
+    return METHOD_SECTIONS
+
+
+def _default_sections() -> dict[str, Any]:
+    return {name: cls() for name, cls in method_sections().items()}
 
 
 @dataclass
 class Config:
-    method: Literal["dino", "distill"] = "dino"
-    """dino: self-distillation with an EMA teacher, from scratch; distill: from the frozen ``distill.teacher``."""
+    method: str = "dino"
+    """The training method: one of the registered methods (``unsupdistill.methods.METHODS``): ``dino``,
+    self-distillation with an EMA teacher, from scratch; ``distill``, from the frozen ``distill.teacher``."""
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    sections: dict[str, Any] = field(default_factory=_default_sections, repr=False)
+    """The methods' own sections by name (``config.dino``, ``config.distill``), each defined in its method's file."""
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"'Config' has no section '{name}'")
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        """The config as plain YAML-ready data: shared sections, then each method's."""
+        plain = _to_plain(dataclasses.asdict(self))
+        sections = plain.pop("sections")
+        return {**plain, **sections}
 
 
 def _to_plain(value: Any) -> Any:

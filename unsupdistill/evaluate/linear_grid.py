@@ -59,7 +59,7 @@ def linear_probe_grid(
     train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, *, lrs: Sequence[float] = DEFAULT_LRS,
     weight_decays: Sequence[float] = DEFAULT_WDS, variants: Mapping[str, Columns] | None = None,
     epochs: int | None = None, batch_size: int | None = None, val_fraction: float = 0.2, seed: int = 0,
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = None, classifier: bool = False,
 ) -> dict[str, Any]:
     """Linear-probe accuracy of frozen features with a grid of SGD-trained linear classifiers.
 
@@ -82,11 +82,14 @@ def linear_probe_grid(
         val_fraction: share of the train split held out (stratified, by ``seed``) to choose the setting.
         seed: seed of the held-out split and of the mini-batch order.
         device: where the classifiers train; None: cuda if available, else cpu.
+        classifier: also return the retrained classifier (``linear``).
 
     Returns:
         ``top1`` (%), ``top5`` (%, only with more than 5 classes), ``best`` (``variant``, ``lr``,
         ``weight_decay``), ``val_top1`` (one dict per grid point with its setting and held-out ``top1`` %, 0 for
-        a classifier that diverged), ``predictions`` (M,) int64 on CPU and ``seconds`` (wall time).
+        a classifier that diverged), ``predictions`` (M,) int64 on CPU, ``seconds`` (wall time), and with
+        ``classifier`` ``linear``: the retrained classifier as ``(weight (C, D), bias (C,))`` of the raw features
+        (standardisation folded in).
     """
     start = time.perf_counter()
     num_classes = _check_data(train_x, train_y, test_x, test_y)
@@ -128,7 +131,18 @@ def linear_probe_grid(
         result["top5"] = float(hits.double().mean() * 100)
     best = {key: best[key] for key in ("variant", "lr", "weight_decay")}
     result.update(best=best, val_top1=val_top1, predictions=predictions, seconds=time.perf_counter() - start)
+    if classifier:
+        result["linear"] = _folded(w, b, mean, std, cols, train_x.shape[1])
     return result
+
+
+def _folded(weight: Tensor, bias: Tensor, mean: Tensor, std: Tensor, cols: slice | Tensor,
+            dim: int) -> tuple[Tensor, Tensor]:
+    """The chosen classifier as one linear map of the raw features: weight (C, D) and bias (C,) on CPU, with the
+    standardisation folded in: ``((x - mean) / std)[cols] @ w + b == x @ weight.T + bias``."""
+    full = torch.zeros(dim, weight.shape[1], device=weight.device)  # (D, C), zero for columns the variant skips
+    full[cols] = weight / std[cols, None]
+    return full.T.contiguous().cpu(), (bias - (mean[cols] / std[cols]) @ weight).cpu()
 
 
 def _train(

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from unsupdistill.evaluate.labeled import LabeledDataset
+from unsupdistill.data.labeled import LabeledDataset
 from unsupdistill.models.load import FeatureModel
 from unsupdistill.show import (
     nearest_neighbours,

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from unsupdistill.config import Config
+from unsupdistill.data.labeled import align_labels, load_labeled
 from unsupdistill.evaluate.features import extract_features
 from unsupdistill.evaluate.knn import knn_accuracy
-from unsupdistill.evaluate.labeled import align_labels, load_labeled
 
 
 class KNNProbe:

@@ -17,17 +17,18 @@ from torch import nn
 
 from unsupdistill.config import DataConfig
 from unsupdistill.data import DigitsDataset, num_workers
+from unsupdistill.data.labeled import align_labels, load_labeled
 from unsupdistill.devices import cpu_has_native_bf16, resolve_device
 from unsupdistill.evaluate.cache import cached_features, data_fingerprint, default_cache_dir
 from unsupdistill.evaluate.clustering import cluster
 from unsupdistill.evaluate.features import extract_features
 from unsupdistill.evaluate.knn import knn_evaluate
-from unsupdistill.evaluate.labeled import align_labels, load_labeled
 from unsupdistill.evaluate.linear import DINOViTFeatures, linear_probe
 from unsupdistill.evaluate.linear_grid import linear_probe_grid
 from unsupdistill.evaluate.pictures import write_pictures
 from unsupdistill.evaluate.report import plot_confusion, plot_feature_map, plot_knn_vs_k, write_json
 from unsupdistill.evaluate.speed import measure_speed, speed_cells
+from unsupdistill.models.classifier import Classifier, load_classifier
 from unsupdistill.models.load import FeatureModel, load_model
 
 logger = logging.getLogger(__name__)
@@ -176,6 +177,9 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
     results["knn"] = knn_evaluate(train_features, train_labels, test_features, test_labels, options.ks,
                                   options.temperature)
     timings["knn_s"] = time.perf_counter() - tic
+    classifier = None if options.student else load_classifier(model_spec)
+    if classifier is not None:  # a model distilled with labels: its own classifier's test accuracy
+        results["classifier"] = classifier_accuracy(classifier, test_features, test_set.classes, test_set.labels)
     linear = None
     if options.linear:
         tic = time.perf_counter()
@@ -215,6 +219,27 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
     return results
 
 
+def classifier_accuracy(classifier: Classifier, features: torch.Tensor, classes: list[str],
+                        labels: torch.Tensor) -> dict:
+    """Top-1 (and top-5 with more than 5 classes) in % of an exported classifier on test features (N, D) whose
+    labels (N,) index ``classes``, matched to the classifier's classes by name; ``skipped`` (the reason, logged)
+    instead when the test set has classes the classifier does not know."""
+    unknown = [name for name in classes if name not in classifier.classes]
+    if unknown:
+        known, missing = ", ".join(classifier.classes[:10]), ", ".join(repr(u) for u in unknown[:5])
+        reason = (f"the model's classifier knows {len(classifier.classes)} classes ({known}), not the test set's "
+                  f"{missing}: name the test classes as its labels did to score it")
+        logger.warning("classifier not scored: %s", reason)
+        return {"skipped": reason}
+    target = torch.tensor([classifier.classes.index(name) for name in classes])[labels]  # (N,)
+    with torch.no_grad():
+        logits = classifier(features.float().cpu())  # (N, C)
+    out = {"top1": float((logits.argmax(1) == target).double().mean() * 100), "classes": len(classifier.classes)}
+    if logits.shape[1] > 5:
+        out["top5"] = float((logits.topk(5, dim=1).indices == target[:, None]).any(1).double().mean() * 100)
+    return out
+
+
 def summary_row(results: dict) -> dict:
     """The headline numbers of one evaluation, for a table."""
     knn = results["knn"][HEADLINE_K] if HEADLINE_K in results["knn"] else next(iter(results["knn"].values()))
@@ -223,6 +248,8 @@ def summary_row(results: dict) -> dict:
         row["k-NN top-5"] = f"{knn['top5']:.1f}"
     if "linear" in results:
         row["linear top-1"] = f"{results['linear']['top1']:.1f}"
+    if "top1" in results.get("classifier", {}):
+        row["classifier top-1"] = f"{results['classifier']['top1']:.1f}"
     if "clustering" in results:
         c = results["clustering"]
         row["NMI"] = f"{c['nmi']:.3f}"

@@ -57,13 +57,18 @@ def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str
                           speed_seconds=speed_seconds)
     specs = {"this run": str(run_dir), "same network, random init": random_init_spec(sidecar), "raw pixels": "pixels"}
     scores, speeds, sizes = {}, {}, dict.fromkeys(specs, size)
+    classifier = None
     for name, spec in specs.items():
         torch.manual_seed(seed)  # the random init is the same on every call
         result = evaluate(spec, train, test, replace(options, speed=teacher is not None and name == "this run"))
         scores[name] = result["knn"][HEADLINE_K]["top1"]
         speeds[name] = result.get("speed")
+        if name == "this run" and "top1" in result.get("classifier", {}):  # distilled with labels: its classifier
+            classifier = result["classifier"]["top1"]
     trained, random, pixels = scores.values()
     text = reading(trained, random, pixels)
+    if classifier is not None:
+        text += f" Its classifier: {classifier:.1f} % top-1 on the test set."
     columns = ["features", "k-NN top-1 (%)"]
     if teacher is not None:
         torch.manual_seed(seed)
@@ -76,6 +81,8 @@ def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str
     summary = {"train": train, "test": test, "k": HEADLINE_K, "knn_top1": scores, "models": specs, "reading": text,
                "command": f"unsupdistill eval MODEL --train {train} --test {test} --image-size {size} "
                           "--no-linear --no-clustering"}
+    if classifier is not None:
+        summary["classifier_top1"] = classifier
     if teacher is not None:
         summary["speed"] = {name: speeds[name] for name in ("this run", "teacher")}
         summary["teacher_size"] = sizes["teacher"]

@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightly.loss import DINOLoss
 from torch import Tensor, nn
 
-from unsupdistill.config import LossConfig
 from unsupdistill.losses.sinkhorn import sinkhorn_knopp
 
 
-def build_dino_loss(cfg: LossConfig, output_dim: int) -> nn.Module:
+def build_dino_loss(cfg: Any, output_dim: int) -> nn.Module:
     """DINO's loss over views: cross-entropy over all pairs but same views, the teacher temperature passed per
-    call (a schedule). ``loss.centering=ema``: lightly's ``DINOLoss`` (centre all-reduced across processes);
+    call (a schedule). ``cfg``: DINO's settings (the ``dino`` section). ``dino.centering=ema``: lightly's
+    ``DINOLoss`` (centre all-reduced across processes);
     ``sinkhorn``: :class:`SinkhornDINOLoss`."""
     if cfg.centering == "sinkhorn":
         return SinkhornDINOLoss(output_dim, cfg.student_temp, cfg.sinkhorn_iterations)
     return DINOLoss(output_dim=output_dim, teacher_temp=cfg.teacher_temp, student_temp=cfg.student_temp,
                     center_momentum=cfg.center_momentum)
+
+
+def teacher_temperature(step: int, steps_per_epoch: int, cfg: Any) -> float:
+    """The teacher temperature at ``step``: linear warm-up from ``cfg.warmup_teacher_temp`` to ``cfg.teacher_temp``
+    over ``cfg.warmup_teacher_temp_epochs`` epochs, then constant (DINO, App. B); ``cfg``: the ``dino`` section."""
+    warmup_steps = cfg.warmup_teacher_temp_epochs * steps_per_epoch
+    if step >= warmup_steps:
+        return cfg.teacher_temp
+    return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * step / warmup_steps
 
 
 class SinkhornDINOLoss(nn.Module):

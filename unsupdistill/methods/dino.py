@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -12,14 +13,14 @@ from torch import Tensor, nn
 from unsupdistill.augment import MultiCropAugmentation, ibot_masks, scaled_crops
 from unsupdistill.auto import Chooser, FolderFacts, is_vit, patch_size
 from unsupdistill.config import Config
-from unsupdistill.losses import KoLeo, MaskedPatchLoss, build_dino_loss
+from unsupdistill.losses import KoLeo, MaskedPatchLoss, build_dino_loss, teacher_temperature
+from unsupdistill.losses.health import collapse_warnings, health_signals
 from unsupdistill.models import build_student_teacher
 from unsupdistill.models.backbone import patch_grid
-from unsupdistill.train.health import collapse_warnings, health_signals
+from unsupdistill.models.ema import update_ema
 from unsupdistill.train.method import Batch, Export, Method, Runtime
-from unsupdistill.train.optimizer import update_ema
 from unsupdistill.train.precision import avoid_cpu_bf16_faults
-from unsupdistill.train.schedules import ScheduleValues
+from unsupdistill.train.schedules import ScheduleValues, cosine_at
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +34,92 @@ SCALE_FROM, SCALE_TO = 20_000, 1_000_000
 """Teacher temperature and momentum move from their small-data to their ImageNet values over this range."""
 
 
+@dataclass
+class DINOConfig:
+    """DINO's own settings (the ``dino`` section): the loss's temperatures and centring, the EMA teacher's momentum,
+    the last layer's freeze, and DINOv2's optional terms. (``loss.*``, ``optim.teacher_momentum``,
+    ``optim.teacher_momentum_end`` and ``optim.freeze_last_layer_epochs`` are read as their ``dino.*`` names.)"""
+
+    student_temp: float = 0.1
+    teacher_temp: float = 0.01
+    """Teacher temperature after warmup. DINO uses 0.04 (up to 0.07 when stable) on ImageNet; the
+    built-in short run needs a sharper teacher (0.01) to leave the uniform plateau in ~100 steps."""
+    warmup_teacher_temp: float = 0.01
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    centering: Literal["ema", "sinkhorn"] = "ema"
+    """How the teacher's outputs are centred: ``ema``, DINO's moving-average centre subtracted before the
+    softmax; ``sinkhorn``, DINOv2's Sinkhorn-Knopp normalisation of the batch (no centre kept)."""
+    sinkhorn_iterations: int = 3
+    koleo_weight: float = 0.0
+    """Weight of DINOv2's KoLeo regulariser on the student's L2-normalised backbone features of each global
+    crop (DINOv2: 0.1); 0 turns it off."""
+    ibot_weight: float = 0.0
+    """ViTs only: weight of iBOT's masked-patch loss (DINOv2: 1.0); 0 turns it off."""
+    ibot_mask_p: float = 0.5
+    """Share of global crops whose patches are masked for iBOT."""
+    ibot_mask_ratio: tuple[float, float] = (0.1, 0.5)
+    """Range of the share of patches masked in a masked crop."""
+    ibot_separate_head: bool = False
+    """Predict patch tokens through a head of their own instead of the DINO head."""
+    teacher_momentum: float = 0.99
+    """EMA momentum at step 0, cosine to teacher_momentum_end. DINO: 0.996 for runs of 100k+ steps;
+    a short run needs a teacher that follows the student faster."""
+    teacher_momentum_end: float = 1.0
+    freeze_last_layer_epochs: float = 1.0
+    """Epochs at the start whose gradients of the head's last layer are dropped (DINO: 1)."""
+
+    def checks(self, config: Config) -> list[tuple[bool, str, str]]:
+        """(ok, key, what is allowed) for the values types cannot check."""
+        a = config.augment
+        return [
+            *((getattr(self, key) > 0, f"dino.{key}", "a number > 0")
+              for key in ("student_temp", "teacher_temp", "warmup_teacher_temp")),
+            (self.warmup_teacher_temp_epochs >= 0, "dino.warmup_teacher_temp_epochs", "an integer >= 0"),
+            (0 <= self.center_momentum < 1, "dino.center_momentum", "a number in [0, 1)"),
+            (self.sinkhorn_iterations >= 1, "dino.sinkhorn_iterations", "an integer >= 1"),
+            (self.koleo_weight >= 0, "dino.koleo_weight", "a number >= 0 (0 turns KoLeo off)"),
+            (self.ibot_weight >= 0, "dino.ibot_weight", "a number >= 0 (0 turns iBOT off)"),
+            (0 <= self.ibot_mask_p <= 1, "dino.ibot_mask_p", "a probability in [0, 1]"),
+            (0 <= self.ibot_mask_ratio[0] <= self.ibot_mask_ratio[1] <= 1, "dino.ibot_mask_ratio",
+             "[min, max] with 0 <= min <= max <= 1"),
+            (self.freeze_last_layer_epochs >= 0, "dino.freeze_last_layer_epochs", "a number >= 0"),
+            (0 <= self.teacher_momentum <= 1, "dino.teacher_momentum", "a number in [0, 1]"),
+            (0 <= self.teacher_momentum_end <= 1, "dino.teacher_momentum_end", "a number in [0, 1]"),
+            (config.method != "dino" or a.global_1.size == a.global_2.size, "augment.global_2.size",
+             f"the same size as augment.global_1.size ({a.global_1.size})"),
+        ]
+
+
+@dataclass(frozen=True)
+class DINOValues:
+    """DINO's scheduled values at one step, from the engine's (:func:`dino_values`)."""
+
+    teacher_momentum: float
+    teacher_temp: float
+    freeze_last_layer: bool
+
+
+def dino_values(sched: ScheduleValues, cfg: DINOConfig) -> DINOValues:
+    """The teacher's momentum (cosine to ``teacher_momentum_end``), its temperature (warm-up in epochs) and whether
+    the head's last layer is frozen, at ``sched``'s step."""
+    return DINOValues(
+        teacher_momentum=cosine_at(sched, cfg.teacher_momentum, cfg.teacher_momentum_end),
+        teacher_temp=teacher_temperature(sched.step, sched.steps_per_epoch, cfg),
+        freeze_last_layer=sched.step < cfg.freeze_last_layer_epochs * sched.steps_per_epoch,
+    )
+
+
 class DINO(Method):
     """A student on all crops matches its momentum teacher's centred, sharpened outputs on the global crops."""
 
     name = "dino"
     command = "pretrain"
+    settings: ClassVar[dict[str, type]] = {"dino": DINOConfig}
 
     def __init__(self, config: Config, runtime: Runtime) -> None:
         super().__init__(config, runtime)
-        a, lo = config.augment, config.loss
+        a, lo = config.augment, config.dino
         self.image_size = a.global_1.size
         self.augment = MultiCropAugmentation(a).to(runtime.device)
         self.num_local = a.num_local_crops
@@ -75,8 +153,8 @@ class DINO(Method):
         "augment.global_2.size", "augment.local.size", "augment.num_local_crops", "augment.global_1.blur_p",
         "augment.global_2.blur_p", "augment.local.blur_p", "data.image_size", "model.head_batch_norm",
         "model.norm_last_layer", "model.head_hidden_dim", "model.head_bottleneck_dim", "model.head_output_dim",
-        "loss.teacher_temp", "loss.warmup_teacher_temp", "loss.warmup_teacher_temp_epochs", "optim.lr",
-        "optim.freeze_last_layer_epochs", "optim.teacher_momentum",
+        "dino.teacher_temp", "dino.warmup_teacher_temp", "dino.warmup_teacher_temp_epochs", "optim.lr",
+        "dino.freeze_last_layer_epochs", "dino.teacher_momentum",
     })
 
     @classmethod
@@ -107,25 +185,25 @@ class DINO(Method):
             chooser.set("optim.lr", 5e-4, "DINO's ViT learning rate per 256 images")
         else:
             chooser.set("optim.lr", 2e-3, "per 256 images: left DINO's plateau soonest in our CIFAR-10 CPU trials")
-        chooser.set("optim.freeze_last_layer_epochs", round(min(1.0, 0.05 * config.train.epochs), 3),
+        chooser.set("dino.freeze_last_layer_epochs", round(min(1.0, 0.05 * config.train.epochs), 3),
                     "one epoch (DINO), at most 5 % of the epochs")
         output_dim = next((dim for below, dim in OUTPUT_DIM_BUCKETS if n < below), 65536)
         chooser.set("model.head_output_dim", output_dim, f"{n} images (LightlyTrain's buckets: 1,024 below 20k)")
         chooser.set("model.head_hidden_dim", 2048, "DINO")
         chooser.set("model.head_bottleneck_dim", 256, "DINO")
         teacher_temp = round(interpolate(n, 0.02, 0.07), 2)
-        chooser.set("loss.teacher_temp", teacher_temp, "0.02 below 20k images, 0.07 from 1M (sharper on small data)")
+        chooser.set("dino.teacher_temp", teacher_temp, "0.02 below 20k images, 0.07 from 1M (sharper on small data)")
         warm_temp = min(teacher_temp, round(interpolate(n, 0.02, 0.04), 2))
-        chooser.set("loss.warmup_teacher_temp", warm_temp, "starts at most at DINO's 0.04")
+        chooser.set("dino.warmup_teacher_temp", warm_temp, "starts at most at DINO's 0.04")
         if warm_temp >= teacher_temp:
-            chooser.set("loss.warmup_teacher_temp_epochs", 0, "no warm-up needed")
+            chooser.set("dino.warmup_teacher_temp_epochs", 0, "no warm-up needed")
         elif config.train.time_budget_s:
-            chooser.set("loss.warmup_teacher_temp_epochs", 0,
+            chooser.set("dino.warmup_teacher_temp_epochs", 0,
                         "none under a time budget: a warm-up in epochs could outlast the run")
         else:
-            chooser.set("loss.warmup_teacher_temp_epochs", int(min(30, 0.3 * config.train.epochs)),
+            chooser.set("dino.warmup_teacher_temp_epochs", int(min(30, 0.3 * config.train.epochs)),
                         "30 % of the epochs, at most 30 (DINO)")
-        chooser.set("optim.teacher_momentum", round(interpolate(n, 0.99, 0.996), 3),
+        chooser.set("dino.teacher_momentum", round(interpolate(n, 0.99, 0.996), 3),
                     "0.99 below 20k images, 0.996 from 1M (a teacher that follows faster on small data)")
 
     def sync_batch_norm(self) -> None:
@@ -145,7 +223,7 @@ class DINO(Method):
         return views
 
     def loss(self, views: list[Tensor], sched: ScheduleValues) -> Tensor:
-        lo = self.config.loss
+        lo = self.config.dino
         masks = ibot_masks(views[0].shape[0], patch_grid(self.student.backbone, views[0].shape[-2:]),
                            lo.ibot_mask_p, lo.ibot_mask_ratio, views[0].device) if self.ibot else None  # (2B, h, w)
         with self.runtime.autocast():
@@ -155,17 +233,18 @@ class DINO(Method):
             # student on all crops
             student = self.student_forward(views, masks) if self.ibot else self.student_forward(views)
         teacher_out, student_features, student_out = teacher[1], student[0], student[1]  # (2B, K), (V*B, D), (V*B, K)
+        values = dino_values(sched, lo)
         self._last = (teacher_out.detach(), self.loss_fn.center.clone(), student_features.detach())
         # in float32, outside autocast: every teacher-global x student-view pair but same views
         loss = self.loss_fn(list(teacher_out.float().chunk(2)), list(student_out.float().chunk(2 + self.num_local)),
-                            teacher_temp=sched.teacher_temp)
+                            teacher_temp=values.teacher_temp)
         self._terms = {}
         if self.koleo is not None:
             koleo = self.koleo(student_features[:teacher_out.shape[0]], 2)  # global crops' backbone features
             loss = loss + lo.koleo_weight * koleo
             self._terms["koleo_loss"] = koleo.detach()
         if self.patch_loss is not None:
-            ibot = self.patch_loss(teacher[2], student[2], masks, sched.teacher_temp)
+            ibot = self.patch_loss(teacher[2], student[2], masks, values.teacher_temp)
             loss = loss + lo.ibot_weight * ibot
             self._terms["ibot_loss"] = ibot.detach()
         return loss
@@ -173,26 +252,29 @@ class DINO(Method):
     def signals(self, sched: ScheduleValues) -> dict[str, float]:
         teacher_out, center, student_features = self._last
         targets = getattr(self.loss_fn, "last_targets", None)  # Sinkhorn-Knopp's, when centred so
-        return health_signals(teacher_out, center, sched.teacher_temp, student_features, targets) | {
+        temp = dino_values(sched, self.config.dino).teacher_temp
+        return health_signals(teacher_out, center, temp, student_features, targets) | {
             name: value.item() for name, value in self._terms.items()}
 
     def scheduled(self, sched: ScheduleValues) -> dict[str, float]:
-        return {"teacher_momentum": sched.teacher_momentum, "teacher_temp": sched.teacher_temp}
+        values = dino_values(sched, self.config.dino)
+        return {"teacher_momentum": values.teacher_momentum, "teacher_temp": values.teacher_temp}
 
     @classmethod
-    def unused_keys(cls, config: Config) -> set[str]:
-        return {"distill"}
+    def head_outputs(cls, config: Config) -> int | None:
+        return config.model.head_output_dim
 
     def warnings(self, signals: dict[str, float]) -> dict[str, str]:
         return collapse_warnings(signals, self.config.model.head_output_dim, self.spec.feature_dim)
 
     def before_optimizer_step(self, sched: ScheduleValues) -> None:
-        if sched.freeze_last_layer:
+        if dino_values(sched, self.config.dino).freeze_last_layer:
             for p in self.student.head.last_layer.parameters():
                 p.grad = None
 
     def after_optimizer_step(self, sched: ScheduleValues) -> None:
-        update_ema(self.student, self.teacher, sched.teacher_momentum)  # EMA update of the teacher
+        momentum = dino_values(sched, self.config.dino).teacher_momentum
+        update_ema(self.student, self.teacher, momentum)  # EMA update of the teacher
 
     def checkpoint_state(self) -> dict[str, Any]:
         state = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),

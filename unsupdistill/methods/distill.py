@@ -16,8 +16,8 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +29,23 @@ from unsupdistill import distributed
 from unsupdistill.augment import DistillAugmentation
 from unsupdistill.augment.distill import VIEW_PARAMS
 from unsupdistill.auto import Chooser, FolderFacts
-from unsupdistill.config import Config, ConfigError
+from unsupdistill.config import PATH, Config, ConfigError
 from unsupdistill.data.fingerprint import data_fingerprint
-from unsupdistill.losses import CosineLoss, DensePatchKLLoss, FrozenTeacherDINOLoss, QueueKLLoss, default_queue_size
+from unsupdistill.data.labeled import TrainingLabels
+from unsupdistill.losses import (
+    CosineLoss,
+    DensePatchKLLoss,
+    FrozenTeacherDINOLoss,
+    QueueKLLoss,
+    default_queue_size,
+    teacher_temperature,
+)
+from unsupdistill.losses.health import feature_spread, health_signals
 from unsupdistill.models.backbone import create_backbone, forward_gflops, pooled_and_spatial
+from unsupdistill.models.ema import update_ema
 from unsupdistill.models.teacher_cache import CACHE_DIR, TeacherCache, cache_bytes, cache_key
 from unsupdistill.models.teachers import load_teacher
-from unsupdistill.train.health import feature_spread, health_signals
 from unsupdistill.train.method import Batch, Export, Method, Runtime
-from unsupdistill.train.optimizer import update_ema
 from unsupdistill.train.precision import avoid_cpu_bf16_faults
 from unsupdistill.train.schedules import ScheduleValues
 
@@ -48,6 +56,87 @@ TEACHER_MAX_CPU = 224
 TEACHER_LEAST_SHARE = 0.7
 """Images smaller than this share of the teacher's size are upsampled to it: EfficientNet-Lite0 (224 px) scored
 its best CIFAR-10 k-NN at 160 px of 96-224 (BENCHMARKS, Distillation)."""
+
+
+@dataclass
+class DistillConfig:
+    """Distillation's own settings (the ``distill`` section): the frozen teacher, the loss, the shared view, the cache.
+
+    Teacher and student see the same view of each image (the "consistent teacher" recipe, Beyer et al.
+    2022), each at its own input size and normalisation; the student's size and normalisation are
+    ``augment.global_1.size``, ``augment.mean`` and ``augment.std``.
+    """
+
+    teacher: str | None = field(default=None, metadata=PATH)
+    """The frozen teacher: a run directory of ours, an exported ``.safetensors`` (with its ``.json``), a
+    checkpoint ``.pt``, or ``timm:NAME[,pretrained=true][,key=value...]`` (e.g.
+    ``timm:vit_small_patch14_dinov2.lvd142m,pretrained=true,img_size=224``)."""
+    teacher_size: int | None = None
+    """Side of the teacher's input in pixels; null: its own (sidecar ``input_size``, a timm ``img_size``
+    argument, or timm's pretrained config)."""
+    loss: Literal["cosine", "queue_kl", "dino"] = "cosine"
+    """cosine: regression of the student's linearly projected features onto the teacher's, by cosine (the
+    best of the three in 10-minute CIFAR-10 trials, see BENCHMARKS.md); queue_kl: both as softmaxes over
+    similarities to a queue of teacher embeddings, matched by KL (LightlyTrain's loss); dino: DINO's loss
+    against the frozen teacher's own DINO head (a run of ours)."""
+    temperature: float = 0.07
+    """Softmax temperature of queue_kl."""
+    queue_size: int | None = None
+    """Teacher embeddings in the queue_kl queue; null: scaled with the dataset (see the README)."""
+    dense_weight: float = 0.0
+    """Weight of the dense term (patch-to-patch similarity KL) added to the global loss; 0 turns it off."""
+    dense_temperature: float = 0.1
+    """Softmax temperature of the dense term."""
+    ema_momentum: float = 0.0
+    """Keep an exponential moving average of the student with this momentum and export it (DINOv2's small
+    models); 0 exports the student as trained."""
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """Range of the shared crop's area as a fraction of the image (RandomResizedCrop)."""
+    flip_p: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    """Brightness, contrast, saturation, hue strengths."""
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    mixup_alpha: float = 0.0
+    """Mix each view with another image of the batch, weight ~ Beta(alpha, alpha); 0 turns mixup off."""
+    cache: Literal["auto", True, False] = "auto"
+    """Teacher cache (FKD, Shen & Xing 2022): the first ``cache_views`` epochs store each image's view (crop box,
+    flip, colour jitter) with the teacher's features for it in RUN/teacher_cache; later epochs replay a stored
+    view without running the teacher. auto: on when the teacher's forward costs more FLOPs per image than the
+    student's training step and the run has more epochs than ``cache_views`` (never with mixup or the dense
+    term, whose targets cannot be stored); true (or on): whenever it can be; false (or off): never."""
+    cache_views: int = 2
+    """Views stored per image: the teacher runs in the first this many epochs, later epochs replay one of them."""
+    cache_max_gb: float = 8.0
+    """Most disk the cache may take; fewer views are stored when the full cache would not fit (0 views: off)."""
+
+    def checks(self, config: Config) -> list[tuple[bool, str, str]]:
+        """(ok, key, what is allowed) for the values types cannot check."""
+        checks = [
+            (config.method != "distill" or bool(self.teacher and self.teacher.strip()), "distill.teacher",
+             "a teacher when method=distill: a run directory, an exported .safetensors, a checkpoint .pt or "
+             "timm:NAME[,pretrained=true]"),
+            (self.teacher_size is None or self.teacher_size >= 1, "distill.teacher_size", "null or an integer >= 1"),
+            *((getattr(self, key) > 0, f"distill.{key}", "a number > 0")
+              for key in ("temperature", "dense_temperature")),
+            (self.queue_size is None or self.queue_size >= 1, "distill.queue_size",
+             "null (scaled with the data) or an integer >= 1"),
+            (self.dense_weight >= 0, "distill.dense_weight", "a number >= 0 (0 turns the dense term off)"),
+            (0 <= self.ema_momentum < 1, "distill.ema_momentum", "a number in [0, 1) (0: no EMA)"),
+            (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "distill.crop_scale",
+             "[min, max] with 0 < min <= max <= 1"),
+            *((0 <= getattr(self, p) <= 1, f"distill.{p}", "a probability in [0, 1]")
+              for p in ("flip_p", "color_jitter_p", "grayscale_p")),
+            (all(v >= 0 for v in self.color_jitter) and self.color_jitter[3] <= 0.5, "distill.color_jitter",
+             "[brightness, contrast, saturation, hue], all >= 0, hue <= 0.5"),
+            (self.mixup_alpha >= 0, "distill.mixup_alpha", "a number >= 0 (0 turns mixup off)"),
+            (self.cache_views >= 1, "distill.cache_views", "an integer >= 1"),
+            (self.cache is not True or (self.mixup_alpha == 0 and self.dense_weight == 0), "distill.cache",
+             "auto or off with distill.mixup_alpha > 0 or distill.dense_weight > 0 (a mixed view's or a patch map's "
+             "teacher output is not stored)"),
+            (self.cache_max_gb > 0, "distill.cache_max_gb", "a number of gigabytes > 0"),
+        ]
+        return checks
 
 
 @dataclass
@@ -63,6 +152,7 @@ class DistillViews:
         params: (B, P) the views' parameters, stored with the teacher's outputs.
         indices: (B,) the images' dataset indices.
         slots: (B,) their cache slots.
+        labels: (B,) the images' class indices (-1: unlabeled) for a method that learns from labels, else None.
     """
 
     student: Tensor
@@ -72,23 +162,50 @@ class DistillViews:
     params: Tensor | None = None
     indices: Tensor | None = None
     slots: Tensor | None = None
+    labels: Tensor | None = None
 
 
 class Student(nn.Module):
-    """The student backbone and the head that maps its pooled features into the teacher's space.
+    """The student backbone, the head that maps its pooled features into the teacher's space and, for a method that
+    learns from labels, a classifier.
 
     ``forward`` returns everything a step uses in one call (one DDP forward): pooled features (B, D), the
-    spatial map (B, h, w, C) or None, and the head's output (B, K).
+    spatial map (B, h, w, C) or None, the head's output (B, K), and the classifier's logits (B, C) or None.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, classifier: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.classifier = classifier
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         pooled, spatial = pooled_and_spatial(self.backbone, x)  # (B, D), (B, h, w, C) | None
-        return pooled, spatial, self.head(pooled)
+        logits = self.classifier(pooled) if self.classifier is not None else None
+        return pooled, spatial, self.head(pooled), logits
+
+
+@dataclass
+class DistillOutputs:
+    """One step's forward passes: the student's outputs and the teacher's for the same views.
+
+    Attributes:
+        student_pooled: (B, D) the student's pooled features.
+        student_spatial: (B, h, w, C) its spatial map, or None.
+        student_out: (B, K) its head's output, float32.
+        student_logits: (B, C) its classifier's logits, or None without one.
+        teacher_pooled: (B, Dt) the teacher's pooled features (fp16-rounded when they pass through the cache).
+        teacher_spatial: (B, h, w, C) the teacher's spatial map, or None (always None with the cache).
+        target: (B, Dt) or (B, K) float32, what the student's head output is matched to.
+    """
+
+    student_pooled: Tensor
+    student_spatial: Tensor | None
+    student_out: Tensor
+    student_logits: Tensor | None
+    teacher_pooled: Tensor
+    teacher_spatial: Tensor | None
+    target: Tensor
 
 
 class Distillation(Method):
@@ -96,6 +213,7 @@ class Distillation(Method):
 
     name = "distill"
     command = "distill"
+    settings: ClassVar[dict[str, type]] = {"distill": DistillConfig}
 
     automatic_keys: ClassVar[frozenset[str]] = frozenset({
         "distill.teacher_size", "data.image_size", "model.backbone_kwargs", "optim.lr", "optim.weight_decay",
@@ -164,8 +282,8 @@ class Distillation(Method):
             self.ema.to(runtime.device, memory_format=torch.channels_last)
         if d.loss == "dino":
             h = self.teacher.head_config
-            self.global_loss: nn.Module = FrozenTeacherDINOLoss(h.head_output_dim, config.loss.student_temp,
-                                                                config.loss.center_momentum)
+            self.global_loss: nn.Module = FrozenTeacherDINOLoss(h.head_output_dim, config.dino.student_temp,
+                                                                config.dino.center_momentum)
         else:  # QueueKLLoss is sized in setup(), once the dataset's size is known
             self.global_loss = CosineLoss() if d.loss == "cosine" else QueueKLLoss(self.teacher.feature_dim, 1,
                                                                                    d.temperature)
@@ -226,7 +344,7 @@ class Distillation(Method):
         self.cache_wanted = True
         return f"on ({cost})" if d.cache == "auto" else "on (distill.cache=true)"
 
-    def setup(self, dataset: Dataset) -> None:
+    def setup(self, dataset: Dataset, labels: TrainingLabels | None = None) -> None:
         d, num_images = self.config.distill, len(dataset)
         if isinstance(self.global_loss, QueueKLLoss):
             size = d.queue_size or default_queue_size(num_images)
@@ -290,6 +408,10 @@ class Distillation(Method):
         return DistillViews(_channels_last(student), teacher, run_teacher, stored, params, batch.indices, slots)
 
     def loss(self, views: DistillViews, sched: ScheduleValues) -> Tensor:
+        return self.feature_loss(self.forward_views(views), sched)
+
+    def forward_views(self, views: DistillViews) -> DistillOutputs:
+        """The frozen teacher (or its cache) and the student on one step's views."""
         with self.runtime.autocast():
             # frozen teacher on the views it has not seen yet, at its own size
             with torch.no_grad():
@@ -298,25 +420,29 @@ class Distillation(Method):
                     pooled_and_spatial(self.teacher.backbone, views.teacher)  # (M, Dt), (M, h, w, C) | None
                 teacher_seconds = time.perf_counter() - tic
             # student on the same views
-            student_pooled, student_spatial, student_out = self.student_forward(views.student)
+            student_pooled, student_spatial, student_out, student_logits = self.student_forward(views.student)
         if views.run_teacher is not None:  # the cache: stored features where there are some, the teacher's else
             teacher_pooled = self._through_cache(views, teacher_pooled)
             self._count_teacher_time(teacher_seconds)
         with torch.no_grad(), self.runtime.autocast():
             target = teacher_pooled if self.teacher.head is None or self.config.distill.loss != "dino" \
                 else self.teacher.head(teacher_pooled)  # (B, Dt) or (B, K)
-        target, student_out = target.float(), student_out.float()
-        self._last = {"student": student_pooled.detach(), "teacher": teacher_pooled.detach(),
-                      "target": target.detach(), "output": student_out.detach()}
-        if views.run_teacher is not None:
-            self._last["cache_hits"] = (~views.run_teacher).float().mean()
+        self._last = {"cache_hits": (~views.run_teacher).float().mean()} if views.run_teacher is not None else {}
+        return DistillOutputs(student_pooled, student_spatial, student_out.float(), student_logits, teacher_pooled,
+                              teacher_spatial, target.float())
+
+    def feature_loss(self, out: DistillOutputs, sched: ScheduleValues) -> Tensor:
+        """The loss between the student's head output and the teacher's target (``distill.loss``), plus the dense
+        term; keeps what :meth:`signals` reads."""
+        self._last |= {"student": out.student_pooled.detach(), "teacher": out.teacher_pooled.detach(),
+                       "target": out.target.detach(), "output": out.student_out.detach()}
         if isinstance(self.global_loss, FrozenTeacherDINOLoss):
             self._last["center"] = self.global_loss.center.clone()
-            loss = self.global_loss(target, student_out, teacher_temp=sched.teacher_temp)
+            loss = self.global_loss(out.target, out.student_out, teacher_temp=self._teacher_temp(sched))
         else:
-            loss = self.global_loss(student_out, target)
+            loss = self.global_loss(out.student_out, out.target)
         if self.dense_loss is not None:
-            dense = self.dense_loss(student_spatial.float(), teacher_spatial.float())
+            dense = self.dense_loss(out.student_spatial.float(), out.teacher_spatial.float())
             self._last["dense"] = dense.detach()
             loss = loss + self.config.distill.dense_weight * dense
         return loss
@@ -331,7 +457,7 @@ class Distillation(Method):
             "teacher_feature_std": feature_spread(last["teacher"]).item(),
         }
         if "center" in last:
-            out |= health_signals(last["target"], last["center"], sched.teacher_temp, last["student"])
+            out |= health_signals(last["target"], last["center"], self._teacher_temp(sched), last["student"])
         if "dense" in last:
             out["dense_loss"] = last["dense"].item()
         if "cache_hits" in last:
@@ -370,22 +496,29 @@ class Distillation(Method):
         expected = recording if epoch < self.cache.views else 0.0
         return expected - t["teacher_s"] / t["steps"]
 
+    def _teacher_temp(self, sched: ScheduleValues) -> float:
+        """loss=dino: the teacher temperature of the ``dino`` section's schedule at this step."""
+        return teacher_temperature(sched.step, sched.steps_per_epoch, self.config.dino)
+
     def scheduled(self, sched: ScheduleValues) -> dict[str, float]:
-        return {"teacher_temp": sched.teacher_temp} if self.config.distill.loss == "dino" else {}
+        return {"teacher_temp": self._teacher_temp(sched)} if self.config.distill.loss == "dino" else {}
 
     @classmethod
     def unused_keys(cls, config: Config) -> set[str]:
-        """DINO's own keys; ``loss=dino`` reads the loss section's temperatures and centre momentum."""
-        unused = {"augment.global_2", "augment.local", "augment.num_local_crops", "augment.crop_mode",
-                  "augment.low_res_share", "augment.low_res_scale", "model.head_hidden_dim",
-                  "model.head_bottleneck_dim", "model.head_output_dim", "model.head_batch_norm",
-                  "model.norm_last_layer", "optim.teacher_momentum", "optim.teacher_momentum_end",
-                  "optim.freeze_last_layer_epochs"}
+        """The multi-crop's and DINO head's keys; ``loss=dino`` reads the ``dino`` section's temperatures and centre."""
+        unused = super().unused_keys(config) | {
+            "augment.global_2", "augment.local", "augment.num_local_crops", "augment.crop_mode",
+            "augment.low_res_share", "augment.low_res_scale", "model.head_hidden_dim", "model.head_bottleneck_dim",
+            "model.head_output_dim", "model.head_batch_norm", "model.norm_last_layer"}
         unused |= {f"augment.global_1.{key}" for key in ("scale", "flip_p", "color_jitter", "color_jitter_p",
                                                          "grayscale_p", "blur_p", "blur_sigma", "solarize_p")}
-        if config.distill.loss != "dino":
-            unused.add("loss")
+        if config.distill.loss == "dino":
+            unused.discard("dino")
         return unused
+
+    @classmethod
+    def teacher_of(cls, config: Config) -> tuple[str, int | None] | None:
+        return config.distill.teacher, config.distill.teacher_size
 
     def warnings(self, signals: dict[str, float]) -> dict[str, str]:
         healthy = 1 / math.sqrt(self.spec.feature_dim)

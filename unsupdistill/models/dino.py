@@ -116,8 +116,8 @@ def build_dino_network(cfg: ModelConfig, crop_sizes: tuple[int, ...], ibot: bool
     """
     backbone, spec = create_backbone(cfg, crop_sizes)
     if ibot and not all(hasattr(backbone, a) for a in ("patch_embed", "_pos_embed", "blocks", "num_prefix_tokens")):
-        raise ConfigError(f"loss.ibot_weight > 0 needs a timm ViT backbone (e.g. model.backbone=vit_tiny_patch16_224), "
-                          f"not model.backbone={cfg.backbone}; set loss.ibot_weight=0 for it")
+        raise ConfigError(f"dino.ibot_weight > 0 needs a timm ViT backbone (e.g. model.backbone=vit_tiny_patch16_224), "
+                          f"not model.backbone={cfg.backbone}; set dino.ibot_weight=0 for it")
     patch_head = build_dino_head(cfg, spec.feature_dim) if ibot and ibot_separate_head else None
     return DINONetwork(backbone, build_dino_head(cfg, spec.feature_dim), ibot, patch_head), spec
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from unsupdistill.config import ConfigError, ModelConfig, config_from_dict
 from unsupdistill.models.backbone import pooled_and_spatial
+from unsupdistill.models.classifier import Classifier, load_classifier
 from unsupdistill.models.dino import build_dino_head
 from unsupdistill.models.frozen import FeatureModel, ModelSpecError, frozen
 from unsupdistill.models.load import load_model
@@ -52,6 +53,7 @@ class Teacher:
         description: the export's JSON sidecar, or a summary of timm's pretrained config; None for a
             random-init timm network.
         cache_key: sha256 hex identity of the weights and preprocessing (a teacher cache is keyed by it).
+        classifier: the classifier exported beside a run's backbone (a model distilled with labels), or None.
     """
 
     name: str
@@ -65,6 +67,7 @@ class Teacher:
     architecture: str
     description: dict[str, Any] | None
     cache_key: str = ""
+    classifier: Classifier | None = None
 
 
 def load_teacher(spec: str, input_size: int | None = None, need_head: bool = False) -> Teacher:
@@ -95,8 +98,12 @@ def load_teacher(spec: str, input_size: int | None = None, need_head: bool = Fal
     except ModelSpecError as err:
         raise TeacherError(f"teacher: {err}") from err
     feature_dim = _check_inputs(spec, model, head)
+    try:
+        classifier = load_classifier(spec)
+    except ModelSpecError as err:
+        raise TeacherError(f"teacher: {err}") from err
     return Teacher(name or model.name, model.backbone, head, head_config, model.input_size, model.mean, model.std,
-                   feature_dim, model.architecture, model.description, model.cache_key)
+                   feature_dim, model.architecture, model.description, model.cache_key, classifier)
 
 
 def _source(spec: str, input_size: int | None, need_head: bool) -> tuple[str | Path, str | None]:

@@ -24,9 +24,9 @@ from tqdm import tqdm
 from unsupdistill import distributed
 from unsupdistill.config import Config, ConfigError
 from unsupdistill.data import DataError, FolderScan, build_dataset, list_late_failures, num_workers
-from unsupdistill.devices import training_device
+from unsupdistill.data.labeled import training_labels
 from unsupdistill.models.backbone import describe_backbone
-from unsupdistill.storage import save_backbone, save_checkpoint
+from unsupdistill.storage import save_backbone, save_checkpoint, save_classifier
 from unsupdistill.train.checkpoint import restore_rng
 from unsupdistill.train.faults import (
     StopRequest,
@@ -57,6 +57,8 @@ class Trainer:
         config: the run's config.
         run_dir: where the run's files go.
         method: builds the method from the config and the runtime (a class from ``unsupdistill.methods``).
+        device: this process's device; under torchrun the caller has joined the process group
+            (``distributed.session``).
         checkpoint: a loaded checkpoint to resume from.
         dry_run: a batch of 2 per process; nothing is written.
         scan: the image folder's scan, if made already.
@@ -65,13 +67,12 @@ class Trainer:
     """
 
     def __init__(self, config: Config, run_dir: Path, method: Callable[[Config, Runtime], Method],
-                 checkpoint: dict | None = None, dry_run: bool = False, scan: FolderScan | None = None,
-                 config_notes: str = "", probe: Probe | None = None):
+                 device: torch.device, checkpoint: dict | None = None, dry_run: bool = False,
+                 scan: FolderScan | None = None, config_notes: str = "", probe: Probe | None = None):
         self.config, self.run_dir, self.dry_run, self.config_notes = config, run_dir, dry_run, config_notes
         self.probe = probe
         train = config.train
-        self.device = training_device(train.device)
-        distributed.init_distributed(self.device)
+        self.device = device
         self.is_main = distributed.is_main_process()
         self.world = distributed.world_size()
         if train.batch_size % self.world:
@@ -99,7 +100,11 @@ class Trainer:
                                                  train.seed, num_workers(config.data), self.device.type == "cuda")
         self.steps_per_epoch = per_process // self.local_batch
         self.total_steps = self.steps_per_epoch * train.epochs
-        self.method.setup(self.dataset)
+        self.labels = training_labels(config.data.labels, self.dataset)  # None without data.labels
+        if self.labels is not None and self.is_main:
+            logger.info("%d of %d images labeled (%d classes, %s)", self.labels.labeled, len(self.dataset),
+                        len(self.labels.classes), self.labels.source)
+        self.method.setup(self.dataset, self.labels)
 
         # ---- the trained module under DDP, optimizer ----------------------------------------------
         if self.world > 1 and self.device.type == "cuda":
@@ -247,7 +252,7 @@ class Trainer:
                 for loaded in itertools.islice(self.loader, steps_left):
                     batch = self.batch(loaded)
                     sched = schedule_at(self.step, planned, self.steps_per_epoch, self.global_batch,
-                                        self.config.optim, self.config.loss)
+                                        self.config.optim)
                     log_now = (self.step + 1) % cfg.log_every_steps == 0 or self.step + 1 == last_step
                     out = self.train_step(batch, sched, with_signals=log_now)
                     stop = out.pop("stop")
@@ -314,19 +319,27 @@ class Trainer:
         """The loader's ``(items, indices)`` as a :class:`Batch` on the device; files that failed after the scan
         (replaced in the batch) are counted and listed."""
         items, indices = loaded
+        failed = None
         if isinstance(items, (list, tuple)):
             items, failed = items
             self.files_failed += list_late_failures(self.dataset, failed, self.run_dir / "skipped.txt")
-        return Batch(items.to(self.device, non_blocking=True), indices)
+        labels = None
+        if self.labels is not None:
+            labels = self.labels.labels[indices]
+            if failed is not None:  # a replaced file's slot holds another image: not its label
+                labels = torch.where(failed >= 0, -1, labels)
+            labels = labels.to(self.device, non_blocking=True)
+        return Batch(items.to(self.device, non_blocking=True), indices, labels)
 
     def dry_run_step(self) -> dict:
         """Run one step on a tiny batch and report what a full run would do; writes nothing."""
         items, indices = next(iter(self.loader))
         images = items[0] if isinstance(items, (list, tuple)) else items  # (images, failed files) from a folder
-        batch = Batch(images.to(self.device), indices)
+        labels = self.labels.labels[indices].to(self.device) if self.labels is not None else None
+        batch = Batch(images.to(self.device), indices, labels)
         self.method.start_epoch(0)
         sched = schedule_at(0, self.total_steps, self.steps_per_epoch, self.config.train.batch_size,
-                            self.config.optim, self.config.loss)
+                            self.config.optim)
         tic = time.perf_counter()
         out = self.train_step(batch, sched, with_signals=True)
         n_params = sum(p.numel() for p in self.method.student.parameters())
@@ -405,4 +418,7 @@ class Trainer:
         if bad := first_non_finite(export.state_dict):
             raise TrainingError(f"refusing to export the {export.source} backbone: tensor {bad} is not finite")
         metadata = describe_backbone(export.spec, self.config, self.step, export.source) | export.extra
-        return save_backbone(export.state_dict, metadata, self.run_dir)
+        path = save_backbone(export.state_dict, metadata, self.run_dir)
+        if export.classifier is not None:
+            save_classifier(*export.classifier, self.run_dir)
+        return path

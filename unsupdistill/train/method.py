@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from unsupdistill.config import Config
+from unsupdistill.data.labeled import TrainingLabels
 from unsupdistill.models.backbone import BackboneSpec
 from unsupdistill.train.schedules import ScheduleValues
 
@@ -58,10 +59,13 @@ class Batch:
     Attributes:
         images: (B, 3, H, W) uint8 images on the device.
         indices: (B,) int64 positions of the images in the dataset (CPU), to key per-image state (a teacher cache).
+        labels: (B,) int64 class indices on the device, -1 for an unlabeled image; None when the run has no labels
+            (``data.labels``).
     """
 
     images: Tensor
     indices: Tensor
+    labels: Tensor | None = None
 
 
 @dataclass
@@ -73,12 +77,15 @@ class Export:
         spec: timm name and arguments.
         source: ``teacher`` (DINO's EMA teacher), ``student`` or ``student_ema``.
         extra: more fields for the JSON sidecar (e.g. the teacher a student was distilled from).
+        classifier: a classifier over the backbone's pooled features, ``(weight (C, D), bias (C,), class names)``,
+            written beside it (``classifier.safetensors``); None for a method without labels.
     """
 
     state_dict: dict[str, Tensor]
     spec: BackboneSpec
     source: str
     extra: dict[str, Any]
+    classifier: tuple[Tensor, Tensor, list[str]] | None = None
 
 
 class Method(nn.Module):
@@ -94,7 +101,11 @@ class Method(nn.Module):
     name: ClassVar[str]
     """The ``method`` value in the config."""
     command: ClassVar[str]
-    """The CLI verb that runs it (in resume commands)."""
+    """The CLI verb that runs it (and its resume commands)."""
+    settings: ClassVar[dict[str, type]] = {}
+    """The method's own config sections by name (dataclasses; a ``checks(self, config)`` method checks their values)."""
+    uses_labels: ClassVar[bool] = False
+    """Whether the method learns from ``data.labels``: its verb runs it when labels are given."""
     automatic_keys: ClassVar[frozenset[str]] = frozenset()
     """The config keys :meth:`auto_settings` may set."""
     crop_headroom: ClassVar[float] = 1.15
@@ -117,8 +128,9 @@ class Method(nn.Module):
         ``chooser.set(key, value, why)`` for keys in :attr:`automatic_keys`; ``config`` holds the shared choices
         (crop size, network) and ``facts`` the folder's (images, shorter side, device)."""
 
-    def setup(self, dataset: Dataset) -> None:
-        """Size what depends on the dataset, or keyed by its images (called once, before a checkpoint is restored)."""
+    def setup(self, dataset: Dataset, labels: TrainingLabels | None = None) -> None:
+        """Size what depends on the dataset, or keyed by its images, or on its labels (``data.labels``; None without):
+        called once, before a checkpoint is restored."""
 
     def sync_batch_norm(self) -> None:
         """Replace the BatchNorm layers of the networks that see batches by SyncBatchNorm (CUDA under
@@ -160,8 +172,18 @@ class Method(nn.Module):
     @classmethod
     def unused_keys(cls, config: Config) -> set[str]:
         """Dotted config keys (sections or fields) this method does not read with ``config``; left out of the
-        run's ``config.yaml`` so that it shows only what the run used."""
-        return set()
+        run's ``config.yaml`` so that it shows only what the run used. By default the other methods' sections."""
+        return {name for name in config.sections if name not in cls.settings}
+
+    @classmethod
+    def teacher_of(cls, config: Config) -> tuple[str, int | None] | None:
+        """The frozen teacher a run learns from (its spec and input size, for the end-of-run table); None: none."""
+        return None
+
+    @classmethod
+    def head_outputs(cls, config: Config) -> int | None:
+        """The number of outputs whose entropy the method logs (the curves draw its maximum, log K); None: none."""
+        return None
 
     def warnings(self, signals: dict[str, float]) -> dict[str, str]:
         """Plain-words diagnoses of failure modes by kind (e.g. collapse); empty when healthy."""

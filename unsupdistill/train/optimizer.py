@@ -40,17 +40,3 @@ def clip_gradients(params: list[nn.Parameter], cfg: OptimConfig, total_norm: Ten
     norms = torch._foreach_norm(grads)  # one L2 norm per tensor
     scales = [(cfg.clip_grad / (n + 1e-6)).clamp(max=1.0) for n in norms]
     torch._foreach_mul_(grads, scales)
-
-
-@torch.no_grad()
-def update_ema(model: nn.Module, ema: nn.Module, momentum: float) -> None:
-    """``ema``'s parameters <- ``momentum`` * themselves + (1 - ``momentum``) * ``model``'s (DINO's teacher update).
-
-    lightly's ``update_momentum`` does the same one parameter at a time; one ``_foreach_lerp_`` over all of them
-    does it in a few kernels (the two networks have the same architecture, so their parameters pair up in order).
-    """
-    targets = list(ema.parameters())
-    sources = [p.detach() for p in model.parameters()]
-    if len(targets) != len(sources):
-        raise ValueError(f"EMA network has {len(targets)} parameters, the network it follows {len(sources)}")
-    torch._foreach_lerp_(targets, sources, 1.0 - momentum)

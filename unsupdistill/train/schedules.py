@@ -1,4 +1,5 @@
-"""DINO's schedules as pure functions of the global step (Caron et al. 2021, Sec. 3 and App. B)."""
+"""The engine's schedules as pure functions of the global step: the lr's warm-up and cosine decay, the weight
+decay's cosine (DINO, Caron et al. 2021, App. B). A method derives its own scheduled values from these."""
 
 from __future__ import annotations
 
@@ -8,20 +9,41 @@ from dataclasses import dataclass
 
 from lightly.utils.scheduler import cosine_schedule, cosine_warmup_schedule
 
-from unsupdistill.config import LossConfig, OptimConfig
+from unsupdistill.config import OptimConfig
 
 
 @dataclass(frozen=True)
 class ScheduleValues:
-    """Every scheduled quantity at one step."""
+    """The engine's scheduled values at one step; a method computes its own from them (e.g. with :func:`cosine_at`).
 
+    Attributes:
+        step: the steps done before this one (0-based).
+        total_steps: the steps the schedules span (all epochs', or a time budget's plan).
+        steps_per_epoch: steps in one epoch.
+        lr: the learning rate of this step.
+        weight_decay: the weight decay of this step.
+    """
+
+    step: int
+    total_steps: int
+    steps_per_epoch: int
     lr: float
     weight_decay: float
-    teacher_momentum: float
-    teacher_temp: float
-    freeze_last_layer: bool
-    progress: float = 0.0
-    """The share of the planned steps done before this one (``step / total_steps``)."""
+
+    @property
+    def progress(self) -> float:
+        """The share of the planned steps done before this one."""
+        return self.step / max(self.total_steps, 1)
+
+    @property
+    def epoch(self) -> float:
+        """Epochs done before this step."""
+        return self.step / self.steps_per_epoch
+
+
+def cosine_at(sched: ScheduleValues, start: float, end: float) -> float:
+    """A cosine from ``start`` at step 0 to ``end`` at the last planned step."""
+    return cosine_schedule(sched.step, sched.total_steps, start, end)
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -29,10 +51,9 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / 256
 
 
-def schedule_at(
-    step: int, total_steps: int, steps_per_epoch: int, global_batch: int, optim: OptimConfig, loss: LossConfig
-) -> ScheduleValues:
-    """All schedules at ``step`` (0-based) of a run of ``total_steps`` steps (a time budget's plan)."""
+def schedule_at(step: int, total_steps: int, steps_per_epoch: int, global_batch: int,
+                optim: OptimConfig) -> ScheduleValues:
+    """The schedules at ``step`` (0-based) of a run of ``total_steps`` steps (a time budget's plan)."""
     if optim.warmup_share is not None:  # a share of the planned steps, however many a budget allows
         warmup_steps = round(optim.warmup_share * total_steps)
     else:
@@ -40,22 +61,8 @@ def schedule_at(
     lr = cosine_warmup_schedule(
         step, total_steps, scaled_lr(optim, global_batch), optim.min_lr, warmup_steps, warmup_start_value=0.0
     )
-    return ScheduleValues(
-        lr=lr,
-        weight_decay=cosine_schedule(step, total_steps, optim.weight_decay, optim.weight_decay_end),
-        teacher_momentum=cosine_schedule(step, total_steps, optim.teacher_momentum, optim.teacher_momentum_end),
-        teacher_temp=teacher_temperature(step, steps_per_epoch, loss),
-        freeze_last_layer=step < optim.freeze_last_layer_epochs * steps_per_epoch,
-        progress=step / max(total_steps, 1),
-    )
-
-
-def teacher_temperature(step: int, steps_per_epoch: int, cfg: LossConfig) -> float:
-    """Linear warmup from ``warmup_teacher_temp`` to ``teacher_temp``, then constant."""
-    warmup_steps = cfg.warmup_teacher_temp_epochs * steps_per_epoch
-    if step >= warmup_steps:
-        return cfg.teacher_temp
-    return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * step / warmup_steps
+    return ScheduleValues(step=step, total_steps=total_steps, steps_per_epoch=steps_per_epoch, lr=lr,
+                          weight_decay=cosine_schedule(step, total_steps, optim.weight_decay, optim.weight_decay_end))
 
 
 class TimeBudget:

@@ -64,12 +64,12 @@ def collapse_warnings(signals: dict, num_outputs: int, feature_dim: int) -> dict
     if signals["teacher_kl_uniform"] < 0.01 * log_k:
         messages["uniform"] = (
             "teacher output is nearly uniform (entropy {:.2f} of max {:.2f} nats): collapse to uniform. "
-            "Lower loss.teacher_temp or raise optim.teacher_momentum.".format(signals["teacher_entropy"], log_k)
+            "Lower dino.teacher_temp or raise dino.teacher_momentum.".format(signals["teacher_entropy"], log_k)
         )
     if signals["teacher_entropy"] < 0.05 * log_k and signals["teacher_top_share"] > 0.9:
         messages["one_hot"] = (
             "teacher output is one-hot on the same dimension for {:.0%} of images: collapse to one "
-            "output. Lower loss.center_momentum (a faster centre) or raise loss.teacher_temp."
+            "output. Lower dino.center_momentum (a faster centre) or raise dino.teacher_temp."
             .format(signals["teacher_top_share"])
         )
     if signals["student_feature_std"] < 0.1 / math.sqrt(feature_dim):

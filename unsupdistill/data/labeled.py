@@ -1,8 +1,10 @@
-"""Labeled image datasets for evaluation: the built-in digits, a folder of class subfolders, or a CSV.
+"""Labeled images: the built-in digits, a folder of class subfolders, or a ``path,label`` CSV.
 
-Every dataset returns ``uint8`` tensors of shape ``(3, S, S)`` like the pretraining datasets and
-carries ``labels`` (int64 class indices) and ``classes`` (class names, index order). Unlike
-pretraining, evaluation data must be complete: an unreadable image is an error naming the file.
+For evaluation (:func:`load_labeled`), every dataset returns ``uint8`` tensors of shape ``(3, S, S)`` like the
+training datasets and carries ``labels`` (int64 class indices) and ``classes`` (class names, index order); it must
+be complete: an unreadable image is an error naming the file. For training (``data.labels``,
+:func:`training_labels`), a labeled set gives some of the training images their class and leaves the others
+unlabeled (-1): semi-supervised training on a folder of images of which a subset is labeled.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import csv
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -19,7 +22,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from unsupdistill.data import DataError, DigitsDataset, digits_split, list_image_files, load_rgb, resize_center_crop
+from unsupdistill.data.digits import DigitsDataset, digits_split
+from unsupdistill.data.folder import DataError, list_image_files, load_rgb, resize_center_crop
 
 logger = logging.getLogger(__name__)
 
@@ -126,28 +130,108 @@ def load_labeled(spec: str | Path, image_size: int, split: Literal["train", "tes
     if str(spec) == "digits":
         train, test = digits_split()
         return LabeledDigits(image_size, train if split == "train" else test)
-    path = Path(spec).expanduser()
-    if path.suffix.lower() == ".csv":
-        paths, names = _read_csv(path, split)
-    elif path.is_dir():
-        paths, names = _read_class_folders(path, split)
-    elif path.exists():
-        raise DataError(f"{split} set {path} is neither a folder nor a .csv file; {_SPEC_HELP}")
-    else:
-        raise DataError(f"{split} set folder {path} does not exist; {_SPEC_HELP}")
-    classes = sorted(set(names))
-    if len(classes) < 2:
-        raise DataError(f"{split} set {path} has only one class ({classes[0]!r}); "
-                        "classification needs at least two: add the other classes' images")
+    paths, names, classes = labeled_files(spec, f"{split} set")
     index = {name: i for i, name in enumerate(classes)}
     return LabeledImages(paths, [index[name] for name in names], classes, image_size)
 
 
+def labeled_files(spec: str | Path, role: str) -> tuple[list[Path], list[str], list[str]]:
+    """The image paths, class names and classes (sorted) of a folder of class subfolders or a ``path,label`` CSV.
+
+    Args:
+        spec: the folder or CSV.
+        role: how errors name the set (``train set``, ``data.labels``).
+
+    Raises:
+        DataError: the folder or CSV is missing or malformed, names a missing file, has an empty class or fewer
+            than two classes; the message names the file and the fix.
+    """
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".csv":
+        paths, names = _read_csv(path, role)
+    elif path.is_dir():
+        paths, names = _read_class_folders(path, role)
+    elif path.exists():
+        raise DataError(f"{role} {path} is neither a folder nor a .csv file; {_SPEC_HELP}")
+    else:
+        raise DataError(f"{role} folder {path} does not exist; {_SPEC_HELP}")
+    classes = sorted(set(names))
+    if len(classes) < 2:
+        raise DataError(f"{role} {path} has only one class ({classes[0]!r}); "
+                        "classification needs at least two: add the other classes' images")
+    return paths, names, classes
+
+
+@dataclass
+class TrainingLabels:
+    """The labels of a training set: per image its class index, -1 where it has none.
+
+    Attributes:
+        labels: (N,) int64, in the training dataset's order.
+        classes: class names in index order.
+        source: where they came from (``data.labels``), for messages.
+    """
+
+    labels: Tensor
+    classes: list[str]
+    source: str
+
+    @property
+    def labeled(self) -> int:
+        """The number of labeled images."""
+        return int((self.labels >= 0).sum())
+
+
+def training_labels(spec: str | None, dataset: Dataset) -> TrainingLabels | None:
+    """The labels ``data.labels`` gives the training images of ``dataset``; None when it is null.
+
+    ``digits``: the built-in digits' own labels on their train split (the test split stays unlabeled, so the
+    end-of-run scores on it stay honest). A folder of class subfolders or a ``path,label`` CSV: every image it
+    names must be one of the training images (inside ``data.path``, readable); the others stay unlabeled.
+
+    Raises:
+        DataError: a bad labeled set (see :func:`labeled_files`), or labeled images that are not training images.
+    """
+    if spec is None:
+        return None
+    if str(spec) == "digits":
+        if not isinstance(dataset, DigitsDataset):
+            raise DataError("data.labels=digits labels the built-in digits only; for an image folder give a folder "
+                            "of class subfolders or a path,label CSV")
+        labels = torch.full((len(dataset),), -1, dtype=torch.int64)
+        train, _ = digits_split()
+        labels[train] = dataset.labels[train]
+        return TrainingLabels(labels, LabeledDigits.classes, "data.labels=digits (train split)")
+    files = getattr(dataset, "files", None)
+    if files is None:
+        raise DataError(f"data.labels={spec} labels images of an image folder: set data.path to the folder that "
+                        "holds them")
+    paths, names, classes = labeled_files(spec, "data.labels")
+    position = {os.path.realpath(file): i for i, file in enumerate(files)}
+    index = {name: i for i, name in enumerate(classes)}
+    labels = torch.full((len(files),), -1, dtype=torch.int64)
+    outside = []
+    for path, name in zip(paths, names):
+        i = position.get(os.path.realpath(path))
+        if i is None:
+            outside.append(str(path))
+        else:
+            labels[i] = index[name]
+    if outside:
+        listed = "\n  ".join(outside[:_MAX_LISTED])
+        more = f"\n  ... and {len(outside) - _MAX_LISTED} more" if len(outside) > _MAX_LISTED else ""
+        root = getattr(dataset, "root", "data.path")
+        raise DataError(f"{len(outside)} images of data.labels {spec} are not among the readable training images in "
+                        f"data.path {root}:\n  {listed}{more}\nput the labeled images inside data.path (or set "
+                        "data.path to the folder that holds them); unreadable ones are listed in skipped.txt")
+    return TrainingLabels(labels, classes, f"data.labels={spec}")
+
+
 def _read_class_folders(root: Path, split: str) -> tuple[list[Path], list[str]]:
-    """Image paths and class names of a folder holding one subfolder per class."""
+    """Image paths and class names of a folder holding one subfolder per class (``split``: how errors name it)."""
     class_dirs = sorted(entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     if not class_dirs:
-        raise DataError(f"{split} set folder {root} has no class subfolders; put each class's images "
+        raise DataError(f"{split} folder {root} has no class subfolders; put each class's images "
                         f"in a subfolder named after the class ({root}/<class>/<image>)")
     loose = [entry for entry in root.iterdir() if entry.is_file() and not entry.name.startswith(".")]
     if loose:
@@ -158,7 +242,7 @@ def _read_class_folders(root: Path, split: str) -> tuple[list[Path], list[str]]:
     for class_dir in class_dirs:
         files = list_image_files(class_dir)
         if not files:
-            raise DataError(f"class folder {class_dir} of {split} set {root} holds no images; "
+            raise DataError(f"class folder {class_dir} of {split} {root} holds no images; "
                             "add images or remove the folder")
         paths += files
         names += [class_dir.name] * len(files)
@@ -168,16 +252,16 @@ def _read_class_folders(root: Path, split: str) -> tuple[list[Path], list[str]]:
 def _read_csv(csv_path: Path, split: str) -> tuple[list[Path], list[str]]:
     """Image paths and class names from a ``path,label`` CSV file."""
     if not csv_path.is_file():
-        raise DataError(f"{split} set CSV {csv_path} does not exist; {_SPEC_HELP}")
+        raise DataError(f"{split} CSV {csv_path} does not exist; {_SPEC_HELP}")
     with open(csv_path, newline="", encoding="utf-8-sig") as file:  # utf-8-sig: tolerate a byte-order mark
         reader = csv.DictReader(file)
         columns = [name.strip() for name in reader.fieldnames or []]
         if not columns:
-            raise DataError(f"{split} set CSV {csv_path} is empty; it needs a 'path,label' header and one row "
+            raise DataError(f"{split} CSV {csv_path} is empty; it needs a 'path,label' header and one row "
                             "per image")
         missing_columns = [name for name in ("path", "label") if name not in columns]
         if missing_columns:
-            raise DataError(f"{split} set CSV {csv_path} has no {' or '.join(repr(c) for c in missing_columns)} "
+            raise DataError(f"{split} CSV {csv_path} has no {' or '.join(repr(c) for c in missing_columns)} "
                             f"column (header: {','.join(columns)}); the header must be 'path,label'")
         reader.fieldnames = columns
         paths: list[Path] = []
@@ -186,7 +270,7 @@ def _read_csv(csv_path: Path, split: str) -> tuple[list[Path], list[str]]:
         for row in reader:
             file_cell, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
             if not file_cell or not label:
-                raise DataError(f"{split} set CSV {csv_path}, line {reader.line_num}: empty path or label")
+                raise DataError(f"{split} CSV {csv_path}, line {reader.line_num}: empty path or label")
             image = Path(os.path.expanduser(file_cell))
             image = image if image.is_absolute() else csv_path.parent / image
             if not image.is_file():
@@ -194,11 +278,11 @@ def _read_csv(csv_path: Path, split: str) -> tuple[list[Path], list[str]]:
             paths.append(image)
             names.append(label)
     if not paths:
-        raise DataError(f"{split} set CSV {csv_path} has a header but no rows; add one 'path,label' row per image")
+        raise DataError(f"{split} CSV {csv_path} has a header but no rows; add one 'path,label' row per image")
     if missing_files:
         listed = "\n  ".join(missing_files[:_MAX_LISTED])
         more = f"\n  ... and {len(missing_files) - _MAX_LISTED} more" if len(missing_files) > _MAX_LISTED else ""
-        raise DataError(f"{len(missing_files)} files named in {split} set CSV {csv_path} do not exist "
+        raise DataError(f"{len(missing_files)} files named in {split} CSV {csv_path} do not exist "
                         f"(relative paths are taken from the CSV's folder):\n  {listed}{more}")
     return paths, names
 

@@ -1,0 +1,248 @@
+"""Distillation with labels (method kd): the KD loss, a labeled + unlabeled folder, the teacher's head, the exported
+classifier (eval, embed), born-again generations (frozen teacher, resume in generation 2) and bad labels."""
+
+import csv
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli, export_teacher, read_metrics
+from PIL import Image
+
+from unsupdistill.cli import main
+from unsupdistill.config import load_config
+from unsupdistill.data import build_dataset
+from unsupdistill.data.labeled import training_labels
+from unsupdistill.losses import KDLoss
+from unsupdistill.methods import build_trainer
+from unsupdistill.methods.kd import KnowledgeDistillation
+from unsupdistill.models.classifier import load_classifier
+from unsupdistill.models.teachers import load_teacher
+from unsupdistill.train.method import Runtime
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CLASSES = ("blue", "green", "red")
+STUDENT = ["model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", "augment.global_1.size=12",
+           "train.batch_size=16", "data.num_workers=0", "train.log_every_steps=1", "optim.lr=0.3",
+           "train.epochs=12", "distill.cache=off", "train.threads=1"]
+
+
+def tinted(rng: np.random.Generator, label: int) -> Image.Image:
+    """A 20x20 image of random blocks, tinted towards one colour channel (the class)."""
+    blocks = rng.integers(0, 200, (5, 5, 3)).astype(np.int64)
+    blocks[..., 2 - label] += 55  # CLASSES are sorted: blue (channel 2), green (1), red (0)
+    return Image.fromarray(blocks.astype(np.uint8)).resize((20, 20), Image.Resampling.NEAREST)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """``pool``: 16 images per class, unsorted; ``labels.csv``: 8 of each class labeled; ``test``: class folders."""
+    root = tmp_path_factory.mktemp("kd")
+    rng = np.random.default_rng(0)
+    pool, test = root / "pool", root / "test"
+    pool.mkdir()
+    rows = []
+    for label, name in enumerate(CLASSES):
+        for i in range(16):
+            path = pool / f"{i:02d}_{name}.png"
+            tinted(rng, label).save(path)
+            if i < 8:
+                rows.append([f"pool/{path.name}", name])
+        (test / name).mkdir(parents=True)
+        for i in range(10):
+            tinted(rng, label).save(test / name / f"{i}.png")
+    labels = root / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "label"], *rows])
+    teacher = export_teacher(root / "teacher", 16, seed=0)
+    return {"root": root, "pool": pool, "test": test, "labels": labels, "teacher": teacher}
+
+
+def kd(out: Path, data: dict, *args: str, labels: Path | None = None, teacher: Path | None = None) -> int:
+    return main(["distill", str(data["pool"]), "--out", str(out), "--teacher", str(teacher or data["teacher"]),
+                 "--labels", str(labels or data["labels"]), *STUDENT, *args])
+
+
+def test_kd_loss_is_hintons_equation():
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(6, 4), torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    alpha, t = 0.3, 2.5
+    s, te = student.double().numpy(), teacher.double().numpy()
+
+    def softmax(z):
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    hard = -np.mean(np.log(softmax(s)[np.arange(6), labels.numpy()]))
+    p, q = softmax(te / t), softmax(s / t)
+    soft = np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1))  # KL(teacher || student), averaged over the batch
+    expected = (1 - alpha) * hard + alpha * t * t * soft
+    assert KDLoss(alpha, t)(student, teacher, labels).item() == pytest.approx(expected, rel=1e-5)
+    assert KDLoss(0.0, t)(student, teacher, labels).item() == pytest.approx(hard, rel=1e-5)  # labels only
+
+
+@pytest.fixture(scope="module")
+def kd_run(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kd_run") / "run"
+    assert kd(out, data, "eval.summary=true", "--probe-train", str(data["labels"]), "--probe-test",
+              str(data["test"])) == 0
+    return out
+
+
+def test_labeled_and_unlabeled_images_train_a_classifier_above_random_init(kd_run):
+    config = (kd_run / "config.yaml").read_text()
+    assert "method: kd" in config and "kd:" in config and "\ndino:" not in config
+    summary = json.loads((kd_run / "summary.json").read_text())
+    knn = summary["knn_top1"]
+    assert summary["classifier_top1"] >= 70, summary  # 3 classes: chance is 33 %
+    assert knn["this run"] > knn["same network, random init"], knn
+    metrics = read_metrics(kd_run)
+    assert all(math.isfinite(m["kd_loss"]) for m in metrics if "kd_loss" in m)
+    assert 0 < metrics[-1]["labeled_share"] < 1  # half of the pool is labeled, the rest still trains the features
+    assert json.loads((kd_run / "classifier.json").read_text())["classes"] == list(CLASSES)
+
+
+def test_eval_and_embed_use_the_exported_classifier(kd_run, data, tmp_path):
+    assert main(["eval", str(kd_run), "--train", str(data["labels"]), "--test", str(data["test"]), "--no-linear",
+                 "--no-clustering", "--no-plots", "--out", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    summary = json.loads((kd_run / "summary.json").read_text())
+    assert result["classifier"]["top1"] == pytest.approx(summary["classifier_top1"])
+    assert main(["embed", str(kd_run), str(data["test"]), "--out", str(tmp_path / "f.npy"), "--top-k", "2"]) == 0
+    with open(tmp_path / "f.predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 30 and set(rows[0]) == {"row", "path", "class_1", "prob_1", "class_2", "prob_2"}
+    truth = [Path(r["path"]).parent.name for r in rows]
+    hits = sum(r["class_1"] == t for r, t in zip(rows, truth))
+    assert hits / len(rows) * 100 == pytest.approx(result["classifier"]["top1"])  # the same classifier, same images
+
+
+def test_the_teacher_head_is_fitted_on_the_training_labels_only(data, tmp_path, monkeypatch):
+    seen = {}
+
+    def grid(train_x, train_y, test_x, test_y, **kwargs):
+        seen.update(rows=len(train_x), labels=train_y.clone(), test_rows=len(test_x))
+        return {"val_top1": [{"top1": 50.0}],
+                "linear": (torch.zeros(len(CLASSES), train_x.shape[1]), torch.zeros(len(CLASSES)))}
+
+    monkeypatch.setattr("unsupdistill.methods.kd.linear_probe_grid", grid)
+    config = load_config(None, ["method=kd", f"distill.teacher={data['teacher']}", f"data.path={data['pool']}",
+                                f"data.labels={data['labels']}", *STUDENT])
+    method = KnowledgeDistillation(config, Runtime(torch.device("cpu"), None, 1, tmp_path))
+    dataset = build_dataset(config.data, method.image_size)
+    labels = training_labels(config.data.labels, dataset)
+    method.setup(dataset, labels)
+    assert labels.labeled == 24 and seen["rows"] == seen["test_rows"] == 24  # the labeled images, nothing else
+    names = [Path(f).name for f in dataset.files]
+    expected = [CLASSES.index(n.split("_")[1][:-4]) for n in names if int(n[:2]) < 8]
+    assert seen["labels"].tolist() == expected
+
+
+@pytest.fixture(scope="module")
+def chain(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("chain") / "born_again"
+    assert kd(out, data, "--generations", "2") == 0
+    return out
+
+
+def test_generations_learn_from_the_one_before_and_end_with_one_table(chain, capsys):
+    assert (chain / "gen_1" / "classifier.safetensors").is_file() and (chain / "gen_2" / "backbone.json").is_file()
+    gen2 = (chain / "gen_2" / "config.yaml").read_text()
+    assert f"teacher: {chain / 'gen_1'}" in gen2
+    assert json.loads((chain / "status.json").read_text())["state"] == "done"
+    table = (chain / "generations.md").read_text()
+    assert "gen_1" in table and table.count("\n") >= 4  # header, rule, two generations
+
+
+def test_a_generations_teacher_is_frozen_and_bit_identical_after_training(chain, data, tmp_path):
+    teacher = chain / "gen_1"
+    before = {name: hashlib.sha256((teacher / name).read_bytes()).hexdigest()
+              for name in ("backbone.safetensors", "classifier.safetensors")}
+    config = load_config(None, ["method=kd", f"distill.teacher={teacher}", f"data.path={data['pool']}",
+                                f"data.labels={data['labels']}", *STUDENT, "train.max_steps=4"])
+    trainer = build_trainer(config, tmp_path / "gen")
+    method = trainer.method
+    assert method.teacher_head_source.startswith("the teacher's own classifier")
+    frozen = {k: v.clone() for k, v in method.teacher.backbone.state_dict().items()}
+    head = {k: v.clone() for k, v in method.teacher_classifier.state_dict().items()}
+    trainer.fit()
+    assert not any(p.requires_grad for p in method.teacher.backbone.parameters())
+    assert all(torch.equal(v, frozen[k]) for k, v in method.teacher.backbone.state_dict().items())
+    assert all(torch.equal(v, head[k]) for k, v in method.teacher_classifier.state_dict().items())
+    fresh = load_teacher(str(teacher))
+    assert all(torch.equal(v, fresh.backbone.state_dict()[k]) for k, v in frozen.items())
+    own = load_classifier(teacher)
+    rows = [own.classes.index(c) for c in CLASSES]
+    assert torch.equal(head["weight"], own.weight[rows]) and torch.equal(head["bias"], own.bias[rows])
+    assert before == {name: hashlib.sha256((teacher / name).read_bytes()).hexdigest() for name in before}
+
+
+def test_resume_after_sigkill_in_generation_2_continues_it_with_equal_losses(chain, data, tmp_path):
+    out = tmp_path / "born_again"
+    args = ["distill", str(data["pool"]), "--out", str(out), "--teacher", str(data["teacher"]), "--labels",
+            str(data["labels"]), "--generations", "2", *STUDENT]
+    proc = subprocess.Popen([sys.executable, "-m", "unsupdistill", *args], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not any(m["step"] >= 7
+                                                                     for m in read_metrics(out / "gen_2")):
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "gen_1" / "backbone.safetensors").is_file() and not (out / "gen_2" / "backbone.json").exists()
+    gen1 = (out / "gen_1" / "backbone.safetensors").stat().st_mtime_ns
+    result = cli("distill", "--resume", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "gen_1" / "backbone.safetensors").stat().st_mtime_ns == gen1  # generation 1 is not trained again
+    expected = {m["step"]: m["loss"] for m in read_metrics(chain / "gen_2") if "loss" in m}
+    got = {m["step"]: m["loss"] for m in read_metrics(out / "gen_2") if "loss" in m}
+    assert got.keys() == expected.keys()
+    assert all(got[s] == pytest.approx(expected[s], rel=1e-5) for s in expected), (got, expected)
+
+
+def write_rows(path: Path, rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "label"], *rows])
+    return path
+
+
+@pytest.mark.parametrize("case", ["empty class", "missing file", "outside data.path", "label outside the classes"])
+def test_bad_labels_fail_before_training_with_the_file_and_the_fix(case, data, chain, tmp_path, caplog):
+    teacher, labels, folder = data["teacher"], None, data["pool"]
+    if case == "empty class":
+        folder = tmp_path / "labeled"
+        for name in CLASSES:
+            (folder / name).mkdir(parents=True)
+        rng = np.random.default_rng(1)
+        for name in CLASSES[:2]:
+            for i in range(10):  # more than a batch: the labels are what fails
+                tinted(rng, 0).save(folder / name / f"{i}.png")
+        labels, expected = folder, [f"class folder {folder / 'red'}", "holds no images"]
+    elif case == "missing file":
+        labels = write_rows(data["root"] / "missing.csv", [["pool/00_blue.png", "blue"], ["pool/nope.png", "red"]])
+        expected = [str(labels), "line 3", "do not exist"]
+    elif case == "outside data.path":
+        labels = write_rows(tmp_path / "outside.csv", [[str(data["test"] / "red" / "0.png"), "red"],
+                                                       [str(data["pool"] / "00_blue.png"), "blue"]])
+        expected = [str(data["test"] / "red" / "0.png"), "put the labeled images inside data.path"]
+    else:
+        teacher = chain / "gen_1"  # a classifier over blue, green, red
+        labels = write_rows(data["root"] / "purple.csv", [["pool/00_blue.png", "blue"], ["pool/01_red.png", "purple"]])
+        expected = ["'purple'", "teacher's classifier does not know", "Label with those classes"]
+    out = tmp_path / "run"
+    args = ["distill", str(folder), "--out", str(out), "--teacher", str(teacher), "--labels", str(labels), *STUDENT]
+    assert main(args) == 2
+    for text in expected:
+        assert text in caplog.text, (text, caplog.text[-2000:])
+    assert not (out / "checkpoints").exists()

@@ -1,0 +1,184 @@
+"""Distillation with labels: a frozen teacher and the user's labels teach a small student together.
+
+On the labeled images the student's classifier learns from the labels and the teacher's softened class
+probabilities (Hinton et al. 2015, :class:`~unsupdistill.losses.KDLoss`); on every image, labeled or not, its
+features keep matching the teacher's as in :class:`~unsupdistill.methods.distill.Distillation` (the feature term,
+weight ``kd.feature_weight``), so the unlabeled majority still teaches. The teacher's class probabilities come from
+its own classifier when it has one over the labels' classes (a model of ours distilled with labels: a born-again
+generation), else from a linear head fitted before training on the frozen teacher's features of the labeled
+images (the probe grid of ``unsupdistill eval``). The student exports its backbone and its classifier.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from unsupdistill.config import Config, ConfigError
+from unsupdistill.data.labeled import TrainingLabels
+from unsupdistill.evaluate.linear_grid import linear_probe_grid
+from unsupdistill.losses import KDLoss
+from unsupdistill.methods.distill import Distillation, DistillViews
+from unsupdistill.models.backbone import pooled_and_spatial
+from unsupdistill.models.classifier import Classifier
+from unsupdistill.train.method import Batch, Export, Runtime
+from unsupdistill.train.schedules import ScheduleValues
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KDConfig:
+    """Distillation with labels (the ``kd`` section; the teacher, its input, the views and the cache are the
+    ``distill`` section's)."""
+
+    alpha: float = 0.5
+    """Weight ``a`` of the teacher's soft labels against the hard labels: (1 - a) * CE + a * T^2 * KL."""
+    temperature: float = 4.0
+    """Softmax temperature ``T`` of the soft term (Hinton et al.: 2 to 20)."""
+    feature_weight: float = 1.0
+    """Weight of the feature term (the student's projected features against the teacher's, on every image)."""
+
+    def checks(self, config: Config) -> list[tuple[bool, str, str]]:
+        """(ok, key, what is allowed) for the values types cannot check."""
+        return [
+            (0 <= self.alpha <= 1, "kd.alpha", "a weight in [0, 1] (0: labels only, 1: the teacher only)"),
+            (self.temperature > 0, "kd.temperature", "a number > 0"),
+            (self.feature_weight >= 0, "kd.feature_weight", "a number >= 0 (0: no feature term)"),
+            (config.method != "kd" or config.data.labels is not None, "data.labels",
+             "labels for method=kd: a folder of class subfolders or a path,label CSV of images in data.path "
+             "(the distill command's --labels)"),
+        ]
+
+
+class KnowledgeDistillation(Distillation):
+    """Distillation from the frozen ``distill.teacher`` with the labels of ``data.labels``."""
+
+    name = "kd"
+    command = "distill"
+    uses_labels = True
+    settings: ClassVar[dict[str, type]] = {**Distillation.settings, "kd": KDConfig}
+
+    def __init__(self, config: Config, runtime: Runtime) -> None:
+        super().__init__(config, runtime)
+        self.kd_loss = KDLoss(config.kd.alpha, config.kd.temperature)
+        self.teacher_classifier: Classifier | None = None
+        self.teacher_head_source = ""
+        self.labels: TrainingLabels | None = None
+
+    def setup(self, dataset: Dataset, labels: TrainingLabels | None = None) -> None:
+        if labels is None or labels.labeled == 0:
+            raise ConfigError("method kd learns from labels, but no training image has one: set data.labels (the "
+                              "distill command's --labels) to a folder of class subfolders or a path,label CSV "
+                              "whose images are in data.path")
+        super().setup(dataset, labels)
+        self.labels = labels
+        self.teacher_classifier = self._teacher_classifier(dataset, labels).to(self.runtime.device)
+        classifier = Classifier(self.spec.feature_dim, labels.classes)
+        self.student.classifier = classifier.to(self.runtime.device)
+        if self.ema is not None:
+            self.ema.classifier = copy.deepcopy(classifier).requires_grad_(False)
+
+    def _teacher_classifier(self, dataset: Dataset, labels: TrainingLabels) -> Classifier:
+        """The teacher's own classifier mapped onto the labels' classes, or a linear head fitted on its features."""
+        own = self.teacher.classifier
+        if own is not None:
+            missing = [name for name in labels.classes if name not in own.classes]
+            if missing:
+                raise ConfigError(f"{labels.source} has classes the teacher's classifier does not know "
+                                  f"({', '.join(repr(m) for m in missing[:5])}); its classes: "
+                                  f"{', '.join(own.classes[:20])}. Label with those classes, or distill from a teacher "
+                                  "without a classifier (a head is then fitted to your labels)")
+            rows = torch.tensor([own.classes.index(name) for name in labels.classes])
+            mapped = Classifier(own.in_features, labels.classes)
+            mapped.load_state_dict({"weight": own.weight[rows], "bias": own.bias[rows]})
+            self.teacher_head_source = f"the teacher's own classifier ({len(own.classes)} classes)"
+            return mapped.requires_grad_(False).eval()
+        features, targets = self._teacher_features(dataset, labels)
+        result = linear_probe_grid(features, targets, features, targets, device="cpu", seed=self.config.train.seed,
+                                   classifier=True)
+        held_out = max(point["top1"] for point in result["val_top1"])
+        weight, bias = result["linear"]
+        head = Classifier(features.shape[1], labels.classes)
+        head.load_state_dict({"weight": weight, "bias": bias})
+        self.teacher_head_source = (f"a linear head fitted on the teacher's features of the {len(targets)} labeled "
+                                    f"images ({held_out:.1f} % on a held-out fifth)")
+        logger.info("teacher head: %s", self.teacher_head_source)
+        return head.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def _teacher_features(self, dataset: Dataset, labels: TrainingLabels, batch: int = 128) -> tuple[Tensor, Tensor]:
+        """The frozen teacher's pooled features (N, Dt) of the whole labeled images, at its input size, and their
+        classes (N,): the labeled images only, as the training set holds them."""
+        rows = (labels.labels >= 0).nonzero().squeeze(1)
+        device, out = self.runtime.device, []
+        for chunk in rows.split(batch):
+            items = [dataset[int(i)] for i in chunk]
+            images = torch.stack([item[0] if isinstance(item, tuple) else item for item in items]).to(device)
+            _, views = self.augment.render(images, self.augment.whole(len(chunk)))  # (b, 3, T, T)
+            views = views.contiguous(memory_format=torch.channels_last)
+            with self.runtime.autocast():
+                pooled, _ = pooled_and_spatial(self.teacher.backbone, views)
+            out.append(pooled.float().cpu())  # (b, Dt)
+        return torch.cat(out), labels.labels[rows]
+
+    def describe(self) -> str:
+        labels = self.labels
+        told = f"; labels: {labels.labeled} of {len(labels.labels)} images, {len(labels.classes)} classes" \
+            if labels is not None else ""
+        return f"{super().describe()}{told}; teacher's class probabilities from {self.teacher_head_source}"
+
+    def views(self, batch: Batch, sched: ScheduleValues) -> DistillViews:
+        views = super().views(batch, sched)
+        views.labels = batch.labels
+        return views
+
+    def loss(self, views: DistillViews, sched: ScheduleValues) -> Tensor:
+        out = self.forward_views(views)
+        feature = self.feature_loss(out, sched)
+        labeled = views.labels >= 0  # (B,)
+        student_logits = out.student_logits.float()  # (B, C)
+        with torch.no_grad():
+            teacher_logits = self.teacher_classifier(out.teacher_pooled.float())  # (B, C)
+        if labeled.any():
+            kd = self.kd_loss(student_logits[labeled], teacher_logits[labeled], views.labels[labeled])
+        else:  # no labeled image in this batch: the classifier still joins the graph (DDP expects its gradients)
+            kd = 0.0 * student_logits.sum()
+        self._last |= {"kd": kd.detach(), "labeled": labeled.float().mean(),
+                       "student_hits": (student_logits.argmax(1) == views.labels)[labeled].float().sum(),
+                       "teacher_hits": (teacher_logits.argmax(1) == views.labels)[labeled].float().sum(),
+                       "labeled_count": labeled.sum()}
+        return self.config.kd.feature_weight * feature + kd
+
+    @torch.no_grad()
+    def signals(self, sched: ScheduleValues) -> dict[str, float]:
+        last, out = self._last, super().signals(sched)
+        count = max(int(last["labeled_count"]), 1)
+        out |= {"kd_loss": last["kd"].item(), "labeled_share": last["labeled"].item(),
+                "student_label_accuracy": last["student_hits"].item() / count,
+                "teacher_label_accuracy": last["teacher_hits"].item() / count}
+        return out
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return super().checkpoint_state() | {"teacher_classifier": self.teacher_classifier.state_dict(),
+                                             "classes": list(self.labels.classes)}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        if state.get("classes") != list(self.labels.classes):
+            raise ConfigError(f"the checkpoint was trained on classes {state.get('classes')}, but {self.labels.source} "
+                              f"gives {self.labels.classes}; resume with the run's own data.labels")
+        super().load_checkpoint_state(state)
+        self.teacher_classifier.load_state_dict(state["teacher_classifier"])  # the head the run started with
+
+    def export(self) -> Export:
+        export = super().export()
+        classifier = (self.ema or self.student).classifier
+        export.classifier = (classifier.weight.detach(), classifier.bias.detach(), list(self.labels.classes))
+        export.extra |= {"classes": list(self.labels.classes)}
+        return export
