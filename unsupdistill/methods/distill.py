@@ -381,9 +381,9 @@ class Distillation(Method):
         d = self.config.distill
         dense = f" + {d.dense_weight:g} x dense" if self.dense_loss is not None else ""
         queue = f", queue {self.global_loss.queue.shape[0]}" if isinstance(self.global_loss, QueueKLLoss) else ""
-        return (f"{self.name}: {self.spec.name} ({self.config.augment.global_1.size} px) from teacher {self.teacher.name} "
-                f"({self.teacher.input_size} px, {self.teacher.feature_dim}-d), loss {d.loss}{dense}{queue}; "
-                f"teacher cache {self.cache_reason}")
+        return (f"{self.name}: {self.spec.name} ({self.config.augment.global_1.size} px) from teacher "
+                f"{self.teacher.name} ({self.teacher.input_size} px, {self.teacher.feature_dim}-d), loss "
+                f"{d.loss}{dense}{queue}; teacher cache {self.cache_reason}")
 
     def views(self, batch: Batch, sched: ScheduleValues) -> DistillViews:
         params = self.augment.sample(len(batch.indices))  # drawn every step alike, so a resume replays the RNG
