@@ -72,7 +72,8 @@ def embed_command(args: argparse.Namespace) -> int:
           f"{result.skipped} unreadable files skipped\n"
           f"features: {result.features}\npaths:    {result.paths}\nsummary:  {result.summary}"
           + (f"\nskipped:  {result.skipped_list}" if result.skipped_list else "")
-          + (f"\nclasses:  {result.predictions} (top {args.top_k} per image)" if result.predictions else ""))
+          + (f"\nclasses:  {result.predictions} (top {result.classes_per_image} per image)"
+             if result.predictions else ""))
     return 0
 
 

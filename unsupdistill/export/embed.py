@@ -36,6 +36,8 @@ class EmbedResult:
     summary: Path
     skipped_list: Path | None
     predictions: Path | None
+    """Each image's most probable classes (a model with a classifier), or None."""
+    classes_per_image: int
     count: int
     feature_dim: int
     skipped: int
@@ -103,8 +105,10 @@ def embed_folder(model: str, data: str | Path, out: str | Path, *, student: bool
     skipped = write_skipped(dataset, skipped_list)
     if not skipped:
         skipped_list.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
+    per_image = min(top_k, len(classifier.classes)) if classifier is not None else 0
     result = EmbedResult(out, paths_file, out.with_suffix(".json"), skipped_list if skipped else None, predictions,
-                         len(paths), int(array.shape[1]), skipped, len(paths) / seconds, str(device), workers)
+                         per_image, len(paths), int(array.shape[1]), skipped, len(paths) / seconds, str(device),
+                         workers)
     summary = {"model": loaded.name, "model_spec": str(model), "data": str(data), "images": result.count,
                "feature_dim": result.feature_dim, "skipped": skipped, "input_size": loaded.input_size,
                "precision": str(precision or "fp32"), "device": result.device, "workers": workers,
