@@ -111,6 +111,21 @@ def train_and_score(kind: str, name: str, args: argparse.Namespace, command: lis
     return row
 
 
+def cell(row: dict, key: str, form: str) -> str:
+    """``row[key]`` formatted for a table, ``-`` where the row has none."""
+    return "-" if row.get(key) is None else format(row[key], form)
+
+
+def write_result(path: Path, rows: list[dict], **fields: object) -> None:
+    """Write a benchmark's rows as JSON at ``path``, with the date, the machine, torch's version, ``fields`` and the
+    command that ran it, and say where."""
+    result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores", "torch": torch.__version__, **fields, "command": " ".join(sys.argv),
+              "rows": rows}
+    write_json(result, path)
+    print(f"\nresults: {path}")
+
+
 def make_quick_data(root: Path) -> tuple[Path, Path]:
     """A labeled folder (3 classes of coloured noise, 24 images each per split) and a tiny DINO teacher run."""
     rng = np.random.default_rng(0)
@@ -186,9 +201,6 @@ def main(argv: list[str] | None = None) -> int:
             command = ["pretrain", str(args.data / "train"), "--recipe", "cifar10_cpu", *model, *budget, *extra]
             rows.append(train_and_score("DINO from scratch", f"{sname}-dino", args, command, not args.no_linear))
 
-    def cell(row: dict, key: str, form: str) -> str:
-        return "-" if row.get(key) is None else format(row[key], form)
-
     table = [{"run": r["run"], "kind": r["kind"], "input px": cell(r, "input_size", "d"),
               "k-NN top-1": f"{r['knn_top1']:.2f}", "linear top-1": cell(r, "linear_top1", ".2f"),
               "train img/s": cell(r, "images_per_s", ".0f"),
@@ -198,11 +210,7 @@ def main(argv: list[str] | None = None) -> int:
               "params M": "-" if r.get("parameters") is None else f"{r['parameters'] / 1e6:.2f}",
               "GFLOPs/image": cell(r, "gflops_per_image", ".3f")} for r in rows]
     print(format_table(table, list(table[0]), markdown=True))
-    result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores", "torch": torch.__version__, "budget_s": args.budget,
-              "overrides": args.set, "command": " ".join(sys.argv), "rows": rows}
-    write_json(result, args.json or args.out / "result.json")
-    print(f"\nresults: {args.json or args.out / 'result.json'}")
+    write_result(args.json or args.out / "result.json", rows, budget_s=args.budget, overrides=args.set)
     return 0
 
 

@@ -26,20 +26,25 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import logging
-import os
-import platform
 import random
 import sys
 from pathlib import Path
 
-import torch
-from bench_distill import QUICK, QUICK_STUDENTS, STUDENTS, make_quick_data, run_cli, training_summary
+from bench_distill import (
+    QUICK,
+    QUICK_STUDENTS,
+    STUDENTS,
+    cell,
+    make_quick_data,
+    run_cli,
+    training_summary,
+    write_result,
+)
 
 from unsupdistill.data import list_image_files
-from unsupdistill.evaluate.report import format_table, write_json
+from unsupdistill.evaluate.report import format_table
 
 logger = logging.getLogger("bench_kd")
 
@@ -142,9 +147,6 @@ def main(argv: list[str] | None = None) -> int:
                 kind = "(c) distillation with labels" if k == 1 else f"(d) born-again generation {k}"
                 run(f"{out.name}/gen_{k}", kind, command, run_dir)
 
-    def cell(row: dict, key: str, form: str) -> str:
-        return "-" if row.get(key) is None else format(row[key], form)
-
     table = [{"run": r["run"], "kind": r["kind"], "classifier top-1": cell(r, "classifier_top1", ".2f"),
               "linear top-1": cell(r, "linear_top1", ".2f"), "k-NN top-1": cell(r, "knn_top1", ".2f"),
               "train img/s": cell(r, "images_per_s", ".0f"), "epochs": cell(r, "epochs", ".2f"),
@@ -152,12 +154,8 @@ def main(argv: list[str] | None = None) -> int:
               "params M": "-" if r.get("parameters") is None else f"{r['parameters'] / 1e6:.2f}",
               "GFLOPs/image": cell(r, "gflops_per_image", ".3f")} for r in rows]
     print(format_table(table, list(table[0]), markdown=True))
-    result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores", "torch": torch.__version__, "budget_s": args.budget,
-              "labels": str(labels), "per_class": args.per_class, "seed": args.seed, "overrides": args.set,
-              "command": " ".join(sys.argv), "rows": rows}
-    write_json(result, args.json or args.out / "result.json")
-    print(f"\nresults: {args.json or args.out / 'result.json'}")
+    write_result(args.json or args.out / "result.json", rows, budget_s=args.budget, labels=str(labels),
+                 per_class=args.per_class, seed=args.seed, overrides=args.set)
     return 0
 
 

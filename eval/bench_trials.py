@@ -17,20 +17,16 @@ The commands behind the trial tables of BENCHMARKS.md look like::
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
-import os
-import platform
 import shlex
 import sys
 from pathlib import Path
 
-import torch
-from bench_distill import QUICK, evaluate, make_quick_data, run_cli, training_summary
+from bench_distill import QUICK, evaluate, make_quick_data, run_cli, training_summary, write_result
 
 from unsupdistill.cli.training import split_pretrain_args
 from unsupdistill.config import ConfigError, load_config
-from unsupdistill.evaluate.report import format_table, write_json
+from unsupdistill.evaluate.report import format_table
 
 logger = logging.getLogger("bench_trials")
 
@@ -90,12 +86,8 @@ def main(argv: list[str] | None = None) -> int:
               "epochs": f"{r['epochs']:.2f}", "images/s": f"{r['images_per_s']:.0f}",
               "k-NN top-1": f"{r['knn_top1']:.2f}"} for r in rows]
     print(format_table(table, list(table[0]), markdown=True))
-    result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores", "torch": torch.__version__, "recipe": args.recipe, "budget_s": args.budget,
-              "common": args.common, "command": " ".join(sys.argv), "rows": rows}
-    path = args.json or args.out / "trials.json"
-    write_json(result, path)
-    print(f"\nresults: {path}")
+    write_result(args.json or args.out / "trials.json", rows, recipe=args.recipe, budget_s=args.budget,
+                 common=args.common)
     return 0
 
 
