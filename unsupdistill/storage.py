@@ -127,8 +127,7 @@ def save_backbone(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any],
     """Write ``backbone.safetensors`` (plain tensors) and ``backbone.json`` (how to rebuild and feed it)."""
     weights = out_dir / "backbone.safetensors"
     save_weights(state_dict, weights, metadata["format"])
-    sidecar = out_dir / "backbone.json"
-    atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2) + "\n"))
+    write_json_atomic(metadata, out_dir / "backbone.json")
     return weights
 
 
@@ -146,8 +145,14 @@ def save_classifier(weight: torch.Tensor, bias: torch.Tensor, classes: list[str]
     path = out_dir / CLASSIFIER_FILE
     save_weights({"weight": weight, "bias": bias}, path, "pt")
     sidecar = {"classes": list(classes), "feature_dim": int(weight.shape[1]), "backbone": "backbone.safetensors"}
-    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
+    write_json_atomic(sidecar, path.with_suffix(".json"))
     return path
+
+
+def write_json_atomic(data: Any, path: Path) -> None:
+    """Write plain JSON-ready ``data`` as indented JSON at ``path``, atomically (see :func:`atomic_write`)."""
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def atomic_write(path: Path, write: Callable[[str], Any], check: Callable[[str], Any] | None = None) -> None:

@@ -29,7 +29,7 @@ from unsupdistill.data import DataError, FolderScan, num_workers, scan_for_run
 from unsupdistill.devices import training_device
 from unsupdistill.export import ExportError
 from unsupdistill.models.load import ModelSpecError
-from unsupdistill.storage import CLASSIFIER_FILE, CheckpointError, atomic_write, latest_checkpoint
+from unsupdistill.storage import CLASSIFIER_FILE, CheckpointError, latest_checkpoint, write_json_atomic
 from unsupdistill.train.checkpoint import set_aside_later_state
 from unsupdistill.train.faults import TrainingError, TrainingStopped
 from unsupdistill.train.status import STATUS_FILE, read_status, resume_command, write_status
@@ -171,8 +171,7 @@ def _train_generations(root: Path, chain: dict, device: torch.device) -> int:
     finished generation is kept; one with a checkpoint resumes. Ends with a table of every generation."""
     if distributed.is_main_process():
         root.mkdir(parents=True, exist_ok=True)
-        path = root / GENERATIONS_FILE
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(chain, indent=2) + "\n"))
+        write_json_atomic(chain, root / GENERATIONS_FILE)
     base = merge(Config(), chain["config"], str(root / GENERATIONS_FILE))  # checked as each generation starts
     pair = tuple(chain["pair"]) if chain.get("pair") else None
     rows = []

@@ -7,7 +7,6 @@ nothing to close once the figure is saved.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from sklearn.metrics import confusion_matrix
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-from unsupdistill.storage import atomic_write
+from unsupdistill.storage import atomic_write, write_json_atomic
 
 EMBEDDING_METHODS = ("auto", "pca", "tsne")
 MAX_TSNE_POINTS = 2000
@@ -106,8 +105,7 @@ def write_json(results: Mapping[str, Any], path: Path) -> None:
     Floats are written exactly (``repr``); tensors and numpy arrays become lists, numpy scalars numbers.
     JSON object keys are strings, so integer keys (``{20: ...}``) read back as ``"20"``.
     """
-    text = json.dumps(_jsonable(results), indent=2) + "\n"
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    write_json_atomic(_jsonable(results), path)
 
 
 # ----------------------------------------------------------------------------------------------

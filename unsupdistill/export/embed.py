@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from unsupdistill.export.formats import ExportError
 from unsupdistill.models.classifier import load_classifier
 from unsupdistill.models.classifier import top_k as top_k_classes
 from unsupdistill.models.load import load_model
-from unsupdistill.storage import atomic_write
+from unsupdistill.storage import atomic_write, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +114,7 @@ def embed_folder(model: str, data: str | Path, out: str | Path, *, student: bool
                "seconds": seconds, "images_per_s": result.images_per_s,
                "features": str(out), "paths": str(paths_file),
                "predictions": str(predictions) if predictions else None}
-    atomic_write(result.summary, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    write_json_atomic(summary, result.summary)
     return result
 
 

@@ -8,7 +8,6 @@ leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import asdict, dataclass
@@ -24,7 +23,7 @@ from unsupdistill.data import DataError, DigitsDataset, list_image_files, load_r
 from unsupdistill.evaluate.features import NormalizedBackbone
 from unsupdistill.models.backbone import BACKBONE_FORMAT, BackboneSpec, rebuild_backbone
 from unsupdistill.models.load import FeatureModel, load_model
-from unsupdistill.storage import atomic_write, save_weights
+from unsupdistill.storage import atomic_write, save_weights, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, student
     _WRITERS[fmt](out_path, loaded, reference, images, check)
     sidecar = sidecar_path(out_path)
     meta = export_description(loaded, fmt, parity[0], atol, rtol)
-    atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json_atomic(meta, sidecar)
     return ExportResult(out_path, sidecar, fmt, parity[0])
 
 
