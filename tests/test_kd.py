@@ -19,7 +19,7 @@ from conftest import cli, export_teacher, read_metrics
 from PIL import Image
 
 from unsupdistill.cli import main
-from unsupdistill.config import load_config
+from unsupdistill.config import ConfigError, load_config
 from unsupdistill.data import build_dataset
 from unsupdistill.data.labeled import training_labels
 from unsupdistill.losses import KDLoss
@@ -209,6 +209,14 @@ def test_resume_after_sigkill_in_generation_2_continues_it_with_equal_losses(cha
     got = {m["step"]: m["loss"] for m in read_metrics(out / "gen_2") if "loss" in m}
     assert got.keys() == expected.keys()
     assert all(got[s] == pytest.approx(expected[s], rel=1e-5) for s in expected), (got, expected)
+
+
+def test_kd_needs_a_teacher_as_distillation_does():
+    with pytest.raises(ConfigError, match="distill.teacher: expected a teacher when method=kd"):
+        load_config(None, ["method=kd", "data.labels=digits"])
+    with pytest.raises(ConfigError, match="distill.teacher: expected a teacher when method=distill"):
+        load_config(None, ["method=distill"])
+    load_config(None, ["method=dino"])  # DINO reads no distill section: no teacher needed
 
 
 def write_rows(path: Path, rows: list[list[str]]) -> Path:

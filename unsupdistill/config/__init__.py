@@ -32,6 +32,7 @@ from unsupdistill.config.sections import (
     OptimConfig,
     TrainConfig,
     method_sections,
+    reads_section,
     register_method,
 )
 
@@ -39,4 +40,4 @@ __all__ = ["METHOD_NAMES", "METHOD_SECTIONS", "PATH", "AugmentConfig", "Config",
            "DataConfig", "EvalConfig", "ModelConfig", "OptimConfig", "TrainConfig", "absolute_paths", "apply_overrides",
            "config_errors", "config_from_dict", "load_config", "merge", "parse_override", "path_keys", "read_recipe",
            "recipe_names", "method_sections",
-           "register_method", "validate"]
+           "reads_section", "register_method", "validate"]

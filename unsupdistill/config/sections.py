@@ -184,6 +184,8 @@ METHOD_SECTIONS: dict[str, type] = {}
 """Every method's own config section (a dataclass) by its name; :func:`register_method` fills it."""
 METHOD_NAMES: list[str] = []
 """The registered ``method`` values."""
+_SECTIONS_OF: dict[str, frozenset[str]] = {}
+"""The sections each registered method reads, by method name."""
 
 
 def register_method(name: str, sections: dict[str, type]) -> None:
@@ -195,6 +197,13 @@ def register_method(name: str, sections: dict[str, type]) -> None:
     if name not in METHOD_NAMES:
         METHOD_NAMES.append(name)
     METHOD_SECTIONS.update(sections)
+    _SECTIONS_OF[name] = frozenset(sections)
+
+
+def reads_section(config: Config, section: str) -> bool:
+    """Whether ``config.method`` reads the method section ``section`` (``kd`` reads ``distill``'s teacher too), so
+    a section's checks that hold only when it is used can say so without naming every method that uses it."""
+    return section in _SECTIONS_OF.get(config.method, frozenset())
 
 
 def method_sections() -> dict[str, type]:

@@ -29,7 +29,7 @@ from unsupdistill import distributed
 from unsupdistill.augment import DistillAugmentation
 from unsupdistill.augment.distill import VIEW_PARAMS
 from unsupdistill.auto import Chooser, FolderFacts
-from unsupdistill.config import PATH, Config, ConfigError
+from unsupdistill.config import PATH, Config, ConfigError, reads_section
 from unsupdistill.data.fingerprint import data_fingerprint
 from unsupdistill.data.labeled import TrainingLabels
 from unsupdistill.losses import (
@@ -113,9 +113,9 @@ class DistillConfig:
     def checks(self, config: Config) -> list[tuple[bool, str, str]]:
         """(ok, key, what is allowed) for the values types cannot check."""
         checks = [
-            (config.method != "distill" or bool(self.teacher and self.teacher.strip()), "distill.teacher",
-             "a teacher when method=distill: a run directory, an exported .safetensors, a checkpoint .pt or "
-             "timm:NAME[,pretrained=true]"),
+            (not reads_section(config, "distill") or bool(self.teacher and self.teacher.strip()), "distill.teacher",
+             f"a teacher when method={config.method}: a run directory, an exported .safetensors, a checkpoint .pt "
+             "or timm:NAME[,pretrained=true]"),
             (self.teacher_size is None or self.teacher_size >= 1, "distill.teacher_size", "null or an integer >= 1"),
             *((getattr(self, key) > 0, f"distill.{key}", "a number > 0")
               for key in ("temperature", "dense_temperature")),
