@@ -127,9 +127,9 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finish_run(run_dir: Path, config: Config, backbone: Path, pair: tuple[str, str] | None) -> dict | None:
+def _finish_run(run_dir: Path, config: Config, backbone: Path, pair: tuple[str, str] | None) -> None:
     """Process 0 after a run: status ``done``, the curves, where the outputs went, and what the run learned (with a
-    labeled pair); returns the summary, or None without one."""
+    labeled pair, in ``summary.json``)."""
     from unsupdistill.methods import METHODS
 
     method = METHODS[config.method]
@@ -147,7 +147,7 @@ def _finish_run(run_dir: Path, config: Config, backbone: Path, pair: tuple[str, 
           f"  status:      {run_dir / STATUS_FILE}"
           + (f"\n  curves:      {curves}" if curves else ""))
     if pair is None or not config.eval.summary:
-        return None
+        return
     from unsupdistill.evaluate.summary import SUMMARY_FILE, run_summary
 
     teacher, teacher_size = method.teacher_of(config) or (None, None)
@@ -157,7 +157,6 @@ def _finish_run(run_dir: Path, config: Config, backbone: Path, pair: tuple[str, 
                       for spec, part in zip(pair, ("train", "test")))
     print(f"\nWhat the run learned: k-NN top-1 (k = 20) on {scored}, memory {memory}:\n"
           f"{summary['table']}\n{summary['reading']}\n  summary:     {run_dir / SUMMARY_FILE}")
-    return summary
 
 
 GENERATIONS_FILE = "generations.json"

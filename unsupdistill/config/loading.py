@@ -241,10 +241,12 @@ def _renamed(data: dict[str, Any], source: str) -> dict[str, Any]:
         new_section, _, new_key = new.partition(".")
         if not old_key:
             if old_section in data:
-                value = data.pop(old_section)
-                moved = {**value, **data.get(new_section, {})} if isinstance(value, dict) and isinstance(
-                    data.get(new_section, {}), dict) else data.get(new_section, value)
-                data[new_section] = moved
+                value, current = data.pop(old_section), data.get(new_section, {})
+                if isinstance(value, dict) and isinstance(current, dict):
+                    value = {**value, **current}
+                elif new_section in data:
+                    value = current
+                data[new_section] = value
                 logger.warning("%s: section '%s' is now '%s' (read as such; rename it there)", source, old, new)
             continue
         section = data.get(old_section)

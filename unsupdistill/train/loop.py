@@ -315,14 +315,15 @@ class Trainer:
         epochs = -(-last_step // self.steps_per_epoch)  # ceil
         return f"epoch {epoch + 1}/{epochs} of {last_step} steps"
 
-    def batch(self, loaded: list) -> Batch:
+    def batch(self, loaded: list, list_failures: bool = True) -> Batch:
         """The loader's ``(items, indices)`` as a :class:`Batch` on the device; files that failed after the scan
-        (replaced in the batch) are counted and listed."""
+        (replaced in the batch) are counted and listed, with ``list_failures`` (a dry run writes nothing)."""
         items, indices = loaded
         failed = None
         if isinstance(items, (list, tuple)):
             items, failed = items
-            self.files_failed += list_late_failures(self.dataset, failed, self.run_dir / "skipped.txt")
+            if list_failures:
+                self.files_failed += list_late_failures(self.dataset, failed, self.run_dir / "skipped.txt")
         labels = None
         if self.labels is not None:
             labels = self.labels.labels[indices]
@@ -333,10 +334,7 @@ class Trainer:
 
     def dry_run_step(self) -> dict:
         """Run one step on a tiny batch and report what a full run would do; writes nothing."""
-        items, indices = next(iter(self.loader))
-        images = items[0] if isinstance(items, (list, tuple)) else items  # (images, failed files) from a folder
-        labels = self.labels.labels[indices].to(self.device) if self.labels is not None else None
-        batch = Batch(images.to(self.device), indices, labels)
+        batch = self.batch(next(iter(self.loader)), list_failures=False)
         self.method.start_epoch(0)
         sched = schedule_at(0, self.total_steps, self.steps_per_epoch, self.config.train.batch_size,
                             self.config.optim)
