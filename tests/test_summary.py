@@ -11,7 +11,7 @@ from unsupdistill.cli import main
 from unsupdistill.config import load_config
 from unsupdistill.data import DigitsDataset, digits_split
 from unsupdistill.evaluate.run import EvalOptions, evaluate
-from unsupdistill.evaluate.summary import random_init_spec
+from unsupdistill.evaluate.summary import random_init_spec, run_summary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,12 +56,17 @@ def test_digits_run_ends_with_the_table_eval_gives(tmp_path, tiny, capsys):
     assert size == 12  # recipes/digits.yaml's global crops
     assert scores["this run"] == knn(str(run), "digits", "digits", size)
     assert scores["raw pixels"] == knn("pixels", "digits", "digits", size)
-    assert summary["models"]["same network, random init"] == random_init_spec(sidecar)
-    import torch
-    torch.manual_seed(0)  # the run's seed (train.seed)
-    assert scores["same network, random init"] == knn(random_init_spec(sidecar), "digits", "digits", size)
+    assert summary["models"]["same network, random init"] == random_init_spec(sidecar, 0)  # train.seed's default
+    assert scores["same network, random init"] == knn(random_init_spec(sidecar, 0), "digits", "digits", size)
     for value in scores.values():
         assert f"{value:.1f}" in summary["table"]
+
+    # another train.seed draws another random init: its row changes, the trained and pixel rows do not
+    reseeded = run_summary(run, "digits", "digits", seed=1)
+    assert "seed=1" in reseeded["models"]["same network, random init"]
+    assert reseeded["knn_top1"]["same network, random init"] != scores["same network, random init"]
+    assert [reseeded["knn_top1"][name] for name in ("this run", "raw pixels")] == [scores["this run"],
+                                                                                    scores["raw pixels"]]
 
 
 def test_folder_run_is_scored_on_the_labeled_folders_given(tmp_path, tiny, capsys):

@@ -9,8 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from unsupdistill.evaluate.report import format_table, write_json
 from unsupdistill.evaluate.run import HEADLINE_K, EvalOptions, evaluate
 from unsupdistill.evaluate.speed import SPEED_COLUMNS, speed_cells, speed_ratio
@@ -18,10 +16,10 @@ from unsupdistill.evaluate.speed import SPEED_COLUMNS, speed_cells, speed_ratio
 SUMMARY_FILE = "summary.json"
 
 
-def random_init_spec(sidecar: dict[str, Any]) -> str:
-    """The ``timm:`` MODEL spec of an export's architecture at random initialisation (``unsupdistill eval`` takes
-    it as written), from its ``backbone.json``."""
-    parts = [sidecar["timm_name"]]
+def random_init_spec(sidecar: dict[str, Any], seed: int) -> str:
+    """The ``timm:`` MODEL spec of an export's architecture at random initialisation drawn with ``seed``
+    (``unsupdistill eval`` takes it as written), from its ``backbone.json``."""
+    parts = [sidecar["timm_name"], f"seed={seed}"]
     if sidecar.get("small_image_stem"):
         parts.append("small_image_stem=true")
     parts += [f"{key}={json.dumps(value).replace(' ', '')}" for key, value in sidecar["timm_kwargs"].items()]
@@ -43,7 +41,7 @@ def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str
         run_dir: a finished run (``backbone.safetensors`` + ``backbone.json``).
         train: the labeled set the k-NN memory is built from (as ``unsupdistill eval --train``).
         test: the labeled set scored (as ``--test``).
-        seed: torch seed of the random initialisation.
+        seed: seed of the random initialisation (the run's ``train.seed``), part of its ``timm:`` spec.
         device: where the networks run.
         teacher: the frozen teacher a distillation run learned from, as ``distill --teacher`` takes it (a run
             directory, an export, a checkpoint or ``timm:NAME[,pretrained=true][,key=value...]``); None: no
@@ -55,11 +53,11 @@ def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str
     size = int(sidecar["input_size"])
     options = EvalOptions(image_size=size, linear=False, clustering=False, plots=False, cache=False, device=device,
                           speed_seconds=speed_seconds)
-    specs = {"this run": str(run_dir), "same network, random init": random_init_spec(sidecar), "raw pixels": "pixels"}
+    specs = {"this run": str(run_dir), "same network, random init": random_init_spec(sidecar, seed),
+             "raw pixels": "pixels"}
     scores, speeds, sizes = {}, {}, dict.fromkeys(specs, size)
     classifier = None
     for name, spec in specs.items():
-        torch.manual_seed(seed)  # the random init is the same on every call
         result = evaluate(spec, train, test, replace(options, speed=teacher is not None and name == "this run"))
         scores[name] = result["knn"][HEADLINE_K]["top1"]
         speeds[name] = result.get("speed")
@@ -71,7 +69,6 @@ def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str
         text += f" Its classifier: {classifier:.1f} % top-1 on the test set."
     columns = ["features", "k-NN top-1 (%)"]
     if teacher is not None:
-        torch.manual_seed(seed)
         # at the teacher's own input size (or distill.teacher_size), as distillation fed it, not the student's
         result = evaluate(teacher, train, test, replace(options, image_size=teacher_size, speed=True))
         specs["teacher"], scores["teacher"] = teacher, result["knn"][HEADLINE_K]["top1"]

@@ -34,10 +34,11 @@ _PRETRAINED_CFG_KEYS = ("architecture", "tag", "hf_hub_id", "url", "file", "lice
 
 
 def load_timm(spec: str, image_size: int | None) -> FeatureModel:
-    """A frozen timm backbone from ``timm:<name>[,pretrained=true][,small_image_stem=true][,key=value...]``.
+    """A frozen timm backbone from ``timm:<name>[,pretrained=true][,small_image_stem=true][,seed=N][,key=value...]``.
 
     Other keys are ``timm.create_model`` keyword arguments. Without ``pretrained=true`` the weights are
-    a seeded random init (the same network every time); with it, timm loads its pretrained weights.
+    a random init seeded with ``seed`` (default ``RANDOM_INIT_SEED``: the same network every time); with it,
+    timm loads its pretrained weights.
 
     Raises:
         ModelSpecError: a bad spec, arguments timm rejects, no input size, or weights timm cannot load.
@@ -45,9 +46,13 @@ def load_timm(spec: str, image_size: int | None) -> FeatureModel:
     name, kwargs = parse_timm_spec(spec)
     pretrained = kwargs.pop("pretrained", False)
     small_image_stem = kwargs.pop("small_image_stem", False)
+    seed = kwargs.pop("seed", None)
     for key, value in (("pretrained", pretrained), ("small_image_stem", small_image_stem)):
         if not isinstance(value, bool):
             raise ModelSpecError(f"model '{spec}': {key} must be true or false, got {value!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or pretrained):
+        raise ModelSpecError(f"model '{spec}': seed must be an integer and applies to a random init only "
+                             f"(no pretrained=true), got {seed!r}")
     if not timm.is_model(name):
         raise ModelSpecError(f"model '{spec}': '{name}' is not a timm model; list names with "
                              "python -c \"import timm; print(timm.list_models('resnet*'))\"")
@@ -56,19 +61,20 @@ def load_timm(spec: str, image_size: int | None) -> FeatureModel:
             raise ModelSpecError(f"model '{spec}': small_image_stem would replace the pretrained first "
                                  "convolution by an untrained one; drop small_image_stem with pretrained=true")
         return _load_pretrained(spec, name, kwargs, image_size)
-    return _load_random(spec, name, kwargs, small_image_stem, image_size)
+    return _load_random(spec, name, kwargs, small_image_stem, image_size,
+                        RANDOM_INIT_SEED if seed is None else seed)
 
 
 def _load_random(spec: str, name: str, kwargs: dict[str, Any], small_image_stem: bool,
-                 image_size: int | None) -> FeatureModel:
-    """A timm backbone with seeded random weights (the random-init baseline)."""
+                 image_size: int | None, seed: int) -> FeatureModel:
+    """A timm backbone with random weights drawn with ``seed`` (the random-init baseline)."""
     size = image_size or kwargs.get("img_size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ModelSpecError(f"model '{spec}' has no input size: pass --image-size (or img_size=<int> in the spec)")
     # Only the CPU generator is seeded (the weights are created on CPU), and fork_rng restores it:
     # torch.manual_seed would also reseed CUDA generators, which devices=[] does not restore.
     with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(RANDOM_INIT_SEED)
+        torch.random.default_generator.manual_seed(seed)
         try:
             backbone = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
             if small_image_stem:
@@ -78,7 +84,7 @@ def _load_random(spec: str, name: str, kwargs: dict[str, Any], small_image_stem:
                                  f"{str(err).splitlines()[0]}") from err
     normalised = f"timm:{name}," + json.dumps({**kwargs, "small_image_stem": small_image_stem}, sort_keys=True)
     # the versions are part of the identity: another timm or torch may initialise differently
-    identity = f"{normalised}|seed{RANDOM_INIT_SEED}|timm{timm.__version__}|torch{torch.__version__}"
+    identity = f"{normalised}|seed{seed}|timm{timm.__version__}|torch{torch.__version__}"
     key = cache_digest(identity, None, size, IMAGENET_MEAN, IMAGENET_STD, False)
     label = spec.split(",", 1)[0] if "," in spec else spec
     return FeatureModel(label, frozen(backbone), size, IMAGENET_MEAN, IMAGENET_STD, key, name)
