@@ -246,3 +246,22 @@ def test_build_dino_loss_uses_the_config():
     assert isinstance(loss_fn, DINOLoss)
     assert (loss_fn.student_temp, loss_fn.teacher_temp, loss_fn.center_momentum) == (0.2, 0.05, 0.8)
     assert loss_fn.center.shape[-1] == 32
+
+
+def test_the_students_dino_head_keeps_its_last_layer_in_float32_under_autocast():
+    """distill.loss=dino: the student's head is the DINO head of pretraining, whose logits stay float32 under bf16
+    autocast (they are divided by a small temperature), shaped like the teacher run's head."""
+    from types import SimpleNamespace
+
+    from unsupdistill.config import ModelConfig
+    from unsupdistill.methods.distill import Distillation
+
+    method = Distillation.__new__(Distillation)  # only what _head reads: the loss, the teacher's head, the width
+    method.config = SimpleNamespace(distill=SimpleNamespace(loss="dino"))
+    method.teacher = SimpleNamespace(head_config=ModelConfig(head_hidden_dim=32, head_bottleneck_dim=16,
+                                                             head_output_dim=48))
+    method.spec = SimpleNamespace(feature_dim=24)
+    head = method._head()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(torch.randn(5, 24))
+    assert logits.shape == (5, 48) and logits.dtype == torch.float32

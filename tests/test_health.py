@@ -38,3 +38,21 @@ def test_features_collapsed_to_a_point_are_reported():
     features = torch.ones(64, D) + 1e-6 * torch.randn(64, D)
     warnings = collapse_warnings(signals(torch.randn(64, K), features), K, D)
     assert "collapsed to a point" in warnings["features"]
+
+
+def test_distillation_and_dino_give_the_one_feature_collapse_diagnosis():
+    """Distillation watches only its student's features; it reports them collapsed by the same rule and in the same
+    words as DINO (one owner: losses.health.feature_collapse_warning)."""
+    from types import SimpleNamespace
+
+    from unsupdistill.losses.health import feature_collapse_warning
+    from unsupdistill.methods.distill import Distillation
+
+    collapsed = signals(torch.randn(64, K), torch.ones(64, D) + 1e-6 * torch.randn(64, D))
+    method = Distillation.__new__(Distillation)
+    method.spec = SimpleNamespace(feature_dim=D)
+    expected = feature_collapse_warning(collapsed, D)
+    assert list(expected) == ["features"]
+    assert method.warnings(collapsed) == expected == {"features": collapse_warnings(collapsed, K, D)["features"]}
+    healthy = {"student_feature_std": 1 / math.sqrt(D)}
+    assert method.warnings(healthy) == feature_collapse_warning(healthy, D) == {}

@@ -72,10 +72,16 @@ def collapse_warnings(signals: dict, num_outputs: int, feature_dim: int) -> dict
             "output. Lower dino.center_momentum (a faster centre) or raise dino.teacher_temp."
             .format(signals["teacher_top_share"])
         )
-    if signals["student_feature_std"] < 0.1 / math.sqrt(feature_dim):
-        messages["features"] = (
-            "student features have collapsed to a point (std {:.2e}, healthy about {:.2e}). "
-            "Lower optim.lr or check the augmentation.".format(signals["student_feature_std"],
-                                                               1 / math.sqrt(feature_dim))
-        )
+    messages.update(feature_collapse_warning(signals, feature_dim))
     return messages
+
+
+def feature_collapse_warning(signals: dict, feature_dim: int) -> dict[str, str]:
+    """``{"features": diagnosis}`` when the student's features have collapsed to a point (``student_feature_std``
+    under a tenth of the 1/sqrt(D) of spread features), else empty; a signal not logged counts as healthy."""
+    healthy = 1 / math.sqrt(feature_dim)
+    std = signals.get("student_feature_std", healthy)
+    if std >= 0.1 * healthy:
+        return {}
+    return {"features": f"student features have collapsed to a point (std {std:.2e}, healthy about {healthy:.2e}). "
+                        "Lower optim.lr or check the augmentation."}

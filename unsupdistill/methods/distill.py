@@ -13,15 +13,12 @@ teacher's features for it and later epochs replay stored views without running t
 from __future__ import annotations
 
 import logging
-import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from lightly.models.modules import DINOProjectionHead
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -40,8 +37,9 @@ from unsupdistill.losses import (
     default_queue_size,
     teacher_temperature,
 )
-from unsupdistill.losses.health import feature_spread, health_signals
+from unsupdistill.losses.health import feature_collapse_warning, feature_spread, health_signals
 from unsupdistill.models.backbone import create_backbone, forward_gflops, pooled_and_spatial
+from unsupdistill.models.dino import build_dino_head
 from unsupdistill.models.ema import update_ema
 from unsupdistill.models.teacher_cache import CACHE_DIR, TeacherCache, cache_bytes, cache_key
 from unsupdistill.models.teachers import load_teacher
@@ -317,12 +315,7 @@ class Distillation(Method):
         """loss=dino: a DINO head shaped like the teacher run's; otherwise a linear map to the teacher's dimension."""
         if self.config.distill.loss != "dino":
             return nn.Linear(self.spec.feature_dim, self.teacher.feature_dim)
-        h = self.teacher.head_config
-        with warnings.catch_warnings():  # lightly's head calls the deprecated nn.utils.weight_norm
-            warnings.simplefilter("ignore", FutureWarning)
-            return DINOProjectionHead(self.spec.feature_dim, h.head_hidden_dim, h.head_bottleneck_dim,
-                                      h.head_output_dim, batch_norm=h.head_batch_norm,
-                                      norm_last_layer=h.norm_last_layer)
+        return build_dino_head(self.teacher.head_config, self.spec.feature_dim)
 
     @torch.no_grad()
     def _cache_decision(self) -> str:
@@ -521,12 +514,7 @@ class Distillation(Method):
         return config.distill.teacher, config.distill.teacher_size
 
     def warnings(self, signals: dict[str, float]) -> dict[str, str]:
-        healthy = 1 / math.sqrt(self.spec.feature_dim)
-        std = signals.get("student_feature_std", healthy)
-        if std < 0.1 * healthy:
-            return {"features": f"student features have collapsed to a point (std {std:.2e}, healthy about "
-                                f"{healthy:.2e}). Lower optim.lr or check the augmentation."}
-        return {}
+        return feature_collapse_warning(signals, self.spec.feature_dim)
 
     def after_optimizer_step(self, sched: ScheduleValues) -> None:
         if isinstance(self.global_loss, QueueKLLoss):
