@@ -377,3 +377,42 @@ def test_evaluate_extracts_train_and_test_at_one_auto_precision(
                            "digits", options)
     assert results["precision"] == expected
     assert seen == [torch.bfloat16 if expected == "bf16" else None] * 2
+
+
+def test_a_picture_that_does_not_fit_is_a_warning_and_a_bug_in_one_raises(tmp_path, monkeypatch, caplog) -> None:
+    import logging
+
+    import unsupdistill.evaluate.pictures as pictures
+
+    model = load_model("timm:resnet18,small_image_stem=true,channels=[8,8,16,16],stem_width=8", image_size=8)
+    train_set, test_set = LabeledDigits(8, range(0, 40)), LabeledDigits(8, range(40, 50))
+    train_features, test_features = torch.randn(40, 16), torch.randn(10, 16)
+    args = (model, train_set, test_set, train_features, test_features)
+    with caplog.at_level(logging.WARNING, logger="unsupdistill.evaluate.pictures"):
+        written = pictures.write_pictures(*args, tmp_path / "a")
+    assert set(written) == {"pca", "retrieval"}  # a CNN: no class-token attention, said with the reason
+    assert "no attention.png" in caplog.text and "VisionTransformer with a class token" in caplog.text
+
+    def broken(*_):
+        raise ValueError("a bug in the PCA picture")
+
+    monkeypatch.setattr(pictures, "show_pca", broken)
+    with pytest.raises(ValueError, match="a bug in the PCA picture"):
+        pictures.write_pictures(*args, tmp_path / "b")
+
+
+def test_an_untraceable_network_is_a_warning_and_a_bug_in_one_raises(caplog) -> None:
+    import logging
+
+    from unsupdistill.evaluate.features import optimized_for_cpu
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            return x.no_such_method()
+
+    example = torch.rand(2, 3, 4, 4)
+    with caplog.at_level(logging.WARNING, logger="unsupdistill.evaluate.features"):
+        assert optimized_for_cpu(torch.nn.Sequential(), {"not": "a tensor"}) is None  # the tracer refuses a dict
+    assert "eager network" in caplog.text and caplog.records[-1].levelno == logging.WARNING
+    with pytest.raises(AttributeError, match="no_such_method"):
+        optimized_for_cpu(Broken(), example)

@@ -63,12 +63,14 @@ def optimized_for_cpu(model: nn.Module, example: Tensor) -> nn.Module | None:
             warnings.simplefilter("ignore")
             traced = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, example)))
             expected, got = model(example), traced(example)
-    except Exception as err:  # noqa: BLE001 - tracing fails in many ways on arbitrary models
-        logger.info("features: eager network (tracing for CPU inference failed: %s)", str(err).splitlines()[0])
+    except (RuntimeError, TypeError, ValueError, torch.jit.Error) as err:  # what tracing raises on a model it
+        # cannot trace; anything else is a bug and raises
+        logger.warning("features: the eager network, slower on CPU: tracing it for CPU inference failed (%s)",
+                       str(err).splitlines()[0])
         return None
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * float(
             expected.abs().max().clamp(min=1.0))):
-        logger.info("features: eager network (the traced one's output differs)")
+        logger.warning("features: the eager network, slower on CPU: the traced network's output differs from it")
         return None
     return traced
 

@@ -3,6 +3,7 @@ class-token attention (ViTs), the PCA colours of their spatial features, and the
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from torch import Tensor
 from unsupdistill.data.labeled import LabeledDataset
 from unsupdistill.models.load import FeatureModel
 from unsupdistill.show import (
+    PictureDoesNotFit,
     nearest_neighbours,
     retrieval_grid,
     save_png,
@@ -18,6 +20,8 @@ from unsupdistill.show import (
     show_pca,
     to_uint8,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def unit_pixels(dataset: LabeledDataset, indices: list[int]) -> Tensor:
@@ -38,8 +42,8 @@ def write_pictures(model: FeatureModel, train_set: LabeledDataset, test_set: Lab
         for kind, draw in (("attention", show_attention), ("pca", show_pca)):
             try:
                 written[kind] = save_png(draw(model, pixels), out_dir / f"{kind}.png")
-            except ValueError:  # not a ViT with a class token / no spatial features: the picture does not fit
-                pass
+            except PictureDoesNotFit as err:  # e.g. no class-token attention in a CNN; any other error is a bug
+                logger.warning("eval: no %s.png for %s: %s", kind, model.name, err)
     scores, indices = nearest_neighbours(test_features[queries], train_features, k)  # (n, k) each
     shown = sorted(set(indices.flatten().tolist()))
     gallery = dict(zip(shown, to_uint8(unit_pixels(train_set, shown))))

@@ -12,12 +12,13 @@ from unsupdistill.show.attention import (
     show_attention,
     threshold_attention,
 )
-from unsupdistill.show.canvas import load_pixels, normalise, save_png, to_uint8
+from unsupdistill.show.canvas import PictureDoesNotFit, load_pixels, normalise, save_png, to_uint8
 from unsupdistill.show.curves import plot_training_curves, read_metrics
 from unsupdistill.show.pca import foreground_mask, pca_colours, pca_picture, show_pca, spatial_features
 from unsupdistill.show.retrieval import Retrieval, image_features, nearest_neighbours, retrieval_grid, show_retrieval
 
-__all__ = ["DINO_THRESHOLD", "Retrieval", "attention_picture", "cls_attention", "foreground_mask", "image_features",
+__all__ = ["DINO_THRESHOLD", "PictureDoesNotFit", "Retrieval", "attention_picture", "cls_attention", "foreground_mask",
+           "image_features",
            "load_pixels", "nearest_neighbours", "normalise", "pca_colours", "pca_picture", "plot_training_curves",
            "read_metrics", "retrieval_grid", "save_png", "show_attention", "show_pca", "show_retrieval",
            "spatial_features", "threshold_attention", "to_uint8"]

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from unsupdistill.models.backbone import patch_grid
 from unsupdistill.models.frozen import FeatureModel
-from unsupdistill.show.canvas import Colour, join, normalise, tint, to_uint8
+from unsupdistill.show.canvas import Colour, PictureDoesNotFit, join, normalise, tint, to_uint8
 
 DINO_THRESHOLD = 0.6
 """Share of the attention mass DINO's masks keep (Caron et al. 2021, Fig. 3)."""
@@ -25,18 +25,18 @@ def last_attention(backbone: nn.Module) -> Attention:
     """The attention module of a timm VisionTransformer's last block.
 
     Raises:
-        ValueError: the backbone is not a ViT with a class token, or its last block's attention is not timm's
+        PictureDoesNotFit: the backbone is not a ViT with a class token, or its last block's attention is not timm's
             standard ``Attention`` (a fused ``qkv`` projection, no rotary embedding), whose weights this recomputes.
     """
     blocks = getattr(backbone, "blocks", None)
     if not isinstance(blocks, nn.Sequential | nn.ModuleList) or len(blocks) == 0 \
             or getattr(backbone, "cls_token", None) is None:
-        raise ValueError(f"attention maps need a timm VisionTransformer with a class token; "
+        raise PictureDoesNotFit(f"attention maps need a timm VisionTransformer with a class token; "
                          f"'{type(backbone).__name__}' is not one. Use a ViT backbone (e.g. vit_small_patch16_224, "
                          "class_token=True), or show the PCA of its spatial features instead (show/pca.py)")
     attention = getattr(blocks[-1], "attn", None)
     if not isinstance(attention, Attention):
-        raise ValueError(f"the last block of '{type(backbone).__name__}' uses '{type(attention).__name__}', not "
+        raise PictureDoesNotFit(f"the last block of '{type(backbone).__name__}' uses '{type(attention).__name__}', not "
                          "timm's standard Attention (qkv projection without rotary embedding), so its weights "
                          "cannot be recomputed here; use a plain VisionTransformer, or the PCA picture instead")
     return attention

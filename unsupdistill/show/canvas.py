@@ -17,6 +17,11 @@ from torch import Tensor
 from unsupdistill.data import load_rgb, resize_center_crop
 from unsupdistill.storage import atomic_write
 
+
+class PictureDoesNotFit(ValueError):
+    """The model cannot give this picture (a CNN has no class-token attention; a pooled-only network has no
+    spatial grid): the reason is the message, and the model is fine."""
+
 Colour = tuple[int, int, int]
 
 

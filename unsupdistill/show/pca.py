@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from unsupdistill.models.backbone import pooled_and_spatial
 from unsupdistill.models.frozen import FeatureModel
-from unsupdistill.show.canvas import join, normalise, to_uint8, upsample_nearest
+from unsupdistill.show.canvas import PictureDoesNotFit, join, normalise, to_uint8, upsample_nearest
 
 NEGLIGIBLE_VARIANCE = 1e-9
 """A foreground component whose variance is below this share of all patches' total variance is constant (rounding
@@ -26,12 +26,13 @@ def spatial_features(backbone: nn.Module, x: Tensor) -> Tensor:
     """The backbone's spatial features (B, h, w, C) of a normalised batch (B, 3, H, W).
 
     Raises:
-        ValueError: the backbone has no spatial grid (neither a feature map nor patch tokens).
+        PictureDoesNotFit: the backbone has no spatial grid (neither a feature map nor patch tokens).
     """
     _, grid = pooled_and_spatial(backbone, x)
     if grid is None:
-        raise ValueError(f"'{type(backbone).__name__}' gives no spatial features (no feature map, or tokens that do "
-                         "not fill its patch grid), so there is nothing to colour; use a CNN or a ViT backbone")
+        raise PictureDoesNotFit(f"'{type(backbone).__name__}' gives no spatial features (no feature map, or tokens "
+                                "that do not fill its patch grid), so there is nothing to colour; use a CNN or a ViT "
+                                "backbone")
     return grid
 
 
