@@ -1,6 +1,5 @@
 """Shared helpers: a tiny configuration for fast end-to-end runs, and running the CLI."""
 
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from unsupdistill import run_dir as run_directory
 from unsupdistill.config import load_config
 from unsupdistill.models.backbone import create_backbone, describe_backbone
 from unsupdistill.storage import save_backbone
@@ -53,8 +53,8 @@ def sigkill_then_resume(verb: str, out: Path, args: list[str], after_step: int) 
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """A run's metric records so far (none before its first; a line still being written is left out)."""
+    return run_directory.read_metrics(run_dir)[0] if (run_dir / run_directory.METRICS).exists() else []
 
 
 @pytest.fixture

@@ -98,3 +98,31 @@ def test_probe_flags_go_together_and_must_exist(tmp_path, tiny, caplog):
                      "--probe-test", str(tmp_path / "missing")]) == 2
     assert "--probe-test" in caplog.text and "missing" in caplog.text
     assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_the_reading_says_what_this_run_shows(tmp_path):
+    """The reading names the run's length, images and whether its loss had flattened, and its advice follows
+    them: a run still improving may close a gap by training longer; a flat one will not."""
+    from unsupdistill.evaluate.summary import RunFacts, reading, run_facts
+
+    # 40 logged losses falling 1 % per record, then one damaged line: the last tenth against the tenth before
+    losses = [2.0 * 0.99**i for i in range(40)]
+    lines = [json.dumps({"step": 10 * (i + 1), "epoch": (i + 1) / 8, "loss": loss}) for i, loss in enumerate(losses)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 41')
+    facts = run_facts(tmp_path, {"step": 400, "trained_on": "/data/photos", "input_size": 96})
+    expected = sum(losses[-4:]) / sum(losses[-8:-4]) - 1
+    assert facts == RunFacts(400, 5.0, "/data/photos", 96, pytest.approx(expected))
+
+    falling = reading(40.0, 20.0, 50.0, facts)
+    assert "still 10.0 below raw pixels at 96 px" in falling
+    assert "trained 400 steps (5.0 epochs) on /data/photos at 96 px" in falling
+    assert f"still falling ({expected:+.1%}" in falling and "A longer run may close the gap" in falling
+    flat = reading(40.0, 20.0, 50.0, RunFacts(9000, 90.0, "/data/photos", 96, -0.004))
+    assert "had flattened (-0.4%" in flat and "unlikely to close the gap" in flat and "longer run" not in flat
+    stuck = reading(21.0, 20.0, 50.0, RunFacts(9000, 90.0, "/data/photos", 96, 0.001))
+    assert stuck.startswith("Not learned yet") and "health signals" in stuck and "Train longer" not in stuck
+    short = reading(21.0, 20.0, 50.0, RunFacts(5, None, "digits", 8, None))
+    assert "5 steps on digits" in short and "too few steps" in short and "Train longer" in short
+    above = reading(60.0, 20.0, 50.0, RunFacts(9000, 90.0, "/data/photos", 96, -0.004))
+    assert above.startswith("Learned: +40.0 points") and "10.0 above raw pixels" in above
+    assert not any("small, centred" in text for text in (falling, flat, stuck, short, above))

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from unsupdistill import run_dir as layout
+
 CHECKPOINT_FORMAT = "unsupdistill.checkpoint/1"
 
 logger = logging.getLogger(__name__)
@@ -67,10 +69,10 @@ def latest_checkpoint(run_or_file: str | Path) -> tuple[Path, dict[str, Any]]:
     path = Path(run_or_file)
     if path.is_file():
         return path, load_checkpoint(path)
-    folder = path / "checkpoints"
-    candidates = [c for c in (folder / "last.pt", *sorted(folder.glob("epoch_*.pt"))) if c.is_file()]
+    candidates = layout.checkpoint_files(path)
     if not candidates:
-        raise CheckpointError(f"no checkpoint to resume in {path}: expected {folder / 'last.pt'} or a .pt file")
+        raise CheckpointError(f"no checkpoint to resume in {path}: expected {layout.last_checkpoint(path)} or a .pt "
+                              "file")
 
     # a cheap look at every candidate's step (tensors mapped, not read), then a full load, newest first
     steps = {}
@@ -84,8 +86,8 @@ def latest_checkpoint(run_or_file: str | Path) -> tuple[Path, dict[str, Any]]:
             return candidate, load_checkpoint(candidate)
         except CheckpointError as err:
             _warn_skipped(candidate, err)
-    raise CheckpointError(f"no readable checkpoint in {folder}: {len(candidates)} file(s) tried, none loads "
-                          "(see the warnings above)")
+    raise CheckpointError(f"no readable checkpoint in {layout.checkpoints_dir(path)}: {len(candidates)} file(s) "
+                          "tried, none loads (see the warnings above)")
 
 
 def _warn_skipped(path: Path, err: Exception) -> None:

@@ -5,13 +5,14 @@ distilled run also its teacher's k-NN, and what the student and its teacher cost
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from unsupdistill.evaluate.report import format_table, write_json
 from unsupdistill.evaluate.run import HEADLINE_K, EvalOptions, evaluate
 from unsupdistill.evaluate.speed import SPEED_COLUMNS, speed_cells, speed_ratio
+from unsupdistill.run_dir import METRICS, read_metrics
 
 SUMMARY_FILE = "summary.json"
 
@@ -64,7 +65,7 @@ def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str
         if name == "this run" and "top1" in result.get("classifier", {}):  # distilled with labels: its classifier
             classifier = result["classifier"]["top1"]
     trained, random, pixels = scores.values()
-    text = reading(trained, random, pixels)
+    text = reading(trained, random, pixels, run_facts(run_dir, sidecar))
     if classifier is not None:
         text += f" Its classifier: {classifier:.1f} % top-1 on the test set."
     columns = ["features", "k-NN top-1 (%)"]
@@ -99,13 +100,66 @@ def teacher_reading(student: float, teacher: float, student_speed: dict, teacher
     return f"The student is {where} its teacher at {speed_ratio(student_speed, teacher_speed, 'its')}."
 
 
-def reading(trained: float, random: float, pixels: float) -> str:
-    """One line saying what the three k-NN figures mean."""
+FLAT = 0.02
+"""The loss has flattened when its mean over the run's last tenth is within this share of the tenth before."""
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run did, for its reading: its length, its images and where its loss was going at the end.
+
+    Attributes:
+        steps: optimizer steps trained.
+        epochs: passes over the images (None when not logged).
+        images: the folder (or ``digits``) it trained on.
+        input_size: the side of its exported backbone's inputs.
+        loss_change: relative change of the mean loss over the last tenth of the logged steps against the tenth
+            before (-0.1: fell 10 %); None with under 20 loss records.
+    """
+
+    steps: int
+    epochs: float | None
+    images: str
+    input_size: int
+    loss_change: float | None
+
+
+def run_facts(run_dir: Path, sidecar: dict[str, Any]) -> RunFacts:
+    """The :class:`RunFacts` of a finished run, from its ``backbone.json`` and ``metrics.jsonl``."""
+    records = read_metrics(run_dir)[0] if (run_dir / METRICS).is_file() else []
+    losses = [r["loss"] for r in records if isinstance(r.get("loss"), int | float)]
+    tenth = len(losses) // 10
+    change = None
+    if tenth >= 2:
+        before, last = sum(losses[-2 * tenth:-tenth]) / tenth, sum(losses[-tenth:]) / tenth
+        change = (last - before) / abs(before) if before else 0.0
+    epochs = next((float(r["epoch"]) for r in reversed(records) if isinstance(r.get("epoch"), int | float)), None)
+    return RunFacts(int(sidecar.get("step", 0)), epochs, str(sidecar.get("trained_on") or "digits"),
+                    int(sidecar["input_size"]), change)
+
+
+def reading(trained: float, random: float, pixels: float, facts: RunFacts) -> str:
+    """What the three k-NN figures and the run's facts say: whether it learned, and what would help."""
     gain = f"{trained - random:+.1f} points over the same network at random initialisation"
+    length = f"{facts.steps} steps" + (f" ({facts.epochs:.1f} epochs)" if facts.epochs is not None else "")
+    run = f"It trained {length} on {facts.images} at {facts.input_size} px"
+    if facts.loss_change is None:
+        run += "; it logged too few steps to tell whether its loss had flattened."
+    elif facts.loss_change > -FLAT:
+        run += f"; its loss had flattened ({facts.loss_change:+.1%} over the last tenth of the run)."
+    else:
+        run += f"; its loss was still falling ({facts.loss_change:+.1%} over the last tenth of the run)."
+    falling = facts.loss_change is not None and facts.loss_change <= -FLAT
     if trained < random + 2:
-        return (f"Not learned yet: {gain}. Train longer (train.epochs or train.time_budget_s) and look at the "
-                "teacher entropy in metrics.jsonl (README: 'Health signals').")
+        advice = ("Train longer (train.epochs or train.time_budget_s)." if falling or facts.loss_change is None else
+                  "Its loss no longer falls: look at the health signals in metrics.jsonl (teacher entropy, feature "
+                  "spread) and the learning rate (optim.lr).")
+        return f"Not learned yet: {gain}. {run} {advice}"
     if trained < pixels:
-        return (f"Learned: {gain}, still {pixels - trained:.1f} below raw pixels, which are hard to beat on small, "
-                "centred images; longer training closes the gap.")
-    return f"Learned: {gain}, and {trained - pixels:.1f} above raw pixels."
+        advice = ("A longer run may close the gap." if falling else
+                  "More of the same training is unlikely to close the gap: a larger network, settings suited to these "
+                  "images, or distillation from a pretrained teacher (unsupdistill distill --teacher) are the levers."
+                  if facts.loss_change is not None else "")
+        return f"Learned: {gain}, still {pixels - trained:.1f} below raw pixels at {facts.input_size} px. {run} " \
+               f"{advice}".rstrip()
+    return f"Learned: {gain}, and {trained - pixels:.1f} above raw pixels. {run}"

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from unsupdistill import run_dir as layout
 from unsupdistill.data import DataError, DigitsDataset, list_image_files, load_rgb, resize_center_crop
 from unsupdistill.evaluate.features import NormalizedBackbone
 from unsupdistill.models.backbone import BACKBONE_FORMAT, BackboneSpec, rebuild_backbone
@@ -28,7 +29,8 @@ from unsupdistill.storage import atomic_write, save_weights, write_json_atomic
 logger = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("safetensors", "torchscript", "onnx")
-SUFFIXES = {"safetensors": (".safetensors",), "torchscript": (".pt", ".ts"), "onnx": (".onnx",)}
+SUFFIXES = {"safetensors": (".safetensors",), "torchscript": (".torchscript.pt", ".pt", ".ts"), "onnx": (".onnx",)}
+"""The file endings each format's export may have; the first is the one a default export name gets."""
 ONNX_OPSET = 18
 """The ONNX opset of exported graphs (torch.export-based exporter)."""
 ATOL, RTOL = 1e-4, 1e-3
@@ -94,7 +96,7 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, student
         raise ExportError(f"model '{model}' does not describe its backbone; give a run directory or a checkpoint")
     source = "student" if student else str(loaded.description.get("source", "teacher"))
     out_path = Path(out) if out is not None else default_export_path(Path(model), fmt, source)
-    if out_path.suffix.lower() not in SUFFIXES[fmt]:
+    if not out_path.name.lower().endswith(SUFFIXES[fmt]):
         raise ExportError(f"--out {out_path}: a {fmt} export must end in {' or '.join(SUFFIXES[fmt])}")
     if out_path.is_dir():
         raise ExportError(f"--out {out_path} is a directory; give a file name ending in {SUFFIXES[fmt][0]}")
@@ -127,11 +129,11 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, student
 def default_export_path(model: Path, fmt: str, source: str) -> Path:
     """``<run>/export/<source>.<ext>`` for a run directory or one of its checkpoints; ``source`` is the exported
     network: ``teacher`` (DINO), ``student`` or ``student_ema`` (distillation)."""
-    ext = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx"}[fmt]
+    ext = SUFFIXES[fmt][0]
     if model.is_dir():
-        return model / "export" / f"{source}{ext}"
-    run = model.parent.parent if model.parent.name == "checkpoints" else model.parent
-    return run / "export" / f"{model.stem}-{source}{ext}"
+        return model / layout.EXPORTS / f"{source}{ext}"
+    run = layout.run_of(model) or model.parent  # a checkpoint outside a run: the export folder beside it
+    return run / layout.EXPORTS / f"{model.stem}-{source}{ext}"
 
 
 def sidecar_path(export: Path) -> Path:

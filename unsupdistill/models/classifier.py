@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from unsupdistill.models.frozen import ModelSpecError
+from unsupdistill.run_dir import run_of
 from unsupdistill.storage import CLASSIFIER_FILE
 
 
@@ -29,10 +30,7 @@ def classifier_path(model: str | Path) -> Path | None:
     if text.startswith(("timm:", "pixels")):
         return None
     path = Path(text).expanduser()
-    folder = path if path.is_dir() else path.parent
-    if folder.name == "checkpoints":
-        folder = folder.parent
-    return folder / CLASSIFIER_FILE
+    return (run_of(path) or path.parent) / CLASSIFIER_FILE
 
 
 def load_classifier(model: str | Path) -> Classifier | None:

@@ -31,6 +31,7 @@ from unsupdistill.models.frozen import (
     triple,
 )
 from unsupdistill.models.timm_spec import load_timm, parse_timm_spec
+from unsupdistill.run_dir import BACKBONE, last_checkpoint, run_of
 from unsupdistill.storage import CheckpointError, load_checkpoint
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "RANDOM_INIT_SEED", "FeatureModel", "ModelSpecError", "PixelFeatures",
@@ -83,9 +84,8 @@ def load_model(spec: str, *, image_size: int | None = None, student: bool = Fals
 def checkpoint_name(path: Path) -> str:
     """``ckpt:<run>/<file>`` for a run's ``checkpoints/<file>``, else ``ckpt:<file>``."""
     resolved = path.resolve()
-    if resolved.parent.name == "checkpoints":
-        return f"ckpt:{resolved.parent.parent.name}/{resolved.name}"
-    return f"ckpt:{resolved.name}"
+    run = run_of(resolved)
+    return f"ckpt:{run.name}/{resolved.name}" if run is not None else f"ckpt:{resolved.name}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def checkpoint_name(path: Path) -> str:
 
 def _load_directory(spec: str, path: Path, image_size: int | None, student: bool) -> FeatureModel:
     """A run directory (or any directory holding an export): the export if any, else its last checkpoint."""
-    weights, checkpoint = path / "backbone.safetensors", path / "checkpoints" / "last.pt"
+    weights, checkpoint = path / BACKBONE, last_checkpoint(path)
     has_export = weights.is_file() and weights.with_suffix(".json").is_file()
     name = f"run:{path.resolve().name}"
     if student:

@@ -21,6 +21,7 @@ from unsupdistill.models.dino import build_dino_head
 from unsupdistill.models.frozen import FeatureModel, ModelSpecError, frozen
 from unsupdistill.models.load import load_model
 from unsupdistill.models.timm_spec import parse_timm_spec
+from unsupdistill.run_dir import last_checkpoint
 from unsupdistill.storage import CheckpointError, load_checkpoint
 
 _FORMS = ("a run directory of ours, an exported backbone (.safetensors with its .json beside it), a checkpoint "
@@ -126,7 +127,7 @@ def _source(spec: str, input_size: int | None, need_head: bool) -> tuple[str | P
     if not need_head:
         return spec, None
     if path.is_dir():
-        checkpoint = path / "checkpoints" / "last.pt"
+        checkpoint = last_checkpoint(path)
         if not checkpoint.is_file():
             raise _no_head(spec, f"a directory without {checkpoint.relative_to(path)} (an export holds no head)")
         return checkpoint, f"run:{path.resolve().name}"

@@ -8,7 +8,6 @@ Plots use matplotlib's object-oriented API on an Agg canvas, as ``evaluate/repor
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -18,6 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from unsupdistill.run_dir import METRICS, read_metrics
 from unsupdistill.storage import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -36,27 +36,6 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 """Panel titles and the ``metrics.jsonl`` keys each draws (against ``step``); a panel without data is left out."""
 FEW_POINTS = 50
 """Series with at most this many points get markers."""
-
-
-def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], int]:
-    """The records of a ``metrics.jsonl``, and how many non-blank lines were not JSON records with a step.
-
-    A run killed mid-write leaves a half line at the end; it is skipped and counted, never an error.
-    """
-    records, skipped = [], 0
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            skipped += 1
-            continue
-        if isinstance(record, dict) and _is_number(record.get("step")):
-            records.append(record)
-        else:
-            skipped += 1
-    return records, skipped
 
 
 def _is_number(value: Any) -> bool:
@@ -116,7 +95,7 @@ def plot_training_curves(run_dir_or_metrics_path: str | Path, out_png: str | Pat
     """
     path = Path(run_dir_or_metrics_path)
     if path.is_dir():
-        path = path / "metrics.jsonl"
+        path = path / METRICS
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: give a run directory holding metrics.jsonl, or the file")
     records, skipped = read_metrics(path)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from unsupdistill import distributed
+from unsupdistill import run_dir as layout
 from unsupdistill.storage import CheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -25,23 +26,21 @@ def set_aside_later_state(run_dir: Path, step: int) -> Path | None:
     Returns:
         The folder things were set aside in, or None when the run holds nothing later than ``step``.
     """
-    folder = run_dir / "checkpoints"
     later: dict[Path, int] = {}
-    for candidate in (folder / "last.pt", *sorted(folder.glob("epoch_*.pt"))):
-        if candidate.is_file():
-            try:
-                candidate_step = int(load_checkpoint(candidate, mmap=True)["step"])
-            except (CheckpointError, KeyError, TypeError, ValueError):
-                continue
-            if candidate_step > step:
-                later[candidate] = candidate_step
+    for candidate in layout.checkpoint_files(run_dir):
+        try:
+            candidate_step = int(load_checkpoint(candidate, mmap=True)["step"])
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            continue
+        if candidate_step > step:
+            later[candidate] = candidate_step
     if not later:
         return None
     newest = max(later.values())
-    target = run_dir / "superseded" / f"{time.strftime('%Y%m%d-%H%M%S')}-step{newest}"
-    (target / "checkpoints").mkdir(parents=True, exist_ok=False)
+    target = run_dir / layout.SUPERSEDED / f"{time.strftime('%Y%m%d-%H%M%S')}-step{newest}"
+    layout.checkpoints_dir(target).mkdir(parents=True, exist_ok=False)
     for path in later:
-        os.replace(path, target / "checkpoints" / path.name)
+        os.replace(path, layout.checkpoints_dir(target) / path.name)
     for name in ("backbone.safetensors", "backbone.json"):
         if (run_dir / name).is_file():
             os.replace(run_dir / name, target / name)

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from unsupdistill import distributed
+from unsupdistill import run_dir as layout
 from unsupdistill.config import Config, ConfigError
 from unsupdistill.data import DataError, FolderScan, build_dataset, list_late_failures, num_workers
 from unsupdistill.data.labeled import training_labels
@@ -297,7 +298,7 @@ class Trainer:
             raise TrainingStopped(
                 f"stopped by {self.stop_request.received or 'a signal to another process'} after step {self.step} "
                 f"of {last_step} (epoch {self.step / self.steps_per_epoch:.2f}); checkpoint "
-                f"{self.run_dir / 'checkpoints' / 'last.pt'} written. Resume with: {self._resume_command()}",
+                f"{layout.last_checkpoint(self.run_dir)} written. Resume with: {self._resume_command()}",
                 step=self.step)
         if self.is_main:
             return self.export_backbone()
@@ -376,7 +377,7 @@ class Trainer:
 
     def _write_checkpoints(self, rngs: list[dict], keep: bool) -> str | None:
         """Write the checkpoint files atomically; the reason if one could not be written, else None."""
-        last = self.run_dir / "checkpoints" / "last.pt"
+        last = layout.last_checkpoint(self.run_dir)
         kept = ("no checkpoint exists yet" if self.saved_step is None else
                 f"the last good checkpoint (step {self.saved_step}) is kept")
         method_state = self.method.checkpoint_state()
@@ -389,7 +390,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {},
             "rng": rngs, "train_seconds": self.budget.spent() if self.budget is not None else None,
         }
-        paths = [last] + ([last.with_name(f"epoch_{self.step // self.steps_per_epoch:04d}.pt")] if keep else [])
+        paths = [last] + ([layout.epoch_checkpoint(self.run_dir, self.step // self.steps_per_epoch)] if keep else [])
         for path in paths:
             try:
                 save_checkpoint(state, path)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
+from unsupdistill.run_dir import METRICS, TENSORBOARD, read_metrics
 from unsupdistill.storage import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -21,41 +22,27 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS
         if resume_step is not None:
             self._keep_until(resume_step)
         self.file = self.path.open("a", encoding="utf-8")
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"),
+        self.writer = SummaryWriter(str(run_dir / TENSORBOARD),
                                     purge_step=None if resume_step is None else resume_step + 1)
 
     def _keep_until(self, step: int) -> None:
         """Rewrite ``metrics.jsonl`` with the records of steps up to ``step``; drop damaged lines with a warning."""
         if not self.path.exists():
             return
-        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
-        kept, damaged, later = [], [], 0
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                record_step = int(record.get("step", 0))
-            except (ValueError, TypeError, AttributeError):
-                damaged.append(number)
-                continue
-            if record_step <= step:
-                kept.append(line)
-            else:
-                later += 1
+        records, damaged = read_metrics(self.path)
+        kept = [record for record in records if record["step"] <= step]
         if damaged:
-            where = "its last line" if damaged == [len(lines)] else f"line(s) {', '.join(map(str, damaged[:5]))}"
-            logger.warning("%s: dropped %s, which is not a complete JSON record (a writer killed mid-line)",
-                           self.path, where)
-        if later:
+            logger.warning("%s: dropped %d line(s) that are not complete JSON records with a step (a writer killed "
+                           "mid-line)", self.path, damaged)
+        if len(kept) < len(records):
             logger.info("%s: dropped %d record(s) logged after step %d, which the resumed run logs again",
-                        self.path, later, step)
-        if damaged or later:
-            text = "".join(line + "\n" for line in kept)
+                        self.path, len(records) - len(kept), step)
+        if damaged or len(kept) < len(records):
+            text = "".join(json.dumps(record) + "\n" for record in kept)
             atomic_write(self.path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def log(self, step: int, metrics: dict, prefix: str = "train") -> None:

@@ -28,6 +28,7 @@ import yaml
 from torch.utils.data import Dataset
 
 from unsupdistill import distributed
+from unsupdistill import run_dir as layout
 from unsupdistill.config import Config
 from unsupdistill.data import write_skipped
 from unsupdistill.storage import atomic_write, remove_stale_temp_files
@@ -86,7 +87,7 @@ def write_run_files(run_dir: Path, config: Config, notes: str, dataset: Dataset,
     ``config.yaml`` (``notes`` as comment lines on top, without the dotted keys in ``unused``: what the run's
     method does not read) and list the dataset's unreadable files in ``skipped.txt``."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    for folder in (run_dir, run_dir / "checkpoints"):
+    for folder in (run_dir, layout.checkpoints_dir(run_dir)):
         for tmp in remove_stale_temp_files(folder):
             logger.info("removed %s, left by a process killed while writing", tmp)
     comments = "".join(f"# {line}\n" for line in notes.splitlines())
