@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from unsupdistill import distributed
+from unsupdistill.cli.options import add_batch_options, add_labeled_sets, add_out, apply_old_spellings, positive
 from unsupdistill.cli.tools import SHOW_KINDS, embed_command, eval_command, export_command, show_command
 from unsupdistill.cli.training import (
     EXIT_STOPPED,
@@ -16,15 +17,18 @@ from unsupdistill.cli.training import (
     add_training_arguments,
     train_command,
 )
+from unsupdistill.evaluate.run import HEADLINE_K, EvalOptions
 from unsupdistill.export import EXPORT_FORMATS
+from unsupdistill.export.embed import EMBED_FORMATS
 from unsupdistill.export.formats import ATOL, RTOL
 
-__all__ = ["EXIT_STOPPED", "main"]
+__all__ = ["EXIT_STOPPED", "build_parser", "main"]
 
 logger = logging.getLogger("unsupdistill")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every verb; each follows the rules of :mod:`unsupdistill.cli.options`."""
     parser = argparse.ArgumentParser(prog="unsupdistill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -34,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                     "Arguments with '=' override the config, e.g. train.epochs=5 optim.lr=1e-3.",
         epilog=TRAINING_EPILOG,
     )
-    add_training_arguments(p)
+    add_training_arguments(p, "pretrain")
     d = commands.add_parser(
         "distill", help="distill a frozen teacher (a run of ours, an export, timm:NAME,pretrained=true) into a "
                         "small student on unlabeled images",
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                     "distill.loss=cosine model.backbone=resnet18.",
         epilog=TRAINING_EPILOG,
     )
-    add_training_arguments(d)
+    add_training_arguments(d, "distill")
     d.add_argument("--teacher", metavar="TEACHER",
                    help="the frozen teacher (sets distill.teacher): a run directory, an exported .safetensors (with "
                         "its .json), a checkpoint .pt, or timm:NAME[,pretrained=true][,key=value...], e.g. "
@@ -60,19 +64,23 @@ def main(argv: list[str] | None = None) -> int:
         "eval", help="k-NN, linear probe and clustering of frozen features on a labeled train/test pair",
         description="Evaluate frozen features. MODEL is a run directory, a checkpoint (.pt), an exported "
                     "backbone (.safetensors with its .json), timm:<name>[,key=value...] (random init) or pixels. "
-                    "TRAIN and TEST are folders with one subfolder per class, CSV files of path,label, or digits.",
+                    "The labeled sets are folders with one subfolder per class, CSV files of path,label, or digits.",
     )
     e.add_argument("model", metavar="MODEL", nargs="+", help="one or more models (several: compared side by side)")
-    e.add_argument("--train", help="labeled training set (k-NN memory, probe training)")
-    e.add_argument("--test", help="labeled test set (scored)")
+    add_labeled_sets(e, "labeled training set (k-NN memory, probe training)", "labeled test set, scored",
+                     old=("--train", "--test"))
     e.add_argument("--suite", type=Path, help="YAML file of labeled sets (datasets: [{name, train, test, "
-                                               "image_size}]) to evaluate every MODEL on, instead of --train/--test")
-    e.add_argument("--out", type=Path, help="report directory (default runs/eval-<timestamp>)")
+                                               "image_size}]) to evaluate every MODEL on, instead of "
+                                               "--eval-train/--eval-test")
+    add_out(e, "the report (eval.json, plots; with several models or --suite, the table and one folder per set)",
+            "runs/eval-<timestamp>")
+    e.add_argument("--k", type=positive, nargs="+", metavar="K", default=list(EvalOptions.ks),
+                   help=f"numbers of neighbours of the k-NN classifier (default {' '.join(map(str, EvalOptions.ks))}; "
+                        f"the table shows k={HEADLINE_K}, or the smallest k without it)")
     e.add_argument("--image-size", type=int, help="input size for pixels and timm: models")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on a CPU with native bf16 (AVX-512 BF16, AMX) when the test set has "
-                        "10,000 images or more (~2x faster; CIFAR-10 top-1 within 0.06 points), fp32 otherwise")
+    add_batch_options(e, training=False, batch_default=256, images="the test set holds",
+                      workers_help="image-decoding processes (default: one per core, up to 8; none for the "
+                                   "in-memory digits)")
     e.add_argument("--vit-blocks", type=int, help="ViTs: concatenate class tokens of the last N blocks (DINO: 4)")
     e.add_argument("--avgpool", action="store_true", help="with --vit-blocks: add average-pooled patch tokens")
     e.add_argument("--student", action="store_true", help="evaluate the student instead of the teacher")
@@ -85,10 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--no-cache", action="store_true", help="recompute features even if cached")
     e.add_argument("--cache-dir", type=Path, help="feature cache (default $UNSUPDISTILL_CACHE or "
                                                     "~/.cache/unsupdistill/features)")
-    e.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
-                   help="where the network runs (default auto: CUDA when available, else the CPU)")
-    e.add_argument("--workers", type=_count, help="image-decoding processes (default: one per core, up to 8; "
-                                               "none for the in-memory digits)")
     e.add_argument("--speed", action="store_true",
                    help="also measure inference speed at each model's input size, on --device at the extraction "
                         "precision: images/s, latency of one image, parameters and GFLOPs (eval.json 'speed')")
@@ -99,15 +103,19 @@ def main(argv: list[str] | None = None) -> int:
 
     x = commands.add_parser(
         "export", help="export a trained backbone as safetensors, TorchScript or ONNX, checked for parity",
-        description="Export the teacher (or student) backbone of a run directory or checkpoint. After writing, "
-                    "the export is reloaded (plain timm, torch.jit.load, onnxruntime) and run next to the PyTorch "
-                    "model on real images; it is kept only if the features agree within the tolerance. "
-                    "TorchScript and ONNX graphs take float RGB batches in [0, 1] and include the normalisation.",
+        description="Export the teacher (or student) backbone of a trained model. After writing, the export is "
+                    "reloaded (plain timm, torch.jit.load, onnxruntime) and run next to the PyTorch model on 16 "
+                    "real images on the CPU in fp32; it is kept only if the features agree within the tolerance. "
+                    "TorchScript and ONNX graphs take float RGB batches in [0, 1] and include the normalisation. "
+                    "No --precision/--device/--workers/--batch-size: the parity check is one small CPU batch.",
     )
-    x.add_argument("model", metavar="MODEL", help="run directory or checkpoint (.pt)")
+    x.add_argument("model", metavar="MODEL",
+                   help="a run directory (backbone.safetensors + backbone.json, or checkpoints/last.pt), a checkpoint "
+                        "file (.pt), or an exported backbone (.safetensors with its .json beside it, or its path "
+                        "without .safetensors); not timm: or pixels, which have no trained weights")
     x.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    x.add_argument("--out", type=Path, help="file to write (default <run>/export/<teacher|student>.<ext>); "
-                                            "a .json sidecar with the same stem describes input and parity")
+    add_out(x, "the export and its .json sidecar (teacher.onnx + teacher.onnx.json, ...; named after the network it "
+               "holds)", "<run>/export")
     x.add_argument("--student", action="store_true", help="export the student instead of the teacher")
     x.add_argument("--data", help="real images for the parity check: an image folder or digits "
                                   "(default: the run's training folder if it still exists, else digits)")
@@ -116,24 +124,25 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"parity tolerance relative to the largest feature magnitude (default {RTOL})")
 
     m = commands.add_parser(
-        "embed", help="features of every image in a folder, to .npy + .csv of paths or one .npz",
+        "embed", help="features of every image in a folder, to features.npy + features.csv of paths (or one .npz)",
         description="Embed every readable image under DATA (recursively) with a frozen backbone. Unreadable "
-                    "files are skipped, counted and listed in <out>.skipped.txt.",
+                    "files are skipped, counted and listed in skipped.txt.",
     )
     m.add_argument("model", metavar="MODEL", help="run directory, checkpoint, exported .safetensors, "
                                                   "timm:<name>[,key=value...] or pixels")
     m.add_argument("data", metavar="DATA", help="image folder")
-    m.add_argument("--out", type=Path, required=True, help="features.npy (+ features.csv of paths) or features.npz")
+    add_out(m, "features.npy + features.csv (row, path) or features.npz, embed.json (what and how fast), "
+               "predictions.csv (a model with a classifier) and skipped.txt", "runs/embed-<timestamp>")
+    m.add_argument("--format", choices=EMBED_FORMATS,
+                   help="npy (default): features.npy (N, D) float32 + features.csv of paths; npz: one features.npz "
+                        "holding features and paths")
     m.add_argument("--student", action="store_true", help="embed with the student's backbone")
     m.add_argument("--image-size", type=int, help="input size for pixels and timm: models")
-    m.add_argument("--batch-size", type=int, default=256)
-    m.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    add_batch_options(m, training=False, batch_default=256, images="DATA holds",
+                      workers_help="image-decoding processes (default: one per core, up to 8)")
     m.add_argument("--top-k", type=int, default=5, metavar="K",
-                   help="a model distilled with labels (it has a classifier): also write <out>.predictions.csv, "
-                        "each image's K most probable classes and their probabilities (default 5; 0: none)")
-    m.add_argument("--workers", type=_count, help="image-decoding processes (default: one per core, up to 8)")
-    m.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
-                   help="where the network runs (default auto: CUDA when available, else the CPU)")
+                   help="a model distilled with labels (it has a classifier): also write predictions.csv, each "
+                        "image's K most probable classes and their probabilities (default 5; 0: none)")
 
     s = commands.add_parser(
         "show", help="pictures of what a backbone sees: ViT attention, PCA of patch features, nearest neighbours, "
@@ -142,31 +151,40 @@ def main(argv: list[str] | None = None) -> int:
                     "IMAGE files or folders: the last block's class-token attention per head for ViTs (DINO), the "
                     "first PCA components of patch or feature-map features as RGB with the background removed "
                     "(DINOv2), each image's nearest neighbours in --gallery, and a run's training curves. Without "
-                    "--kind every picture that fits is drawn and the others are named.",
+                    "--kind every picture that fits is drawn and the others are named. It runs on the CPU in fp32, "
+                    "decoding in the main process (no --precision/--device/--workers); --batch-size sets the "
+                    "gallery's batches.",
     )
     s.add_argument("model", metavar="MODEL")
     s.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (their first --max-images)")
     s.add_argument("--kind", action="append", choices=SHOW_KINDS, help="a picture to draw (repeat for several; "
                                                                        "default: every one that fits)")
-    s.add_argument("--out", type=Path, help="folder for the PNGs (default runs/show-<timestamp>)")
+    add_out(s, "the PNGs", "runs/show-<timestamp>")
     s.add_argument("--gallery", help="image folder searched for the nearest neighbours (retrieval)")
     s.add_argument("-k", type=int, default=5, help="neighbours per image (default 5)")
+    s.add_argument("--batch-size", type=positive, default=64, metavar="N",
+                   help="gallery images decoded and embedded at a time for the retrieval (default 64)")
     s.add_argument("--threshold", type=float, default=0.6,
                    help="share of the attention mass each attention mask keeps (DINO: 0.6)")
     s.add_argument("--max-images", type=int, default=8, help="images drawn at most (default 8)")
     s.add_argument("--student", action="store_true", help="the student's backbone instead of the teacher's")
     s.add_argument("--image-size", type=int, help="input size for timm: models")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # paths and key=value may follow options
     if extra and (args.command not in ("pretrain", "distill") or any(a.startswith("-") for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if distributed.rank() == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
+        apply_old_spellings(args)
         if args.command == "eval":
-            pair = args.train is not None and args.test is not None
-            if (args.suite is None and not pair) or (args.suite is not None and (args.train or args.test)):
-                parser.error("eval needs --train and --test, or --suite FILE (not both)")
+            pair = args.eval_train is not None and args.eval_test is not None
+            if (args.suite is None and not pair) or (args.suite is not None and (args.eval_train or args.eval_test)):
+                parser.error("eval needs --eval-train and --eval-test, or --suite FILE (not both)")
             return eval_command(args)
         if args.command == "export":
             return export_command(args)
@@ -179,18 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         logger.error("%s", err)
         return 2
-
-
-def _count(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0 decodes in the main process), got {text!r}")
-    return value
-
 
 
 if __name__ == "__main__":

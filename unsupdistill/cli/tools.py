@@ -6,7 +6,9 @@ import argparse
 import time
 from pathlib import Path
 
-from unsupdistill.export import embed_folder, export_model
+from unsupdistill.cli.options import deprecated, looks_like_file
+from unsupdistill.export import ExportError, embed_folder, export_model
+from unsupdistill.export.embed import EMBED_SUFFIXES
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -23,20 +25,20 @@ def eval_command(args: argparse.Namespace) -> int:
         linear=not args.no_linear, linear_backend=args.linear, clustering=not args.no_clustering,
         vit_blocks=args.vit_blocks, avgpool=args.avgpool, student=args.student, cache=not args.no_cache,
         cache_dir=args.cache_dir, plots=not args.no_plots, device=args.device, workers=args.workers,
-        speed=args.speed, speed_batch_size=args.speed_batch, speed_seconds=args.speed_seconds,
+        speed=args.speed, speed_batch_size=args.speed_batch, speed_seconds=args.speed_seconds, ks=tuple(args.k),
     )
     out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
     if args.suite or len(args.model) > 1:
         from unsupdistill.evaluate.suite import LabeledPair, load_suite, run_suite
 
-        pairs = load_suite(args.suite) if args.suite else [LabeledPair(Path(args.test).name, args.train, args.test,
-                                                                       args.image_size)]
+        pairs = load_suite(args.suite) if args.suite else [LabeledPair(Path(args.eval_test).name, args.eval_train,
+                                                                       args.eval_test, args.image_size)]
         rows, _ = run_suite(args.model, pairs, options, out)
         print()
         print(format_table(rows, list(rows[0])))
         print(f"\ntable:   {out / 'suite.md'}\nresults: {out / 'suite.json'} (each report under {out}/<dataset>/)")
         return 0
-    results = evaluate(args.model[0], args.train, args.test, options, out)
+    results = evaluate(args.model[0], args.eval_train, args.eval_test, options, out)
     row = summary_row(results)
     print()
     print(format_table([row], list(row)))
@@ -51,7 +53,7 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    result = export_model(args.model, args.format, args.out, student=args.student, data=args.data,
+    result = export_model(args.model, args.format, _export_path(args), student=args.student, data=args.data,
                           atol=args.atol, rtol=args.rtol)
     parity = result.parity
     print(f"\n{args.format} parity against PyTorch on {parity.batch_sizes[0]} real images from {parity.images} "
@@ -61,15 +63,43 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def embed_command(args: argparse.Namespace) -> int:
-    import torch
+def _export_path(args: argparse.Namespace) -> Path | None:
+    """The file ``export`` writes: in the folder ``--out``, named as in ``<run>/export/`` (after the network it
+    holds); the old spelling, ``--out`` naming the file itself, as given; None (``<run>/export/``) without
+    ``--out``."""
+    from unsupdistill.export.formats import default_export_path
+    from unsupdistill.models.load import load_model
 
-    result = embed_folder(args.model, args.data, args.out, student=args.student, image_size=args.image_size,
-                          batch_size=args.batch_size, workers=args.workers, device=args.device,
-                          precision=torch.bfloat16 if args.precision == "bf16" else None, top_k=args.top_k)
+    if args.out is None:
+        return None
+    if looks_like_file(args.out):
+        deprecated(f"--out {args.out} (the export file)", f"--out {args.out.parent} (a folder; the file is named "
+                   "after the network it holds)")
+        return args.out
+    model = str(args.model)
+    if model == "pixels" or model.startswith("timm:"):  # export_model refuses them before writing anything
+        return None
+    loaded = load_model(model, student=args.student)  # the file is named after the network it holds
+    source = "student" if args.student else str((loaded.description or {}).get("source", "teacher"))
+    return args.out / default_export_path(Path(model), args.format, source).name
+
+
+def embed_command(args: argparse.Namespace) -> int:
+    out = args.out or Path("runs") / time.strftime("embed-%Y%m%d-%H%M%S")
+    if looks_like_file(out):
+        if out.suffix.lower() not in EMBED_SUFFIXES:
+            raise ExportError(f"--out {out}: --out is a folder (default runs/embed-<timestamp>); a name with a file "
+                              "extension is read as the old spelling, a file ending in .npy (features, plus a .csv "
+                              "of paths) or .npz (features and paths in one file): give a folder name without an "
+                              "extension")
+        deprecated(f"--out {out} (a .npy/.npz file)", f"--out {out.parent / out.stem} (a folder) with "
+                   f"--format {out.suffix.lower()[1:]}")
+    result = embed_folder(args.model, args.data, out, fmt=args.format, student=args.student,
+                          image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
+                          device=args.device, precision=args.precision, top_k=args.top_k)
     print(f"\nembedded {result.count} images ({result.feature_dim} features each) at "
-          f"{result.images_per_s:.0f} images/s on {result.device} ({result.workers} decoding workers); "
-          f"{result.skipped} unreadable files skipped\n"
+          f"{result.images_per_s:.0f} images/s on {result.device} in {result.precision} ({result.workers} decoding "
+          f"workers); {result.skipped} unreadable files skipped\n"
           f"features: {result.features}\npaths:    {result.paths}\nsummary:  {result.summary}"
           + (f"\nskipped:  {result.skipped_list}" if result.skipped_list else "")
           + (f"\nclasses:  {result.predictions} (top {result.classes_per_image} per image)"
@@ -108,7 +138,8 @@ def show_command(args: argparse.Namespace) -> int:
             elif kind == "retrieval":
                 if args.gallery is None:
                     raise ValueError("it needs --gallery FOLDER, the images to search")
-                found = show.show_retrieval(model, queries, list_image_files(args.gallery), args.k)
+                found = show.show_retrieval(model, queries, list_image_files(args.gallery), args.k,
+                                            batch_size=args.batch_size)
                 written.append(show.save_png(found.picture, path))
             elif not (Path(args.model) / "metrics.jsonl").is_file():
                 raise ValueError(f"it needs a run directory with a metrics.jsonl; {args.model} has none")

@@ -14,6 +14,7 @@ import torch
 
 from unsupdistill import distributed
 from unsupdistill.auto import auto_settings, automatic_keys, explicit_keys, format_choices
+from unsupdistill.cli.options import add_batch_options, add_labeled_sets, add_out, training_overrides
 from unsupdistill.config import (
     Config,
     ConfigError,
@@ -48,20 +49,23 @@ TRAINING_EPILOG = (
 )
 
 
-def add_training_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments ``pretrain`` and ``distill`` share."""
+def add_training_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """The arguments ``pretrain`` and ``distill`` share; ``command`` is the verb (its help differs)."""
+    no_folder = ("omit for scikit-learn's digits, run with recipes/digits.yaml" if command == "pretrain" else
+                 "omit for scikit-learn's digits, run with the defaults (not recipes/digits.yaml, which is tuned "
+                 "for DINO pretraining; --recipe digits takes it)")
     p.add_argument("args", nargs="*", metavar="[PATH] [key=value ...]",
-                   help="image folder (omit for scikit-learn's digits, run with recipes/digits.yaml; without --recipe, "
-                        "the settings are chosen from its images and the device) and section.key=value config "
-                        "overrides")
+                   help=f"image folder ({no_folder}; without --recipe, the settings are chosen from its images and "
+                        "the device) and section.key=value config overrides")
     p.add_argument("--recipe", help=f"shipped recipe ({', '.join(recipe_names())}) or a YAML file")
-    p.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
+    add_out(p, "the run: checkpoints, exported backbone, metrics, config", "runs/<timestamp>")
     p.add_argument("--resume", type=Path, metavar="RUN_OR_CHECKPOINT",
                    help="continue a run from its newest checkpoint that loads (checkpoints/last.pt or "
                         "epoch_*.pt; corrupt ones are skipped with a warning), or from the given .pt file")
-    p.add_argument("--probe-train", metavar="LABELED", help="labeled set (a folder of class subfolders, a path,label "
-                   "CSV or digits) whose k-NN memory scores the run at its end, with --probe-test")
-    p.add_argument("--probe-test", metavar="LABELED", help="labeled set scored at the end of the run")
+    add_labeled_sets(p, "labeled set whose k-NN memory scores the run (every eval.every_epochs epochs, and in the "
+                        "end-of-run summary), with --eval-test", "labeled set scored",
+                     old=("--probe-train", "--probe-test"))
+    add_batch_options(p, training=True)
     p.add_argument("--dry-run", action="store_true",
                    help="build everything and run one step on a batch of 2 per process; write nothing")
 
@@ -71,6 +75,7 @@ def train_command(args: argparse.Namespace) -> int:
     from unsupdistill.methods import METHODS  # heavy imports after checks
 
     paths, overrides = split_pretrain_args(args.args)
+    overrides = training_overrides(args, overrides)  # --precision, --eval-train, ...: key=value as written
     checkpoint, ckpt_path = None, None
     if args.resume and (Path(args.resume) / GENERATIONS_FILE).is_file():  # born-again generations: go on with them
         if args.recipe or overrides or paths:
@@ -105,7 +110,7 @@ def train_command(args: argparse.Namespace) -> int:
     method = METHODS[config.method]
     validate(config, ignore=automatic_keys(method) - explicit_keys(overrides) if automatic else frozenset())
 
-    pair = labeled_pair(config, args)  # scored at the end; a bad pair fails now
+    pair = labeled_pair(config)  # scored at the end
     generations = getattr(args, "generations", 1)
     if generations < 1:
         raise ConfigError(f"--generations {generations}: allowed values are 1 (one student) or more")
@@ -299,18 +304,9 @@ def _verb_method(config: Config, command: str, explicit: bool, source: str | Non
     return merge(config, {"method": wanted.name}, f"unsupdistill {command}")
 
 
-def labeled_pair(config: Config, args: argparse.Namespace) -> tuple[str, str] | None:
-    """The labeled train/test pair the end-of-run summary scores: --probe-train/--probe-test, else eval.train/
-    eval.test, else the digits' fixed split for a run on the built-in digits; None without labels."""
-    if bool(args.probe_train) != bool(args.probe_test):
-        raise ConfigError("give --probe-train and --probe-test together (labeled sets: a folder of class "
-                          "subfolders, a path,label CSV or digits)")
-    if args.probe_train:
-        for flag, spec in (("--probe-train", args.probe_train), ("--probe-test", args.probe_test)):
-            if spec != "digits" and not os.path.exists(spec):
-                raise ConfigError(f"{flag} {spec} does not exist; give a folder of class subfolders, a path,label "
-                                  "CSV file, or digits")
-        return args.probe_train, args.probe_test
+def labeled_pair(config: Config) -> tuple[str, str] | None:
+    """The labeled train/test pair the end-of-run summary scores: eval.train/eval.test (--eval-train/--eval-test),
+    else the digits' fixed split for a run on the built-in digits; None without labels."""
     if config.eval.train and config.eval.test:
         return config.eval.train, config.eval.test
     return ("digits", "digits") if config.data.path is None else None

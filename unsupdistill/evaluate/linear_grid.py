@@ -30,6 +30,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 from unsupdistill.config import ConfigError
+from unsupdistill.data.folder import DataError
 
 MOMENTUM = 0.9
 """SGD momentum of every classifier (DINO and DINOv2 use 0.9)."""
@@ -50,6 +51,8 @@ DEFAULT_WDS: tuple[float, ...] = (1e-2, 1e-3, 0.0)
 # of 1,024, ~400 steps on CIFAR-10's 40,000 fitted rows, enough for a convex problem; on its 30-minute DINO features
 # that scored 50.93 % in 2.0 s against 50.80 % in 5.0 s for 20 epochs of 256 (BENCHMARKS.md, "Linear probe").
 DEFAULT_EPOCHS, DEFAULT_BATCH_SIZE = 20, 256
+VAL_FRACTION = 0.2
+"""Share of the train split held out (stratified) to choose the setting."""
 LARGE, LARGE_EPOCHS, LARGE_BATCH_SIZE = 20_000, 10, 1024
 
 Columns = slice | Sequence[int] | Tensor
@@ -58,7 +61,7 @@ Columns = slice | Sequence[int] | Tensor
 def linear_probe_grid(
     train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, *, lrs: Sequence[float] = DEFAULT_LRS,
     weight_decays: Sequence[float] = DEFAULT_WDS, variants: Mapping[str, Columns] | None = None,
-    epochs: int | None = None, batch_size: int | None = None, val_fraction: float = 0.2, seed: int = 0,
+    epochs: int | None = None, batch_size: int | None = None, val_fraction: float = VAL_FRACTION, seed: int = 0,
     device: str | torch.device | None = None, classifier: bool = False,
 ) -> dict[str, Any]:
     """Linear-probe accuracy of frozen features with a grid of SGD-trained linear classifiers.
@@ -212,13 +215,18 @@ def _standardisation(features: Tensor, rows: Tensor, device: torch.device, chunk
 
 
 def _held_out_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Row indices of the fit and held-out parts, stratified by class (scikit-learn's ``train_test_split``)."""
+    """Row indices of the fit and held-out parts, stratified by class (scikit-learn's ``train_test_split``).
+
+    Raises:
+        DataError: a class with a single sample (``evaluate.run.check_probe_split`` names it for a labeled set).
+        ConfigError: ``val_fraction`` out of range, or too small or large for both parts to hold every class.
+    """
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction={val_fraction} is invalid; allowed values: 0 < val_fraction < 1")
     classes, counts = labels.unique(return_counts=True)
     if counts.min() < 2:
         rare = classes[counts < 2].tolist()
-        raise ValueError(f"train_y has classes {rare} with a single sample; stratifying the held-out split needs "
+        raise DataError(f"train_y has classes {rare} with a single sample; stratifying the held-out split needs "
                          f"at least 2 samples of every class: add samples or drop those classes")
     num_val = math.ceil(val_fraction * len(labels))
     if min(num_val, len(labels) - num_val) < len(classes):
@@ -231,7 +239,8 @@ def _held_out_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Ten
 
 
 def _check_data(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> int:
-    """Raise ValueError naming the argument for inconsistent shapes or labels; return the number of classes C."""
+    """Raise ValueError naming the argument for inconsistent shapes or labels (DataError, a ValueError, for labels of a
+    single class: a user's data, not a caller's mistake); return the number of classes C."""
     if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
         raise ValueError(f"train_x {tuple(train_x.shape)} and test_x {tuple(test_x.shape)} are invalid; allowed: "
                          f"2-D features (N, D) and (M, D) with the same D")
@@ -243,7 +252,7 @@ def _check_data(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor
             raise ValueError(f"{name}_y is invalid; allowed: integer class indices >= 0")
     num_classes = int(train_y.max()) + 1
     if len(train_y.unique()) < 2:
-        raise ValueError(f"train_y holds a single class ({int(train_y[0])}); allowed: at least 2 classes")
+        raise DataError(f"train_y holds a single class ({int(train_y[0])}); allowed: at least 2 classes")
     if test_y.max() >= num_classes:
         raise ValueError(f"test_y holds class {int(test_y.max())}, absent from train_y; allowed: 0..{num_classes - 1}")
     return num_classes

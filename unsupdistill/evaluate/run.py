@@ -7,6 +7,7 @@ a held-out part of the training split, and k-means clustering (NMI, ARI, Hungari
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,17 +17,15 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from unsupdistill.config import DataConfig
-from unsupdistill.data import DigitsDataset, num_workers
-from unsupdistill.data.labeled import align_labels, load_labeled
+from unsupdistill.data import DataError, DigitsDataset, num_workers
+from unsupdistill.data.labeled import LabeledDataset, align_labels, load_labeled
 from unsupdistill.devices import cpu_has_native_bf16, resolve_device
 from unsupdistill.evaluate.cache import cached_features, data_fingerprint, default_cache_dir
 from unsupdistill.evaluate.clustering import cluster
 from unsupdistill.evaluate.features import extract_features
 from unsupdistill.evaluate.knn import knn_evaluate
 from unsupdistill.evaluate.linear import DINOViTFeatures, linear_probe
-from unsupdistill.evaluate.linear_grid import linear_probe_grid
-from unsupdistill.evaluate.pictures import write_pictures
-from unsupdistill.evaluate.report import plot_confusion, plot_feature_map, plot_knn_vs_k, write_json
+from unsupdistill.evaluate.linear_grid import VAL_FRACTION, linear_probe_grid
 from unsupdistill.evaluate.speed import measure_speed, speed_cells
 from unsupdistill.models.classifier import Classifier, load_classifier
 from unsupdistill.models.load import FeatureModel, load_model
@@ -151,6 +150,8 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
     test_set = load_labeled(test_spec, model.input_size, "test")
     train_labels, test_labels = train_set.labels, align_labels(train_set, test_set)
     classes = train_set.classes
+    if options.linear:  # before the features are extracted
+        check_probe_split(train_set, train_spec)
     options = replace(options, precision=extraction_precision(options.precision, device, len(test_set)))
 
     timings = {}
@@ -184,10 +185,11 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
     if options.linear:
         tic = time.perf_counter()
         if options.linear_backend == "sklearn":
-            linear = linear_probe(train_features, train_labels, test_features, test_labels)
+            linear = linear_probe(train_features, train_labels, test_features, test_labels,
+                                  val_fraction=VAL_FRACTION)
         elif options.linear_backend == "torch":
             linear = linear_probe_grid(probe_train, train_labels, probe_test, test_labels, variants=variants,
-                                       device=device)
+                                       val_fraction=VAL_FRACTION, device=device)
         else:
             raise ValueError(f"linear_backend must be torch or sklearn, got {options.linear_backend!r}")
         results["linear"] = {"backend": options.linear_backend,
@@ -206,6 +208,10 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
     results["seconds"] = timings
 
     if out_dir is not None:
+        # matplotlib (report, pictures) is imported only to write a report: the command line starts faster
+        from unsupdistill.evaluate.pictures import write_pictures
+        from unsupdistill.evaluate.report import plot_confusion, plot_feature_map, plot_knn_vs_k, write_json
+
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(results, out_dir / "eval.json")
         if options.plots:
@@ -217,6 +223,42 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
                                title=f"{model.name}: linear probe")
             write_pictures(model, train_set, test_set, train_features, test_features, out_dir)
     return results
+
+
+def check_probe_split(train_set: LabeledDataset, spec: str) -> None:
+    """Check that the linear probe can hold out a stratified :data:`VAL_FRACTION` of ``train_set`` (the labeled set
+    ``spec``) to choose its settings: two images or more in every class, and enough images that both parts hold one
+    of every class.
+
+    Raises:
+        DataError: naming the set, the classes short of images (and a single image's file) and the fix.
+    """
+    counts = torch.bincount(train_set.labels, minlength=len(train_set.classes))  # (C,)
+    why = (f"the linear probe holds out {VAL_FRACTION:.0%} of every class of the train set (stratified) to choose "
+           "its settings")
+    single = [i for i, n in enumerate(counts.tolist()) if n < 2]
+    if single:
+        paths = getattr(train_set, "paths", None)
+        named = []
+        for i in single[:5]:
+            where = f" ({paths[int((train_set.labels == i).nonzero()[0])]})" if paths and counts[i] else ""
+            named.append(f"{train_set.classes[i]!r}{where}")
+        more = f" and {len(single) - 5} more" if len(single) > 5 else ""
+        raise DataError(f"train set {spec}: class{'es' if len(single) > 1 else ''} {', '.join(named)}{more} "
+                        f"{'have' if len(single) > 1 else 'has'} a single image; {why}, so each class needs 2 images "
+                        "or more: add images to it, remove the class from both sets, or skip the probe with "
+                        "--no-linear")
+    total, num_classes = len(train_set.labels), len(counts)
+
+    def too_few(n: int) -> bool:
+        held_out = math.ceil(VAL_FRACTION * n)
+        return min(held_out, n - held_out) < num_classes
+
+    if too_few(total):
+        needed = next(n for n in range(total, 10 * num_classes + 10) if not too_few(n))
+        raise DataError(f"train set {spec} has {total} images in {num_classes} classes; {why}, and both the "
+                        f"{math.ceil(VAL_FRACTION * total)} held-out images and the rest need one image of every "
+                        f"class: add images ({needed} or more in all) or skip the probe with --no-linear")
 
 
 def classifier_accuracy(classifier: Classifier, features: torch.Tensor, classes: list[str],

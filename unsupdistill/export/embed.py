@@ -15,6 +15,7 @@ from unsupdistill.config import DataConfig
 from unsupdistill.data import ImageFolderDataset, num_workers, write_skipped
 from unsupdistill.devices import resolve_device
 from unsupdistill.evaluate.features import extract_features
+from unsupdistill.evaluate.run import extraction_precision
 from unsupdistill.export.formats import ExportError
 from unsupdistill.models.classifier import load_classifier
 from unsupdistill.models.classifier import top_k as top_k_classes
@@ -24,6 +25,8 @@ from unsupdistill.storage import atomic_write, write_json_atomic
 logger = logging.getLogger(__name__)
 
 EMBED_SUFFIXES = (".npy", ".npz")
+EMBED_FORMATS = ("npy", "npz")
+SUMMARY_FILE = "embed.json"
 
 
 @dataclass
@@ -43,76 +46,115 @@ class EmbedResult:
     images_per_s: float
     device: str
     workers: int
+    precision: str
+    """fp32 or bf16: the extraction's precision, auto resolved."""
 
 
-def embed_folder(model: str, data: str | Path, out: str | Path, *, student: bool = False,
-                 image_size: int | None = None, batch_size: int = 256, precision: torch.dtype | None = None,
+@dataclass
+class EmbedFiles:
+    """Where one embedding goes: in a folder (``features.npy``, ``features.csv``, ``embed.json``, ...) or, the old
+    layout, beside a ``.npy``/``.npz`` file named by the user (``f.npy``, ``f.csv``, ``f.json``, ...)."""
+
+    features: Path
+    paths: Path
+    """``features.csv`` of the image paths, or the ``.npz`` itself."""
+    summary: Path
+    skipped: Path
+    predictions: Path
+
+    @classmethod
+    def of(cls, out: Path, fmt: str | None) -> EmbedFiles:
+        """The files for ``out``: a ``.npy``/``.npz`` file (its suffix is the format) or a folder (``fmt``, default
+        npy).
+
+        Raises:
+            ExportError: ``fmt`` is unknown, or disagrees with the file's suffix.
+        """
+        if fmt is not None and fmt not in EMBED_FORMATS:
+            raise ExportError(f"embed format {fmt!r} is unknown; allowed formats: {', '.join(EMBED_FORMATS)}")
+        suffix = out.suffix.lower()
+        if suffix in EMBED_SUFFIXES:
+            if fmt is not None and suffix != f".{fmt}":
+                raise ExportError(f"--out {out} is a {suffix} file but --format is {fmt}; give a folder as --out")
+            return cls(out, out if suffix == ".npz" else out.with_suffix(".csv"), out.with_suffix(".json"),
+                       out.with_suffix(".skipped.txt"), out.with_suffix(".predictions.csv"))
+        features = out / f"features.{fmt or 'npy'}"
+        return cls(features, features if fmt == "npz" else out / "features.csv", out / SUMMARY_FILE,
+                   out / "skipped.txt", out / "predictions.csv")
+
+
+def embed_folder(model: str, data: str | Path, out: str | Path, *, fmt: str | None = None, student: bool = False,
+                 image_size: int | None = None, batch_size: int = 256, precision: str = "auto",
                  workers: int | None = None, device: str | torch.device = "auto", top_k: int = 5) -> EmbedResult:
     """Embed every readable image under ``data`` (recursively) with a frozen backbone.
 
-    Writes ``out``: either ``.npy`` (features ``(N, D)`` float32) with a ``.csv`` of the image paths
-    in the same row order beside it, or one ``.npz`` holding ``features`` and ``paths``. Unreadable
-    files are skipped, counted and listed in ``<out stem>.skipped.txt``; a ``.json`` summary says
-    what was embedded and how fast. A model with a classifier (distilled with labels) also classifies every
-    image: ``<out stem>.predictions.csv`` holds each image's ``top_k`` classes and their probabilities.
+    Writes, in the folder ``out``: ``features.npy`` (features ``(N, D)`` float32) with ``features.csv`` of the
+    image paths in the same row order, or (``fmt`` npz) one ``features.npz`` holding ``features`` and ``paths``;
+    ``embed.json``, what was embedded and how fast; ``skipped.txt``, the unreadable files (skipped and counted); and
+    for a model with a classifier (distilled with labels) ``predictions.csv``, each image's ``top_k`` classes and
+    their probabilities. ``out`` may also be a ``.npy`` or ``.npz`` file, the old layout: the other files are then
+    named after it (``f.csv``, ``f.json``, ``f.skipped.txt``, ``f.predictions.csv``).
 
     Args:
         model: anything ``unsupdistill eval`` takes as MODEL (run, checkpoint, export, ``timm:``, ``pixels``).
         data: an image folder.
-        out: the ``.npy`` or ``.npz`` file to write.
+        out: the folder to write into (created), or a ``.npy``/``.npz`` file.
+        fmt: npy or npz for a folder (default npy); for a file, its suffix (a different ``fmt`` is an error).
         student: embed with the student's backbone.
         image_size: input size for models that do not record one.
         batch_size: images per forward pass.
-        precision: autocast dtype, or None for float32.
+        precision: auto, fp32 or bf16 (autocast); auto as ``unsupdistill eval`` resolves it
+            (:func:`~unsupdistill.evaluate.run.extraction_precision`), for the folder's images.
         workers: DataLoader processes decoding images; None: one per core, up to 8.
         device: where the network runs: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.
         top_k: classes per image in the predictions (a model with a classifier); 0 writes none.
 
     Raises:
-        ExportError: ``out`` is neither ``.npy`` nor ``.npz``.
+        ExportError: an unknown ``fmt``, or one that disagrees with a file's suffix.
         DeviceError: ``device`` is malformed or names CUDA where there is none.
     """
     out = Path(out)
-    if out.suffix.lower() not in EMBED_SUFFIXES:
-        raise ExportError(f"--out {out}: expected a file ending in .npy (features, plus a .csv of paths) or .npz "
-                          "(features and paths in one file)")
+    files = EmbedFiles.of(out, fmt)
     device = resolve_device(device)
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ExportError(f"precision {precision!r} is unknown; allowed values: auto, fp32, bf16")
     loaded = load_model(model, image_size=image_size, student=student)
     workers = num_workers(DataConfig(path=str(data), num_workers=workers))
     dataset = ImageFolderDataset(data, loaded.input_size, num_threads=max(1, workers))
-    logger.info("embedding %d images with %s: %s, %d decoding workers", len(dataset), loaded.name, device, workers)
+    precision = extraction_precision(precision, device, len(dataset))
+    logger.info("embedding %d images with %s: %s, %s, %d decoding workers", len(dataset), loaded.name, device,
+                precision, workers)
     tic = time.perf_counter()
     features = extract_features(loaded.backbone, dataset, loaded.input_size, loaded.mean, loaded.std,
-                                batch_size=batch_size, precision=precision, device=device, num_workers=workers)
+                                batch_size=batch_size, precision=torch.bfloat16 if precision == "bf16" else None,
+                                device=device, num_workers=workers)
     seconds = time.perf_counter() - tic
     array = features.numpy().astype(np.float32)  # (N, D)
     paths = [str(path) for path in dataset.files]
 
-    if out.suffix.lower() == ".npz":
-        paths_file = out
-        atomic_write(out, lambda tmp: _save_npz(tmp, array, paths))
+    files.features.parent.mkdir(parents=True, exist_ok=True)
+    if files.features.suffix.lower() == ".npz":
+        atomic_write(files.features, lambda tmp: _save_npz(tmp, array, paths))
     else:
-        paths_file = out.with_suffix(".csv")
-        atomic_write(out, lambda tmp: _save_npy(tmp, array))
-        atomic_write(paths_file, lambda tmp: _save_csv(tmp, paths))
+        atomic_write(files.features, lambda tmp: _save_npy(tmp, array))
+        atomic_write(files.paths, lambda tmp: _save_csv(tmp, paths))
     classifier = None if student or top_k < 1 else load_classifier(model)
-    predictions = out.with_suffix(".predictions.csv") if classifier is not None else None
+    predictions = files.predictions if classifier is not None else None
     if classifier is not None:
         indices, probs = top_k_classes(classifier, features, top_k)  # (N, k) each
         atomic_write(predictions, lambda tmp: _save_predictions(tmp, paths, classifier.classes, indices, probs))
-    skipped_list = out.with_suffix(".skipped.txt")
-    skipped = write_skipped(dataset, skipped_list)
+    skipped = write_skipped(dataset, files.skipped)
     if not skipped:
-        skipped_list.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
+        files.skipped.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
     per_image = min(top_k, len(classifier.classes)) if classifier is not None else 0
-    result = EmbedResult(out, paths_file, out.with_suffix(".json"), skipped_list if skipped else None, predictions,
-                         per_image, len(paths), int(array.shape[1]), skipped, len(paths) / seconds, str(device),
-                         workers)
+    result = EmbedResult(files.features, files.paths, files.summary, files.skipped if skipped else None,
+                         predictions, per_image, len(paths), int(array.shape[1]), skipped, len(paths) / seconds,
+                         str(device), workers, precision)
     summary = {"model": loaded.name, "model_spec": str(model), "data": str(data), "images": result.count,
                "feature_dim": result.feature_dim, "skipped": skipped, "input_size": loaded.input_size,
-               "precision": str(precision or "fp32"), "device": result.device, "workers": workers,
+               "precision": precision, "device": result.device, "workers": workers,
                "seconds": seconds, "images_per_s": result.images_per_s,
-               "features": str(out), "paths": str(paths_file),
+               "features": str(files.features), "paths": str(files.paths),
                "predictions": str(predictions) if predictions else None}
     write_json_atomic(summary, result.summary)
     return result
