@@ -96,3 +96,32 @@ def test_temp_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
         path.write_bytes(b"partial")
     assert remove_stale_temp_files(tmp_path) == [stale]
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_run_of_a_path_is_the_one_rule_for_resume_and_export(tmp_path, monkeypatch):
+    """A checkpoint copied out of its run's checkpoints/ folder belongs to no run: --resume of it starts a new run
+    directory (it used to take the file's grandparent, writing train.log and status.json there), and its export
+    goes beside it; inside a run, both use the run."""
+    import shutil
+
+    from conftest import TINY
+
+    from unsupdistill.cli import main
+    from unsupdistill.export.formats import default_export_path
+    from unsupdistill.run_dir import last_checkpoint, run_of
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--out", str(run), *TINY, "train.max_steps=1"]) == 0
+    loose = tmp_path / "copies" / "step1.pt"
+    loose.parent.mkdir()
+    shutil.copy(last_checkpoint(run), loose)
+    assert run_of(run) == run and run_of(last_checkpoint(run)) == run and run_of(loose) is None
+    assert default_export_path(last_checkpoint(run), "onnx", "teacher") == run / "export" / "last-teacher.onnx"
+    assert default_export_path(loose, "onnx", "teacher") == loose.parent / "export" / "step1-teacher.onnx"
+
+    monkeypatch.chdir(tmp_path / "copies")
+    assert main(["pretrain", "--resume", str(loose), "train.max_steps=2"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copies", "run"]  # nothing written in the grandparent
+    assert sorted(p.name for p in loose.parent.iterdir()) == ["runs", "step1.pt"]
+    (resumed,) = (loose.parent / "runs").iterdir()
+    assert load_checkpoint(last_checkpoint(resumed))["step"] == 2 and (resumed / "status.json").is_file()

@@ -1,4 +1,5 @@
-"""End-to-end pretraining: run directory, resume after SIGKILL, torchrun, dry run, CLI errors."""
+"""End-to-end pretraining in one process: run directory, resume after SIGKILL, dry run, collapse warnings, k-NN probe,
+eval, CLI errors. Runs under torchrun are tested in test_distributed.py."""
 
 import json
 import logging
@@ -140,7 +141,7 @@ def test_collapse_is_reported_in_plain_words_during_training(tmp_path, tiny, cap
 def test_knn_on_a_labeled_probe_set_during_pretraining(tmp_path, tiny):
     out = tmp_path / "run"
     code = main(["pretrain", "--out", str(out), *tiny, "train.max_steps=3", "train.log_every_steps=1",
-                 "eval.train=digits", "eval.test=digits"])
+                 "eval.train=digits", "eval.test=digits", "eval.every_epochs=1"])
     assert code == 0
     evals = [m for m in read_metrics(out) if "knn_top1" in m]
     assert len(evals) == 1 and evals[0]["step"] == 3 and evals[0]["knn_k"] == 20

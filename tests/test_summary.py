@@ -12,6 +12,7 @@ from unsupdistill.config import load_config
 from unsupdistill.data import DigitsDataset, digits_split
 from unsupdistill.evaluate.run import EvalOptions, evaluate
 from unsupdistill.evaluate.summary import random_init_spec, run_summary
+from unsupdistill.run_dir import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,6 +80,8 @@ def test_folder_run_is_scored_on_the_labeled_folders_given(tmp_path, tiny, capsy
     size = json.loads((run / "backbone.json").read_text())["input_size"]
     assert summary["knn_top1"]["raw pixels"] == knn("pixels", str(train), str(test), size)
     assert "What the run learned" in capsys.readouterr().out
+    # scored at the end only: a k-NN every epoch costs two feature extractions of the sets (eval.every_epochs)
+    assert not any("knn_top1" in record for record in read_metrics(run)[0])
 
 
 def test_folder_run_without_labels_prints_no_table(tmp_path, tiny, capsys):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from unsupdistill import distributed
+from unsupdistill import run_dir as layout
 from unsupdistill.auto import auto_settings, automatic_keys, explicit_keys, format_choices
 from unsupdistill.cli.options import add_batch_options, add_labeled_sets, add_out, training_overrides
 from unsupdistill.config import (
@@ -115,7 +116,9 @@ def train_command(args: argparse.Namespace) -> int:
     if generations < 1:
         raise ConfigError(f"--generations {generations}: allowed values are 1 (one student) or more")
     device = training_device(config.train.device)
-    default_out = ckpt_path.parent.parent if ckpt_path is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    # a resume goes on in its run's directory; a checkpoint outside a run's checkpoints/ folder starts a new one
+    default_out = (layout.run_of(ckpt_path) if ckpt_path is not None else None) \
+        or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     with distributed.session(device):  # every process joins now: process 0 names the run directory, scans the folder
         run_dir = Path(distributed.broadcast_object(str(args.out or default_out)))
         if args.dry_run:
@@ -146,7 +149,7 @@ def _finish_run(run_dir: Path, config: Config, backbone: Path, pair: tuple[str, 
           f"  backbone:    {backbone} (+ backbone.json, input size {sidecar['input_size']} px)\n"
           + (f"  classifier:  {classifier} (+ classifier.json, {len(sidecar.get('classes', []))} classes)\n"
              if classifier.is_file() else "")
-          + f"  checkpoint:  {run_dir / 'checkpoints' / 'last.pt'}\n"
+          + f"  checkpoint:  {layout.last_checkpoint(run_dir)}\n"
           f"  metrics:     {run_dir / 'metrics.jsonl'}  (tensorboard --logdir {run_dir / 'tensorboard'})\n"
           f"  config:      {run_dir / 'config.yaml'}\n"
           f"  status:      {run_dir / STATUS_FILE}"
@@ -183,7 +186,7 @@ def _train_generations(root: Path, chain: dict, device: torch.device) -> int:
         run_dir, teacher = root / f"gen_{k}", base.distill.teacher if k == 1 else str(root / f"gen_{k - 1}")
         status = read_status(run_dir) or {}
         if status.get("state") != "done" or not (run_dir / "backbone.safetensors").is_file():
-            if (run_dir / "checkpoints").is_dir():
+            if layout.checkpoints_dir(run_dir).is_dir():
                 ckpt_path, checkpoint = latest_checkpoint(run_dir)
                 config, automatic = config_from_dict(checkpoint["config"], str(ckpt_path)), False
                 logger.info("generation %d: resuming from %s (step %d)", k, ckpt_path, checkpoint["step"])
@@ -249,13 +252,14 @@ def _train_run(config: Config, run_dir: Path, checkpoint: dict | None, ckpt_path
         run_dir.mkdir(parents=True, exist_ok=True)
         log_file = _file_handler(run_dir / "train.log")
         logging.getLogger().addHandler(log_file)
-        if ckpt_path is not None and run_dir.resolve() == ckpt_path.parent.parent.resolve():
+        if ckpt_path is not None and layout.run_of(ckpt_path.resolve()) == run_dir.resolve():
             set_aside_later_state(run_dir, int(checkpoint["step"]))  # before anything of the run is rewritten
         write_status(run_dir, "running", step=checkpoint["step"] if checkpoint else 0)
     try:
         config, scan, notes = _settings_for_data(config, run_dir, automatic, overrides, device)
         probe = None
-        if config.eval.train and distributed.is_main_process():  # read now: a bad set fails before training
+        if config.eval.train and config.eval.every_epochs > 0 and distributed.is_main_process():
+            # read now: a bad set fails before training
             from unsupdistill.evaluate.probe import KNNProbe
 
             probe = KNNProbe(config, device)
@@ -306,8 +310,15 @@ def _verb_method(config: Config, command: str, explicit: bool, source: str | Non
 
 def labeled_pair(config: Config) -> tuple[str, str] | None:
     """The labeled train/test pair the end-of-run summary scores: eval.train/eval.test (--eval-train/--eval-test),
-    else the digits' fixed split for a run on the built-in digits; None without labels."""
+    else the digits' fixed split for a run on the built-in digits; None without labels.
+
+    Raises:
+        ConfigError: a set that does not exist (before any training)."""
     if config.eval.train and config.eval.test:
+        for key, spec in (("eval.train", config.eval.train), ("eval.test", config.eval.test)):
+            if spec != "digits" and not os.path.exists(spec):
+                raise ConfigError(f"{key} (--{key.replace('.', '-')}) {spec} does not exist; give a folder of class "
+                                  "subfolders, a path,label CSV file, or digits")
         return config.eval.train, config.eval.test
     return ("digits", "digits") if config.data.path is None else None
 

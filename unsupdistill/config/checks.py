@@ -90,7 +90,7 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
     for key in ("train", "test"):
         value = getattr(e, key)
         need(value is None or bool(value.strip()), f"eval.{key}", "null, digits, a folder or a CSV file")
-    need(e.every_epochs >= 1, "eval.every_epochs", "an integer >= 1")
+    need(e.every_epochs >= 0, "eval.every_epochs", "an integer >= 0 (0: only the end-of-run summary)")
     need(e.k >= 1, "eval.k", "an integer >= 1")
     need(e.temperature > 0, "eval.temperature", "a number > 0")
 

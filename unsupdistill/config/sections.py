@@ -164,20 +164,23 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """k-NN of the teacher's features on a labeled set during pretraining (logged as eval/knn_top1)."""
+    """Scoring a run on labeled sets: at its end (``summary.json``) and, if asked, every few epochs during training
+    (k-NN of the features, logged as eval/knn_top1)."""
 
     train: str | None = field(default=None, metadata=PATH)
     """Labeled set the k-NN memory is built from: a folder with one subfolder per class, a CSV of
     path,label, or digits; null turns evaluation during pretraining off."""
     test: str | None = field(default=None, metadata=PATH)
     """Labeled set that is scored."""
-    every_epochs: int = 1
+    every_epochs: int = 0
+    """k-NN on ``eval.test`` every this many epochs while training, and after the last step; 0: only the end-of-run
+    summary. Each probe extracts the features of both sets, and its time counts against ``train.time_budget_s``."""
     k: int = 20
     temperature: float = 0.07
     summary: bool = True
     """End the run with what it learned (``summary.json`` and a table): k-NN of the export, of the same network at
     random init and of raw pixels, by ``unsupdistill eval``'s code, on the digits' split for the built-in digits
-    and on ``eval.train`` / ``eval.test`` (or --probe-train / --probe-test) for a folder; none without labels."""
+    and on ``eval.train`` / ``eval.test`` (--eval-train / --eval-test) for a folder; none without labels."""
 
 
 METHOD_SECTIONS: dict[str, type] = {}

@@ -282,8 +282,8 @@ class Trainer:
                             self._warn(out, warned)
                     end_of_epoch = self.step % self.steps_per_epoch == 0
                     epochs_done = self.step // self.steps_per_epoch
-                    probe_now = self.step == last_step or (
-                        end_of_epoch and epochs_done % self.config.eval.every_epochs == 0)
+                    every = self.config.eval.every_epochs
+                    probe_now = self.step == last_step or (end_of_epoch and every > 0 and epochs_done % every == 0)
                     if metrics is not None and self.probe is not None and probe_now and not stop:
                         measured = self.probe(self.method.probe_backbone())
                         logger.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in measured.items()))
