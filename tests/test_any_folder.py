@@ -115,11 +115,32 @@ def test_a_vit_gets_a_patch_size_that_fits_the_crop():
     assert config.augment.local.size % 8 == 0 and not config.model.small_image_stem
 
 
-def test_the_digits_default_is_unchanged(tmp_path, caplog):
-    assert load_config() == Config()
-    with caplog.at_level(logging.INFO):
-        assert main(["pretrain", "--dry-run", "--out", str(tmp_path / "run")]) == 0
-    assert "settings chosen" not in caplog.text and not (tmp_path / "run").exists()
+def handed_to_training(monkeypatch, *args: str) -> tuple[Config, bool]:
+    """The config ``unsupdistill pretrain ARGS`` hands to its run (which is skipped) and whether the automatic
+    settings are to complete it."""
+    from unsupdistill.cli import training
+
+    handed = []
+
+    def run(config, run_dir, checkpoint, ckpt_path, automatic, *rest):
+        handed.append((config, automatic))
+        return 0, config, None
+
+    monkeypatch.setattr(training, "_train_run", run)
+    assert main(["pretrain", *args]) == 0
+    return handed[0]
+
+
+def test_the_built_in_digits_run_takes_its_recipe_and_a_folder_the_automatic_settings(tmp_path, monkeypatch):
+    config, automatic = handed_to_training(monkeypatch, "--out", str(tmp_path / "digits"))
+    assert not automatic and config.data.path is None
+    assert config == load_config("digits") != Config()  # recipes/digits.yaml, not the bare defaults
+    images = make_images(tmp_path / "images", 4, 20, 20)
+    config, automatic = handed_to_training(monkeypatch, str(images), "--out", str(tmp_path / "folder"))
+    assert automatic and config.data.path == str(images)
+    # a folder starts from the defaults (its sizes are chosen from its images), not from the digits' recipe
+    assert config.dino.centering == Config().dino.centering != "sinkhorn"
+    assert config.model.backbone_kwargs == Config().model.backbone_kwargs
 
 
 def test_a_recipe_turns_the_automatic_settings_off(tmp_path, caplog):
@@ -227,7 +248,7 @@ def test_metrics_with_a_damaged_last_line_resume(tmp_path, caplog):
         f.write('{"step": 4, "loss": 5.1')  # a writer killed mid-line
     with caplog.at_level(logging.WARNING):
         assert main(["pretrain", "--resume", str(out), "train.max_steps=5"]) == 0
-    assert "dropped its last line, which is not a complete JSON record" in caplog.text
+    assert "dropped 1 line(s) that are not complete JSON records" in caplog.text
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 5]
 
 

@@ -13,10 +13,41 @@ def error_of(recipe=None, overrides=()):
     return str(info.value)
 
 
-def test_defaults_are_the_builtin_digits_run():
-    cfg = load_config()
-    assert cfg.data.path is None
-    assert cfg == Config()
+def built_in_run(monkeypatch, tmp_path, *args: str) -> Config:
+    """The config ``unsupdistill pretrain ARGS`` (no folder) hands to its run, which is skipped."""
+    from unsupdistill.cli import main, training
+
+    handed = []
+
+    def run(config, *rest):
+        handed.append(config)
+        return 0, config, None
+
+    monkeypatch.setattr(training, "_train_run", run)
+    assert main(["pretrain", "--out", str(tmp_path / "run"), *args]) == 0
+    return handed[0]
+
+
+def test_the_built_in_run_is_the_defaults_with_recipes_digits(monkeypatch, tmp_path):
+    """``unsupdistill pretrain`` with no folder and no recipe trains on the digits with recipes/digits.yaml's
+    settings for 8x8 gray digits (chosen in the trials its comments cite), not with the bare defaults."""
+    cfg = built_in_run(monkeypatch, tmp_path)
+    assert cfg.method == "dino" and cfg.data.path is None  # scikit-learn's digits
+    a = cfg.augment
+    assert (a.global_1.size, a.global_2.size, a.local.size, a.num_local_crops) == (12, 12, 6, 2)
+    for crop in (a.global_1, a.global_2, a.local):  # mirrored digits are other digits; gray has no colour
+        assert (crop.flip_p, crop.color_jitter_p, crop.grayscale_p) == (0.0, 0.0, 0.0)
+    assert cfg.model.backbone == "resnet18" and cfg.model.small_image_stem
+    assert cfg.model.backbone_kwargs == {"channels": [32, 64, 128, 256], "stem_width": 32, "layers": [1, 1, 1, 1]}
+    assert cfg.dino.centering == "sinkhorn" and cfg.train.epochs == 12
+    # everything the recipe does not name is the default
+    assert cfg.optim == Config().optim and cfg.model.head_output_dim == Config().model.head_output_dim
+    # key=value overrides still win over the recipe, and the rest of the recipe stays
+    cfg = built_in_run(monkeypatch, tmp_path, "train.epochs=3", "augment.local.size=4")
+    assert (cfg.train.epochs, cfg.augment.local.size, cfg.augment.global_1.size) == (3, 4, 12)
+    # another recipe replaces it
+    cfg = built_in_run(monkeypatch, tmp_path, "--recipe", "cifar10")
+    assert cfg == load_config("cifar10")
 
 
 def test_overrides_parse_yaml_values_and_nested_keys():
@@ -51,7 +82,7 @@ def test_unknown_key_names_key_suggestion_and_allowed_keys():
     ("train.batch_size=0", "train.batch_size", ">= 1"),
     ("augment.mean=[0.5, 0.5]", "augment.mean", "list of 3"),
     ("eval.train=digits", "eval.test", "both eval.train and eval.test"),
-    ("eval.every_epochs=0", "eval.every_epochs", ">= 1"),
+    ("eval.every_epochs=-1", "eval.every_epochs", ">= 0"),  # 0: k-NN only at the end of the run
     # momentum outside [0, 1]
     ("dino.teacher_momentum=-0.1", "dino.teacher_momentum", "[0, 1]"),
     ("dino.teacher_momentum_end=1.01", "dino.teacher_momentum_end", "[0, 1]"),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import TINY, read_metrics
 
 from unsupdistill import distributed
@@ -218,4 +219,8 @@ def test_a_folder_under_torchrun_is_scanned_once_into_one_default_run_directory(
     output = result.stdout + result.stderr
     assert output.count("checking 24 image files") == 1 and output.count("settings chosen for 24 images") == 1
     assert (runs[0] / "scan.json.gz").is_file() and json.loads((runs[0] / "status.json").read_text())["state"] == "done"
-    assert "over 2 process(es)" in (runs[0] / "train.log").read_text()
+    # a global batch of 8 (at most half the 24 images), 4 per process: each process's 12 images make 3 steps an
+    # epoch (a batch of 8 in each would make 1)
+    assert yaml.safe_load((runs[0] / "config.yaml").read_text())["train"]["batch_size"] == 8
+    assert "global batch 8 over 2 process(es)" in (runs[0] / "train.log").read_text()
+    assert [(m["step"], m["epoch"]) for m in read_metrics(runs[0])] == [(2, pytest.approx(2 / 3))]

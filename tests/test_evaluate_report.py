@@ -1,4 +1,5 @@
-"""Multi-k k-NN evaluation, report tables and JSON, PNG plots, and the k-NN benchmark script."""
+"""Multi-k k-NN evaluation, report tables and JSON, PNG plots (checked pixel by pixel), and the k-NN benchmark
+script."""
 
 import json
 import subprocess
@@ -8,7 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from matplotlib import colormaps
+from PIL import Image
 
+from unsupdistill.evaluate import report
 from unsupdistill.evaluate.knn import knn_accuracy, knn_evaluate
 from unsupdistill.evaluate.report import (
     embed_features_2d,
@@ -20,7 +24,6 @@ from unsupdistill.evaluate.report import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def clusters(num_points: int, num_classes: int, dim: int = 16, noise: float = 1.5, seed: int = 0):
@@ -179,50 +182,108 @@ def digits_like() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     return features, labels, [f"digit {i}" for i in range(10)]
 
 
-def assert_png(path: Path) -> None:
-    data = path.read_bytes()
-    assert data[:8] == PNG_MAGIC and len(data) > 5_000, (path, len(data))
+def pixels(path: Path) -> np.ndarray:
+    """The PNG's RGB pixels (H, W, 3) as int64."""
+    image = Image.open(path)
+    assert image.format == "PNG"
+    return np.asarray(image.convert("RGB")).astype(np.int64)
+
+
+def axes_frame(image: np.ndarray) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) pixel positions of the first axes' spines: the first two dark lines running over
+    half the picture's height (columns) and width (rows); a later pair (a colour bar's) is left out."""
+    dark = image.max(axis=-1) < 80
+
+    def lines(counts: np.ndarray, length: float) -> list[int]:
+        index = np.nonzero(counts > length)[0]
+        return [int(run.mean()) for run in np.split(index, np.nonzero(np.diff(index) > 1)[0] + 1) if len(run)]
+
+    columns, rows = lines(dark.sum(axis=0), image.shape[0] / 2), lines(dark.sum(axis=1), image.shape[1] / 2)
+    assert len(columns) >= 2 and len(rows) >= 2, (columns, rows)
+    return columns[0], columns[1], rows[0], rows[1]
+
+
+def on_axes(values: np.ndarray, start: int, end: int, log: bool = False) -> np.ndarray:
+    """Pixel positions of data values along an axis spanning ``start``..``end`` pixels, with matplotlib's automatic
+    limits: the data's range and 5 % of it either side (in log10 space for a log axis)."""
+    values = np.log10(values) if log else np.asarray(values, dtype=float)
+    low, high = values.min(), values.max()
+    low, high = low - 0.05 * (high - low), high + 0.05 * (high - low)
+    return start + (values - low) / (high - low) * (end - start)
+
+
+def colour_near(image: np.ndarray, x: float, y: float, colour: np.ndarray, radius: int = 2) -> bool:
+    """Whether a pixel within ``radius`` of (x, y) has ``colour`` (within antialiasing)."""
+    x, y = round(float(x)), round(float(y))
+    window = image[y - radius:y + radius + 1, x - radius:x + radius + 1]
+    return bool((np.abs(window - colour).sum(axis=-1) < 40).any())
 
 
 @pytest.mark.parametrize("method", ["pca", "tsne"])
-def test_plot_feature_map_writes_a_png(tmp_path, digits_like, method):
+def test_plot_feature_map_draws_each_point_where_embedded_in_its_class_colour(tmp_path, monkeypatch, digits_like,
+                                                                              method):
     features, labels, classes = digits_like
+    embeddings = []  # the plot's embedding (test_embed_features_2d_... checks it), kept to check the drawing
+
+    def embed(*args, **kwargs):
+        embeddings.append(embed_features_2d(*args, **kwargs))
+        return embeddings[-1]
+
+    monkeypatch.setattr(report, "embed_features_2d", embed)
     path = tmp_path / f"map-{method}.png"
     plot_feature_map(features, labels, classes, path, method=method, title="digits")
-    assert_png(path)
+    image = pixels(path)
+    [(coordinates, shown, name)] = embeddings
+    assert name == {"pca": "PCA", "tsne": "t-SNE"}[method] and len(shown) == 300
+    left, right, top, bottom = axes_frame(image)
+    xs, ys = on_axes(coordinates[:, 0], left, right), on_axes(coordinates[:, 1], bottom, top)  # y grows upwards
+    drawn = colormaps["tab10"](np.arange(10))[:, :3] * 255 * 0.8 + 255 * 0.2  # tab10 at alpha 0.8 on white
+    classes_shown = labels.numpy()[shown]
+
+    def share_in(colour_of: np.ndarray) -> float:
+        return float(np.mean([colour_near(image, x, y, drawn[c]) for x, y, c in zip(xs, ys, colour_of)]))
+
+    assert share_in(classes_shown) > 0.9  # each point at its coordinates, in its class's colour (some hidden)
+    assert share_in((classes_shown + 1) % 10) < 0.1  # not in another class's
 
 
-def test_embed_features_2d_separates_classes_and_auto_subsamples_deterministically(digits_like):
-    features, labels, _ = digits_like
-    coordinates, indices, name = embed_features_2d(features, "pca")
-    assert name == "PCA" and coordinates.shape == (300, 2) and (indices == np.arange(300)).all()
-    coordinates, indices, name = embed_features_2d(features, "auto", max_points=120)
-    assert name == "t-SNE" and coordinates.shape == (120, 2) and len(set(indices)) == 120
-    again = embed_features_2d(features, "auto", max_points=120)
-    assert (again[1] == indices).all() and np.allclose(again[0], coordinates)
-    # t-SNE keeps clusters apart: a point's nearest 2-D neighbour is mostly of its class
-    distances = np.linalg.norm(coordinates[:, None] - coordinates[None], axis=-1)
-    np.fill_diagonal(distances, np.inf)
-    shown = labels.numpy()[indices]
-    assert (shown[distances.argmin(axis=1)] == shown).mean() > 0.9
-    with pytest.raises(ValueError, match="allowed values"):
-        embed_features_2d(features, "umap")
-
-
-def test_plot_confusion_writes_a_png(tmp_path, digits_like):
+def test_plot_confusion_draws_the_row_normalised_matrix(tmp_path, digits_like):
     _, labels, classes = digits_like
     predicted = labels.clone()
-    predicted[::7] = (predicted[::7] + 1) % 10
+    predicted[::7] = (predicted[::7] + 1) % 10  # a seventh of each class taken for the next class
     path = tmp_path / "confusion.png"
     plot_confusion(labels, predicted, classes, path, title="k-NN, k=20")
-    assert_png(path)
+    image = pixels(path)
+    left, right, top, bottom = axes_frame(image)  # the matrix's axes, not the colour bar's
+    width, height = (right - left) / 10, (bottom - top) / 10
+    shares = np.zeros((10, 10))
+    for true, guess in zip(labels.tolist(), predicted.tolist()):
+        shares[true, guess] += 1
+    shares /= shares.sum(axis=1, keepdims=True)
+    assert 0.7 < shares.diagonal().min() and 0.05 < shares[0, 1] < 0.3
+
+    def drawn(row: int, column: int) -> np.ndarray:  # a cell's colour, off its centre and the number written there
+        return image[int(top + (row + 0.2) * height), int(left + (column + 0.2) * width)]
+
+    for (row, column), share in np.ndenumerate(shares):  # row: the true class, column: the predicted one
+        expected = np.array(colormaps["Blues"](share)[:3]) * 255
+        assert np.abs(drawn(row, column) - expected).sum() < 8, (row, column, share, drawn(row, column))
 
 
-def test_plot_knn_vs_k_writes_a_png(tmp_path):
+def test_plot_knn_vs_k_draws_each_model_at_its_accuracies_on_a_log_axis(tmp_path):
+    results = {"dino": {10: 80.0, 20: 81.5, 100: 79.0, 200: 77.2}, "random init": {"10": 20.0, "200": 15.0}}
     path = tmp_path / "knn.png"
-    plot_knn_vs_k({"dino": {10: 80.0, 20: 81.5, 100: 79.0, 200: 77.2}, "random init": {"10": 20.0, "200": 15.0}},
-                  path)
-    assert_png(path)
+    plot_knn_vs_k(results, path)
+    image = pixels(path)
+    left, right, top, bottom = axes_frame(image)
+    points = [(name, int(k), accuracy) for name, by_k in results.items() for k, accuracy in by_k.items()]
+    xs = on_axes(np.array([k for _, k, _ in points]), left, right, log=True)
+    ys = on_axes(np.array([accuracy for _, _, accuracy in points]), bottom, top)
+    colour = {"dino": np.array([31, 119, 180]), "random init": np.array([255, 127, 14])}  # matplotlib's first two
+    for (name, k, accuracy), x, y in zip(points, xs, ys):
+        other = "random init" if name == "dino" else "dino"
+        assert colour_near(image, x, y, colour[name], radius=1), (name, k, accuracy)  # its marker is there
+        assert not colour_near(image, x, y, colour[other], radius=1), (name, k, accuracy)
 
 
 # ----------------------------------------------------------------------------------------------

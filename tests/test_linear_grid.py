@@ -8,6 +8,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from unsupdistill.config import ConfigError
+from unsupdistill.evaluate import linear_grid
 from unsupdistill.evaluate.linear import linear_probe
 from unsupdistill.evaluate.linear_grid import linear_probe_grid
 
@@ -105,6 +106,58 @@ def test_grid_picks_the_variant_whose_columns_carry_the_label() -> None:
     assert result["top1"] == 100.0
 
 
+def test_from_20000_rows_the_grid_trains_10_epochs_of_1024(monkeypatch) -> None:
+    """Large splits get fewer, larger steps (10 epochs of 1,024 rows), small ones 20 epochs of 256; what the
+    caller gives wins. Recorded at each training of the grid: the held-out choice (80 % of the rows), the refit."""
+    trainings = []
+    train = linear_grid._train
+
+    def recorded(*args, **kwargs):
+        trainings.append((kwargs["epochs"], kwargs["batch_size"], len(args[2])))
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(linear_grid, "_train", recorded)
+    x, y = blobs(2, 20_000, dim=2)
+    grid = dict(lrs=(0.1,), weight_decays=(0.0,), device="cpu")
+    assert linear_probe_grid(x, y, x[:100], y[:100], **grid)["top1"] == 100.0
+    assert trainings == [(10, 1024, 16_000), (10, 1024, 20_000)]
+    trainings.clear()
+    linear_probe_grid(x[:19_999], y[:19_999], x[:100], y[:100], **grid)
+    assert trainings == [(20, 256, 15_999), (20, 256, 19_999)]
+    trainings.clear()
+    linear_probe_grid(x, y, x[:100], y[:100], epochs=1, batch_size=4096, **grid)
+    assert trainings == [(1, 4096, 16_000), (1, 4096, 20_000)]
+
+
+def test_a_diverged_classifier_scores_zero() -> None:
+    """lr 1e4 blows the weights up to NaN, whose logits argmax to class 0: right on half the balanced held-out rows
+    if it were scored as it predicts. Scored 0, it can never be chosen."""
+    result = linear_probe_grid(*nuisance(), **NUISANCE_GRID)
+    by_lr = {point["lr"]: point["top1"] for point in result["val_top1"]}
+    assert by_lr[1e4] == 0.0 and 0 < by_lr[1e-2] < 100 and by_lr[1.0] == 100.0
+    assert result["best"]["lr"] == 1.0
+
+
+def test_a_constant_feature_column_changes_nothing() -> None:
+    """A constant column (a dead ReLU unit) standardises to 0, not to 0 / 0: the grid scores, chooses and predicts
+    as without it, and the returned classifier gives it no weight."""
+    train_x, train_y = blobs(3, 300, dim=4)
+    test_x, test_y = blobs(3, 90, dim=4, seed=1)
+    arguments = dict(lrs=(0.01, 0.1), weight_decays=(0.0,), epochs=5, device="cpu", classifier=True)
+    plain = linear_probe_grid(train_x, train_y, test_x, test_y, **arguments)
+
+    def with_constant(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :2], torch.full((len(x), 1), 7.0), x[:, 2:]], dim=1)  # (N, 5), column 2 constant
+
+    constant = linear_probe_grid(with_constant(train_x), train_y, with_constant(test_x), test_y, **arguments)
+    assert constant["val_top1"] == plain["val_top1"] and constant["best"] == plain["best"]
+    assert torch.equal(constant["predictions"], plain["predictions"]) and constant["top1"] == plain["top1"] > 95
+    weight, bias = constant["linear"]
+    assert torch.isfinite(weight).all() and torch.isfinite(bias).all()
+    assert torch.equal(weight[:, 2], torch.zeros(3))
+    torch.testing.assert_close(weight[:, [0, 1, 3, 4]], plain["linear"][0])
+
+
 def test_matches_the_scikit_learn_probe_on_digits() -> None:
     digits = load_digits()
     x, y = torch.from_numpy(digits.data).float(), torch.from_numpy(digits.target)
@@ -148,6 +201,9 @@ def test_eval_probes_a_vits_four_feature_variants_and_keeps_knn_on_its_pooled_ou
     plain = evaluate(vit, "digits", "digits", EvalOptions(linear=False, clustering=False, plots=False, cache=False))
     assert {row["variant"] for row in probed["linear"]["val_top1"]} == {
         "cls_last1", "cls_last2", "cls_last1+avgpool", "cls_last2+avgpool"}
-    assert probed["linear"]["best"]["variant"] in {"cls_last1", "cls_last2", "cls_last1+avgpool", "cls_last2+avgpool"}
+    rows = probed["linear"]["val_top1"]
+    chosen = max(rows, key=lambda row: row["top1"])  # the first of the best held-out scores
+    assert probed["linear"]["best"] == {key: chosen[key] for key in ("variant", "lr", "weight_decay")}
+    assert len({row["top1"] for row in rows}) > 1  # a choice that mattered: the grid points score differently
     assert probed["feature_dim"] == plain["feature_dim"] == 32
     assert probed["knn"][20]["top1"] == pytest.approx(plain["knn"][20]["top1"], abs=0.2)  # the same features
