@@ -53,10 +53,9 @@ def test_a_vit_with_a_crop_of_yours_gets_the_patch_size_that_fits_it():
     assert config.augment.global_1.size == 40 and config.model.backbone_kwargs == {"img_size": 40, "patch_size": 4}
 
 
-@pytest.mark.xfail(strict=True, reason="auto.patch_size takes 8-px patches for crops up to 159 px: a 152-px crop "
-                                       "gets 19 patches a side, not the 8-14 its docstring and the module's promise")
-def test_a_vit_gets_8_to_14_patches_a_side_as_promised():
-    config = chosen(["model.backbone=vit_small_patch16_224"], 175, device="cuda")  # 152 px
+@pytest.mark.parametrize("shorter_side", [50, 60, 70, 100, 140, 175, 200, 257])  # crops of 40 to 224 px on a GPU
+def test_a_vit_gets_8_to_14_patches_a_side_as_promised(shorter_side):
+    config = chosen(["model.backbone=vit_small_patch16_224"], shorter_side, device="cuda")
     kwargs = config.model.backbone_kwargs
     assert 8 <= kwargs["img_size"] // kwargs["patch_size"] <= 14, kwargs
 

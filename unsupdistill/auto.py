@@ -7,9 +7,9 @@ gave (``key=value``) wins:
 
 - shared by every method: the student's crop size follows the images' median shorter side, capped by
   what the device trains in reasonable time; the network follows the crop size (the small-image ResNet
-  stem below 64 px, a ViT patch size that gives 8-14 patches a side, 64 px at least for a mobile network);
-  the batch, epochs and the lr warm-up follow the number of images, the warm-up as a share of the planned
-  steps (a time budget's too);
+  stem below 64 px, a ViT patch size that gives 8-14 patches a side (or the nearest count), 64 px at least for
+  a mobile network); the batch, epochs and the lr warm-up follow the number of images, the warm-up as a share
+  of the planned steps (a time budget's too);
 - each method adds its own choices through ``Method.auto_settings`` (DINO: local crops, decode size, head and
   temperatures; distillation: the teacher's input size and a decode size that serves both networks).
 """
@@ -222,8 +222,10 @@ def is_vit(name: str) -> bool:
 
 
 def patch_size(crop: float) -> int:
-    """ViT patch size giving 8-14 patches a side: 4 px under 64, 8 px under 160, else 16."""
-    return 4 if crop < 64 else 8 if crop < 160 else 16
+    """ViT patch size (4, 8 or 16 px) giving 8-14 patches a side: exactly for crops of 32-56, 64-112 and 128-224 px,
+    else the nearest count (the switch points, 58.7 and 117.3 px, are as far from 14 patches of the smaller size as
+    from 8 of the larger)."""
+    return 4 if crop < 58.7 else 8 if crop < 117.3 else 16
 
 
 def _show(value: Any) -> str:
