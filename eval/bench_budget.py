@@ -28,12 +28,13 @@ import time
 from pathlib import Path
 
 import bench_train
+import common
 import torch
 from tqdm import tqdm
 
-from unsupdistill.cli import main as cli_main
 from unsupdistill.config import load_config
 from unsupdistill.data import num_workers
+from unsupdistill.evaluate.report import write_json
 from unsupdistill.models.backbone import describe_backbone
 from unsupdistill.storage import save_backbone
 from unsupdistill.train.metrics import MetricsLogger
@@ -45,7 +46,7 @@ logger = logging.getLogger("bench_budget")
 def train_reference(args: argparse.Namespace, folder: Path) -> dict:
     """Train the reference for the budget; export its teacher backbone to ``args.out``; a summary."""
     overrides = [f"data.path={folder}", f"train.threads={args.threads}", f"train.device={args.device}",
-                 *(bench_train.QUICK + ["train.batch_size=8"] if args.quick else []), *args.set]
+                 *(common.TINY_MODEL + ["train.batch_size=8"] if args.quick else []), *args.set]
     if args.workers is not None:
         overrides.append(f"data.num_workers={args.workers}")
     config = load_config(str(args.recipe), overrides)
@@ -76,14 +77,16 @@ def train_reference(args: argparse.Namespace, folder: Path) -> dict:
     save_backbone(ref.teacher_backbone.state_dict(), metadata, args.out)
     summary = {"pipeline": f"ref-{args.precision}", "minutes": args.minutes, "train_seconds": seconds, "steps": steps,
                "epochs": steps / ref.steps_per_epoch, "images_per_s": steps * config.train.batch_size / seconds,
-               "recipe": str(args.recipe), "overrides": overrides, "environment": bench_train.environment(device)}
+               "recipe": str(args.recipe), "overrides": overrides,
+               "environment": common.environment(*bench_train.LIBRARIES, device=device)}
     del ref
     gc.collect()  # the loader's workers, before evaluation starts its own
     return summary
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.script_parser(__doc__, quick="tiny network, generated images, a few seconds",
+                             out="output folder (backbone, metrics.jsonl, summary.json)", out_required=True)
     p.add_argument("--data", type=Path, help="image folder to train on (default: generated JPEGs)")
     p.add_argument("--test", type=Path, help="labeled test set: also score k-NN with unsupdistill eval, "
                                              "memory from --train (default --data)")
@@ -97,8 +100,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--workers", type=int, help="DataLoader workers (default: unsupdistill's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--out", type=Path, required=True, help="output folder (backbone, metrics.jsonl, summary.json)")
-    p.add_argument("--quick", action="store_true", help="tiny network, generated images, a few seconds")
     args = p.parse_args(argv)
     if args.quick:
         args.minutes = min(args.minutes, 0.1)
@@ -108,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    common.log_to_console()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,17 +117,16 @@ def main(argv: list[str] | None = None) -> dict:
         if folder is None:
             folder = Path(tmp) / "images"
             for label in ("a", "b"):
-                bench_train.write_random_images(folder / label, 32, 32, seed=ord(label))
+                common.write_random_images(folder / label, 32, 32, seed=ord(label))
             args.test = args.test or folder
         summary = train_reference(args, folder)
         if args.test is not None:
             report = args.out / "eval"
-            code = cli_main(["eval", str(args.out), "--train", str(args.train or folder), "--test", str(args.test),
-                             "--out", str(report), "--no-linear", "--no-clustering", "--no-plots", "--no-cache"])
-            if code != 0:
-                raise SystemExit(code)
+            common.run_cli("eval", str(args.out), "--eval-train", str(args.train or folder), "--eval-test",
+                           str(args.test), "--out", str(report), "--no-linear", "--no-clustering", "--no-plots",
+                           "--no-cache")
             summary["eval"] = json.loads((report / "eval.json").read_text())
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(summary, args.out / "summary.json")
     print(json.dumps({k: v for k, v in summary.items() if k not in ("environment", "overrides")}, indent=2))
     print(f"wrote {args.out / 'summary.json'}, {args.out / 'backbone.safetensors'} and {args.out / 'metrics.jsonl'}")
     return summary

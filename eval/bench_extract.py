@@ -16,23 +16,18 @@ To compare two versions of the code in one run, run the script from each checkou
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import logging
 import os
-import platform
 import time
 from dataclasses import fields
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 import unsupdistill
 from unsupdistill.data.labeled import load_labeled
-from unsupdistill.evaluate.report import format_table
 from unsupdistill.evaluate.run import EvalOptions, model_features
 from unsupdistill.models.load import load_model
 
@@ -71,7 +66,8 @@ def time_extraction(spec: str, folder: Path, image_size: int, options: EvalOptio
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.script_parser(__doc__, quick="200 images, a tiny network (a smoke test)",
+                                  json="write the rows here")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/bench/jpeg64"))
     parser.add_argument("--images", type=int, default=50000)
     parser.add_argument("--image-size", type=int, default=32)
@@ -80,14 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, action="append", help="decoding workers (default: eval's own)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: eval's)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--quick", action="store_true", help="200 images, a tiny network (a smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
         args.images = 200
         args.folder = args.folder.with_name(args.folder.name + "-quick")
-        args.model = args.model or ["timm:resnet18,small_image_stem=true,channels=[8,8,16,16],stem_width=8"]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+        args.model = args.model or [common.TINY_NETWORK]
+    common.log_to_console()
     folder = make_folder(args.folder, args.images)
     print(f"unsupdistill from {Path(unsupdistill.__file__).parent}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
@@ -103,14 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                    "batch_size": options.batch_size, "precision": args.precision}
             print(row, flush=True)
             rows.append(row)
-    print(format_table(rows, ["model", "images", "workers", "batch_size", "precision", "seconds", "images_per_s"],
-                       markdown=True))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor()
-            or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "unsupdistill": str(Path(unsupdistill.__file__).parent), "rows": rows}, indent=2))
+    common.print_table(rows, ["model", "images", "workers", "batch_size", "precision", "seconds", "images_per_s"])
+    common.write_result(args.json, rows, unsupdistill=str(Path(unsupdistill.__file__).parent))
     return 0
 
 

@@ -24,27 +24,15 @@ behind BENCHMARKS.md::
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import logging
 import random
 import sys
 from pathlib import Path
 
-from bench_distill import (
-    QUICK,
-    QUICK_STUDENTS,
-    STUDENTS,
-    cell,
-    make_quick_data,
-    run_cli,
-    training_summary,
-    write_result,
-)
+import common
 
 from unsupdistill.data import list_image_files
-from unsupdistill.evaluate.report import format_table
 
 logger = logging.getLogger("bench_kd")
 
@@ -69,46 +57,36 @@ def draw_labels(train: Path, per_class: int, seed: int, out: Path) -> tuple[Path
     return labels, linked
 
 
-def score(model: Path | str, labels: Path, test: Path, out: Path, linear: bool = True) -> dict:
-    """``unsupdistill eval --speed`` with the labels as the probe's training set: classifier, linear and k-NN top-1."""
-    report = out / "eval.json"
-    if not report.is_file():
-        run_cli("eval", str(model), "--train", str(labels), "--test", str(test), "--out", str(out), "--no-plots",
-                "--no-clustering", "--speed", *([] if linear else ["--no-linear"]))
-    results = json.loads(report.read_text())
-    speed = results.get("speed") or {}
-    return {"classifier_top1": results.get("classifier", {}).get("top1"),  # None: no classifier, or not scored
-            "linear_top1": results.get("linear", {}).get("top1"), "knn_top1": results["knn"]["20"]["top1"],
-            "inference_images_per_s": speed.get("images_per_s"), "parameters": speed.get("parameters"),
-            "gflops_per_image": speed.get("gflops")}
+def table_row(r: dict) -> dict:
+    """A result row's cells in the markdown table."""
+    return {"run": r["run"], "kind": r["kind"], "classifier top-1": common.cell(r, "classifier_top1", ".2f"),
+            "linear top-1": common.cell(r, "linear_top1", ".2f"), "k-NN top-1": common.cell(r, "knn_top1", ".2f"),
+            "train img/s": common.cell(r, "images_per_s", ".0f"), "epochs": common.cell(r, "epochs", ".2f"),
+            "inference img/s": common.cell(r, "inference_images_per_s", ".0f"),
+            "params M": common.cell(r, "parameters", ".2f", 1e-6),
+            "GFLOPs/image": common.cell(r, "gflops_per_image", ".3f")}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, help="folder with train/ and test/ (one subfolder per class)")
-    parser.add_argument("--teacher", action="append", default=[], metavar="NAME=SPEC",
-                        help="a teacher to distill from (repeat for several)")
-    parser.add_argument("--student", default="resnet18-quarter", choices=list(STUDENTS))
+    parser = common.runs_parser(__doc__, "result.json", budget=1800)
+    parser.add_argument("--student", default="resnet18-quarter", choices=list(common.STUDENTS))
     parser.add_argument("--per-class", type=int, default=500, help="labeled images per class (default 500: 10 %%)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the labeled draw")
     parser.add_argument("--generations", type=int, default=2, help="generations of (c) (1: no born-again row)")
     parser.add_argument("--rows", default="a,b,c", help="which of a, b, c to run (c with its generations)")
-    parser.add_argument("--budget", type=float, default=1800, help="training seconds of every run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for the runs with labels (e.g. kd.alpha=0.7)")
     parser.add_argument("--tag", default="", help="suffix of the runs' names (for trials)")
-    parser.add_argument("--out", type=Path, required=True, help="where the runs and their evaluations go")
-    parser.add_argument("--json", type=Path, help="write the results here (default OUT/result.json)")
-    parser.add_argument("--quick", action="store_true", help="generated images, a tiny teacher, seconds per run")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    common.log_to_console()
     args.out.mkdir(parents=True, exist_ok=True)
 
     teachers = dict(item.split("=", 1) for item in args.teacher)
-    student, extra = STUDENTS[args.student], []
+    student, extra = common.STUDENTS[args.student], []
     if args.quick:
-        args.data, quick_teacher = make_quick_data(args.out / "quick")
-        teachers, student, extra = {"tiny": str(quick_teacher)}, QUICK_STUDENTS["resnet18-tiny"], QUICK
+        args.data = common.make_quick_data(args.out / "quick")
+        teachers = {"tiny": str(common.make_quick_teacher(args.data, args.out / "quick" / "teacher"))}
+        student, extra = common.QUICK_STUDENTS["resnet18-tiny"], common.QUICK_RUN
         args.budget, args.per_class, args.generations = 3, 8, 2
     if args.data is None or not teachers:
         parser.error("give --data and at least one --teacher NAME=SPEC (or --quick)")
@@ -117,15 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(args.rows.split(","))
 
     def run(name: str, kind: str, command: list[str], run_dir: Path) -> None:
-        if not (run_dir / "backbone.safetensors").is_file():
-            logger.info("training %s (%s, %.0f s per run)", name, kind, args.budget)
-            run_cli(*command)
-        rows.append({"run": name, "kind": kind, **score(run_dir, labels, test, run_dir / "eval"),
-                     **training_summary(run_dir)})
+        common.train_unless_done(run_dir, command, f"{kind}, {args.budget:.0f} s per run")
+        rows.append({"run": name, "kind": kind, **common.score_run(run_dir, labels, test, run_dir / "eval"),
+                     **common.training_summary(run_dir)})
 
     for tname, spec in teachers.items():
         rows.append({"run": f"teacher:{tname}", "kind": "teacher, probe on the labels",
-                     **score(spec, labels, test, args.out / f"teacher-{tname}")})
+                     **common.score_run(spec, labels, test, args.out / f"teacher-{tname}")})
         if "a" in wanted:
             out = args.out / f"a-labels-only-{tname}{args.tag}"
             run(out.name, "(a) cross-entropy on the labels only", [
@@ -140,22 +116,16 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out / f"c-kd-{tname}{args.tag}"
             command = ["distill", str(args.data / "train"), "--teacher", spec, "--labels", str(labels), "--out",
                        str(out), "--generations", str(args.generations), *student, *budget, *extra, *args.set]
-            if args.generations > 1 and not (out / f"gen_{args.generations}" / "backbone.safetensors").is_file():
-                run_cli(*command)
+            if args.generations > 1:  # one command trains every generation
+                common.train_unless_done(out / f"gen_{args.generations}", command, f"{args.generations} generations")
             for k in range(1, args.generations + 1):
                 run_dir = out / f"gen_{k}" if args.generations > 1 else out
                 kind = "(c) distillation with labels" if k == 1 else f"(d) born-again generation {k}"
                 run(f"{out.name}/gen_{k}", kind, command, run_dir)
 
-    table = [{"run": r["run"], "kind": r["kind"], "classifier top-1": cell(r, "classifier_top1", ".2f"),
-              "linear top-1": cell(r, "linear_top1", ".2f"), "k-NN top-1": cell(r, "knn_top1", ".2f"),
-              "train img/s": cell(r, "images_per_s", ".0f"), "epochs": cell(r, "epochs", ".2f"),
-              "inference img/s": cell(r, "inference_images_per_s", ".0f"),
-              "params M": "-" if r.get("parameters") is None else f"{r['parameters'] / 1e6:.2f}",
-              "GFLOPs/image": cell(r, "gflops_per_image", ".3f")} for r in rows]
-    print(format_table(table, list(table[0]), markdown=True))
-    write_result(args.json or args.out / "result.json", rows, budget_s=args.budget, labels=str(labels),
-                 per_class=args.per_class, seed=args.seed, overrides=args.set)
+    common.print_table([table_row(r) for r in rows])
+    common.write_result(args.json or args.out / "result.json", rows, budget_s=args.budget, labels=str(labels),
+                        per_class=args.per_class, seed=args.seed, overrides=args.set)
     return 0
 
 

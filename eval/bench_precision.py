@@ -21,13 +21,12 @@ from __future__ import annotations
 import json
 import time
 
+import common
 import torch
-from bench_probe import TINY_NETWORK, labeled_pair_parser, parse_labeled_pair, write_rows
 
 from unsupdistill.data.labeled import align_labels, load_labeled
 from unsupdistill.evaluate.knn import knn_predict
 from unsupdistill.evaluate.linear_grid import linear_probe_grid
-from unsupdistill.evaluate.report import format_table
 from unsupdistill.evaluate.run import HEADLINE_K, EvalOptions, model_features
 from unsupdistill.models.load import load_model
 
@@ -65,13 +64,14 @@ def score(spec: str, train: str, test: str, image_size: int | None) -> list[dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = labeled_pair_parser(__doc__, "digits and a tiny random-init network (a smoke test)")
-    args = parse_labeled_pair(parser, argv, [TINY_NETWORK])
+    parser = common.labeled_pair_parser(__doc__, "digits and a tiny random-init network (a smoke test)")
+    args = common.parse_labeled_pair(parser, argv, [common.TINY_NETWORK])
     rows = [row for spec in args.model for row in score(spec, args.train, args.test, args.image_size)]
-    print(format_table(rows, ["model", "test", "precision", "knn_top1", "linear_top1", "knn_flips", "linear_flips",
-                              "feature_error_pct", "images_per_s"], markdown=True))
-    write_rows(args.json, rows, torch.get_num_threads())
+    common.print_table(rows, ["model", "test", "precision", "knn_top1", "linear_top1", "knn_flips", "linear_flips",
+                              "feature_error_pct", "images_per_s"])
+    common.write_result(args.json, rows)
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -20,25 +20,18 @@ Commands behind BENCHMARKS.md ("Linear probe: torch grid against scikit-learn"):
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import multiprocessing as mp
-import os
-import platform
 import time
-from pathlib import Path
 
+import common
 import torch
 
 from unsupdistill.data.labeled import align_labels, load_labeled
 from unsupdistill.evaluate.linear import linear_probe
 from unsupdistill.evaluate.linear_grid import linear_probe_grid
-from unsupdistill.evaluate.report import format_table
 from unsupdistill.evaluate.run import EvalOptions, model_features
 from unsupdistill.models.load import load_model
-
-TINY_NETWORK = "timm:resnet18,small_image_stem=true,channels=[8,8,16,16],stem_width=8"
 
 
 def _sklearn_child(queue: mp.Queue, data: tuple) -> None:
@@ -70,49 +63,11 @@ def torch_probe(data: tuple) -> dict:
     return {"top1": result["top1"], "seconds": time.perf_counter() - tic, "best": result["best"], "finished": True}
 
 
-def labeled_pair_parser(description: str, quick_help: str) -> argparse.ArgumentParser:
-    """The arguments of a benchmark that scores models on a labeled train/test pair: --train, --test, --model
-    (repeated), --image-size, --json and --quick (help ``quick_help``); add the script's own, then call
-    :func:`parse_labeled_pair`."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", default="digits", help="labeled train set (folder, CSV or digits)")
-    parser.add_argument("--test", default="digits", help="labeled test set")
-    parser.add_argument("--model", action="append", help="MODEL arguments (run directory, export, timm:, pixels)")
-    parser.add_argument("--image-size", type=int, help="input side for pixels and random-init timm models")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--quick", action="store_true", help=quick_help)
-    return parser
-
-
-def parse_labeled_pair(parser: argparse.ArgumentParser, argv: list[str] | None,
-                       quick_models: list[str]) -> argparse.Namespace:
-    """The parsed arguments; --quick: the digits pair at 16 px and ``quick_models`` unless --model is given."""
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.train = args.test = "digits"
-        args.image_size = args.image_size or 16
-        args.model = args.model or quick_models
-    if not args.model:
-        parser.error("give at least one --model (or --quick)")
-    return args
-
-
-def write_rows(path: Path | None, rows: list[dict], threads: int) -> None:
-    """The rows as JSON with the date, the machine and the torch version (nothing without a path)."""
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor()
-        or platform.machine(), "cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-        "rows": rows}, indent=2, default=str))
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = labeled_pair_parser(__doc__, "digits, pixels and a tiny network (a smoke test)")
+    parser = common.labeled_pair_parser(__doc__, "digits, pixels and a tiny network (a smoke test)")
     parser.add_argument("--sklearn-timeout", type=float, default=3600.0, help="seconds before scikit-learn is stopped")
     parser.add_argument("--no-sklearn", action="store_true", help="the torch probe only")
-    args = parse_labeled_pair(parser, argv, ["pixels", TINY_NETWORK])
+    args = common.parse_labeled_pair(parser, argv, ["pixels", common.TINY_NETWORK])
     threads = torch.get_num_threads()
     rows = []
     for spec in args.model:
@@ -136,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     columns = ["model", "train", "dim", "torch_top1", "torch_s", "sklearn_top1", "sklearn_s", "sklearn_finished",
                "speedup"]
-    print(format_table(rows, columns, markdown=True))
-    write_rows(args.json, rows, threads)
+    common.print_table(rows, columns)
+    common.write_result(args.json, rows)
     return 0
 
 

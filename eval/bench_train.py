@@ -30,20 +30,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import gc
 import logging
-import os
-import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import common
 import kornia
 import lightly
-import numpy as np
 import timm
 import torch
 from lightly.data import LightlyDataset
@@ -52,7 +49,6 @@ from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.transforms import DINOTransform
 from lightly.utils.scheduler import cosine_schedule
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
@@ -60,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from unsupdistill.augment import blur_sigma
 from unsupdistill.config import AugmentConfig, Config, DataConfig, apply_overrides, load_config, validate
 from unsupdistill.data import num_workers
-from unsupdistill.evaluate.report import format_table, write_json
+from unsupdistill.evaluate.report import format_table
 from unsupdistill.methods import build_trainer
 from unsupdistill.models.backbone import create_backbone
 from unsupdistill.train.sampler import ResumableSampler
@@ -72,32 +68,13 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "bench_cifar10_r18.ya
 WORKLOADS = {"cifar10": [], "multicrop": ["augment.num_local_crops=6"]}
 VARIANTS = ("ours", "ours-compiled", "ref-fp32", "ref-bf16")
 """``ours-compiled``: ours with ``train.compile=true`` (not run unless asked for)."""
-QUICK = ["model.backbone_kwargs={channels: [8, 16, 32, 64], stem_width: 8}", "model.head_hidden_dim=64",
-         "model.head_bottleneck_dim=32", "model.head_output_dim=256"]
-"""A network small enough for a smoke run in seconds (as tests/conftest.py's TINY)."""
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so that wall time covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+LIBRARIES = (timm, kornia, lightly)
+"""The libraries whose versions a result of the two pipelines records."""
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """``torch.autocast`` to ``dtype``, or nothing for float32."""
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
-
-def write_random_images(folder: Path, count: int, size: int, seed: int = 0) -> Path:
-    """Write ``count`` random-ish RGB JPEGs of ``size`` px (smooth colour blobs plus noise, quality 75)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        blobs = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(
-            (size, size), Image.Resampling.BICUBIC)
-        pixels = np.asarray(blobs, dtype=np.int16) + rng.integers(-20, 21, (size, size, 3))
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=75)
-    return folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,11 +229,11 @@ def images_per_second(step: Callable[[], None], warmup_steps: int, steps: int, b
     """Source images per second over ``steps`` timed steps after ``warmup_steps`` untimed ones."""
     for _ in range(warmup_steps):
         step()
-    synchronize(device)
+    common.synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    synchronize(device)
+    common.synchronize(device)
     return steps * batch_size / (time.perf_counter() - start)
 
 
@@ -294,10 +271,10 @@ class StageTimer:
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        synchronize(self.device)
+        common.synchronize(self.device)
         start = time.perf_counter()
         yield
-        synchronize(self.device)
+        common.synchronize(self.device)
         self.seconds.setdefault(name, []).append(time.perf_counter() - start)
 
 
@@ -321,10 +298,10 @@ def timed_step(pipeline: UnsupdistillPipeline, timer: StageTimer) -> None:
     for name, (owner, attribute) in hooks.items():
         setattr(owner, attribute, _timed(getattr(owner, attribute), name, t.device, own))
     try:
-        synchronize(t.device)
+        common.synchronize(t.device)
         start = time.perf_counter()
         t.train_step(batch, sched, with_signals=False)
-        synchronize(t.device)
+        common.synchronize(t.device)
         total = time.perf_counter() - start
     finally:
         for owner, attribute in hooks.values():
@@ -340,10 +317,10 @@ def timed_step(pipeline: UnsupdistillPipeline, timer: StageTimer) -> None:
 def _timed(function: Callable, name: str, device: torch.device, seconds: dict[str, list[float]]) -> Callable:
     """``function``, recording the wall time of each call under ``name``."""
     def wrapper(*args, **kwargs):
-        synchronize(device)
+        common.synchronize(device)
         start = time.perf_counter()
         result = function(*args, **kwargs)
-        synchronize(device)
+        common.synchronize(device)
         seconds.setdefault(name, []).append(time.perf_counter() - start)
         return result
     return wrapper
@@ -360,29 +337,17 @@ def flops_per_image(pipeline: UnsupdistillPipeline) -> float:
     return counter.get_total_flops() / len(batch.indices)
 
 
-def best_seconds(run: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
-    """Best wall time of ``run`` over ``repeats`` calls after one warm-up call."""
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def measure_peak(device: torch.device, dtype: torch.dtype, quick: bool) -> dict[str, float]:
     """GFLOP/s of a square matmul and of a ResNet-18-style 3x3 convolution (64 channels, 32x32) in ``dtype``."""
     n = 512 if quick else (8192 if device.type == "cuda" else 2048)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    matmul = 2 * n**3 / best_seconds(lambda: a @ b, device) / 1e9
+    matmul = 2 * n**3 / common.best_time(lambda: a @ b, device=device).seconds / 1e9
     batch = 16 if quick else 128
     x = torch.randn(batch, 64, 32, 32, device=device, dtype=dtype)
     w = torch.randn(64, 64, 3, 3, device=device, dtype=dtype)
     conv_flops = 2 * batch * 64 * 32 * 32 * 64 * 9
-    conv = conv_flops / best_seconds(lambda: torch.nn.functional.conv2d(x, w, padding=1), device) / 1e9
+    conv_seconds = common.best_time(lambda: torch.nn.functional.conv2d(x, w, padding=1), device=device).seconds
+    conv = conv_flops / conv_seconds / 1e9
     return {"matmul_gflop_per_s": matmul, "conv2d_gflop_per_s": conv, "peak_gflop_per_s": max(matmul, conv)}
 
 
@@ -400,7 +365,7 @@ def breakdown(pipeline: UnsupdistillPipeline, warmup_steps: int, steps: int, qui
         timed_step(pipeline, timer)
     stages = {name: statistics.median(values) for name, values in timer.seconds.items()}
     step_seconds = sum(stages.values())
-    decode = best_seconds(lambda: [t.dataset[i] for i in range(t.local_batch)], torch.device("cpu"), repeats=3)
+    decode = common.best_time(lambda: [t.dataset[i] for i in range(t.local_batch)], repeats=3).seconds
     flops = flops_per_image(pipeline)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, dtype_name(t.autocast_dtype): t.autocast_dtype}
     peaks = {name: measure_peak(t.device, dtype or torch.float32, quick) for name, dtype in dtypes.items()}
@@ -426,7 +391,8 @@ def breakdown(pipeline: UnsupdistillPipeline, warmup_steps: int, steps: int, qui
 def bench_config(args: argparse.Namespace, workload: str, folder: Path) -> Config:
     """The recipe plus the workload's and the command line's overrides."""
     overrides = [f"data.path={folder}", f"train.threads={args.threads}", f"train.device={args.device}",
-                 f"train.batch_size={args.batch_size}", *WORKLOADS[workload], *(QUICK if args.quick else [])]
+                 f"train.batch_size={args.batch_size}", *WORKLOADS[workload],
+                 *(common.TINY_MODEL if args.quick else [])]
     if args.workers is not None:
         overrides.append(f"data.num_workers={args.workers}")
     return load_config(str(RECIPE), overrides)
@@ -462,20 +428,9 @@ def run_workload(config: Config, args: argparse.Namespace, device: torch.device,
     return result
 
 
-def environment(device: torch.device) -> dict:
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "timm": timm.__version__, "kornia": kornia.__version__,
-        "lightly": lightly.__version__,
-    }
-
-
 def print_report(results: dict) -> None:
-    """Markdown tables of the rounds, the breakdown and the utilisation."""
+    """The machine, then markdown tables of the rounds, the breakdown and the utilisation."""
+    print(common.environment_line(results["environment"]))
     for workload, r in results["workloads"].items():
         precisions = ", ".join(f"{name} {p}" for name, p in r["precision"].items())
         print(f"\n## {workload}: {r['images']:,} images, batch {results['config']['batch_size']}, "
@@ -513,8 +468,8 @@ def print_report(results: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.script_parser(__doc__, quick="tiny network and sizes, a smoke run in seconds",
+                                  json="also write the results to this JSON file")
     parser.add_argument("--data", type=Path, help="image folder read by both pipelines (default: generated JPEGs)")
     parser.add_argument("--workload", choices=[*WORKLOADS, "both"], default="both",
                         help="cifar10: 2x32-px views; multicrop: plus 6x16-px local views")
@@ -534,23 +489,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="config override for our pipeline only, e.g. train.compile=true (repeatable)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time each stage of an unsupdistill step, its FLOPs and the machine's peak")
-    parser.add_argument("--quick", action="store_true", help="tiny network and sizes, a smoke run in seconds")
-    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    quick = args.quick
-    args.rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
-    args.steps = args.steps if args.steps is not None else (2 if quick else 10)
-    args.batch_size = args.batch_size or (8 if quick else 128)
-    args.threads = args.threads or (1 if quick else torch.get_num_threads())
-    if args.warmup_steps is None:
-        workers = num_workers(DataConfig(path=str(args.data), num_workers=args.workers))
-        args.warmup_steps = 1 if quick else 2 * workers + 1
+    workers = num_workers(DataConfig(path=str(args.data), num_workers=args.workers))
+    common.quick_defaults(args, rounds=(3, 1), steps=(10, 2), batch_size=(128, 8), threads=(torch.get_num_threads(), 1),
+                          warmup_steps=(2 * workers + 1, 1))
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    common.log_to_console()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_bf16_supported() and "ref-bf16" in args.variants:
@@ -559,21 +507,18 @@ def main(argv: list[str] | None = None) -> dict:
     workloads = list(WORKLOADS) if args.workload == "both" else [args.workload]
     results: dict = {"config": {key: str(value) if isinstance(value, Path) else value
                                 for key, value in vars(args).items()},
-                     "environment": environment(device), "workloads": {}}
+                     "environment": common.environment(*LIBRARIES, device=device), "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.data
         if folder is None:
             size = load_config(str(RECIPE)).augment.global_1.size
-            folder = write_random_images(Path(tmp) / "images", max(64, 4 * args.batch_size), size)
+            folder = common.write_random_images(Path(tmp) / "images", max(64, 4 * args.batch_size), size)
         for workload in workloads:
             config = bench_config(args, workload, folder)
             results["workloads"][workload] = run_workload(config, args, device, Path(tmp))
             gc.collect()  # any cycle left holds DataLoader workers, whose shutdown at interpreter exit can hang
-    print(", ".join(f"{key}={value}" for key, value in results["environment"].items()))
     print_report(results)
-    if args.json is not None:
-        write_json(results, args.json)
-        print(f"\nwrote {args.json}")
+    common.save_json(results, args.json)
     return results
 
 

@@ -20,13 +20,11 @@ import argparse
 import logging
 import shlex
 import sys
-from pathlib import Path
 
-from bench_distill import QUICK, evaluate, make_quick_data, run_cli, training_summary, write_result
+import common
 
 from unsupdistill.cli.training import split_pretrain_args
 from unsupdistill.config import ConfigError, load_config
-from unsupdistill.evaluate.report import format_table
 
 logger = logging.getLogger("bench_trials")
 
@@ -34,35 +32,29 @@ logger = logging.getLogger("bench_trials")
 def run_trial(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
     """Train (unless its export exists) and score one trial; its row of the table."""
     run = args.out / name
-    if not (run / "backbone.safetensors").is_file():
-        logger.info("trial %s: %s", name, " ".join(overrides) or "(the recipe as it is)")
-        run_cli("pretrain", str(args.data / "train"), "--recipe", args.recipe, "--out", str(run),
-                f"train.time_budget_s={args.budget}", *args.common, *overrides)
-    scores = evaluate(run, args.data, run / "eval", linear=False)
-    row = {"trial": name, "overrides": " ".join(overrides), **scores, **training_summary(run)}
+    common.train_unless_done(run, ["pretrain", str(args.data / "train"), "--recipe", args.recipe, "--out", str(run),
+                                   f"train.time_budget_s={args.budget}", *args.common, *overrides],
+                             " ".join(overrides) or "the recipe as it is")
+    scores = common.score_run(run, args.data / "train", args.data / "test", run / "eval", linear=False)
+    row = {"trial": name, "overrides": " ".join(overrides), **scores, **common.training_summary(run)}
     logger.info("%s: k-NN %.2f", name, row["knn_top1"])
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, help="folder with train/ and test/ (one subfolder per class)")
+    parser = common.runs_parser(__doc__, "trials.json", budget=600, teachers=False)
     parser.add_argument("--recipe", default="cifar10_cpu", help="shipped recipe or YAML file of every trial")
     parser.add_argument("--trial", action="append", default=[], metavar="NAME=OVERRIDES",
                         help="a trial: its name and its config overrides, space-separated (repeat for several)")
     parser.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE",
                         help="an override of every trial")
-    parser.add_argument("--budget", type=float, default=600, help="training seconds of every trial")
-    parser.add_argument("--out", type=Path, required=True, help="where the runs and their evaluations go")
-    parser.add_argument("--json", type=Path, help="write the results here (default OUT/trials.json)")
-    parser.add_argument("--quick", action="store_true", help="generated images, a tiny network, seconds per trial")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    common.log_to_console()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.quick:
-        args.data, _ = make_quick_data(args.out / "quick")
+        args.data = common.make_quick_data(args.out / "quick")
         args.budget = 3
-        args.common = [*QUICK, "model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", *args.common]
+        args.common = [*common.QUICK_RUN, *common.QUICK_STUDENTS["resnet18-tiny"], *args.common]
         args.trial = args.trial or ["base=", "sinkhorn=dino.centering=sinkhorn dino.koleo_weight=0.1"]
     if args.data is None or not args.trial:
         parser.error("give --data and at least one --trial NAME=OVERRIDES (or --quick)")
@@ -82,12 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--trial {name}: {err}")
 
     rows = [run_trial(name, overrides, args) for name, overrides in trials.items()]
-    table = [{"trial": r["trial"], "overrides": r["overrides"] or "-", "steps": r["steps"],
-              "epochs": f"{r['epochs']:.2f}", "images/s": f"{r['images_per_s']:.0f}",
-              "k-NN top-1": f"{r['knn_top1']:.2f}"} for r in rows]
-    print(format_table(table, list(table[0]), markdown=True))
-    write_result(args.json or args.out / "trials.json", rows, recipe=args.recipe, budget_s=args.budget,
-                 common=args.common)
+    common.print_table([{"trial": r["trial"], "overrides": r["overrides"] or "-", "steps": r["steps"],
+                         "epochs": f"{r['epochs']:.2f}", "images/s": f"{r['images_per_s']:.0f}",
+                         "k-NN top-1": f"{r['knn_top1']:.2f}"} for r in rows])
+    common.write_result(args.json or args.out / "trials.json", rows, recipe=args.recipe, budget_s=args.budget,
+                        common=args.common)
     return 0
 
 

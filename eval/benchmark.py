@@ -11,11 +11,11 @@ Each dataset is NAME:TRAIN:TEST:SIZE (SIZE is the input size given to models tha
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 import tempfile
 from pathlib import Path
+
+import common
 
 from unsupdistill.evaluate.report import format_table
 from unsupdistill.evaluate.run import EvalOptions
@@ -31,15 +31,14 @@ def parse_dataset(spec: str) -> LabeledPair:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.script_parser(__doc__, json="all results as JSON",
+                                  out="markdown file to write (the table is printed too)")
     parser.add_argument("--model", action="append", required=True, help="model spec (repeat)")
     parser.add_argument("--dataset", action="append", required=True, help="NAME:TRAIN:TEST:SIZE (repeat)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--linear", default="torch", choices=["torch", "sklearn"])
     parser.add_argument("--no-linear", action="store_true")
     parser.add_argument("--no-clustering", action="store_true")
-    parser.add_argument("--out", type=Path, help="markdown file to write (the table is printed too)")
-    parser.add_argument("--json", type=Path, help="all results as JSON")
     args = parser.parse_args(argv)
 
     options = EvalOptions(precision=args.precision, linear=not args.no_linear, linear_backend=args.linear,
@@ -49,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         table = (Path(reports) / "suite.md").read_text()
         if args.json:
             args.json.write_bytes((Path(reports) / "suite.json").read_bytes())
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
-    text = f"{table}\nCommand: `{command}`\n"
+    text = f"{table}\nCommand: `{common.command_line(argv)}`\n"
     print(format_table(rows, list(rows[0])) + "\n\n" + text)
     if args.out:
         args.out.write_text(text)

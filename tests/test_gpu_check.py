@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "eval"))
-import gpu_check  # noqa: E402  (a script folder, not a package)
+sys.path.insert(0, str(ROOT / "eval" / "tools"))
+import gpu_check  # noqa: E402  (eval/tools/ is a folder of scripts, not a package)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,27 +5,30 @@ digits run), fed by its own loader. After warm-up steps, the profiled steps prin
 self CPU time and the step's stages (``bench_train.py``'s breakdown: data, augmentation, forwards, backward,
 optimizer, EMA). ``--trace`` also writes a Chrome trace to open in ``chrome://tracing`` or Perfetto::
 
-    python eval/profile_step.py                                   # the digits default
-    python eval/profile_step.py --recipe cifar10_cpu data.path=/tmp/cifar10/train --steps 5
-    python eval/profile_step.py --quick
+    python eval/tools/profile_step.py                                   # the digits default
+    python eval/tools/profile_step.py --recipe cifar10_cpu data.path=/tmp/cifar10/train --steps 5
+    python eval/tools/profile_step.py --quick
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py and the benchmarks
+
+import bench_train
+import common
 import torch
-from bench_train import QUICK, StageTimer, UnsupdistillPipeline, timed_step
 from torch.profiler import ProfilerActivity, profile
 
 from unsupdistill.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.script_parser(__doc__, quick="a tiny network and 2 steps (a smoke test)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--recipe", default="digits",
                         help="shipped recipe or YAML file (default: digits, the built-in run's)")
@@ -33,15 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", type=int, default=25, help="operators listed")
     parser.add_argument("--trace", type=Path, help="write a Chrome trace here")
-    parser.add_argument("--quick", action="store_true", help="a tiny network and 2 steps (a smoke test)")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if args.quick:
-        overrides = [*QUICK, *overrides]
+        overrides = [*common.TINY_MODEL, *overrides]
         args.warmup_steps, args.steps = 1, 2
     config = load_config(args.recipe, overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        pipeline = UnsupdistillPipeline(config, Path(tmp) / "run")
+        pipeline = bench_train.UnsupdistillPipeline(config, Path(tmp) / "run")
         t = pipeline.trainer
         for _ in range(args.warmup_steps):
             pipeline.step()
@@ -53,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.trace:
             prof.export_chrome_trace(str(args.trace))
             print(f"trace written to {args.trace}")
-        timer = StageTimer(t.device)
+        timer = bench_train.StageTimer(t.device)
         for _ in range(args.steps):
-            timed_step(pipeline, timer)
+            bench_train.timed_step(pipeline, timer)
         stages = {name: statistics.median(values) * 1000 for name, values in timer.seconds.items()}
         total = sum(stages.values())
         print(f"\nstages of a step (median ms of {args.steps}; batch {t.local_batch}, "

@@ -12,13 +12,12 @@ step it reached; every planned kill happened; the final step and losses equal th
 no temporary files are left. Prints tables and exits with status 1 if a check fails. From the
 repository root::
 
-    python eval/chaos.py -n 10
-    python eval/chaos.py --quick --json chaos.json
+    python eval/tools/chaos.py -n 10
+    python eval/tools/chaos.py --quick --json chaos.json
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -33,17 +32,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py and the benchmarks
+
+import common
+
 from unsupdistill.cli import EXIT_STOPPED
-from unsupdistill.evaluate.report import format_table, write_json
+from unsupdistill.evaluate.report import format_table
 from unsupdistill.storage import CheckpointError, latest_checkpoint, load_checkpoint
 
-# tests/conftest.py's TINY network: a training step takes tens of milliseconds on 2 CPU cores
-TINY = [
-    "model.backbone_kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
-    "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "model.head_output_dim=256",
-    "train.batch_size=16", "augment.num_local_crops=2", "data.num_workers=0", "train.device=cpu",
-]
 BATCH = 16
+TINY = [*common.TINY_MODEL, f"train.batch_size={BATCH}", "augment.num_local_crops=2", "data.num_workers=0",
+        "train.device=cpu"]
+"""The network and settings of both runs: a training step takes tens of milliseconds on 2 CPU cores."""
 SAVE_EVERY = 5
 STARTUP_KILL_SHARE = 0.2
 PROCESS_TIMEOUT_S = 300
@@ -196,19 +196,17 @@ def interrupted_run(out: Path, plan: list[str], steps: int, seed: int, rng: rand
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.script_parser(__doc__, quick="a small test: 30 steps, 2 SIGKILLs, 1 SIGTERM",
+                                  json="write the report as JSON",
+                                  out="folder for the runs and their logs (default: a temporary folder, removed at "
+                                      "the end)")
     parser.add_argument("-n", "--kills", type=int, help="SIGKILLs (default 5; --quick: 2)")
     parser.add_argument("--sigterm", type=int, help="SIGTERMs (default 2; --quick: 1)")
     parser.add_argument("--steps", type=int, help="training steps (default 150; --quick: 30)")
     parser.add_argument("--seed", type=int, default=0, help="training seed and the kills' random moments")
-    parser.add_argument("--out", type=Path, help="folder for the runs and their logs (default: a temporary "
-                                                 "folder, removed at the end)")
-    parser.add_argument("--json", type=Path, help="write the report as JSON")
-    parser.add_argument("--quick", action="store_true", help="a small test: 30 steps, 2 SIGKILLs, 1 SIGTERM")
     args = parser.parse_args(argv)
-    kills = args.kills if args.kills is not None else (2 if args.quick else 5)
-    sigterms = args.sigterm if args.sigterm is not None else (1 if args.quick else 2)
-    steps = args.steps if args.steps is not None else (30 if args.quick else 150)
+    common.quick_defaults(args, kills=(5, 2), sigterm=(2, 1), steps=(150, 30))
+    kills, sigterms, steps = args.kills, args.sigterm, args.steps
     if kills + sigterms < 1 or steps <= 2 * SAVE_EVERY:
         parser.error(f"need at least one kill and more than {2 * SAVE_EVERY} steps")
 
@@ -237,9 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"corrupt: {reason}")
     print(f"\n{len(interruptions)} interruptions, {report['resumes']} resumes, {report['seconds']:.0f} s; "
           f"{'all checks passed' if report['passed'] else 'FAILED'}")
-    if args.json:
-        write_json({**report, "interruptions": [asdict(i) for i in interruptions],
-                    "settings": {"kills": kills, "sigterm": sigterms, "steps": steps, "seed": args.seed}}, args.json)
+    common.save_json({**report, "interruptions": [asdict(i) for i in interruptions],
+                      "settings": {"kills": kills, "sigterm": sigterms, "steps": steps, "seed": args.seed}}, args.json)
     return 0 if report["passed"] else 1
 
 

@@ -27,8 +27,8 @@ Steps:
 
 Run it from the repository root::
 
-    python eval/gpu_check.py --json /tmp/gpu_check.json    # on a GPU machine, a few minutes
-    python eval/gpu_check.py --quick                       # on CPU: a tiny ViT, well under a minute
+    python eval/tools/gpu_check.py --json /tmp/gpu_check.json    # on a GPU machine, a few minutes
+    python eval/tools/gpu_check.py --quick                       # on CPU: a tiny ViT, well under a minute
 """
 
 from __future__ import annotations
@@ -39,30 +39,32 @@ import logging
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py and the benchmarks
+
 import bench_train
+import common
 import torch
 from tqdm import tqdm
 
 from unsupdistill.config import Config, load_config
 from unsupdistill.data import num_workers
 from unsupdistill.devices import resolve_device
-from unsupdistill.evaluate.report import format_table, write_json
 from unsupdistill.train.method import Batch
 
 logger = logging.getLogger("gpu_check")
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "imagenet_vit_small.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "imagenet_vit_small.yaml"
 STEADY_STATE = ["dino.freeze_last_layer_epochs=0"]
 """DINO freezes the head's last layer (over a third of the parameters) for the first epoch, which skips its optimizer
 update; the check times the other 99 epochs."""
 QUICK = ["model.backbone_kwargs={img_size: 32, patch_size: 8, embed_dim: 48, depth: 2, num_heads: 3, "
-         "drop_path_rate: 0.1}",
-         "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "model.head_output_dim=256",
+         "drop_path_rate: 0.1}", *common.TINY_HEAD,
          "augment.global_1.size=32", "augment.global_2.size=32", "augment.local.size=16",
          "augment.num_local_crops=2", "data.image_size=40"]
 """The recipe's ViT scaled down for a CPU smoke run in seconds: 2 x 32-px + 2 x 16-px crops."""
@@ -118,7 +120,7 @@ def largest_batch(config: Config, run_dir: Path, cap: int) -> tuple[int, list[di
     while batch <= cap:
         try:
             t.train_step(Batch(images[:batch], torch.arange(batch)), pipeline.schedule(), with_signals=False)
-            bench_train.synchronize(t.device)
+            common.synchronize(t.device)
         except torch.cuda.OutOfMemoryError:
             tries.append({"batch": batch, "fits": False})
             break
@@ -162,13 +164,13 @@ def measure(config: Config, run_dir: Path, warmup: int, steps: int) -> dict:
     waits: list[float] = []
     batches, pipeline.batches = pipeline.batches, timed_batches(pipeline.batches, waits)
     step_seconds = []
-    bench_train.synchronize(t.device)
+    common.synchronize(t.device)
     start = time.perf_counter()
     for _ in tqdm(range(steps), desc="timed steps", unit="step"):
         tic = time.perf_counter()
         pipeline.step()
         step_seconds.append(time.perf_counter() - tic)
-    bench_train.synchronize(t.device)
+    common.synchronize(t.device)
     seconds = time.perf_counter() - start
     pipeline.batches = batches
 
@@ -246,15 +248,15 @@ def print_report(r: dict) -> None:
     rows = [{"stage": name, "ms per step": s * 1e3} for name, s in r["stage_seconds"].items()]
     rows.append({"stage": "sum (synchronised between stages)", "ms per step": sum(r["stage_seconds"].values()) * 1e3})
     print("\nStages of a step (median):\n")
-    print(format_table(rows, ["stage", "ms per step"], markdown=True, precision=1))
+    common.print_table(rows, precision=1)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.script_parser(__doc__, quick="tiny ViT, small crops, a few steps: a CPU smoke run",
+                                  json="also write the results to this JSON file",
+                                  out="where the temporary folder of JPEGs goes (default: the system's)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when available")
-    parser.add_argument("--quick", action="store_true", help="tiny ViT, small crops, a few steps: a CPU smoke run")
     parser.add_argument("--batch-size", type=int, help="images per step, no search (default: on CUDA the "
                                                        "largest that fits; on CPU 32; --quick 8)")
     parser.add_argument("--max-batch", type=int, default=1024, help="largest batch the search tries (default 1024)")
@@ -266,21 +268,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: the recipe's 8; --quick 1)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. train.compile=true (repeatable)")
-    parser.add_argument("--out", type=Path, help="where the temporary folder of JPEGs goes (default: the system's)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    quick = args.quick
-    args.steps = args.steps or (3 if quick else 30)
-    args.images = args.images or (16 if quick else 2048)
-    args.image_px = args.image_px or (48 if quick else 400)
-    if quick and args.workers is None:
-        args.workers = 1
+    common.quick_defaults(args, steps=(30, 3), images=(2048, 16), image_px=(400, 48), workers=(None, 1))
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    common.log_to_console()
     device = resolve_device(args.device)
     search = device.type == "cuda" and not args.quick and args.batch_size is None
     batch_size = args.batch_size or (8 if args.quick else 32)
@@ -288,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         root = Path(tmp) / "images"
-        unique = bench_train.write_random_images(root / "unique", args.images, args.image_px)
+        unique = common.write_random_images(root / "unique", args.images, args.image_px)
         batch = {"size": batch_size, "searched": search, "tries": []}
         if search:
             cap = min(args.max_batch, args.images)
@@ -312,11 +307,11 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = measured.pop("autocast_dtype") or torch.float32
     peak = bench_train.measure_peak(device, dtype, args.quick)
     achieved = measured["gflop_per_image"] * measured["images_per_s"]
-    environment = bench_train.environment(device)
+    machine = common.environment(*bench_train.LIBRARIES, device=device)
     if device.type == "cuda":
-        environment["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
+        machine["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
     results = {
-        "environment": environment, "workload": workload(config, args), "batch": batch, "warmup": warmup,
+        "environment": machine, "workload": workload(config, args), "batch": batch, "warmup": warmup,
         "steps": args.steps, **measured, "flops_counted": FLOPS_COUNTED,
         "achieved_tflop_per_s": achieved / 1e3,
         "peak": {"dtype": measured["precision"], "matmul_tflop_per_s": peak["matmul_gflop_per_s"] / 1e3,
@@ -325,10 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
         "mfu": achieved / peak["matmul_gflop_per_s"],
     }
     print_report(results)
-    if args.json is not None:
-        write_json(results, args.json)
-        print(f"\nwrote {args.json}")
-    else:
+    common.save_json(results, args.json)
+    if args.json is None:
         print("\nno file written (the JPEGs were temporary; --json PATH keeps the results)")
     return results
 

@@ -5,20 +5,21 @@ Each run trains for ``--budget`` seconds on all 1,797 digits (no labels); the pi
 8 digits of the fixed test split, with the 540 test digits as the retrieval gallery, and enlarged 4x (nearest)
 for the page. From the repository root::
 
-    python eval/readme_pictures.py --out docs --budget 120
+    python eval/tools/readme_pictures.py --out docs --budget 120
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py and the benchmarks
+
+import common
 import numpy as np
 from PIL import Image
 
-from unsupdistill.cli import main as cli_main
 from unsupdistill.data import DigitsDataset, digits_split
 
 VIT = ["--recipe", "cifar10_vit_cpu", "augment.mean=[0.485, 0.456, 0.406]", "augment.std=[0.229, 0.224, 0.225]",
@@ -28,12 +29,6 @@ VIT = ["--recipe", "cifar10_vit_cpu", "augment.mean=[0.485, 0.456, 0.406]", "aug
 """A four-block ViT with 4-px patches at 32 px (an 8x8 grid), the ViT recipe's losses."""
 
 
-def run(*args: str) -> None:
-    code = cli_main(list(args))
-    if code != 0:
-        raise SystemExit(f"unsupdistill {' '.join(args)} exited with {code}")
-
-
 def enlarge(src: Path, dst: Path, factor: int) -> None:
     image = np.asarray(Image.open(src).convert("RGB"))
     Image.fromarray(image.repeat(factor, axis=0).repeat(factor, axis=1)).save(dst, optimize=True)
@@ -41,7 +36,7 @@ def enlarge(src: Path, dst: Path, factor: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.script_parser(__doc__)
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where the PNGs go")
     parser.add_argument("--budget", type=float, default=120, help="training seconds of each run")
     args = parser.parse_args(argv)
@@ -56,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
             Image.fromarray(digits[i].permute(1, 2, 0).numpy()).save(gallery / f"{i:04d}.png")
         queries = [str(gallery / f"{i:04d}.png") for i in range(8)]
         budget = f"train.time_budget_s={args.budget}"
-        run("pretrain", "--out", str(work / "cnn"), budget, "eval.summary=false")
-        run("pretrain", "--out", str(work / "vit"), *VIT, budget, "eval.summary=false")
-        run("show", str(work / "cnn"), *queries, "--gallery", str(gallery), "--out", str(work / "cnn-show"))
-        run("show", str(work / "vit"), *queries, "--kind", "attention", "--kind", "pca", "--out",
-            str(work / "vit-show"))
+        common.run_cli("pretrain", "--out", str(work / "cnn"), budget, "eval.summary=false")
+        common.run_cli("pretrain", "--out", str(work / "vit"), *VIT, budget, "eval.summary=false")
+        common.run_cli("show", str(work / "cnn"), *queries, "--gallery", str(gallery), "--out", str(work / "cnn-show"))
+        common.run_cli("show", str(work / "vit"), *queries, "--kind", "attention", "--kind", "pca", "--out",
+                       str(work / "vit-show"))
         enlarge(work / "cnn-show" / "retrieval.png", args.out / "retrieval.png", 3)
         enlarge(work / "vit-show" / "pca.png", args.out / "pca.png", 3)  # the CNN's 2x2 map at 16 px says little
         enlarge(work / "vit-show" / "attention.png", args.out / "attention.png", 3)
