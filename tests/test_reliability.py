@@ -270,8 +270,9 @@ def test_signal_handlers_live_in_the_main_thread_during_training_only(tmp_path, 
 
 def test_chaos_quick_finds_no_corrupt_checkpoint(tmp_path):
     report_path = tmp_path / "chaos.json"
-    result = subprocess.run([sys.executable, str(ROOT / "eval" / "chaos.py"), "--quick", "--out", str(tmp_path),
-                             "--json", str(report_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    chaos = ROOT / "eval" / "tools" / "chaos.py"
+    result = subprocess.run([sys.executable, str(chaos), "--quick", "--out", str(tmp_path), "--json", str(report_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "corrupt checkpoints found" in result.stdout and "all checks passed" in result.stdout
     report = json.loads(report_path.read_text())

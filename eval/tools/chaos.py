@@ -19,7 +19,6 @@ repository root::
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: common.py
 
 import common
 
+from unsupdistill import run_dir
 from unsupdistill.cli import EXIT_STOPPED
 from unsupdistill.evaluate.report import format_table
 from unsupdistill.storage import CheckpointError, latest_checkpoint, load_checkpoint
@@ -82,15 +82,8 @@ def launch(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def read_metrics(run: Path) -> list[dict]:
-    """The lines of metrics.jsonl (a line still being written is left out)."""
-    path = run / "metrics.jsonl"
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            pass
-    return records
+    """The run's metric records so far (none before its first; a line still being written is left out)."""
+    return run_dir.read_metrics(run)[0] if (run / run_dir.METRICS).exists() else []
 
 
 def last_step(run: Path) -> int:
@@ -103,7 +96,7 @@ def progress(run: Path, launched: float, started_at: int) -> int:
     Lines a killed process logged after its checkpoint are stale until the new process rewrites
     metrics.jsonl as it starts, so only a file modified after the launch counts.
     """
-    metrics = run / "metrics.jsonl"
+    metrics = run / run_dir.METRICS
     if metrics.exists() and metrics.stat().st_mtime > launched:
         return max(last_step(run), started_at)
     return started_at
@@ -116,7 +109,7 @@ def wait_for_training(proc: subprocess.Popen, run: Path, launched: float, starte
     deadline = time.time() + PROCESS_TIMEOUT_S
     while proc.poll() is None and time.time() < deadline:
         if (progress(run, launched, started_at) > started_at
-                and (not need_checkpoint or (run / "checkpoints" / "last.pt").exists())):
+                and (not need_checkpoint or run_dir.last_checkpoint(run).exists())):
             return True
         time.sleep(0.02)
     return False
@@ -125,7 +118,7 @@ def wait_for_training(proc: subprocess.Popen, run: Path, launched: float, starte
 def corrupt_checkpoints(run: Path) -> list[str]:
     """Load every checkpoint file of the run; the reasons of those that fail."""
     corrupt = []
-    for path in sorted((run / "checkpoints").glob("*.pt")):
+    for path in sorted(run_dir.checkpoints_dir(run).glob("*.pt")):
         try:
             load_checkpoint(path)
         except CheckpointError as err:
@@ -251,7 +244,7 @@ def summarize(run: Path, reference: list[dict], plan: list[str], interruptions: 
     sigterms = [i for i in interruptions if i.signal == "SIGTERM"]
     clean = sum(i.exit_code == EXIT_STOPPED and i.checkpoint == i.stopped_at > i.started_at for i in sigterms)
     corrupt = sum(len(i.corrupt) for i in interruptions)
-    temp_files = len([*run.glob(".*.tmp"), *(run / "checkpoints").glob(".*.tmp")])
+    temp_files = len([*run.glob(".*.tmp"), *run_dir.checkpoints_dir(run).glob(".*.tmp")])
     final = newest_checkpoint_step(run)
     final_step = max(expected)
 
