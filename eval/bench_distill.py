@@ -40,7 +40,8 @@ def train_and_score(kind: str, name: str, args: argparse.Namespace, command: lis
     """Train (unless its export exists) and score one student; its row of the table."""
     run = args.out / name
     common.train_unless_done(run, [*command, "--out", str(run)], f"{kind}, {args.budget:.0f} s")
-    scores = common.score_run(run, args.data / "train", args.data / "test", run / "eval", linear)
+    scores = common.score_run(run, args.data / "train", args.data / "test", run / "eval", linear,
+                              speed_seconds=common.speed_seconds(args))
     row = {"run": name, "kind": kind, **scores, **common.training_summary(run)}
     logger.info("%s: k-NN %.2f", name, row["knn_top1"])
     return row
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     for tname, path in teachers.items():
         for size in [None, *sizes]:
             scores = common.score_run(path, args.data / "train", args.data / "test",
-                                      args.out / f"teacher-{tname}" / str(size or "own"), not args.no_linear, size)
+                                      args.out / f"teacher-{tname}" / str(size or "own"), not args.no_linear, size,
+                                      common.speed_seconds(args))
             rows.append({"run": f"teacher:{tname}" + (f"@{size}" if size else ""), "kind": "teacher", **scores})
     caches = {"auto": [""], "off": ["off"], "both": ["", "off"]}[args.cache if not args.quick else "both"]
     recipe = ["--recipe", args.recipe] if args.recipe else []

@@ -96,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(name: str, kind: str, command: list[str], run_dir: Path) -> None:
         common.train_unless_done(run_dir, command, f"{kind}, {args.budget:.0f} s per run")
-        rows.append({"run": name, "kind": kind, **common.score_run(run_dir, labels, test, run_dir / "eval"),
+        rows.append({"run": name, "kind": kind, **common.score_run(run_dir, labels, test, run_dir / "eval",
+                                                                      speed_seconds=common.speed_seconds(args)),
                      **common.training_summary(run_dir)})
 
     for tname, spec in teachers.items():
         rows.append({"run": f"teacher:{tname}", "kind": "teacher, probe on the labels",
-                     **common.score_run(spec, labels, test, args.out / f"teacher-{tname}")})
+                     **common.score_run(spec, labels, test, args.out / f"teacher-{tname}",
+                                        speed_seconds=common.speed_seconds(args))})
         if "a" in wanted:
             out = args.out / f"a-labels-only-{tname}{args.tag}"
             run(out.name, "(a) cross-entropy on the labels only", [

@@ -35,7 +35,8 @@ def run_trial(name: str, overrides: list[str], args: argparse.Namespace) -> dict
     common.train_unless_done(run, ["pretrain", str(args.data / "train"), "--recipe", args.recipe, "--out", str(run),
                                    f"train.time_budget_s={args.budget}", *args.common, *overrides],
                              " ".join(overrides) or "the recipe as it is")
-    scores = common.score_run(run, args.data / "train", args.data / "test", run / "eval", linear=False)
+    scores = common.score_run(run, args.data / "train", args.data / "test", run / "eval", linear=False,
+                              speed_seconds=common.speed_seconds(args))
     row = {"trial": name, "overrides": " ".join(overrides), **scores, **common.training_summary(run)}
     logger.info("%s: k-NN %.2f", name, row["knn_top1"])
     return row

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from unsupdistill import run_dir
 from unsupdistill.cli import main as cli_main
 from unsupdistill.evaluate.report import format_table, write_json
 from unsupdistill.evaluate.run import HEADLINE_K
@@ -259,15 +260,22 @@ def train_unless_done(run: Path, command: list[str], what: str) -> None:
         run_cli(*command)
 
 
+def speed_seconds(args: argparse.Namespace) -> float:
+    """Time limit of each inference-speed timing of :func:`score_run`: 2 s, 0.2 s with ``--quick`` (a smoke run's
+    speeds are not read)."""
+    return 0.2 if args.quick else 2.0
+
+
 def score_run(model: Path | str, train: Path, test: Path, out: Path, linear: bool = True,
-              size: int | None = None) -> dict:
+              size: int | None = None, speed_seconds: float = 2.0) -> dict:
     """``unsupdistill eval --speed`` of ``model`` with ``train`` (a folder or a labels CSV) as the k-NN memory and
     the probe's training set, kept in ``out/eval.json`` (run again only to add the linear probe; the features come
     from the feature cache); its classifier, linear and k-NN (k = 20) top-1 and its inference speed."""
     report = out / "eval.json"
     if not report.is_file() or (linear and "linear" not in json.loads(report.read_text())):
         run_cli("eval", str(model), "--eval-train", str(train), "--eval-test", str(test), "--out", str(out),
-                "--no-plots", "--no-clustering", "--speed", *([] if linear else ["--no-linear"]),
+                "--no-plots", "--no-clustering", "--speed", "--speed-seconds", str(speed_seconds),
+                *([] if linear else ["--no-linear"]),
                 *([] if size is None else ["--image-size", str(size)]))
     results = json.loads(report.read_text())
     speed = results.get("speed") or {}
@@ -280,8 +288,7 @@ def score_run(model: Path | str, train: Path, test: Path, out: Path, linear: boo
 
 def training_summary(run: Path) -> dict:
     """Median logged images/s (all, and after the first epoch), steps, epochs and the budget left of a run."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    records = [r for r in records if "images_per_s" in r]
+    records = [r for r in run_dir.read_metrics(run)[0] if "images_per_s" in r]
     later = [r["images_per_s"] for r in records if r["epoch"] > 1.0 + 1e-9]
     budget = [r for r in records if "budget_left_s" in r]
     return {"images_per_s": statistics.median(r["images_per_s"] for r in records) if records else None,

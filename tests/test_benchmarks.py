@@ -3,10 +3,14 @@ checked against the figures it is derived from (a ratio against its two rates, a
 sum against its parts), against the run's own evaluation or a recomputation by the package on the same features,
 and the printed markdown table against the JSON. No timing is asserted: the figures depend on the machine."""
 
+import contextlib
+import importlib.util
+import io
 import json
+import logging
+import os
 import re
 import statistics
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,13 +41,36 @@ QUICK_TEST_IMAGES = 36
 DIGITS_TEST_IMAGES = 540
 
 
+def run_main(path: str, *args: str) -> str:
+    """Run eval/PATH's ``main(ARGS)`` in this process, from the repository root, the way ``python eval/PATH ARGS``
+    would (in-process, the package is imported once for all the scripts, not once each: about 4 s each); restore
+    what a script sets for the whole process (torch's thread count, the root logger, sys.argv). What it printed."""
+    name = Path(path).stem  # as a script's import of another finds it (and a worker process unpickles from it)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "eval" / path)
+    script = sys.modules[name] = importlib.util.module_from_spec(spec)
+    root, cwd, threads, argv = logging.getLogger(), Path.cwd(), torch.get_num_threads(), sys.argv
+    level, handlers = root.level, list(root.handlers)
+    printed = io.StringIO()
+    try:
+        os.chdir(ROOT)
+        sys.argv = [str(ROOT / "eval" / path), *args]  # the command a script records
+        spec.loader.exec_module(script)
+        with contextlib.redirect_stdout(printed):
+            code = script.main(list(args))
+    finally:
+        os.chdir(cwd)
+        sys.argv = argv
+        torch.set_num_threads(threads)
+        root.setLevel(level)
+        root.handlers[:] = handlers
+    assert code in (0, None) or isinstance(code, dict), code
+    return printed.getvalue()
+
+
 def run_script(path: str, *args: str) -> tuple[dict, str]:
-    """Run eval/PATH with ARGS in a fresh process; the JSON it wrote at --json, and what it printed."""
-    out = Path(args[args.index("--json") + 1])
-    result = subprocess.run([sys.executable, str(ROOT / "eval" / path), *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(out.read_text()), result.stdout
+    """:func:`run_main`; the JSON the script wrote at --json, and what it printed."""
+    printed = run_main(path, *args)
+    return json.loads(Path(args[args.index("--json") + 1]).read_text()), printed
 
 
 def markdown_tables(text: str) -> list[list[dict[str, str]]]:
@@ -225,9 +252,7 @@ def test_both_pipelines_make_the_same_views(workload):
 
 def test_bench_budget_quick_trains_the_reference_until_its_budget_ends_and_scores_it(tmp_path):
     out = tmp_path / "ref"
-    result = subprocess.run([sys.executable, str(ROOT / "eval" / "bench_budget.py"), "--quick", "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_main("bench_budget.py", "--quick", "--out", str(out))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pipeline"] == "ref-fp32" and summary["minutes"] == 0.1 and summary["steps"] >= 2
     # the budget ended the run: the loop stops once one more step at the mean rate would overrun it, before the
@@ -346,14 +371,12 @@ def test_bench_extract_and_profile_step_quick(tmp_path):
     assert_table_shows(markdown_tables(stdout)[0], result["rows"], {
         "images": ("images", "d"), "seconds": ("seconds", ".2f"), "images_per_s": ("images_per_s", ".2f")})
 
-    profile = subprocess.run([sys.executable, str(ROOT / "eval" / "tools" / "profile_step.py"), "--quick"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert profile.returncode == 0, profile.stderr[-3000:]
-    assert "Self CPU" in profile.stdout  # the operator table, then the stages of the step
-    stages = dict(re.findall(r"^  (.+?) +([\d.]+) +[\d.]+ %$", profile.stdout, re.M))
+    profile = run_main("tools/profile_step.py", "--quick")
+    assert "Self CPU" in profile  # the operator table, then the stages of the step
+    stages = dict(re.findall(r"^  (.+?) +([\d.]+) +[\d.]+ %$", profile, re.M))
     assert list(stages) == STAGES
-    batch = int(re.search(r"; batch (\d+),", profile.stdout)[1])
-    total, images_per_s = re.search(r"^  step +([\d.]+)  -> (\d+) images/s", profile.stdout, re.M).groups()
+    batch = int(re.search(r"; batch (\d+),", profile)[1])
+    total, images_per_s = re.search(r"^  step +([\d.]+)  -> (\d+) images/s", profile, re.M).groups()
     assert float(total) == pytest.approx(sum(map(float, stages.values())), abs=0.05 * (len(STAGES) + 1))
     assert int(images_per_s) == pytest.approx(batch / float(total) * 1000, abs=1 + batch / float(total) * 10)
 
