@@ -117,11 +117,12 @@ def test_the_reading_says_what_this_run_shows(tmp_path):
     assert facts == RunFacts(400, 5.0, "/data/photos", 96, pytest.approx(expected))
 
     falling = reading(40.0, 20.0, 50.0, facts)
-    assert "still 10.0 below raw pixels at 96 px" in falling
+    assert "still 10.0 below raw pixels." in falling
     assert "trained 400 steps (5.0 epochs) on /data/photos at 96 px" in falling
-    assert f"still falling ({expected:+.1%}" in falling and "A longer run may close the gap" in falling
+    assert f"still falling ({expected:+.1%}" in falling and "A longer run (train.epochs" in falling
     flat = reading(40.0, 20.0, 50.0, RunFacts(9000, 90.0, "/data/photos", 96, -0.004))
-    assert "had flattened (-0.4%" in flat and "unlikely to close the gap" in flat and "longer run" not in flat
+    assert "had flattened (-0.4%" in flat and "ended its learning-rate schedule with its loss flat" in flat
+    assert "A longer run" not in flat
     stuck = reading(21.0, 20.0, 50.0, RunFacts(9000, 90.0, "/data/photos", 96, 0.001))
     assert stuck.startswith("Not learned yet") and "health signals" in stuck and "Train longer" not in stuck
     short = reading(21.0, 20.0, 50.0, RunFacts(5, None, "digits", 8, None))

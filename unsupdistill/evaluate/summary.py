@@ -156,10 +156,10 @@ def reading(trained: float, random: float, pixels: float, facts: RunFacts) -> st
                   "spread) and the learning rate (optim.lr).")
         return f"Not learned yet: {gain}. {run} {advice}"
     if trained < pixels:
-        advice = ("A longer run may close the gap." if falling else
-                  "More of the same training is unlikely to close the gap: a larger network, settings suited to these "
-                  "images, or distillation from a pretrained teacher (unsupdistill distill --teacher) are the levers."
+        advice = ("A longer run (train.epochs or train.time_budget_s) should gain more." if falling else
+                  "It ended its learning-rate schedule with its loss flat: a longer schedule (train.epochs), a larger "
+                  "network or distillation from a pretrained teacher (unsupdistill distill --teacher) may close the "
+                  "gap."
                   if facts.loss_change is not None else "")
-        return f"Learned: {gain}, still {pixels - trained:.1f} below raw pixels at {facts.input_size} px. {run} " \
-               f"{advice}".rstrip()
+        return f"Learned: {gain}, still {pixels - trained:.1f} below raw pixels. {run} {advice}".rstrip()
     return f"Learned: {gain}, and {trained - pixels:.1f} above raw pixels. {run}"

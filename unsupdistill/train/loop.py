@@ -40,7 +40,7 @@ from unsupdistill.train.faults import (
 from unsupdistill.train.method import Batch, Method, Runtime
 from unsupdistill.train.metrics import MetricsLogger
 from unsupdistill.train.optimizer import build_optimizer, clip_gradients
-from unsupdistill.train.precision import resolve_precision
+from unsupdistill.train.precision import precision_name, resolve_precision
 from unsupdistill.train.sampler import build_loader
 from unsupdistill.train.schedules import ScheduleValues, TimeBudget, scaled_lr, schedule_at
 from unsupdistill.train.status import resume_command, write_run_files
@@ -194,7 +194,7 @@ class Trainer:
     def _non_finite_error(self, what: str, loss: Tensor, grad_norm: Tensor, sched: ScheduleValues,
                           signals: dict) -> TrainingError:
         scale = f"{self.scaler.get_scale():.4g}" if self.scaler is not None else "n/a (no GradScaler)"
-        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+        precision = precision_name(self.autocast_dtype)
         bad = [name for name, p in self.method.student.named_parameters()
                if p.grad is not None and not torch.isfinite(p.grad).all()]
         return non_finite_report(
@@ -231,7 +231,7 @@ class Trainer:
                 "training %s on %d images: %d epochs x %d steps, global batch %d over %d process(es), "
                 "lr %.3g (scaled), precision %s, device %s", self.method.describe(), len(self.dataset),
                 cfg.epochs, self.steps_per_epoch, self.global_batch, self.world,
-                scaled_lr(self.config.optim, self.global_batch), self.autocast_dtype or "fp32", self.device)
+                scaled_lr(self.config.optim, self.global_batch), precision_name(self.autocast_dtype), self.device)
             if self.budget is not None:
                 logger.info("time budget %.0f s (%.0f s used): the schedules end with it, at most %d epochs",
                             cfg.time_budget_s, self.budget.spent(), cfg.epochs)

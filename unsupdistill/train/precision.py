@@ -24,6 +24,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: an autocast dtype as the config and every report spell it."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 class WidthOneConv2d(nn.Conv2d):
     """A ``Conv2d`` that runs with width stride 1 on inputs one pixel wide: the same single output column.
 
