@@ -157,13 +157,16 @@ def chain(data, tmp_path_factory) -> Path:
     return out
 
 
-def test_generations_learn_from_the_one_before_and_end_with_one_table(chain, capsys):
+def test_generations_learn_from_the_one_before_and_end_with_one_table(chain, caplog):
     assert (chain / "gen_1" / "classifier.safetensors").is_file() and (chain / "gen_2" / "backbone.json").is_file()
     gen2 = (chain / "gen_2" / "config.yaml").read_text()
     assert f"teacher: {chain / 'gen_1'}" in gen2
     assert json.loads((chain / "status.json").read_text())["state"] == "done"
     table = (chain / "generations.md").read_text()
     assert "gen_1" in table and table.count("\n") >= 4  # header, rule, two generations
+    # a resume of the chain takes its own config: a flag that would change it is refused, by name
+    assert main(["distill", "--resume", str(chain), "--batch-size", "8"]) == 2
+    assert "--batch-size" in caplog.text and "generations.json" in caplog.text
 
 
 def test_a_generations_teacher_is_frozen_and_bit_identical_after_training(chain, data, tmp_path):

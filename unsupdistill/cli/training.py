@@ -80,7 +80,9 @@ def train_command(args: argparse.Namespace) -> int:
     checkpoint, ckpt_path = None, None
     if args.resume and (Path(args.resume) / GENERATIONS_FILE).is_file():  # born-again generations: go on with them
         if args.recipe or overrides or paths:
-            raise ConfigError("--resume of generations takes their own config: no --recipe, folder or key=value")
+            raise ConfigError("--resume of generations takes their own config (generations.json): drop the --recipe, "
+                              "folder, key=value and config flags (--eval-train/--eval-test, --precision, --device, "
+                              "--workers, --batch-size) from the command")
         chain = json.loads((Path(args.resume) / GENERATIONS_FILE).read_text())
         device = training_device(config_from_dict(chain["config"], str(args.resume)).train.device)
         with distributed.session(device):
