@@ -53,7 +53,12 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    result = export_model(args.model, args.format, _export_path(args), student=args.student, data=args.data,
+    out_file = looks_like_file(args.out)
+    if out_file:
+        deprecated(f"--out {args.out} (the export file)", f"--out {args.out.parent} (a folder; the file is named "
+                   "after the network it holds)")
+    result = export_model(args.model, args.format, args.out if out_file else None,
+                          out_dir=None if out_file else args.out, student=args.student, data=args.data,
                           atol=args.atol, rtol=args.rtol)
     parity = result.parity
     print(f"\n{args.format} parity against PyTorch on {parity.batch_sizes[0]} real images from {parity.images} "
@@ -61,27 +66,6 @@ def export_command(args: argparse.Namespace) -> int:
           f"{parity.max_rel_error:.3g}, tolerance {parity.tolerance:.3g}: passed\n"
           f"export:  {result.path}\nsidecar: {result.sidecar}")
     return 0
-
-
-def _export_path(args: argparse.Namespace) -> Path | None:
-    """The file ``export`` writes: in the folder ``--out``, named as in ``<run>/export/`` (after the network it
-    holds); the old spelling, ``--out`` naming the file itself, as given; None (``<run>/export/``) without
-    ``--out``."""
-    from unsupdistill.export.formats import default_export_path
-    from unsupdistill.models.load import load_model
-
-    if args.out is None:
-        return None
-    if looks_like_file(args.out):
-        deprecated(f"--out {args.out} (the export file)", f"--out {args.out.parent} (a folder; the file is named "
-                   "after the network it holds)")
-        return args.out
-    model = str(args.model)
-    if model == "pixels" or model.startswith("timm:"):  # export_model refuses them before writing anything
-        return None
-    loaded = load_model(model, student=args.student)  # the file is named after the network it holds
-    source = "student" if args.student else str((loaded.description or {}).get("source", "teacher"))
-    return args.out / default_export_path(Path(model), args.format, source).name
 
 
 def embed_command(args: argparse.Namespace) -> int:

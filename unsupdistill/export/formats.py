@@ -69,8 +69,9 @@ class ExportResult:
     parity: Parity
 
 
-def export_model(model: str, fmt: str, out: str | Path | None = None, *, student: bool = False,
-                 data: str | None = None, atol: float = ATOL, rtol: float = RTOL) -> ExportResult:
+def export_model(model: str, fmt: str, out: str | Path | None = None, *, out_dir: str | Path | None = None,
+                 student: bool = False, data: str | None = None, atol: float = ATOL,
+                 rtol: float = RTOL) -> ExportResult:
     """Export the teacher (or student) backbone of a run directory or checkpoint.
 
     Args:
@@ -78,6 +79,7 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, student
         fmt: one of :data:`EXPORT_FORMATS`.
         out: the file to write; by default ``<run>/export/<source>.<ext>`` (teacher, student, student_ema). A
             JSON sidecar with the same stem describes the input, the normalisation and the parity check.
+        out_dir: instead of ``out``, the folder to write into, the file named as in ``<run>/export/``.
         student: export the student instead of the teacher.
         data: where the real parity images come from: an image folder or ``digits``; by default the
             run's training folder if it still exists, else the built-in digits.
@@ -95,7 +97,11 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, student
     if loaded.description is None:
         raise ExportError(f"model '{model}' does not describe its backbone; give a run directory or a checkpoint")
     source = "student" if student else str(loaded.description.get("source", "teacher"))
-    out_path = Path(out) if out is not None else default_export_path(Path(model), fmt, source)
+    out_path = default_export_path(Path(model), fmt, source)  # named after the network it holds
+    if out is not None:
+        out_path = Path(out)
+    elif out_dir is not None:
+        out_path = Path(out_dir) / out_path.name
     if not out_path.name.lower().endswith(SUFFIXES[fmt]):
         raise ExportError(f"--out {out_path}: a {fmt} export must end in {' or '.join(SUFFIXES[fmt])}")
     if out_path.is_dir():
