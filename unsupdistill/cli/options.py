@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -161,8 +160,9 @@ def training_overrides(args: argparse.Namespace, overrides: list[str]) -> list[s
     the automatic settings treat them as explicit.
 
     Raises:
-        ConfigError: one of --eval-train/--eval-test without the other, a labeled set that does not exist, or a
-            flag and a ``key=value`` override of the same key with different values (both are named).
+        ConfigError: one of --eval-train/--eval-test without the other, or a flag and a ``key=value`` override of
+            the same key with different values (both are named). A labeled set that does not exist is refused with
+            the config's pair, by ``cli.training.labeled_pair``.
     """
     given = {dest: getattr(args, dest, None) for dest in TRAINING_KEYS}
     named = {item.partition("=")[0].strip() for item in overrides}
@@ -170,10 +170,6 @@ def training_overrides(args: argparse.Namespace, overrides: list[str]) -> list[s
     if (train is None) != (test is None) and not {"eval.train", "eval.test"} & named:
         raise ConfigError(f"give {spelled(args, 'eval_train')} and {spelled(args, 'eval_test')} together (labeled "
                           f"sets: {LABELED_HELP})")
-    for dest in ("eval_train", "eval_test"):
-        spec = given[dest]
-        if spec is not None and spec != "digits" and not os.path.exists(spec):
-            raise ConfigError(f"{spelled(args, dest)} {spec} does not exist; give {LABELED_HELP}")
     added = []
     for dest, key in TRAINING_KEYS.items():
         if given[dest] is None:

@@ -15,7 +15,15 @@ import torch
 from unsupdistill import distributed
 from unsupdistill import run_dir as layout
 from unsupdistill.auto import auto_settings, automatic_keys, explicit_keys, format_choices
-from unsupdistill.cli.options import add_batch_options, add_labeled_sets, add_out, training_overrides
+from unsupdistill.cli.options import (
+    LABELED_HELP,
+    TRAINING_KEYS,
+    add_batch_options,
+    add_labeled_sets,
+    add_out,
+    spelled,
+    training_overrides,
+)
 from unsupdistill.config import (
     Config,
     ConfigError,
@@ -113,7 +121,7 @@ def train_command(args: argparse.Namespace) -> int:
     method = METHODS[config.method]
     validate(config, ignore=automatic_keys(method) - explicit_keys(overrides) if automatic else frozenset())
 
-    pair = labeled_pair(config)  # scored at the end
+    pair = labeled_pair(config, args)  # scored at the end
     generations = getattr(args, "generations", 1)
     if generations < 1:
         raise ConfigError(f"--generations {generations}: allowed values are 1 (one student) or more")
@@ -310,17 +318,17 @@ def _verb_method(config: Config, command: str, explicit: bool, source: str | Non
     return merge(config, {"method": wanted.name}, f"unsupdistill {command}")
 
 
-def labeled_pair(config: Config) -> tuple[str, str] | None:
+def labeled_pair(config: Config, args: argparse.Namespace) -> tuple[str, str] | None:
     """The labeled train/test pair the end-of-run summary scores: eval.train/eval.test (--eval-train/--eval-test),
     else the digits' fixed split for a run on the built-in digits; None without labels.
 
     Raises:
-        ConfigError: a set that does not exist (before any training)."""
+        ConfigError: a set that does not exist, named as the user gave it (flag or key), before any training."""
     if config.eval.train and config.eval.test:
-        for key, spec in (("eval.train", config.eval.train), ("eval.test", config.eval.test)):
+        for dest, spec in (("eval_train", config.eval.train), ("eval_test", config.eval.test)):
             if spec != "digits" and not os.path.exists(spec):
-                raise ConfigError(f"{key} (--{key.replace('.', '-')}) {spec} does not exist; give a folder of class "
-                                  "subfolders, a path,label CSV file, or digits")
+                given = spelled(args, dest) if getattr(args, dest, None) is not None else TRAINING_KEYS[dest]
+                raise ConfigError(f"{given} {spec} does not exist; give {LABELED_HELP}")
         return config.eval.train, config.eval.test
     return ("digits", "digits") if config.data.path is None else None
 
