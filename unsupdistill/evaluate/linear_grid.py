@@ -214,6 +214,17 @@ def _standardisation(features: Tensor, rows: Tensor, device: torch.device, chunk
     return mean.float().to(device), torch.where(std > 0, std, 1.0).float().to(device)
 
 
+def held_out_size(samples: int, val_fraction: float) -> int:
+    """How many of ``samples`` the stratified split holds out (``train_test_split`` rounds up)."""
+    return math.ceil(val_fraction * samples)
+
+
+def split_holds_every_class(samples: int, num_classes: int, val_fraction: float) -> bool:
+    """Whether both parts of the held-out split of ``samples`` can hold one sample of each of ``num_classes``."""
+    held_out = held_out_size(samples, val_fraction)
+    return min(held_out, samples - held_out) >= num_classes
+
+
 def _held_out_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """Row indices of the fit and held-out parts, stratified by class (scikit-learn's ``train_test_split``).
 
@@ -228,8 +239,8 @@ def _held_out_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Ten
         rare = classes[counts < 2].tolist()
         raise DataError(f"train_y has classes {rare} with a single sample; stratifying the held-out split needs "
                          f"at least 2 samples of every class: add samples or drop those classes")
-    num_val = math.ceil(val_fraction * len(labels))
-    if min(num_val, len(labels) - num_val) < len(classes):
+    if not split_holds_every_class(len(labels), len(classes), val_fraction):
+        num_val = held_out_size(len(labels), val_fraction)
         raise ConfigError(f"val_fraction={val_fraction} holds out {num_val} of {len(labels)} train samples; both "
                           f"parts need at least one sample of each of the {len(classes)} classes: move "
                           f"val_fraction towards 0.5 or add samples")

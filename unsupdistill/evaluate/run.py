@@ -7,7 +7,6 @@ a held-out part of the training split, and k-means clustering (NMI, ARI, Hungari
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from unsupdistill.evaluate.clustering import cluster
 from unsupdistill.evaluate.features import extract_features
 from unsupdistill.evaluate.knn import knn_evaluate
 from unsupdistill.evaluate.linear import DINOViTFeatures, linear_probe
-from unsupdistill.evaluate.linear_grid import VAL_FRACTION, linear_probe_grid
+from unsupdistill.evaluate.linear_grid import VAL_FRACTION, held_out_size, linear_probe_grid, split_holds_every_class
 from unsupdistill.evaluate.speed import measure_speed, speed_cells
 from unsupdistill.models.classifier import Classifier, load_classifier
 from unsupdistill.models.load import FeatureModel, load_model
@@ -249,15 +248,11 @@ def check_probe_split(train_set: LabeledDataset, spec: str) -> None:
                         "or more: add images to it, remove the class from both sets, or skip the probe with "
                         "--no-linear")
     total, num_classes = len(train_set.labels), len(counts)
-
-    def too_few(n: int) -> bool:
-        held_out = math.ceil(VAL_FRACTION * n)
-        return min(held_out, n - held_out) < num_classes
-
-    if too_few(total):
-        needed = next(n for n in range(total, 10 * num_classes + 10) if not too_few(n))
+    if not split_holds_every_class(total, num_classes, VAL_FRACTION):
+        needed = next(n for n in range(total, 10 * num_classes + 10)
+                      if split_holds_every_class(n, num_classes, VAL_FRACTION))
         raise DataError(f"train set {spec} has {total} images in {num_classes} classes; {why}, and both the "
-                        f"{math.ceil(VAL_FRACTION * total)} held-out images and the rest need one image of every "
+                        f"{held_out_size(total, VAL_FRACTION)} held-out images and the rest need one image of every "
                         f"class: add images ({needed} or more in all) or skip the probe with --no-linear")
 
 
