@@ -127,7 +127,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path, file_format: s
 
 def save_backbone(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any], out_dir: Path) -> Path:
     """Write ``backbone.safetensors`` (plain tensors) and ``backbone.json`` (how to rebuild and feed it)."""
-    weights = out_dir / "backbone.safetensors"
+    weights = out_dir / layout.BACKBONE
     save_weights(state_dict, weights, metadata["format"])
     write_json_atomic(metadata, out_dir / "backbone.json")
     return weights
@@ -146,7 +146,7 @@ def save_classifier(weight: torch.Tensor, bias: torch.Tensor, classes: list[str]
         raise ValueError(f"classifier of {tuple(weight.shape)} / {tuple(bias.shape)} for {len(classes)} classes")
     path = out_dir / CLASSIFIER_FILE
     save_weights({"weight": weight, "bias": bias}, path, "pt")
-    sidecar = {"classes": list(classes), "feature_dim": int(weight.shape[1]), "backbone": "backbone.safetensors"}
+    sidecar = {"classes": list(classes), "feature_dim": int(weight.shape[1]), "backbone": layout.BACKBONE}
     write_json_atomic(sidecar, path.with_suffix(".json"))
     return path
 

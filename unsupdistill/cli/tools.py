@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from unsupdistill import run_dir
 from unsupdistill.cli.options import deprecated, looks_like_file
 from unsupdistill.export import ExportError, embed_folder, export_model
 from unsupdistill.export.embed import EMBED_SUFFIXES
@@ -125,7 +126,7 @@ def show_command(args: argparse.Namespace) -> int:
                 found = show.show_retrieval(model, queries, list_image_files(args.gallery), args.k,
                                             batch_size=args.batch_size)
                 written.append(show.save_png(found.picture, path))
-            elif not (Path(args.model) / "metrics.jsonl").is_file():
+            elif not (Path(args.model) / run_dir.METRICS).is_file():
                 raise ValueError(f"it needs a run directory with a metrics.jsonl; {args.model} has none")
             else:
                 written.append(show.plot_training_curves(args.model, path))

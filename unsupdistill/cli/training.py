@@ -160,8 +160,8 @@ def _finish_run(run_dir: Path, config: Config, backbone: Path, pair: tuple[str, 
           + (f"  classifier:  {classifier} (+ classifier.json, {len(sidecar.get('classes', []))} classes)\n"
              if classifier.is_file() else "")
           + f"  checkpoint:  {layout.last_checkpoint(run_dir)}\n"
-          f"  metrics:     {run_dir / 'metrics.jsonl'}  (tensorboard --logdir {run_dir / 'tensorboard'})\n"
-          f"  config:      {run_dir / 'config.yaml'}\n"
+          f"  metrics:     {run_dir / layout.METRICS}  (tensorboard --logdir {run_dir / layout.TENSORBOARD})\n"
+          f"  config:      {run_dir / layout.CONFIG}\n"
           f"  status:      {run_dir / STATUS_FILE}"
           + (f"\n  curves:      {curves}" if curves else ""))
     if pair is None or not config.eval.summary:
@@ -195,7 +195,7 @@ def _train_generations(root: Path, chain: dict, device: torch.device) -> int:
     for k in range(1, chain["generations"] + 1):
         run_dir, teacher = root / f"gen_{k}", base.distill.teacher if k == 1 else str(root / f"gen_{k - 1}")
         status = read_status(run_dir) or {}
-        if status.get("state") != "done" or not (run_dir / "backbone.safetensors").is_file():
+        if status.get("state") != "done" or not (run_dir / layout.BACKBONE).is_file():
             if layout.checkpoints_dir(run_dir).is_dir():
                 ckpt_path, checkpoint = latest_checkpoint(run_dir)
                 config, automatic = config_from_dict(checkpoint["config"], str(ckpt_path)), False

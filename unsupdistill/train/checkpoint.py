@@ -41,14 +41,14 @@ def set_aside_later_state(run_dir: Path, step: int) -> Path | None:
     layout.checkpoints_dir(target).mkdir(parents=True, exist_ok=False)
     for path in later:
         os.replace(path, layout.checkpoints_dir(target) / path.name)
-    for name in ("backbone.safetensors", "backbone.json"):
+    for name in (layout.BACKBONE, Path(layout.BACKBONE).with_suffix(".json").name):
         if (run_dir / name).is_file():
             os.replace(run_dir / name, target / name)
-    for name in ("metrics.jsonl", "config.yaml", "status.json"):
+    for name in (layout.METRICS, layout.CONFIG, layout.STATUS):
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, target / name)
-    if (run_dir / "tensorboard").is_dir():
-        shutil.copytree(run_dir / "tensorboard", target / "tensorboard")
+    if (run_dir / layout.TENSORBOARD).is_dir():
+        shutil.copytree(run_dir / layout.TENSORBOARD, target / layout.TENSORBOARD)
     logger.warning("resuming from step %d of a run that reached step %d: its later checkpoints (%s) and export "
                    "were moved, and its metrics and TensorBoard logs copied, to %s; to branch off without touching "
                    "the run, resume with --out NEW_DIR instead", step, newest,

@@ -35,7 +35,7 @@ from unsupdistill.storage import atomic_write, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
 
-STATUS_FILE = "status.json"
+STATUS_FILE = layout.STATUS
 State = Literal["running", "done", "preempted", "failed"]
 
 
@@ -98,7 +98,7 @@ def write_run_files(run_dir: Path, config: Config, notes: str, dataset: Dataset,
         for part in parents:
             node = node.get(part, {})
         node.pop(last, None)
-    (run_dir / "config.yaml").write_text(comments + yaml.safe_dump(values, sort_keys=False, allow_unicode=True),
+    (run_dir / layout.CONFIG).write_text(comments + yaml.safe_dump(values, sort_keys=False, allow_unicode=True),
                                          encoding="utf-8")
     skipped = write_skipped(dataset, run_dir / "skipped.txt")
     if skipped:
