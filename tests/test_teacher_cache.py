@@ -84,9 +84,26 @@ def test_a_replayed_view_is_the_view_the_teacher_saw(teacher, images, tmp_path):
     shrunk = torch.nn.functional.interpolate(seen.teacher * t_std + t_mean, size=(12, 12), mode="bilinear",
                                              align_corners=False, antialias=True)
     torch.testing.assert_close(shrunk, replayed.student * s_std + s_mean, atol=1e-5, rtol=0)
-    # a new epoch's fresh view of the same image differs: replaying is not drawing the same view again
-    method.start_epoch(0)
-    assert not torch.equal(method.views(batch, step_values(method)).student, seen.student)
+    # a fresh view of the same image, drawn where nothing is stored, differs: replaying is not drawing it again
+    fresh, _ = build(teacher, images, tmp_path / "fresh")
+    fresh.start_epoch(0)
+    assert not torch.equal(fresh.views(batch, step_values(fresh)).student, seen.student)
+
+
+def test_a_complete_cache_reused_by_a_new_run_replays_from_its_first_epoch(teacher, images, tmp_path):
+    """A recording epoch over slots a reused cache already holds replays them: the teacher does not run again."""
+    torch.manual_seed(0)
+    first, dataset = build(teacher, images, tmp_path / "run")
+    _, seen = record(first, dataset)
+    again, again_data = build(teacher, images, tmp_path / "run")  # a new run over the same cache folder
+    batch = Batch(torch.stack([again_data[i] for i in range(10)]), torch.arange(10))  # 8 stored, 2 not
+    again.start_epoch(0)
+    views = again.views(batch, step_values(again))
+    assert views.run_teacher.tolist() == [False] * 8 + [True] * 2
+    assert torch.equal(views.params[:8], seen.params) and torch.equal(views.student[:8], seen.student)
+    assert views.teacher is not None and len(views.teacher) == 2  # only the new images' views go to the teacher
+    again.loss(views, step_values(again))
+    assert int(again.cache.filled.sum()) == 10
 
 
 def test_a_changed_teacher_view_recipe_or_image_invalidates_the_cache(teacher, images, tmp_path):

@@ -385,13 +385,13 @@ class Distillation(Method):
             return DistillViews(_channels_last(student), _channels_last(teacher))
         if self.epoch < self.cache.views:  # a recording epoch: a new view per image, in slot `epoch`
             slots = torch.full_like(batch.indices, self.epoch)
-            run_teacher = torch.ones(len(batch.indices), dtype=torch.bool)
-            stored = None
-        else:  # replay one of the stored views; one never stored (e.g. a dropped last batch) runs the teacher
+        else:  # a replay epoch: one of the stored views
             slots = torch.randint(self.cache.views, batch.indices.shape)
-            stored_params, stored, filled = self.cache.lookup(batch.indices, slots)
-            params = torch.where(filled[:, None], stored_params, params)
-            run_teacher = ~filled
+        # a slot already filled (a reused cache, or steps stored before a resume) replays its view; an empty one
+        # (a recording epoch, or a dropped last batch's image) runs the teacher and is stored
+        stored_params, stored, filled = self.cache.lookup(batch.indices, slots)
+        params = torch.where(filled[:, None], stored_params, params)
+        run_teacher = ~filled
         student, _ = self.augment.render(batch.images, params, teacher=False)
         teacher, tic = None, time.perf_counter()
         if run_teacher.any():
