@@ -89,6 +89,14 @@ def test_kd_loss_is_hintons_equation():
     expected = (1 - alpha) * hard + alpha * t * t * soft
     assert KDLoss(alpha, t)(student, teacher, labels).item() == pytest.approx(expected, rel=1e-5)
     assert KDLoss(0.0, t)(student, teacher, labels).item() == pytest.approx(hard, rel=1e-5)  # labels only
+    # images without a label (-1) join the soft term only: the hard term averages over the labeled ones
+    partial = torch.tensor([0, -1, 2, -1, -1, 1])
+    known = partial.numpy() >= 0
+    hard_known = -np.mean(np.log(softmax(s)[known.nonzero()[0], partial.numpy()[known]]))
+    expected = (1 - alpha) * hard_known + alpha * t * t * soft
+    assert KDLoss(alpha, t)(student, teacher, partial).item() == pytest.approx(expected, rel=1e-5)
+    none = torch.full((6,), -1)
+    assert KDLoss(alpha, t)(student, teacher, none).item() == pytest.approx(alpha * t * t * soft, rel=1e-5)
 
 
 @pytest.fixture(scope="module")

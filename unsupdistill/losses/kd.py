@@ -11,8 +11,9 @@ class KDLoss(nn.Module):
 
     ``L = (1 - a) * CE(y, softmax(z_s)) + a * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``,
 
-    averaged over the batch; ``T^2`` keeps the soft term's gradients at the scale of the hard term's as ``T`` grows
-    (Hinton et al., Sec. 2).
+    the hard term averaged over the images with a label, the soft term over every image given (an image without a
+    label, -1, still learns the teacher's class probabilities: semi-supervised distillation); ``T^2`` keeps the soft
+    term's gradients at the scale of the hard term's as ``T`` grows (Hinton et al., Sec. 2).
 
     Args:
         alpha: weight ``a`` of the soft (teacher) term; 0 is plain cross-entropy, 1 the teacher alone.
@@ -24,9 +25,11 @@ class KDLoss(nn.Module):
         self.alpha, self.temperature = alpha, temperature
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
-        """Args: student_logits (B, C), teacher_logits (B, C), labels (B,) int64 in 0..C-1. Returns the scalar loss."""
-        t = self.temperature
-        hard = F.cross_entropy(student_logits.float(), labels)
-        soft = F.kl_div(F.log_softmax(student_logits.float() / t, dim=-1),
-                        F.log_softmax(teacher_logits.float() / t, dim=-1), log_target=True, reduction="batchmean")
+        """Args: student_logits (B, C), teacher_logits (B, C), labels (B,) int64 in 0..C-1, or -1 for an image
+        without a label. Returns the scalar loss."""
+        t, student_logits = self.temperature, student_logits.float()
+        labeled = labels >= 0
+        hard = F.cross_entropy(student_logits[labeled], labels[labeled]) if labeled.any() else student_logits.sum() * 0
+        soft = F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
+                        log_target=True, reduction="batchmean")
         return (1 - self.alpha) * hard + self.alpha * t * t * soft
