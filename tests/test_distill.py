@@ -2,6 +2,7 @@
 resume (and resume with another teacher), export, errors."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -157,10 +158,10 @@ def test_the_dense_term_is_refused_for_a_student_without_spatial_features(teache
     assert not (out / "checkpoints").exists() and json.loads((out / "status.json").read_text())["exit_code"] == 2
 
 
-def test_resume_takes_a_teacher_of_the_same_dimension_and_refuses_another(tmp_path, caplog):
-    """Resuming checks only the teacher's feature dimension, the one thing the student's head and the checkpoint's
-    losses are shaped by: a teacher of another dimension is refused, naming both; one of the same is taken (its
-    name cannot tell: every export is named after its file, ``export:backbone``)."""
+def test_resume_takes_the_runs_own_teacher_and_refuses_another(tmp_path, caplog):
+    """Resuming checks the teacher: one of another feature dimension is refused naming both dimensions; one as wide
+    but with other weights is refused too (the checkpoint keeps the teacher's sha256 identity); the run's own
+    teacher, copied elsewhere, is taken (the identity is of the weights and input, not the path)."""
     def export(name: str, channels: list[int], seed: int) -> Path:
         config = load_config(None, [f"model.backbone_kwargs={{channels: {channels}, stem_width: 8}}"])
         torch.manual_seed(seed)
@@ -175,10 +176,18 @@ def test_resume_takes_a_teacher_of_the_same_dimension_and_refuses_another(tmp_pa
     assert "32-d features), but distill.teacher=" in caplog.text and "gives 64-d features" in caplog.text
     assert "resume with the run's own teacher" in caplog.text
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2 and len(read_metrics(out)) == 2
-    assert main(["distill", "--resume", str(out), "--teacher", str(same), "train.max_steps=3"]) == 0
+    caplog.clear()
+    assert main(["distill", "--resume", str(out), "--teacher", str(same), "train.max_steps=3"]) == 2
+    assert "is another teacher: other weights, input size or normalisation" in caplog.text
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2 and len(read_metrics(out)) == 2
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for path in first.parent.glob(f"{first.stem}.*"):
+        shutil.copy(path, moved / path.name)
+    assert main(["distill", "--resume", str(out), "--teacher", str(moved / first.name), "train.max_steps=3"]) == 0
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
     state = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert state["step"] == 3 and state["config"]["distill"]["teacher"] == str(same)
+    assert state["step"] == 3 and state["config"]["distill"]["teacher"] == str(moved / first.name)
 
 
 @pytest.mark.parametrize("student, teacher_kind", [("cnn", "vit"), ("vit", "cnn")])

@@ -527,7 +527,8 @@ class Distillation(Method):
     def checkpoint_state(self) -> dict[str, Any]:
         state = {"student": self.student.state_dict(), "losses": self.global_loss.state_dict(),
                  "exported": "student_ema" if self.ema is not None else "student",
-                 "distill_teacher": {"name": self.teacher.name, "feature_dim": self.teacher.feature_dim}}
+                 "distill_teacher": {"name": self.teacher.name, "feature_dim": self.teacher.feature_dim,
+                                     "key": self.teacher.cache_key}}
         if self.ema is not None:
             state["student_ema"] = self.ema.state_dict()
         return state
@@ -539,6 +540,12 @@ class Distillation(Method):
                               f"({saved.get('feature_dim')}-d features), but distill.teacher="
                               f"{self.config.distill.teacher} gives {self.teacher.feature_dim}-d features; resume "
                               "with the run's own teacher")
+        if saved.get("key") and saved["key"] != self.teacher.cache_key:  # (checkpoints before 2026-12-07: no key)
+            raise ConfigError(f"the checkpoint was distilled from teacher {saved.get('name')}, but distill.teacher="
+                              f"{self.config.distill.teacher} (distill.teacher_size="
+                              f"{self.config.distill.teacher_size}) is another teacher: other weights, input size or "
+                              "normalisation, though its features are as wide. Resume with the run's own teacher, or "
+                              "distill from this one into a new run (--out DIR)")
         self.student.load_state_dict(state["student"])
         self.global_loss.load_state_dict(state["losses"])
         if self.ema is not None:
