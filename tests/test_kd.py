@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,10 +23,11 @@ from unsupdistill.cli import main
 from unsupdistill.config import ConfigError, load_config
 from unsupdistill.data import build_dataset
 from unsupdistill.data.labeled import training_labels
+from unsupdistill.evaluate.run import classifier_accuracy
 from unsupdistill.losses import KDLoss
 from unsupdistill.methods import build_trainer
 from unsupdistill.methods.kd import KnowledgeDistillation
-from unsupdistill.models.classifier import load_classifier
+from unsupdistill.models.classifier import Classifier, load_classifier
 from unsupdistill.models.teachers import load_teacher
 from unsupdistill.train.method import Runtime
 
@@ -137,6 +139,15 @@ def test_eval_and_embed_use_the_exported_classifier(kd_run, data, tmp_path):
     assert hits / len(rows) * 100 == pytest.approx(result["classifier"]["top1"])  # the same classifier, same images
 
 
+def test_the_classifiers_top5_holds_its_top1_when_logits_tie():
+    """A classifier whose 8 logits all tie: argmax picks class 0, torch's topk(5) picks others; top-5 counts the top-1
+    class as the k-NN and the probe do, so it is never below top-1."""
+    classifier = Classifier(4, [f"c{i}" for i in range(8)])
+    torch.nn.init.zeros_(classifier.weight), torch.nn.init.zeros_(classifier.bias)
+    scores = classifier_accuracy(classifier, torch.randn(10, 4), classifier.classes, torch.zeros(10, dtype=torch.long))
+    assert scores["top1"] == 100.0 and scores["top5"] == 100.0
+
+
 def test_the_teacher_head_is_fitted_on_the_training_labels_only(data, tmp_path, monkeypatch):
     seen = {}
 
@@ -156,6 +167,33 @@ def test_the_teacher_head_is_fitted_on_the_training_labels_only(data, tmp_path, 
     names = [Path(f).name for f in dataset.files]
     expected = [CLASSES.index(n.split("_")[1][:-4]) for n in names if int(n[:2]) < 8]
     assert seen["labels"].tolist() == expected
+
+
+def test_under_torchrun_process_0_fits_the_teacher_head_and_the_others_take_it(data, tmp_path, monkeypatch):
+    """Every process trains with one head: process 0 fits it and broadcasts it; another process fits nothing."""
+    config = load_config(None, ["method=kd", f"distill.teacher={data['teacher']}", f"data.path={data['pool']}",
+                                f"data.labels={data['labels']}", *STUDENT])
+    method = KnowledgeDistillation(config, Runtime(torch.device("cpu"), None, 1, tmp_path))
+    dataset = build_dataset(config.data, method.image_size)
+    width = method.teacher.feature_dim
+    sent = (torch.randn(len(CLASSES), width), torch.randn(len(CLASSES)), 61.0)
+    received = []
+
+    def broadcast(obj):
+        received.append(obj)
+        return sent
+
+    def fit(*args):
+        raise AssertionError("a process other than the first fitted a teacher head")
+
+    monkeypatch.setattr("unsupdistill.methods.kd.distributed", SimpleNamespace(is_main_process=lambda: False,
+                                                                               broadcast_object=broadcast))
+    monkeypatch.setattr(KnowledgeDistillation, "_fit_teacher_head", fit)
+    method.setup(dataset, training_labels(config.data.labels, dataset))
+    assert received == [None]
+    head = method.teacher_classifier
+    assert torch.equal(head.weight, sent[0]) and torch.equal(head.bias, sent[1])
+    assert "61.0 % on a held-out fifth" in method.describe()
 
 
 @pytest.fixture(scope="module")

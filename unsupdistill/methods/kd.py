@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from unsupdistill import distributed
 from unsupdistill.config import Config, ConfigError
 from unsupdistill.data.labeled import TrainingLabels
 from unsupdistill.evaluate.linear_grid import linear_probe_grid
@@ -105,17 +106,23 @@ class KnowledgeDistillation(Distillation):
             mapped.load_state_dict({"weight": own.weight[rows], "bias": own.bias[rows]})
             self.teacher_head_source = f"the teacher's own classifier ({len(own.classes)} classes)"
             return mapped.requires_grad_(False).eval()
-        features, targets = self._teacher_features(dataset, labels)
-        result = linear_probe_grid(features, targets, features, targets, device="cpu", seed=self.config.train.seed,
-                                   classifier=True)
-        held_out = max(point["top1"] for point in result["val_top1"])
-        weight, bias = result["linear"]
-        head = Classifier(features.shape[1], labels.classes)
+        fitted = self._fit_teacher_head(dataset, labels) if distributed.is_main_process() else None
+        weight, bias, held_out = distributed.broadcast_object(fitted)  # fitted once, the same head in every process
+        head = Classifier(weight.shape[1], labels.classes)
         head.load_state_dict({"weight": weight, "bias": bias})
-        self.teacher_head_source = (f"a linear head fitted on the teacher's features of the {len(targets)} labeled "
+        self.teacher_head_source = (f"a linear head fitted on the teacher's features of the {labels.labeled} labeled "
                                     f"images ({held_out:.1f} % on a held-out fifth)")
         logger.info("teacher head: %s", self.teacher_head_source)
         return head.requires_grad_(False).eval()
+
+    def _fit_teacher_head(self, dataset: Dataset, labels: TrainingLabels) -> tuple[Tensor, Tensor, float]:
+        """A linear head (C, Dt), (C,) on the frozen teacher's features of the labeled images, by the probe grid,
+        and its top-1 (%) on the grid's held-out fifth."""
+        features, targets = self._teacher_features(dataset, labels)
+        result = linear_probe_grid(features, targets, features, targets, device="cpu", seed=self.config.train.seed,
+                                   classifier=True)
+        weight, bias = result["linear"]
+        return weight, bias, max(point["top1"] for point in result["val_top1"])
 
     @torch.no_grad()
     def _teacher_features(self, dataset: Dataset, labels: TrainingLabels, batch: int = 128) -> tuple[Tensor, Tensor]:
