@@ -172,10 +172,13 @@ def test_recipe_file_errors_name_the_file(tmp_path):
     assert str(bad) in message and "train.epochz" in message
 
 
-@pytest.mark.parametrize("name", ["digits", "cifar10", "imagenet_vit_small"])
-def test_shipped_recipes_load_and_hold_only_differences(name):
+@pytest.mark.parametrize(("name", "given"), [("digits", []), ("cifar10", []), ("imagenet_vit_small", []),
+                                             ("cifar10_distill", ["distill.teacher=t"]),
+                                             ("cifar10_kd", ["distill.teacher=t", "data.labels=l.csv"])])
+def test_shipped_recipes_load_and_hold_only_differences(name, given):
+    """Every shipped recipe loads (with the teacher and labels its command line gives) and repeats no default."""
     assert name in recipe_names()
-    cfg = load_config(name)
+    cfg = load_config(name, given)
     data, _ = read_recipe(name)
     defaults = Config().to_dict()
 
