@@ -210,6 +210,11 @@ def test_generations_learn_from_the_one_before_and_end_with_one_table(chain, cap
     assert json.loads((chain / "status.json").read_text())["state"] == "done"
     table = (chain / "generations.md").read_text()
     assert "gen_1" in table and table.count("\n") >= 4  # header, rule, two generations
+    # each generation's row says where its training ended, from its own metrics.jsonl, with or without test sets
+    for k in (1, 2):
+        last = read_metrics(chain / f"gen_{k}")[-1]
+        row = next(line for line in table.splitlines() if f"{chain / f'gen_{k}'} " in line)
+        assert f"{last['loss']:.4f}" in row and f"{last['teacher_agreement']:.2f}" in row
     # a resume of the chain takes its own config: a flag that would change it is refused, by name
     assert main(["distill", "--resume", str(chain), "--batch-size", "8"]) == 2
     assert "--batch-size" in caplog.text and "generations.json" in caplog.text

@@ -231,10 +231,20 @@ def _train_generations(root: Path, chain: dict, device: torch.device) -> int:
 
 
 def _generation_row(k: int, run_dir: Path, teacher: str) -> dict[str, str]:
-    """One generation's figures from its ``summary.json`` (none without a labeled pair)."""
+    """One generation's figures: where its training ended (its last ``metrics.jsonl`` record: epochs, loss, agreement
+    with its teacher, accuracy on its labeled training views), and its test scores from ``summary.json`` (with a
+    labeled pair: ``--eval-train`` and ``--eval-test``)."""
     from unsupdistill.evaluate.summary import SUMMARY_FILE
 
     row = {"generation": str(k), "teacher": teacher if k == 1 else f"gen_{k - 1}", "run": str(run_dir)}
+    records = layout.read_metrics(run_dir)[0] if (run_dir / layout.METRICS).is_file() else []
+    last = next((r for r in reversed(records) if "loss" in r), None)
+    if last is not None:
+        row |= {"epochs": f"{last['epoch']:.1f}", "final loss": f"{last['loss']:.4f}"}
+        if "teacher_agreement" in last:
+            row["teacher agreement"] = f"{last['teacher_agreement']:.2f}"
+        if "student_label_accuracy" in last:
+            row["label accuracy, training views (%)"] = f"{last['student_label_accuracy'] * 100:.1f}"
     path = run_dir / SUMMARY_FILE
     if path.is_file():
         summary = json.loads(path.read_text())
