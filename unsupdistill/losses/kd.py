@@ -28,8 +28,8 @@ class KDLoss(nn.Module):
         """Args: student_logits (B, C), teacher_logits (B, C), labels (B,) int64 in 0..C-1, or -1 for an image
         without a label. Returns the scalar loss."""
         t, student_logits = self.temperature, student_logits.float()
-        labeled = labels >= 0
-        hard = F.cross_entropy(student_logits[labeled], labels[labeled]) if labeled.any() else student_logits.sum() * 0
+        count = (labels >= 0).sum().clamp(min=1)  # no labeled image: the hard term is 0, not 0 / 0
+        hard = F.cross_entropy(student_logits, labels, ignore_index=-1, reduction="sum") / count
         soft = F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
                         log_target=True, reduction="batchmean")
         return (1 - self.alpha) * hard + self.alpha * t * t * soft

@@ -158,9 +158,10 @@ class KnowledgeDistillation(Distillation):
         student_logits = out.student_logits.float()  # (B, C)
         with torch.no_grad():
             teacher_logits = self.teacher_classifier(out.teacher_pooled.float())  # (B, C)
-        rows = labeled if self.config.kd.soft_images == "labeled" else torch.ones_like(labeled)
-        if rows.any():
-            kd = self.kd_loss(student_logits[rows], teacher_logits[rows], views.labels[rows])
+        if self.config.kd.soft_images == "all":  # the soft term on every image, the hard term on the labeled ones
+            kd = self.kd_loss(student_logits, teacher_logits, views.labels)
+        elif labeled.any():
+            kd = self.kd_loss(student_logits[labeled], teacher_logits[labeled], views.labels[labeled])
         else:  # no labeled image in this batch: the classifier still joins the graph (DDP expects its gradients)
             kd = 0.0 * student_logits.sum()
         self._last |= {"kd": kd.detach(), "labeled": labeled.float().mean(),
