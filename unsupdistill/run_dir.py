@@ -23,6 +23,8 @@ CONFIG = "config.yaml"
 STATUS = "status.json"
 TENSORBOARD = "tensorboard"
 BACKBONE = "backbone.safetensors"
+BACKBONE_SIDECAR = "backbone.json"
+"""How to rebuild and feed the backbone (architecture, input size, normalisation), beside it."""
 EXPORTS = "export"
 SUPERSEDED = "superseded"
 

@@ -129,7 +129,7 @@ def save_backbone(state_dict: dict[str, torch.Tensor], metadata: dict[str, Any],
     """Write ``backbone.safetensors`` (plain tensors) and ``backbone.json`` (how to rebuild and feed it)."""
     weights = out_dir / layout.BACKBONE
     save_weights(state_dict, weights, metadata["format"])
-    write_json_atomic(metadata, out_dir / "backbone.json")
+    write_json_atomic(metadata, out_dir / layout.BACKBONE_SIDECAR)
     return weights
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from unsupdistill.evaluate.report import format_table, write_json
 from unsupdistill.evaluate.run import HEADLINE_K, EvalOptions, evaluate
 from unsupdistill.evaluate.speed import SPEED_COLUMNS, speed_cells, speed_ratio
-from unsupdistill.run_dir import METRICS, read_metrics
+from unsupdistill.run_dir import BACKBONE_SIDECAR, METRICS, read_metrics
 
 SUMMARY_FILE = "summary.json"
 
@@ -50,7 +50,7 @@ def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str
         teacher_size: the teacher's input side (``distill.teacher_size``); None: its own.
         speed_seconds: time limit of each speed timing (throughput, latency) of each network.
     """
-    sidecar = json.loads((run_dir / "backbone.json").read_text())
+    sidecar = json.loads((run_dir / BACKBONE_SIDECAR).read_text())
     size = int(sidecar["input_size"])
     options = EvalOptions(image_size=size, linear=False, clustering=False, plots=False, cache=False, device=device,
                           speed_seconds=speed_seconds)

@@ -41,7 +41,7 @@ def set_aside_later_state(run_dir: Path, step: int) -> Path | None:
     layout.checkpoints_dir(target).mkdir(parents=True, exist_ok=False)
     for path in later:
         os.replace(path, layout.checkpoints_dir(target) / path.name)
-    for name in (layout.BACKBONE, Path(layout.BACKBONE).with_suffix(".json").name):
+    for name in (layout.BACKBONE, layout.BACKBONE_SIDECAR):
         if (run_dir / name).is_file():
             os.replace(run_dir / name, target / name)
     for name in (layout.METRICS, layout.CONFIG, layout.STATUS):
