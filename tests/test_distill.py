@@ -250,9 +250,13 @@ def test_a_bad_teacher_fails_before_training_with_a_clear_message(vit_export, tm
     assert not (out / "checkpoints").exists()
 
 
-def test_resume_after_sigkill_gives_the_same_losses(teacher_run, tmp_path):
+@pytest.mark.parametrize("targets", [
+    ["distill.mixup_alpha=0.2"],  # the teacher on every step's (mixed) view
+    ["distill.targets=map", "distill.teacher_runtime=eager fp32"],  # stored maps (a resume reuses them)
+])
+def test_resume_after_sigkill_gives_the_same_losses(teacher_run, tmp_path, targets):
     args = ["--teacher", str(teacher_run), *STUDENT, "train.max_steps=24", "train.save_every_steps=4",
-            "train.seed=3", "distill.ema_momentum=0.9", "distill.mixup_alpha=0.2", "distill.loss=queue_kl"]  # stateful
+            "train.seed=3", "distill.ema_momentum=0.9", "distill.loss=queue_kl", *targets]  # stateful
     reference = tmp_path / "reference"
     assert cli("distill", "--out", str(reference), *args).returncode == 0
     expected = {m["step"]: m["loss"] for m in read_metrics(reference)}

@@ -313,29 +313,31 @@ def test_data_fingerprint_of_digits() -> None:
     assert data_fingerprint(train) != data_fingerprint(LabeledDigits(16, range(0, 100)))
 
 
-def test_traced_cpu_extraction_matches_the_eager_network(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_extraction_through_the_fastest_path_matches_the_eager_network(monkeypatch: pytest.MonkeyPatch) -> None:
     import unsupdistill.evaluate.features as features
 
     model = load_model("timm:resnet18,small_image_stem=true,channels=[8,8,16,16],stem_width=8", image_size=16)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (41 * 4 + 3, 3, 16, 16), dtype=torch.uint8, generator=generator)
     dataset = [images[i] for i in range(len(images))]  # a map-style dataset of (3, S, S) uint8 tensors
-    used = []
+    chosen = []
 
-    def spy(network, example):
-        traced = optimized_for_cpu(network, example)
-        used.append(traced is not None)
-        return traced
+    def spy(network, example, device, allowed, min_cosine):
+        path = fastest_path(network, example, device, allowed, min_cosine)
+        chosen.append((path.name, tuple(allowed)))
+        return path
 
-    optimized_for_cpu = features.optimized_for_cpu
-    monkeypatch.setattr(features, "optimized_for_cpu", spy)
+    fastest_path = features.fastest_path
+    monkeypatch.setattr(features, "fastest_path", spy)
+    monkeypatch.setattr(features, "CHOICE_PAYS_S", 0.0)  # as though the eager network would take long enough
     args = (model.backbone, dataset, 16, model.mean, model.std)
     fast = features.extract_features(*args, batch_size=4, progress=False)  # 41 full batches and a partial one
     eager = features.extract_features(*args, batch_size=4, progress=False, optimize=False)
-    assert used == [True]  # traced once, on the first batch, and used
+    assert len(chosen) == 1 and chosen[0][1] == features.FP32_PATHS  # chosen once, on the first batch, fp32 only
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(features, "CHOICE_PAYS_S", 1e9)  # an extraction too short to pay for the choice
     few = features.extract_features(*args[:1], dataset[:20], *args[2:], batch_size=4, progress=False)
-    assert used == [True]  # under 40 batches: not worth tracing
+    assert len(chosen) == 1
     torch.testing.assert_close(few, eager[:20], rtol=1e-4, atol=1e-5)
 
 
@@ -399,20 +401,3 @@ def test_a_picture_that_does_not_fit_is_a_warning_and_a_bug_in_one_raises(tmp_pa
     monkeypatch.setattr(pictures, "show_pca", broken)
     with pytest.raises(ValueError, match="a bug in the PCA picture"):
         pictures.write_pictures(*args, tmp_path / "b")
-
-
-def test_an_untraceable_network_is_a_warning_and_a_bug_in_one_raises(caplog) -> None:
-    import logging
-
-    from unsupdistill.evaluate.features import optimized_for_cpu
-
-    class Broken(torch.nn.Module):
-        def forward(self, x):
-            return x.no_such_method()
-
-    example = torch.rand(2, 3, 4, 4)
-    with caplog.at_level(logging.WARNING, logger="unsupdistill.evaluate.features"):
-        assert optimized_for_cpu(torch.nn.Sequential(), {"not": "a tensor"}) is None  # the tracer refuses a dict
-    assert "eager network" in caplog.text and caplog.records[-1].levelno == logging.WARNING
-    with pytest.raises(AttributeError, match="no_such_method"):
-        optimized_for_cpu(Broken(), example)

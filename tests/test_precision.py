@@ -15,6 +15,7 @@ from torch import nn
 from unsupdistill.config import ConfigError, ModelConfig, load_config
 from unsupdistill.methods import train
 from unsupdistill.models.backbone import create_backbone, rebuild_backbone
+from unsupdistill.train import precision
 from unsupdistill.train.precision import WidthOneConv2d, avoid_cpu_bf16_faults, resolve_precision
 
 M_PERTURB = -6  # glibc mallopt: fill every block malloc hands out with this byte ^ 0xff
@@ -117,8 +118,11 @@ def test_imagenet_stem_resnet_trains_in_bf16_on_cpu_with_finite_gradients(tmp_pa
     assert not any(isinstance(m, WidthOneConv2d) for m in backbone.modules())
 
 
-def test_resolve_precision():
+def test_resolve_precision(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert resolve_precision("auto", CPU) is torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # oneDNN would emulate bf16: 6x slower
+    assert resolve_precision("auto", CPU) is None
     assert resolve_precision("bf16", CPU) is torch.bfloat16
     assert resolve_precision("fp32", CPU) is None
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):

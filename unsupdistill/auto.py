@@ -38,6 +38,8 @@ SHARED_KEYS = frozenset({
     "optim.warmup_share",
 })
 """The keys the shared part of :func:`auto_settings` may set; a method adds its own (``Method.automatic_keys``)."""
+SAMPLE_FILES = 16
+"""Files of the folder named in :attr:`FolderFacts.sample_paths`."""
 MOBILE_MIN_CROP = 64
 """Least input of a network that downsamples 32x and has no small-image stem (a 2x2 last feature map)."""
 
@@ -60,12 +62,14 @@ class FolderFacts:
         shorter_side: the images' median shorter side in pixels.
         device_type: ``"cpu"`` or ``"cuda"``.
         world_size: processes the global batch is split over.
+        sample_paths: a few of the images' files, spread over the folder (a method may time decoding them).
     """
 
     images: int
     shorter_side: float
     device_type: str
     world_size: int
+    sample_paths: tuple[str, ...] = ()
 
     @property
     def device(self) -> str:
@@ -101,8 +105,9 @@ def auto_settings(config: Config, scan: FolderScan, device_type: str, explicit: 
         from unsupdistill.methods import METHODS  # the registry; methods do not import this module
 
         method = METHODS[config.method]
+    paths = scan.paths
     facts = FolderFacts(len(scan.files), statistics.median(min(w, h) for w, h in scan.sizes), device_type,
-                        world_size)
+                        world_size, tuple(str(p) for p in paths[::max(1, len(paths) // SAMPLE_FILES)][:SAMPLE_FILES]))
     chooser = Chooser(explicit, automatic_keys(method))
     _network(chooser, config, facts, method.crop_headroom)
     _schedule(chooser, chooser.apply(config), facts, getattr(method, "auto_batch", {}))
@@ -137,6 +142,10 @@ def _network(chooser: Chooser, config: Config, facts: FolderFacts, headroom: flo
         chooser.set("model.backbone_kwargs", {"img_size": crop, "patch_size": patch},
                     f"patch {patch} px: {crop // patch} patches a side")
         chooser.set("model.small_image_stem", False, "a ViT has no ResNet stem")
+        return
+    if m.pretrained:
+        chooser.set("model.small_image_stem", False, "pretrained weights: their own first convolution")
+        chooser.set("model.backbone_kwargs", {}, f"timm's own arguments for {m.backbone}: the pretrained weights' shapes")
         return
     if resnet:
         small = crop < SMALL_STEM_BELOW

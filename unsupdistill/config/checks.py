@@ -55,6 +55,7 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
     need(d.path is None or bool(d.path.strip()), "data.path", "null (the built-in digits) or a folder path")
     need(d.image_size is None or d.image_size >= 1, "data.image_size", "null or an integer >= 1")
     need(d.num_workers is None or d.num_workers >= 0, "data.num_workers", "null or an integer >= 0")
+    need(d.keep_decoded_max_gb > 0, "data.keep_decoded_max_gb", "a number of gigabytes > 0")
 
     m = config.model
     need(bool(m.backbone.strip()), "model.backbone", "a timm model name, e.g. resnet18 or vit_small_patch16_224")

@@ -90,6 +90,12 @@ class DataConfig:
     verify: Literal["full", "header"] = "full"
     """How the scan checks each file: a full decode (catches truncated files) or the header only
     (much faster on huge folders; a file that fails later stops the run with its path)."""
+    keep_decoded: Literal["auto", True, False] = "auto"
+    """Keep an image folder's images decoded at ``data.image_size`` after their first decode (uint8, in
+    RUN/decoded_images, memory-mapped), so later epochs decode no file: auto and true: when they take at most
+    ``data.keep_decoded_max_gb``; false: decode every epoch."""
+    keep_decoded_max_gb: float = 4.0
+    """Most disk (and page cache) the kept images may take; above it every epoch decodes the files."""
 
 
 @dataclass
@@ -103,6 +109,13 @@ class ModelConfig:
     """Extra keyword arguments for ``timm.create_model`` (e.g. img_size and patch_size for a ViT)."""
     small_image_stem: bool = True
     """ResNets only: 3x3 stride-1 first convolution and no max-pool, for images of 32 px or less."""
+    pretrained: bool = False
+    """Start from timm's pretrained weights of ``model.backbone`` (downloaded by timm, or ``model.pretrained_file``)
+    instead of a random initialisation; the automatic settings train from scratch. Not with small_image_stem (it
+    replaces the pretrained first convolution) or with backbone_kwargs that change the shapes of the weights."""
+    pretrained_file: str | None = field(default=None, metadata=PATH)
+    """With ``model.pretrained``: a local weights file (.safetensors, .pth or .bin under timm's names for the
+    model), as timm's ``pretrained_cfg_overlay={file: PATH}`` takes it; null: timm's own source."""
     head_hidden_dim: int = 512
     head_bottleneck_dim: int = 128
     head_output_dim: int = 1024

@@ -17,6 +17,7 @@ def data_fingerprint(dataset: Any) -> str:
     digits) by its class name, length, labels and, when present, its source pixels (``gray``).
     The image size (``image_size``) is part of both.
     """
+    dataset = getattr(dataset, "base", dataset)  # images kept decoded (data/decoded.py): their source
     digest = hashlib.sha256()
     digest.update(f"{type(dataset).__name__}|{len(dataset)}|{getattr(dataset, 'image_size', None)}\n".encode())
     labels = getattr(dataset, "labels", None)

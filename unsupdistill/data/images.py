@@ -56,6 +56,7 @@ class ImageFolderDataset(Dataset):
         self.substitute = substitute and not strict
         scan = scan if scan is not None else scan_folder(self.root, verify, num_threads)
         self.files: list[Path] = scan.paths
+        self.sizes: list[tuple[int, int]] = list(scan.sizes)  # (width, height) of each file, as stored
         self.skipped: list[tuple[str, str]] = list(scan.skipped)
         self._report_skipped(len(self.files) + len(self.skipped), strict)
 

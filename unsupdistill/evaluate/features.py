@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
+import time
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +12,21 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from unsupdistill.models.inference import CHOICE_IMAGES, REFERENCE, fastest_path
+
 logger = logging.getLogger(__name__)
+
+FP32_PATHS = (REFERENCE, "channels-last fp32", "traced fp32", "onnxruntime fp32")
+"""The inference paths an fp32 extraction chooses from: fp32 arithmetic all of them, in another order of summation
+(bf16 is the caller's choice: ``precision``, resolved by :func:`~unsupdistill.evaluate.run.extraction_precision`)."""
+FP32_MIN_COSINE = 0.9999
+"""The worst per-image cosine against the eager network an fp32 path may have: they differ only in rounding
+(cosine > 0.99999), so a lower one is a conversion fault."""
+CHOICE_PAYS_S = 60.0
+"""A CPU fp32 extraction that the eager network would take at least this long for (its first batch's time, times
+the batches) runs its other batches through :func:`fastest_path`'s choice: the choice builds a traced and an ONNX
+graph and runs each path a few times on :data:`CHOICE_IMAGES` images (about 15 s for EfficientNet-Lite0 at 224 px on
+the 2-core VM, where ONNX Runtime then runs at 1.7x the eager network's images/s)."""
 
 
 class NormalizedBackbone(nn.Module):
@@ -50,31 +64,6 @@ def to_unit_range(images: Tensor, input_size: int) -> Tensor:
     return x
 
 
-def optimized_for_cpu(model: nn.Module, example: Tensor) -> nn.Module | None:
-    """``model`` traced and frozen for CPU inference, or None where that fails or changes the output.
-
-    ``torch.jit.optimize_for_inference`` folds BatchNorm into the convolutions, fuses their activations and
-    keeps the weights pre-packed in oneDNN's layout: 1.3-1.6x the images/s of the eager network for a ResNet at
-    32 px on 2 cores (BENCHMARKS.md, "Feature extraction"). The traced graph is checked against the eager
-    output on ``example`` and used only for batches of its size.
-    """
-    try:
-        with warnings.catch_warnings():  # TorchScript's deprecation and tracer notices
-            warnings.simplefilter("ignore")
-            traced = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, example)))
-            expected, got = model(example), traced(example)
-    except (RuntimeError, TypeError, ValueError, torch.jit.Error) as err:  # what tracing raises on a model it
-        # cannot trace; anything else is a bug and raises
-        logger.warning("features: the eager network, slower on CPU: tracing it for CPU inference failed (%s)",
-                       str(err).splitlines()[0])
-        return None
-    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * float(
-            expected.abs().max().clamp(min=1.0))):
-        logger.warning("features: the eager network, slower on CPU: the traced network's output differs from it")
-        return None
-    return traced
-
-
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module,
@@ -93,8 +82,10 @@ def extract_features(
 
     Images are resized to ``input_size`` (when they differ) and normalised with ``mean``/``std``;
     ``num_workers`` DataLoader processes decode them (into pinned memory when ``device`` is CUDA).
-    On CPU in fp32 with ``optimize`` and 40 batches or more, full batches go through
-    :func:`optimized_for_cpu`'s traced network.
+    On CPU in fp32 with ``optimize``, when the eager network would take :data:`CHOICE_PAYS_S` or more, the batches
+    after the first run through the fastest of :data:`FP32_PATHS` that keeps the eager network's features (chosen on
+    the first batch by :func:`~unsupdistill.models.inference.fastest_path`); ``optimize=False`` runs the eager network
+    throughout.
     The features are float32 on the CPU whatever the device and precision.
     """
     device = torch.device(device)
@@ -104,15 +95,17 @@ def extract_features(
     autocast = (torch.autocast(device.type, dtype=precision) if precision is not None
                 else contextlib.nullcontext())
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-    # CPU, fp32, at least 40 batches (tracing takes ~4 s on 2 cores, which ~10,000 images win back): the
-    # traced network, for full batches
-    optimize = optimize and device.type == "cpu" and precision is None and len(dataset) >= 40 * batch_size
-    fast, fast_size = None, None
+    choose = optimize and device.type == "cpu" and precision is None
+    run = model
     for images in tqdm(loader, desc="features", unit="batch", disable=not progress):
         x = to_unit_range(images.to(device, non_blocking=True), input_size)  # (B, 3, S, S)
         x = x.contiguous(memory_format=torch.channels_last)
-        if optimize and fast_size is None:
-            fast, fast_size = optimized_for_cpu(model, x), len(x)
+        tic = time.perf_counter()
         with autocast:
-            out.append((fast if fast is not None and len(x) == fast_size else model)(x).float().cpu())
+            out.append(run(x).float().cpu())
+        if choose:  # after the first batch: the choice where the eager network would take long enough to pay it
+            choose = False
+            if (time.perf_counter() - tic) * len(loader) >= CHOICE_PAYS_S:
+                run = fastest_path(model, x[:CHOICE_IMAGES], device, allowed=FP32_PATHS,
+                                   min_cosine=FP32_MIN_COSINE).run
     return torch.cat(out)

@@ -68,6 +68,10 @@ def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str
     text = reading(trained, random, pixels, run_facts(run_dir, sidecar))
     if classifier is not None:
         text += f" Its classifier: {classifier:.1f} % top-1 on the test set."
+    shares = time_shares(run_dir)
+    if shares:
+        text += " Its wall time: " + ", ".join(f"{part} {100 * share:.0f} %" for part, share in shares.items()
+                                               if part != "wall_s") + f" of {shares['wall_s']:.0f} s."
     columns = ["features", "k-NN top-1 (%)"]
     if teacher is not None:
         # at the teacher's own input size (or distill.teacher_size), as distillation fed it, not the student's
@@ -81,6 +85,8 @@ def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str
                           "--no-linear --no-clustering"}
     if classifier is not None:
         summary["classifier_top1"] = classifier
+    if shares:
+        summary["time_shares"] = shares
     if teacher is not None:
         summary["speed"] = {name: speeds[name] for name in ("this run", "teacher")}
         summary["teacher_size"] = sizes["teacher"]
@@ -91,6 +97,17 @@ def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str
                                       **speed_cells(speeds.get(name))} for name, top1 in scores.items()], columns)
     write_json(summary, run_dir / SUMMARY_FILE)
     return summary
+
+
+def time_shares(run_dir: Path) -> dict[str, float]:
+    """Where a run's wall time went (``decode``, ``views``, ``teacher``, ``student``, ``rest``: shares; ``wall_s``),
+    from its last ``metrics.jsonl`` record that has them; empty when none has."""
+    records = read_metrics(run_dir)[0] if (run_dir / METRICS).is_file() else []
+    last = next((r for r in reversed(records) if "time_wall_s" in r), None)
+    if last is None:
+        return {}
+    shares = {key[len("time_"):-len("_share")]: value for key, value in last.items() if key.endswith("_share")}
+    return shares | {"wall_s": last["time_wall_s"]}
 
 
 def teacher_reading(student: float, teacher: float, student_speed: dict, teacher_speed: dict) -> str:

@@ -6,8 +6,11 @@ teacher embeddings (:class:`~unsupdistill.losses.QueueKLLoss`, LightlyTrain's ``
 with a dense patch-similarity term. ``loss=dino`` is DINOv2's recipe for its small models: DINO's loss
 against the frozen teacher's own head, with an EMA of the student kept as the exported model. Teacher and
 student see the same view of each image ("consistent teacher", Beyer et al. 2022), each at its own input
-size and normalisation. With the teacher cache (``distill.cache``), the first epochs store every view with the
-teacher's features for it and later epochs replay stored views without running the teacher (FKD).
+size and normalisation. By default (``distill.targets=map``) the teacher runs once per image before training and
+its spatial feature map is stored; each crop's target is the map pooled over the region the crop covers (ReLabel),
+so no epoch runs the teacher (``teacher_pass.py``). With ``distill.targets=views`` the teacher sees every step's
+view; with the teacher cache (``distill.cache``) the first epochs store every view with the teacher's features for
+it and later epochs replay stored views without running the teacher (FKD).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from unsupdistill.augment import DistillAugmentation
 from unsupdistill.augment.distill import VIEW_PARAMS
 from unsupdistill.auto import Chooser, FolderFacts
 from unsupdistill.config import PATH, Config, ConfigError, reads_section
+from unsupdistill.data import num_workers
 from unsupdistill.data.fingerprint import data_fingerprint
 from unsupdistill.data.labeled import TrainingLabels
 from unsupdistill.losses import (
@@ -38,13 +42,23 @@ from unsupdistill.losses import (
     teacher_temperature,
 )
 from unsupdistill.losses.health import feature_collapse_warning, feature_spread, health_signals
+from unsupdistill.methods.teacher_pass import (
+    SpatialOutput,
+    measure_rates,
+    normalize,
+    pass_decode_size,
+    plan_budget,
+    teacher_pass,
+    teacher_sizes,
+)
 from unsupdistill.models.backbone import create_backbone, forward_gflops, pooled_and_spatial
 from unsupdistill.models.dino import build_dino_head
 from unsupdistill.models.ema import update_ema
 from unsupdistill.models.teacher_cache import CACHE_DIR, TeacherCache, cache_bytes, cache_key
+from unsupdistill.models.teacher_maps import MAPS_DIR, TeacherMaps, fitting_grid, maps_bytes, pool_regions
 from unsupdistill.models.teachers import load_teacher
 from unsupdistill.train.method import Batch, Export, Method, Runtime
-from unsupdistill.train.precision import avoid_cpu_bf16_faults
+from unsupdistill.train.precision import avoid_cpu_bf16_faults, resolve_precision
 from unsupdistill.train.schedules import ScheduleValues
 
 logger = logging.getLogger(__name__)
@@ -54,6 +68,15 @@ TEACHER_MAX_CPU = 224
 TEACHER_LEAST_SHARE = 0.7
 """Images smaller than this share of the teacher's size are upsampled to it: EfficientNet-Lite0 (224 px) scored
 its best CIFAR-10 k-NN at 160 px of 96-224 (BENCHMARKS, Distillation)."""
+WORKING_SHARE = 4 / 3
+"""With stored teacher maps the images are kept decoded at this many times the student's input (128 px for 96), the
+random crops drawn from them (ImageNet's 224-px crops from 256-px images, and a bit more room)."""
+
+
+def uses_maps(d: DistillConfig) -> bool:
+    """Whether ``distill.targets`` resolves to the stored teacher maps: auto does, except with mixup or the dense
+    term, whose targets need the teacher on the mixed view or its patch map of the crop."""
+    return d.targets == "map" or (d.targets == "auto" and d.mixup_alpha == 0 and d.dense_weight == 0)
 
 
 @dataclass
@@ -106,7 +129,19 @@ class DistillConfig:
     cache_views: int = 2
     """Views stored per image: the teacher runs in the first this many epochs, later epochs replay one of them."""
     cache_max_gb: float = 8.0
-    """Most disk the cache may take; fewer views are stored when the full cache would not fit (0 views: off)."""
+    """Most disk the cache or the teacher maps may take; fewer views are stored, or the maps are pooled to a coarser
+    grid (down to whole-image targets), when they would not fit."""
+    targets: Literal["auto", "map", "views"] = "auto"
+    """What the student's targets come from. map: the teacher runs once per image before training, at its input
+    size, and its spatial feature map is stored (RUN/teacher_maps); each random crop's target is that map averaged
+    over the region the crop covers (ReLabel, Yun et al. 2021), and the images stay decoded at the student's
+    working size, so epochs run at the student's speed. views: the teacher sees each step's view (the
+    "consistent teacher"), or a stored one (distill.cache). auto: map, except with distill.mixup_alpha > 0 or
+    distill.dense_weight > 0 (their targets need the teacher on the view itself)."""
+    teacher_runtime: str = "auto"
+    """How the frozen teacher runs: auto: the fastest of eager fp32, channels-last fp32 and bf16 (where the CPU has
+    bf16), a traced and frozen graph and ONNX Runtime, timed on the first batch and checked against eager fp32
+    (cosine >= 0.995); or one of those paths by name (e.g. "eager fp32")."""
 
     def checks(self, config: Config) -> list[tuple[bool, str, str]]:
         """(ok, key, what is allowed) for the values types cannot check."""
@@ -133,6 +168,9 @@ class DistillConfig:
              "auto or off with distill.mixup_alpha > 0 or distill.dense_weight > 0 (a mixed view's or a patch map's "
              "teacher output is not stored)"),
             (self.cache_max_gb > 0, "distill.cache_max_gb", "a number of gigabytes > 0"),
+            (self.targets != "map" or (self.mixup_alpha == 0 and self.dense_weight == 0), "distill.targets",
+             "auto or views with distill.mixup_alpha > 0 or distill.dense_weight > 0 (a mixed view's or a crop's "
+             "patch map has no stored target)"),
         ]
         return checks
 
@@ -151,6 +189,7 @@ class DistillViews:
         indices: (B,) the images' dataset indices.
         slots: (B,) their cache slots.
         labels: (B,) the images' class indices (-1: unlabeled) for a method that learns from labels, else None.
+        images: (B, 3, H, H) uint8 images, for stored-map targets computed on the fly (a dry run), else None.
     """
 
     student: Tensor
@@ -161,6 +200,7 @@ class DistillViews:
     indices: Tensor | None = None
     slots: Tensor | None = None
     labels: Tensor | None = None
+    images: Tensor | None = None
 
 
 class Student(nn.Module):
@@ -214,23 +254,27 @@ class Distillation(Method):
     settings: ClassVar[dict[str, type]] = {"distill": DistillConfig}
 
     automatic_keys: ClassVar[frozenset[str]] = frozenset({
-        "distill.teacher_size", "data.image_size", "model.backbone_kwargs", "optim.lr", "optim.weight_decay",
-        "optim.weight_decay_end",
+        "distill.teacher_size", "distill.teacher_runtime", "data.image_size", "model.backbone_kwargs", "optim.lr",
+        "optim.weight_decay", "optim.weight_decay_end",
     })
     auto_batch: ClassVar[dict[str, int]] = {"cpu": 256, "cuda": 256}
     crop_headroom: ClassVar[float] = 1.0  # the student sees whole images, rescaled, as it will once deployed
 
     @classmethod
     def auto_settings(cls, chooser: Chooser, config: Config, facts: FolderFacts) -> None:
-        """The teacher's input size, a decode size that serves both networks, the student's width and optimiser.
+        """The teacher's input size, the decode size, the student's width and optimiser; with a time budget, the plan.
 
         The teacher runs at its own size, at most :data:`TEACHER_MAX_CPU` px on a CPU, and no larger than the
         images hold, except that images smaller than :data:`TEACHER_LEAST_SHARE` of its size are upsampled to that
-        share (an ImageNet network sees objects too small below it). The images are decoded at least at the
-        teacher's size where they are that large, so its views are not upsampled from a smaller decode.
+        share (an ImageNet network sees objects too small below it). With stored teacher maps (``distill.targets``)
+        the images are kept decoded at :data:`WORKING_SHARE` x the student's input, and a time budget is split by
+        :func:`~unsupdistill.methods.teacher_pass.plan_budget` from rates measured here: the teacher's input size
+        is the largest whose pass takes at most a fifth of the budget. With per-step teacher views the images are
+        decoded at least at the teacher's size, so its views are not upsampled from a smaller decode.
         """
         d, crop = config.distill, config.augment.global_1.size
-        native = load_teacher(d.teacher).input_size if d.teacher else crop
+        teacher = load_teacher(d.teacher) if d.teacher else None
+        native = teacher.input_size if teacher is not None else crop
         cap = native if facts.device_type == "cuda" else min(native, TEACHER_MAX_CPU)
         least = min(cap, max(32, round(TEACHER_LEAST_SHARE * native / 32) * 32))
         held = int(facts.shorter_side) // 32 * 32
@@ -242,20 +286,55 @@ class Distillation(Method):
                    f"{native} px (CIFAR-10 k-NN of EfficientNet-Lite0: 75.5 % at 96, 80.1 % at 160, 78.8 % at 224 px)")
         else:
             why = f"the images' median shorter side {facts.shorter_side:g} px (to 32), below the teacher's {native}"
+        if chooser.is_explicit("distill.teacher_size"):
+            size = d.teacher_size or native
+        maps = uses_maps(d)
+        if maps:
+            working = max(crop, min(int(facts.shorter_side), round(crop * WORKING_SHARE / 8) * 8))
+            chooser.set("data.image_size", working, f"kept decoded at {WORKING_SHARE:.2g} x the student's {crop} px "
+                        "input (no larger than the images), its random crops drawn from them; the teacher's pass "
+                        "decodes once at its own size")
+        else:
+            decode = max(crop, min(int(facts.shorter_side), max(size, crop)))
+            chooser.set("data.image_size", decode, f"the larger network's input ({max(size, crop)} px), no larger "
+                        "than the images: neither view is upsampled from a smaller decode than they allow")
+        if facts.device_type != "cuda" and not chooser.is_explicit("model.backbone") and \
+                config.model.backbone == "resnet18" and not config.model.pretrained:
+            chooser.set("model.backbone_kwargs", {"channels": [16, 32, 64, 128], "stem_width": 16},
+                        "quarter-width ResNet-18: its training step runs at ~390 images/s at 96 px in bf16 on 2 "
+                        "cores, epochs enough within a CPU budget")
+            config = chooser.apply(config)
+        budget = config.train.time_budget_s
+        if maps and budget and teacher is not None and facts.sample_paths and \
+                not chooser.is_explicit("distill.teacher_size"):
+            size, why = cls._plan(chooser, config, facts, teacher, size)
         if not chooser.is_explicit("distill.teacher_size"):
             chooser.set("distill.teacher_size", size, why)
-        else:
-            size = d.teacher_size or native
-        decode = max(crop, min(int(facts.shorter_side), max(size, crop)))
-        chooser.set("data.image_size", decode, f"the larger network's input ({max(size, crop)} px), no larger than "
-                    "the images: neither view is upsampled from a smaller decode than they allow")
-        if facts.device_type != "cuda" and not chooser.is_explicit("model.backbone") and \
-                config.model.backbone == "resnet18":
-            chooser.set("model.backbone_kwargs", {"channels": [16, 32, 64, 128], "stem_width": 16},
-                        "quarter-width ResNet-18: distils in a CPU budget (80.7 % CIFAR-10 k-NN in 30 min, BENCHMARKS)")
         chooser.set("optim.lr", 2e-3, "per 256 images: recipes/cifar10_distill.yaml's (BENCHMARKS, Distillation)")
         chooser.set("optim.weight_decay", 0.05, "constant 0.05: the student regresses fixed targets")
         chooser.set("optim.weight_decay_end", 0.05, "the same as optim.weight_decay")
+
+    @classmethod
+    def _plan(cls, chooser: Chooser, config: Config, facts: FolderFacts, teacher: Any, own: int) -> tuple[int, str]:
+        """Measure the rates, choose the teacher's size (and runtime) for the budget, log the plan; (size, why)."""
+        d, crop = config.distill, config.augment.global_1.size
+        device = torch.device("cuda" if facts.device_type == "cuda" else "cpu")
+        teacher.backbone.to(device, memory_format=torch.channels_last)
+        backbone, spec = create_backbone(config.model, (crop,))
+        student = nn.Sequential(backbone, nn.Linear(spec.feature_dim, teacher.feature_dim))
+        decode = max(config.data.image_size or crop, min(own, int(facts.shorter_side)))
+        rates = measure_rates(SpatialOutput(teacher.backbone), own, teacher.mean, teacher.std, facts.sample_paths,
+                              decode, student, crop, resolve_precision(config.train.precision, device), device,
+                              d.teacher_runtime)
+        plan = plan_budget(float(config.train.time_budget_s), facts.images, teacher_sizes(own), rates.teacher, own,
+                           rates.decode, rates.student, crop)
+        logger.info("plan for the %g s budget: %s (measured: teacher %.0f images/s at %d px through %s, decoding "
+                    "%.0f images/s, the student's step %.0f images/s)", plan.budget_s, plan.line(), rates.teacher, own,
+                    rates.path.name, rates.decode, rates.student)
+        if d.teacher_runtime == "auto":
+            chooser.set("distill.teacher_runtime", rates.path.name, f"the fastest that keeps its outputs: "
+                        f"{rates.path.report}")
+        return plan.teacher_size, f"{plan.why}; plan: {plan.line()}"
 
     def __init__(self, config: Config, runtime: Runtime) -> None:
         super().__init__(config, runtime)
@@ -265,9 +344,15 @@ class Distillation(Method):
         if self.teacher.head is not None:
             self.teacher.head.to(runtime.device)
         size = a.global_1.size
-        self.image_size = max(size, self.teacher.input_size)  # images are decoded for the larger network
-        self.augment = DistillAugmentation(d, size, a.mean, a.std, self.teacher.input_size, self.teacher.mean,
-                                           self.teacher.std).to(runtime.device)
+        self.use_maps = uses_maps(d)
+        if self.use_maps:  # the teacher's maps are stored; only the student's views are rendered, from small images
+            self.image_size = round(size * WORKING_SHARE / 8) * 8
+            view_size, view_mean, view_std = size, a.mean, a.std
+        else:  # the teacher sees the views: images are decoded for the larger network
+            self.image_size = max(size, self.teacher.input_size)
+            view_size, view_mean, view_std = self.teacher.input_size, self.teacher.mean, self.teacher.std
+        self.augment = DistillAugmentation(d, size, a.mean, a.std, view_size, view_mean, view_std).to(runtime.device)
+        self.maps: TeacherMaps | None = None  # the stored teacher maps (distill.targets=map), once set up
 
         backbone, self.spec = create_backbone(config.model, (size,))
         avoid_cpu_bf16_faults(backbone, (size,), runtime.autocast_dtype, runtime.device)  # a oneDNN bf16 fault
@@ -323,6 +408,8 @@ class Distillation(Method):
         of the teacher's forward against the student's training step (about 3 forwards), in FLOPs per image."""
         d, epochs = self.config.distill, self.config.train.epochs
         self.cache_wanted = False
+        if self.use_maps:
+            return "not needed: the teacher's maps are stored once per image (distill.targets=map)"
         if d.cache is False:
             return "off (distill.cache=false)"
         if d.mixup_alpha > 0 or d.dense_weight > 0:
@@ -342,6 +429,8 @@ class Distillation(Method):
         if isinstance(self.global_loss, QueueKLLoss):
             size = d.queue_size or default_queue_size(num_images)
             self.global_loss = QueueKLLoss(self.teacher.feature_dim, size, d.temperature).to(self.runtime.device)
+        if self.use_maps and self.runtime.run_dir is not None:  # a dry run computes its targets on the fly
+            self._setup_maps(dataset)
         if not self.cache_wanted or self.runtime.run_dir is None:
             return
         views, per_view = d.cache_views, cache_bytes(num_images, 1, self.teacher.feature_dim, len(VIEW_PARAMS))
@@ -364,6 +453,74 @@ class Distillation(Method):
         self.cache = TeacherCache.open(folder, key, num_images, views, self.teacher.feature_dim, len(VIEW_PARAMS))
         self.cache_reason = f"on: {views} views per image in {folder}"
 
+    @torch.no_grad()
+    def _setup_maps(self, dataset: Dataset) -> None:
+        """Open the stored teacher maps (RUN/teacher_maps) and run the teacher's pass over the images missing there,
+        keeping them decoded at the student's working size on the way."""
+        d, t, num_images = self.config.distill, self.teacher, len(dataset)
+        device, module = self.runtime.device, SpatialOutput(t.backbone)
+        own = tuple(module(torch.zeros(1, 3, t.input_size, t.input_size, device=device)).shape[1:])  # (h, w, C)
+        grid = fitting_grid(num_images, own[:2], own[2], d.cache_max_gb * 1e9)
+        size = maps_bytes(num_images, grid, own[2])
+        if size > d.cache_max_gb * 1e9:
+            raise ConfigError(f"the teacher's whole-image features of {num_images} images take {size / 1e9:.2f} GB, "
+                              f"more than distill.cache_max_gb={d.cache_max_gb:g}: raise distill.cache_max_gb, or set "
+                              "distill.targets=views (the teacher then runs on every step's views)")
+        folder = self.runtime.run_dir / MAPS_DIR
+        pooled = f", pooled from {own[0]}x{own[1]} to fit" if grid != own[:2] else ""
+        logger.info("teacher maps: %d images x %dx%d x %d fp16 = %.2f GB in %s (limit distill.cache_max_gb=%g%s)",
+                    num_images, grid[0], grid[1], own[2], size / 1e9, folder, d.cache_max_gb, pooled)
+        key = cache_key(teacher=t.cache_key, teacher_size=t.input_size, images=data_fingerprint(dataset), grid=grid,
+                        targets="map")
+        self.maps = TeacherMaps.open(folder, key, num_images, grid, own[2])
+        missing = self.maps.missing()
+        mine = missing[distributed.rank()::self.runtime.world_size]  # each process passes over its share
+        if len(missing) == 0:
+            logger.info("teacher maps reused: all %d stored", num_images)
+        if len(mine):
+            logger.info("teacher pass: %d images at %d px (decoded at %d px)%s", len(mine), t.input_size,
+                        pass_decode_size(getattr(dataset, "base", dataset), t.input_size),
+                        f", {num_images - len(missing)} stored already" if len(missing) < num_images else "")
+            try:
+                report = teacher_pass(module, dataset, mine, self.maps, t.input_size, t.mean, t.std, device,
+                                      num_workers(self.config.data), d.teacher_runtime, keep=dataset,
+                                      timer=self.runtime.timer)
+            except ValueError as err:  # an unknown distill.teacher_runtime
+                raise ConfigError(f"distill.teacher_runtime: {err}") from err
+            logger.info("teacher pass: %s", report.line())
+        distributed.barrier()  # every process's maps are stored before any trains on them
+
+    def _map_targets(self, views: DistillViews) -> Tensor:
+        """The teacher's map pooled over each view's crop box: (B, Dt) float32 on the device; from the stored maps,
+        or (a dry run) from the teacher on the whole images now."""
+        boxes = views.params[:, :4]
+        if self.maps is not None:
+            return self.maps.targets(views.indices, boxes).to(self.runtime.device)
+        t = self.teacher
+        maps = SpatialOutput(t.backbone)(normalize(views.images, t.input_size, t.mean, t.std))  # (B, h, w, C)
+        return pool_regions(maps.float(), boxes.to(maps.device))
+
+    @torch.no_grad()
+    def whole_image_targets(self, dataset: Dataset, rows: Tensor, batch: int = 128) -> Tensor:
+        """The teacher's features of whole images ``rows`` (N,), as the student's targets hold them: (N, Dt) float32
+        on the CPU (the stored maps' means with distill.targets=map; else the pooled features at its input size)."""
+        whole = DistillAugmentation.whole(len(rows))[:, :4]
+        if self.maps is not None:
+            return torch.cat([self.maps.targets(chunk, box) for chunk, box in zip(rows.split(batch),
+                                                                                  whole.split(batch))])
+        out, t = [], self.teacher
+        for chunk in rows.split(batch):
+            items = [dataset[int(i)] for i in chunk]
+            images = torch.stack([item[0] if isinstance(item, tuple) else item for item in items])
+            x = normalize(images.to(self.runtime.device), t.input_size, t.mean, t.std)  # (b, 3, T, T)
+            with self.runtime.autocast():
+                if self.use_maps:
+                    pooled = SpatialOutput(t.backbone)(x).float().mean(dim=(1, 2))
+                else:
+                    pooled, _ = pooled_and_spatial(t.backbone, x)
+            out.append(pooled.float().cpu())  # (b, Dt)
+        return torch.cat(out)
+
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         if self.cache is not None:
@@ -376,10 +533,15 @@ class Distillation(Method):
         queue = f", queue {self.global_loss.queue.shape[0]}" if isinstance(self.global_loss, QueueKLLoss) else ""
         return (f"{self.name}: {self.spec.name} ({self.config.augment.global_1.size} px) from teacher "
                 f"{self.teacher.name} ({self.teacher.input_size} px, {self.teacher.feature_dim}-d), loss "
-                f"{d.loss}{dense}{queue}; teacher cache {self.cache_reason}")
+                f"{d.loss}{dense}{queue}; " + ("targets: the teacher's stored maps pooled over each crop"
+                                               if self.use_maps else f"teacher cache {self.cache_reason}"))
 
     def views(self, batch: Batch, sched: ScheduleValues) -> DistillViews:
         params = self.augment.sample(len(batch.indices))  # drawn every step alike, so a resume replays the RNG
+        if self.use_maps:  # the student's view; its target is the stored map pooled over the same crop box
+            student, _ = self.augment.render(batch.images, params, teacher=False)
+            return DistillViews(_channels_last(student), None, params=params, indices=batch.indices,
+                                images=None if self.maps is not None else batch.images)
         if self.cache is None:
             student, teacher = self.augment.render(batch.images, params)  # the same view: (B, 3, s, s), (B, 3, t, t)
             return DistillViews(_channels_last(student), _channels_last(teacher))
@@ -409,9 +571,13 @@ class Distillation(Method):
             # frozen teacher on the views it has not seen yet, at its own size
             with torch.no_grad():
                 tic = time.perf_counter()
-                teacher_pooled, teacher_spatial = (None, None) if views.teacher is None else \
-                    pooled_and_spatial(self.teacher.backbone, views.teacher)  # (M, Dt), (M, h, w, C) | None
+                if self.use_maps:  # (B, Dt): stored maps pooled over the crops
+                    teacher_pooled, teacher_spatial = self._map_targets(views), None
+                else:
+                    teacher_pooled, teacher_spatial = (None, None) if views.teacher is None else \
+                        pooled_and_spatial(self.teacher.backbone, views.teacher)  # (M, Dt), (M, h, w, C) | None
                 teacher_seconds = time.perf_counter() - tic
+                self.runtime.timer.add("teacher", teacher_seconds)
             # student on the same views
             student_pooled, student_spatial, student_out, student_logits = self.student_forward(views.student)
         if views.run_teacher is not None:  # the cache: stored features where there are some, the teacher's else

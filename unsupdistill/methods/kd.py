@@ -27,7 +27,6 @@ from unsupdistill.data.labeled import TrainingLabels
 from unsupdistill.evaluate.linear_grid import linear_probe_grid
 from unsupdistill.losses import KDLoss
 from unsupdistill.methods.distill import Distillation, DistillViews
-from unsupdistill.models.backbone import pooled_and_spatial
 from unsupdistill.models.classifier import Classifier
 from unsupdistill.train.method import Batch, Export, Runtime
 from unsupdistill.train.schedules import ScheduleValues
@@ -124,21 +123,11 @@ class KnowledgeDistillation(Distillation):
         weight, bias = result["linear"]
         return weight, bias, max(point["top1"] for point in result["val_top1"])
 
-    @torch.no_grad()
-    def _teacher_features(self, dataset: Dataset, labels: TrainingLabels, batch: int = 128) -> tuple[Tensor, Tensor]:
-        """The frozen teacher's pooled features (N, Dt) of the whole labeled images, at its input size, and their
-        classes (N,): the labeled images only, as the training set holds them."""
+    def _teacher_features(self, dataset: Dataset, labels: TrainingLabels) -> tuple[Tensor, Tensor]:
+        """The frozen teacher's features (N, Dt) of the whole labeled images, as the student's targets hold them, and
+        their classes (N,): the labeled images only, as the training set holds them."""
         rows = (labels.labels >= 0).nonzero().squeeze(1)
-        device, out = self.runtime.device, []
-        for chunk in rows.split(batch):
-            items = [dataset[int(i)] for i in chunk]
-            images = torch.stack([item[0] if isinstance(item, tuple) else item for item in items]).to(device)
-            _, views = self.augment.render(images, self.augment.whole(len(chunk)))  # (b, 3, T, T)
-            views = views.contiguous(memory_format=torch.channels_last)
-            with self.runtime.autocast():
-                pooled, _ = pooled_and_spatial(self.teacher.backbone, views)
-            out.append(pooled.float().cpu())  # (b, Dt)
-        return torch.cat(out), labels.labels[rows]
+        return self.whole_image_targets(dataset, rows), labels.labels[rows]
 
     def describe(self) -> str:
         labels = self.labels

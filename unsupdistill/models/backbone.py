@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -46,15 +47,28 @@ def create_backbone(cfg: ModelConfig, crop_sizes: tuple[int, ...] = ()) -> tuple
             "python -c \"import timm; print(timm.list_models('*vit*'))\""
         )
     kwargs = dict(cfg.backbone_kwargs)
+    weights = {"pretrained": cfg.pretrained}
+    if cfg.pretrained and cfg.small_image_stem:
+        raise ConfigError("model.pretrained=true with model.small_image_stem=true: the small-image stem would replace "
+                          "the pretrained first convolution by an untrained one; set model.small_image_stem=false")
+    if cfg.pretrained and cfg.pretrained_file:
+        weights["pretrained_cfg_overlay"] = {"file": str(Path(cfg.pretrained_file).expanduser())}
     try:
-        model = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **kwargs)
+        model = timm.create_model(cfg.backbone, num_classes=0, **weights, **kwargs)
         if len(set(crop_sizes)) > 1 and getattr(model, "dynamic_img_size", True) is False:
             kwargs["dynamic_img_size"] = True
-            model = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **kwargs)
+            model = timm.create_model(cfg.backbone, num_classes=0, **weights, **kwargs)
     except TypeError as err:
         raise ConfigError(f"model.backbone_kwargs={cfg.backbone_kwargs} rejected by timm "
                           f"'{cfg.backbone}': {err}. Give the keyword arguments this model takes, "
                           "or model.backbone_kwargs={} for none") from err
+    except (RuntimeError, OSError, ValueError) as err:  # pretrained: no weights, shapes that do not match
+        if not cfg.pretrained:
+            raise
+        raise ConfigError(f"model.pretrained=true: timm could not load weights for '{cfg.backbone}' "
+                          f"({str(err).splitlines()[0][:300]}); give model.pretrained_file=PATH (weights under timm's "
+                          "names), keep model.backbone_kwargs to what the weights were trained with, or set "
+                          "model.pretrained=false") from err
     if cfg.small_image_stem:
         apply_small_image_stem(model)
     check_crops_fit_patches(model, crop_sizes)

@@ -25,6 +25,7 @@ from unsupdistill import distributed
 from unsupdistill import run_dir as layout
 from unsupdistill.config import Config, ConfigError
 from unsupdistill.data import DataError, FolderScan, build_dataset, list_late_failures, num_workers
+from unsupdistill.data.decoded import keep_decoded
 from unsupdistill.data.labeled import training_labels
 from unsupdistill.models.backbone import describe_backbone
 from unsupdistill.storage import save_backbone, save_checkpoint, save_classifier
@@ -44,6 +45,7 @@ from unsupdistill.train.precision import precision_name, resolve_precision
 from unsupdistill.train.sampler import build_loader
 from unsupdistill.train.schedules import ScheduleValues, TimeBudget, scaled_lr, schedule_at
 from unsupdistill.train.status import resume_command, write_run_files
+from unsupdistill.train.timing import TimeShares
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +88,13 @@ class Trainer:
         torch.manual_seed(train.seed)  # identical initial weights in every process
 
         # ---- the method's networks, then data decoded at the size it asks for ------------------
+        self.timer = TimeShares()  # where the wall time goes, from here (the method's setup counts)
+        self.timer.start()
         self.method = method(config, Runtime(self.device, self.autocast_dtype, self.world,
-                                             None if dry_run else run_dir))
+                                             None if dry_run else run_dir, self.timer))
         # a file that fails after the start-up scan is replaced in its batch, counted and listed (not a crash)
         self.dataset = build_dataset(config.data, self.method.image_size, scan=scan, substitute=True)
+        self.dataset = keep_decoded(self.dataset, config.data, None if dry_run else run_dir)  # no decode after epoch 1
         self.files_failed = 0
         per_process = len(self.dataset) // self.world
         if per_process < self.local_batch:
@@ -105,7 +110,9 @@ class Trainer:
         if self.labels is not None and self.is_main:
             logger.info("%d of %d images labeled (%d classes, %s)", self.labels.labeled, len(self.dataset),
                         len(self.labels.classes), self.labels.source)
-        self.method.setup(self.dataset, self.labels)
+        tic = time.perf_counter()
+        self.method.setup(self.dataset, self.labels)  # may pass over the images (a teacher's): inside the budget
+        self.setup_seconds = time.perf_counter() - tic
 
         # ---- the trained module under DDP, optimizer ----------------------------------------------
         if self.world > 1 and self.device.type == "cuda":
@@ -146,7 +153,9 @@ class Trainer:
         self.optimizer.param_groups[0]["weight_decay"] = sched.weight_decay
 
         # views, forward passes and loss (the method's)
-        views = self.method.views(batch, sched)
+        with self.timer.measure("views"):
+            views = self.method.views(batch, sched)
+        tic, teacher_before = time.perf_counter(), self.timer.seconds["teacher"]
         loss = self.method.loss(views, sched)
         signals = self.method.signals(sched) if with_signals else {}
 
@@ -176,6 +185,7 @@ class Trainer:
 
         # the method's updates that follow the student (EMA teacher, queue)
         self.method.after_optimizer_step(sched)
+        self.timer.add("student", time.perf_counter() - tic - (self.timer.seconds["teacher"] - teacher_before))
         if with_signals:
             signals["grad_norm"] = grad_norm.item()
         return {"loss": loss.detach(), **signals, "stop": stop}
@@ -220,6 +230,8 @@ class Trainer:
         cap = self.total_steps if cfg.max_steps is None else min(cfg.max_steps, self.total_steps)
         if self.budget is not None:
             self.budget.start(self.step)
+            self.budget.spent_before += self.setup_seconds  # the method's setup (a teacher's pass) is in the budget
+            self.setup_seconds = 0.0
         planned = self.planned_steps()
         last_step = min(cap, planned)
         metrics = None
@@ -250,7 +262,9 @@ class Trainer:
                 self.method.start_epoch(epoch)
                 bar = tqdm(total=steps_left, desc=self._bar_title(epoch, last_step), unit="step",
                            disable=not self.is_main, mininterval=1.0, file=sys.stderr)
+                waited = time.perf_counter()
                 for loaded in itertools.islice(self.loader, steps_left):
+                    self.timer.add("decode", time.perf_counter() - waited)  # the loader's workers decoding
                     batch = self.batch(loaded)
                     sched = schedule_at(self.step, planned, self.steps_per_epoch, self.global_batch,
                                         self.config.optim)
@@ -275,6 +289,8 @@ class Trainer:
                             record["files_failed"] = round(distributed.all_reduce_mean(failed).item() * self.world)
                         if self.budget is not None:
                             record.update(planned_steps=planned, budget_left_s=cfg.time_budget_s - self.budget.spent())
+                        if self.step == last_step:  # the last record says where the run's time went
+                            record.update(self.timer.record())
                         tic, images_since = time.perf_counter(), 0
                         bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{record['images_per_s']:.0f}")
                         if metrics is not None:
@@ -293,7 +309,12 @@ class Trainer:
                                   and epochs_done % cfg.keep_every_epochs == 0)
                     if stop or self.step >= last_step:
                         break
+                    waited = time.perf_counter()
                 bar.close()
+            if metrics is not None:
+                logger.info("where the time went: %s (decode: waiting for the loader's images; teacher: its "
+                            "forwards, in its pass over the images or in the steps; student: its forward, backward "
+                            "and optimizer step)", self.timer.line())
         if stop and self.step < last_step:
             raise TrainingStopped(
                 f"stopped by {self.stop_request.received or 'a signal to another process'} after step {self.step} "
@@ -389,6 +410,7 @@ class Trainer:
             "world_size": self.world, "method": self.method.name, **method_state,
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {},
             "rng": rngs, "train_seconds": self.budget.spent() if self.budget is not None else None,
+            "time_shares": self.timer.state_dict(),
         }
         paths = [last] + ([layout.epoch_checkpoint(self.run_dir, self.step // self.steps_per_epoch)] if keep else [])
         for path in paths:
@@ -409,6 +431,7 @@ class Trainer:
         self.step = self.saved_step = int(state["step"])
         if self.budget is not None:
             self.budget.spent_before = state.get("train_seconds") or 0.0
+        self.timer.load_state_dict(state.get("time_shares", {}))
         restore_rng(state["rng"], self.world, self.device, self.config.train.seed + self.step)
         logger.info("resumed at step %d (epoch %.2f)", self.step, self.step / self.steps_per_epoch)
 

@@ -15,7 +15,7 @@ this order every step::
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +27,7 @@ from unsupdistill.config import Config
 from unsupdistill.data.labeled import TrainingLabels
 from unsupdistill.models.backbone import BackboneSpec
 from unsupdistill.train.schedules import ScheduleValues
+from unsupdistill.train.timing import TimeShares
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,15 @@ class Runtime:
         autocast_dtype: bf16 or fp16 autocast, None for float32.
         world_size: processes in the run (torchrun), 1 without.
         run_dir: the run directory, where a method may keep files of its own (a teacher cache); None in a dry run.
+        timer: the run's time shares; a method adds the seconds of its teacher's forwards (``timer.add("teacher",
+            s)``) and, in a pass over the images before training, of decoding them.
     """
 
     device: torch.device
     autocast_dtype: torch.dtype | None
     world_size: int
     run_dir: Path | None = None
+    timer: TimeShares = field(default_factory=TimeShares)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` to the run's precision, or nothing for float32."""

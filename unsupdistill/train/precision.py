@@ -9,18 +9,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unsupdistill.config import ConfigError
+from unsupdistill.devices import cpu_has_native_bf16
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None for float32). bf16 is the CPU default: on a CPU with native bf16 its matrix products
-    peak at 4x fp32's (BENCHMARKS.md, Speed: 876 against 218 GFLOP/s on the 2-core VM)."""
+    """The autocast dtype (None for float32). auto: bf16 on a CPU with native bf16, where its matrix products peak at
+    4x fp32's (BENCHMARKS.md, Speed: 876 against 218 GFLOP/s on the 2-core VM); fp32 on a CPU without, where oneDNN
+    emulates bf16 (the quarter-width ResNet-18's training step at 96 px, batch 256, on a 2-core AVX2 EPYC: 158
+    images/s in fp32, 26 in emulated bf16); bf16 (else fp16) on CUDA."""
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
     if precision == "auto":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             return torch.float16
+        if device.type == "cpu" and not cpu_has_native_bf16():
+            return None
         return torch.bfloat16
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
