@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     common.log_to_console()
     args.out.mkdir(parents=True, exist_ok=True)
     teachers = dict(item.split("=", 1) for item in args.teacher)
-    extra = common.QUICK_RUN if args.quick else []
+    extra = [*common.QUICK_RUN, *common.QUICK_STUDENTS["resnet18-tiny"]] if args.quick else []
     if args.quick:
         args.data = common.make_quick_data(args.out / "quick")
         teachers = {"tiny": str(common.make_quick_teacher(args.data, args.out / "quick" / "teacher"))}
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                            common.speed_seconds(args))})
         random_init = random_init_spec(json.loads((student / BACKBONE_SIDECAR).read_text()), seed=0)
         rows.append({"run": "the student's network at random init", **common.score_run(
-            random_init, train, test, args.out / "random-init", True, None, common.speed_seconds(args))})
+            random_init, train, test, args.out / "random-init", True, size, common.speed_seconds(args))})
     common.print_table([table_row(r) for r in rows])
     common.write_result(args.json or args.out / "result.json", rows, budget_s=args.budget, teacher=teacher)
     return 0

@@ -26,6 +26,8 @@ from unsupdistill.evaluate.clustering import cluster
 from unsupdistill.evaluate.knn import knn_evaluate
 from unsupdistill.evaluate.run import EvalOptions, model_features
 from unsupdistill.models.load import load_model
+from unsupdistill.run_dir import read_metrics
+from unsupdistill.train.precision import precision_name, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))
@@ -147,7 +149,8 @@ def test_bench_train_quick_reports_every_variant_ratio_and_stage(tmp_path):
     assert set(results["workloads"]) == {"cifar10", "multicrop"}
     tables = iter(markdown_tables(stdout))
     for workload in results["workloads"].values():
-        assert workload["precision"] == {"ours": "bf16", "ref-fp32": "fp32", "ref-bf16": "bf16"}
+        auto = precision_name(resolve_precision("auto", torch.device("cpu")))  # bf16 where the CPU has it natively
+        assert workload["precision"] == {"ours": auto, "ref-fp32": "fp32", "ref-bf16": "bf16"}
         assert workload["images"] == 64  # generated: max(64, 4 x batch 8)
         [rates] = workload["rounds"]
         assert workload["median_images_per_s"] == rates  # the median of one round is that round
@@ -267,6 +270,23 @@ def test_bench_budget_quick_trains_the_reference_until_its_budget_ends_and_score
     for label in ("a", "b"):
         common.write_random_images(images / label, 32, 32, seed=ord(label))
     assert summary["eval"]["knn"]["20"]["top1"] == package_knn_top1(out, images, images)
+
+
+def test_bench_photos_quick_distills_and_scores_the_run_its_teacher_pixels_and_random_init(tmp_path):
+    result, stdout = run_script("bench_photos.py", "--quick", "--out", str(tmp_path), "--json",
+                                str(tmp_path / "r.json"))
+    rows = result["rows"]
+    assert [row["run"] for row in rows] == ["all", "teacher tiny", "raw pixels at 32 px",
+                                            "the student's network at random init"]
+    student = rows[0]
+    assert_scores_are_the_evaluations(student, json.loads((tmp_path / "eval" / "all" / "eval.json").read_text()))
+    assert_summary_is_the_metrics(student, tmp_path / "all")
+    last = [r for r in read_metrics(tmp_path / "all")[0] if "time_wall_s" in r][-1]
+    assert student["wall_s"] == last["time_wall_s"]
+    assert sum(student[f"share_{part}"] for part in ("decode", "views", "teacher", "student", "rest")) == \
+        pytest.approx(1.0, abs=0.01)
+    assert (tmp_path / "all" / "teacher_maps" / "meta.json").is_file()  # the automatic settings: stored maps
+    assert len(markdown_tables(stdout)[0]) == 4
 
 
 def test_bench_distill_quick_distills_trains_dino_and_scores_every_run(tmp_path):

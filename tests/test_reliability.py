@@ -188,7 +188,7 @@ def test_nan_loss_stops_with_a_diagnosis_before_the_teacher_sees_it(tmp_path, mo
     out = tmp_path / "run"
     with caplog.at_level(logging.ERROR):
         code = main(["pretrain", "--out", str(out), *TINY, "train.max_steps=8", "train.save_every_steps=2",
-                     "train.device=cpu", "dino.centering=ema"])  # DINOLoss, the loss patched above
+                     "train.device=cpu", "train.precision=bf16", "dino.centering=ema"])  # DINOLoss, patched above
     assert code == 1
     for expected in ("non-finite loss at step 5", "loss nan", "lr ", "loss scale n/a", "precision bf16 on cpu",
                      "health at this step: teacher_entropy", "student_feature_std", "no teacher update",
@@ -221,7 +221,7 @@ def test_non_finite_gradients_stop_before_the_optimizer_and_the_teacher(tmp_path
     out = tmp_path / "run"
     with caplog.at_level(logging.ERROR):
         code = main(["pretrain", "--out", str(out), *TINY, "train.max_steps=6", "train.save_every_steps=2",
-                     "train.device=cpu"])
+                     "train.device=cpu", "train.precision=bf16"])
     assert code == 1
     for expected in ("non-finite gradients at step 4", "total gradient norm inf", "backbone.conv1.weight",
                      "teacher_kl_uniform", "use train.precision=fp32 (bf16 autocast on CPU",

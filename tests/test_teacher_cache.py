@@ -24,7 +24,8 @@ from unsupdistill.train.schedules import schedule_at
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STUDENT = ["model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", "augment.global_1.size=12",
-           "train.batch_size=16", "data.num_workers=0", "train.log_every_steps=1", "eval.summary=false"]
+           "train.batch_size=16", "data.num_workers=0", "train.log_every_steps=1", "eval.summary=false",
+           "distill.targets=views"]  # the teacher on the views: the cache of stored views applies
 CACHED = ["distill.cache=on", "distill.cache_views=1"]
 """One stored view per image: every epoch after the first replays it."""
 DINO_ONLY = ("loss.", "dino.", "\ndino:", "head_", "teacher_momentum", "teacher_temp", "num_local_crops", "global_2",
@@ -177,7 +178,7 @@ def test_a_photo_folder_gets_distillation_settings_and_no_dino_keys(tmp_path, ca
                      "data.num_workers=0", "train.log_every_steps=1"]) == 0
     config = load_config(str(out / "config.yaml"))
     assert config.distill.teacher_size == 192  # 224 px, no larger than the photos' 200 px (to 32)
-    assert config.data.image_size >= min(config.distill.teacher_size, 200)  # the teacher's views are not upsampled
+    assert config.data.image_size == 128  # stored teacher maps: the images kept at 4/3 of the student's 96 px
     table = caplog.text.split("settings chosen for 8 images")[1].split("\n\n")[0]
     text = (out / "config.yaml").read_text()
     for key in DINO_ONLY:

@@ -69,17 +69,17 @@ def test_the_plan_gives_the_teacher_a_bounded_share_and_the_student_the_rest():
     assert sizes == [224, 192, 160, 128, 96]
     # 3,000 images: decoding 150/s, the teacher 100/s at 224 px -> 50 s at 224 px
     roomy = plan_budget(900, 3000, sizes, teacher_rate=100, rate_size=224, decode_rate=150, student_rate=400,
-                        student_size=96)
+                        student_size=96, share=0.2)
     assert roomy.teacher_size == 224 and roomy.teacher_s == pytest.approx(50)
     assert roomy.student_epochs == pytest.approx((900 - 50) * 400 / 3000)
     assert "3,000 images at 224 px, ~0.8 min; student: ~113 epochs at 96 px" in roomy.line()
     # a fifth of 200 s is 40 s: 224 px (50 s) and 192 px (20 + 30 * (192/224)^2 = 42 s) do not fit, 160 px does
     tight = plan_budget(200, 3000, sizes, teacher_rate=100, rate_size=224, decode_rate=150, student_rate=400,
-                        student_size=96)
+                        student_size=96, share=0.2)
     assert tight.teacher_size == 160 and tight.teacher_s == pytest.approx(20 + 30 * (160 / 224) ** 2)
     assert "at 224 px it would take ~50 s" in tight.why
     hopeless = plan_budget(20, 3000, sizes, teacher_rate=100, rate_size=224, decode_rate=150, student_rate=400,
-                           student_size=96)
+                           student_size=96, share=0.2)
     assert hopeless.teacher_size == 96 and hopeless.student_epochs == 0 and "more than 20%" in hopeless.why
 
 

@@ -145,7 +145,8 @@ def _network(chooser: Chooser, config: Config, facts: FolderFacts, headroom: flo
         return
     if m.pretrained:
         chooser.set("model.small_image_stem", False, "pretrained weights: their own first convolution")
-        chooser.set("model.backbone_kwargs", {}, f"timm's own arguments for {m.backbone}: the pretrained weights' shapes")
+        chooser.set("model.backbone_kwargs", {}, f"timm's own arguments for {m.backbone}: the pretrained weights' "
+                    "shapes")
         return
     if resnet:
         small = crop < SMALL_STEM_BELOW

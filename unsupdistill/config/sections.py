@@ -156,7 +156,8 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 autocast on CPU and on CUDA when supported; fp16 (CUDA only) uses a GradScaler."""
+    """auto: bf16 autocast on a CPU with native bf16 (AVX-512 BF16 or AMX; elsewhere fp32: emulated bf16 trained 6x
+    slower) and on CUDA when supported (else fp16); fp16 (CUDA only) uses a GradScaler."""
     log_every_steps: int = 10
     save_every_steps: int = 100
     """Write checkpoints/last.pt every this many steps (and at every epoch end)."""

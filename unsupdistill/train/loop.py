@@ -43,7 +43,7 @@ from unsupdistill.train.metrics import MetricsLogger
 from unsupdistill.train.optimizer import build_optimizer, clip_gradients
 from unsupdistill.train.precision import precision_name, resolve_precision
 from unsupdistill.train.sampler import build_loader
-from unsupdistill.train.schedules import ScheduleValues, TimeBudget, scaled_lr, schedule_at
+from unsupdistill.train.schedules import ScheduleValues, TimeBudget, budget_clock, scaled_lr, schedule_at
 from unsupdistill.train.status import resume_command, write_run_files
 from unsupdistill.train.timing import TimeShares
 
@@ -94,7 +94,6 @@ class Trainer:
                                              None if dry_run else run_dir, self.timer))
         # a file that fails after the start-up scan is replaced in its batch, counted and listed (not a crash)
         self.dataset = build_dataset(config.data, self.method.image_size, scan=scan, substitute=True)
-        self.dataset = keep_decoded(self.dataset, config.data, None if dry_run else run_dir)  # no decode after epoch 1
         self.files_failed = 0
         per_process = len(self.dataset) // self.world
         if per_process < self.local_batch:
@@ -102,6 +101,7 @@ class Trainer:
                 f"{len(self.dataset)} readable images are fewer than one batch (train.batch_size="
                 f"{train.batch_size}); lower train.batch_size to at most {per_process * self.world}"
             )
+        self.dataset = keep_decoded(self.dataset, config.data, None if dry_run else run_dir)  # no decode after epoch 1
         self.loader, self.sampler = build_loader(self.dataset, self.local_batch, self.world, distributed.rank(),
                                                  train.seed, num_workers(config.data), self.device.type == "cuda")
         self.steps_per_epoch = per_process // self.local_batch
@@ -110,9 +110,9 @@ class Trainer:
         if self.labels is not None and self.is_main:
             logger.info("%d of %d images labeled (%d classes, %s)", self.labels.labeled, len(self.dataset),
                         len(self.labels.classes), self.labels.source)
-        tic = time.perf_counter()
+        tic = budget_clock()
         self.method.setup(self.dataset, self.labels)  # may pass over the images (a teacher's): inside the budget
-        self.setup_seconds = time.perf_counter() - tic
+        self.setup_seconds = budget_clock() - tic
 
         # ---- the trained module under DDP, optimizer ----------------------------------------------
         if self.world > 1 and self.device.type == "cuda":

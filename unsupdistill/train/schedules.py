@@ -65,6 +65,11 @@ def schedule_at(step: int, total_steps: int, steps_per_epoch: int, global_batch:
                           weight_decay=cosine_schedule(step, total_steps, optim.weight_decay, optim.weight_decay_end))
 
 
+def budget_clock() -> float:
+    """The clock a time budget is counted on (seconds; ``time.perf_counter``)."""
+    return time.perf_counter()
+
+
 class TimeBudget:
     """How many steps fit in a wall-clock budget, re-planned from the step rate measured so far.
 
