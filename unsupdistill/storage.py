@@ -11,14 +11,17 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from unsupdistill import distributed
 from unsupdistill import run_dir as layout
 
 CHECKPOINT_FORMAT = "unsupdistill.checkpoint/1"
@@ -192,3 +195,52 @@ def _fsync_folder(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def open_arrays(folder: Path, key: str, form: str, arrays: dict[str, tuple[tuple[int, ...], Any]],
+                stale: str) -> dict[str, Any]:
+    """Memory-mapped ``.npy`` arrays in ``folder`` made under ``key``: reused when its ``meta.json`` says this
+    ``form``, key and shapes, else made anew, zero-filled (by process 0; every process of a torchrun calls this
+    together and the others wait). A store of per-image state that a resume keeps (a teacher's outputs, decoded
+    images); ``meta.json`` is written last, so a store cut short is made again.
+
+    Args:
+        folder: the store's folder (replaced whole when stale).
+        key: the fingerprint of everything the stored values depend on.
+        form: the store's format name, e.g. ``unsupdistill.teacher_maps/1``.
+        arrays: ``name -> (shape, numpy dtype)``; each is ``folder/name.npy``.
+        stale: what the warning says of a store there made under another key or shape ("made for another ...").
+
+    Returns:
+        ``name -> numpy memmap`` opened read-write.
+
+    Raises:
+        OSError: an array cannot be read back, or has the wrong shape (the message names the folder and the fix).
+    """
+    meta = {"format": form, "key": key, "shapes": {name: list(shape) for name, (shape, _) in arrays.items()}}
+    if distributed.is_main_process():
+        try:
+            found = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError):
+            found = None
+        if found != meta or not all((folder / f"{name}.npy").is_file() for name in arrays):
+            if folder.exists():
+                logger.warning("%s was %s (or its meta.json or an array is unreadable or missing): made anew",
+                               folder, stale)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            for name, (shape, dtype) in arrays.items():
+                np.lib.format.open_memmap(folder / f"{name}.npy", "w+", dtype, tuple(shape)).flush()
+            atomic_write(folder / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))  # last
+    distributed.barrier()
+    opened = {}
+    for name, (shape, _) in arrays.items():
+        try:
+            opened[name] = np.load(folder / f"{name}.npy", mmap_mode="r+")
+        except (OSError, ValueError) as err:
+            raise OSError(f"{folder / (name + '.npy')} cannot be read ({err}); delete {folder} and resume: it is "
+                          "made again") from err
+        if tuple(opened[name].shape) != tuple(shape):
+            raise OSError(f"{folder / (name + '.npy')} has shape {opened[name].shape}, not {tuple(shape)}; delete "
+                          f"{folder} and resume: it is made again")
+    return opened

@@ -8,9 +8,7 @@ directory (shared by DataLoader workers and torchrun processes, kept across a re
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from unsupdistill import distributed
 from unsupdistill.data.fingerprint import data_fingerprint
-from unsupdistill.storage import atomic_write
+from unsupdistill.storage import open_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -55,28 +52,10 @@ class DecodedImages(Dataset):
         """Reuse the kept images in ``folder`` if they were made under ``key`` (the images' fingerprint and size),
         else start empty there (process 0 makes the files; the others wait)."""
         size = int(base.image_size)
-        shapes = {"pixels": [len(base), 3, size, size], "filled": [len(base)]}
-        meta = {"format": DECODED_FORMAT, "key": key, "shapes": shapes}
-        if distributed.is_main_process():
-            found = _read_meta(folder / "meta.json")
-            if found != meta or not all((folder / f"{name}.npy").is_file() for name in shapes):
-                if folder.exists():
-                    logger.warning("decoded images in %s were kept for other images or another size, or their "
-                                   "meta.json or arrays are unreadable or missing; they are decoded again", folder)
-                shutil.rmtree(folder, ignore_errors=True)
-                folder.mkdir(parents=True)
-                for name, dtype in (("pixels", np.uint8), ("filled", np.uint8)):
-                    np.lib.format.open_memmap(folder / f"{name}.npy", "w+", dtype, tuple(shapes[name])).flush()
-                atomic_write(folder / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))  # last
-        distributed.barrier()
-        try:
-            pixels = np.load(folder / "pixels.npy", mmap_mode="r+")
-            filled = np.load(folder / "filled.npy", mmap_mode="r+")
-        except (OSError, ValueError) as err:
-            raise OSError(f"the decoded images in {folder} cannot be read ({err}); delete the folder and resume, "
-                          "or set data.keep_decoded=false") from err
-        if list(pixels.shape) != shapes["pixels"] or list(filled.shape) != shapes["filled"]:
-            raise OSError(f"the decoded images in {folder} have the wrong shape; delete the folder and resume")
+        arrays = open_arrays(folder, key, DECODED_FORMAT, {"pixels": ((len(base), 3, size, size), np.uint8),
+                                                           "filled": ((len(base),), np.uint8)},
+                             "kept for other images or another size")
+        pixels, filled = arrays["pixels"], arrays["filled"]
         return cls(base, folder, pixels, filled)
 
     def __len__(self) -> int:
@@ -110,13 +89,6 @@ class DecodedImages(Dataset):
     def flush(self) -> None:
         for array in (self.pixels, self.filled):
             array.flush()
-
-
-def _read_meta(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def keep_decoded(dataset: Dataset, cfg: Any, run_dir: Path | None) -> Dataset:

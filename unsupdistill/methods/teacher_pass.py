@@ -30,6 +30,7 @@ from unsupdistill.data.folder import load_rgb, resize_center_crop
 from unsupdistill.models.backbone import pooled_and_spatial
 from unsupdistill.models.inference import CHOICE_IMAGES, InferencePath, fastest_path
 from unsupdistill.models.teacher_maps import TeacherMaps
+from unsupdistill.train.sampler import IndexedDataset
 from unsupdistill.train.timing import TimeShares
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def teacher_pass(module: nn.Module, dataset: Dataset, indices: np.ndarray, store
     decode = pass_decode_size(base, teacher_size)
     source = copy.copy(base)
     source.image_size = decode  # the same files, decoded once at the pass's size
-    loader = DataLoader(_Indexed(Subset(source, indices.tolist())), batch_size=PASS_BATCH, num_workers=workers,
+    loader = DataLoader(IndexedDataset(Subset(source, indices.tolist())), batch_size=PASS_BATCH, num_workers=workers,
                         persistent_workers=False)
     working = int(base.image_size)
     path: InferencePath | None = None
@@ -170,19 +171,6 @@ def teacher_pass(module: nn.Module, dataset: Dataset, indices: np.ndarray, store
         logger.warning("teacher pass: %d files failed after the start-up scan; the next readable image's map stands "
                        "in for each (they are listed in skipped.txt when training meets them)", failed)
     return PassReport(len(indices), time.perf_counter() - tic, decode_s, teacher_s, path.name if path else "none")
-
-
-class _Indexed(Dataset):
-    """Each item of a dataset with its position: ``(item, position)``."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[object, int]:
-        return self.dataset[index], index
 
 
 # ---- the plan for a time budget -------------------------------------------------------------------

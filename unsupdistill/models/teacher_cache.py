@@ -15,15 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from unsupdistill import distributed
-from unsupdistill.storage import atomic_write
+from unsupdistill.storage import open_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -63,26 +61,13 @@ class TeacherCache:
              num_params: int) -> TeacherCache:
         """Open the cache in ``folder`` if it was made under ``key`` with this shape, else make an empty one there
         (process 0; the others wait for it, so every process of a torchrun calls this together)."""
-        shapes = {"features": (num_images, views, feature_dim), "params": (num_images, views, num_params),
-                  "filled": (num_images, views)}
-        meta = {"format": CACHE_FORMAT, "key": key, "shapes": shapes}
-        if distributed.is_main_process():
-            found = _read_meta(folder / "meta.json")
-            if found is not None and {k: found.get(k) for k in meta} != json.loads(json.dumps(meta)):
-                logger.warning("teacher cache %s was made for another teacher, view recipe, image set or size; "
-                               "it is replaced", folder)
-                found = None
-            if found is None:
-                shutil.rmtree(folder, ignore_errors=True)
-                folder.mkdir(parents=True)
-                for name, dtype in (("features", np.float16), ("params", np.float32), ("filled", np.uint8)):
-                    np.lib.format.open_memmap(folder / f"{name}.npy", "w+", dtype, shapes[name]).flush()
-                atomic_write(folder / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))  # last
-            else:
-                logger.info("teacher cache %s reused: %d of %d views stored", folder,
-                            int(np.load(folder / "filled.npy", mmap_mode="r").sum()), num_images * views)
-        distributed.barrier()
-        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r+") for name in shapes}
+        arrays = open_arrays(folder, key, CACHE_FORMAT, {
+            "features": ((num_images, views, feature_dim), np.float16),
+            "params": ((num_images, views, num_params), np.float32), "filled": ((num_images, views), np.uint8)},
+            "made for another teacher, view recipe, image set or size")
+        stored = int(np.count_nonzero(arrays["filled"]))
+        if stored:
+            logger.info("teacher cache %s reused: %d of %d views stored", folder, stored, num_images * views)
         return cls(folder, key, views, arrays["features"], arrays["params"], arrays["filled"])
 
     def lookup(self, indices: Tensor, slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -108,9 +93,3 @@ class TeacherCache:
         for array in (self.features, self.params, self.filled):
             array.flush()
 
-
-def _read_meta(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

@@ -11,9 +11,7 @@ and another teacher, input size or image set replaces them.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from unsupdistill import distributed
-from unsupdistill.storage import atomic_write
+from unsupdistill.storage import open_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -94,31 +91,10 @@ class TeacherMaps:
     def open(cls, folder: Path, key: str, num_images: int, grid: tuple[int, int], channels: int) -> TeacherMaps:
         """The store in ``folder`` if it was made under ``key`` with this shape, else an empty one there (process 0
         makes it; the others wait, so every process of a torchrun calls this together)."""
-        shapes = {"maps": [num_images, grid[0], grid[1], channels], "filled": [num_images]}
-        meta = {"format": MAPS_FORMAT, "key": key, "shapes": shapes}
-        if distributed.is_main_process():
-            found = _read_meta(folder / "meta.json")
-            files_there = all((folder / f"{name}.npy").is_file() for name in shapes)
-            if found != meta or not files_there:
-                if folder.exists():
-                    logger.warning("teacher maps in %s were made for another teacher, input size or image set, or "
-                                   "their meta.json or arrays are unreadable or missing: the teacher runs again",
-                                   folder)
-                shutil.rmtree(folder, ignore_errors=True)
-                folder.mkdir(parents=True)
-                for name, dtype in (("maps", np.float16), ("filled", np.uint8)):
-                    np.lib.format.open_memmap(folder / f"{name}.npy", "w+", dtype, tuple(shapes[name])).flush()
-                atomic_write(folder / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))  # last
-        distributed.barrier()
-        try:
-            maps = np.load(folder / "maps.npy", mmap_mode="r+")
-            filled = np.load(folder / "filled.npy", mmap_mode="r+")
-        except (OSError, ValueError) as err:
-            raise OSError(f"the teacher maps in {folder} cannot be read ({err}); delete the folder and resume: the "
-                          "teacher runs again") from err
-        if list(maps.shape) != shapes["maps"] or list(filled.shape) != shapes["filled"]:
-            raise OSError(f"the teacher maps in {folder} have shapes {maps.shape} and {filled.shape}, not "
-                          f"{shapes['maps']} and {shapes['filled']}; delete the folder and resume")
+        arrays = open_arrays(folder, key, MAPS_FORMAT, {"maps": ((num_images, *grid, channels), np.float16),
+                                                        "filled": ((num_images,), np.uint8)},
+                             "made for another teacher, input size or image set")
+        maps, filled = arrays["maps"], arrays["filled"]
         return cls(folder, grid, maps, filled)
 
     def missing(self) -> np.ndarray:
@@ -141,9 +117,3 @@ class TeacherMaps:
         for array in (self.maps, self.filled):
             array.flush()
 
-
-def _read_meta(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
