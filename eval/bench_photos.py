@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.score:
         name, run = item.split("=", 1)
         run = Path(run)
+        logged = any("images_per_s" in r for r in read_metrics(run)[0])  # a run of one step may have logged none
         rows.append({"run": name, "overrides": "trained elsewhere", **score(run, train, test, args),
-                     **common.training_summary(run), **time_shares(run)})
+                     **(common.training_summary(run) if logged else {}), **time_shares(run)})
     if not args.no_baselines:
         student = args.out / next(iter(variants))
         sizes = [int(size) for size in args.teacher_sizes.split(",") if size] if not args.quick else []
