@@ -85,6 +85,33 @@ def test_run_ends_with_its_budget_and_completes_its_schedules(tmp_path, monkeypa
     assert torch.isfinite(state["center"]).all()
 
 
+def test_a_methods_setup_is_spent_from_the_budget_before_the_first_step(tmp_path, monkeypatch):
+    """A method's setup (distillation's pass of the teacher over the images) takes 2 s of the budget's clock: an 8 s
+    budget of 0.5-s steps then holds 12 steps, not 16."""
+    from unsupdistill.methods.dino import DINO
+
+    clock = FakeClock()
+    monkeypatch.setattr(schedules, "time", SimpleNamespace(perf_counter=clock))
+    step, setup = Trainer.train_step, DINO.setup
+
+    def half_a_second_step(self, *args, **kwargs):
+        clock.now += 0.5
+        return step(self, *args, **kwargs)
+
+    def two_second_setup(self, *args, **kwargs):
+        clock.now += 2.0
+        return setup(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", half_a_second_step)
+    monkeypatch.setattr(DINO, "setup", two_second_setup)
+    run = tmp_path / "run"
+    train(load_config(None, [*TINY, "train.epochs=10000", "train.time_budget_s=8", "train.log_every_steps=1",
+                             "train.save_every_steps=1000000", "optim.warmup_epochs=0", "train.max_steps=40"]), run)
+    records = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert [r["budget_left_s"] for r in records] == [6 - 0.5 * r["step"] for r in records]
+
+
 def test_budget_must_be_positive():
     with pytest.raises(ConfigError, match=r"train.time_budget_s.*> 0"):
         load_config(None, ["train.time_budget_s=0"])
