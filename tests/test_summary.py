@@ -130,3 +130,16 @@ def test_the_reading_says_what_this_run_shows(tmp_path):
     above = reading(60.0, 20.0, 50.0, RunFacts(9000, 90.0, "/data/photos", 96, -0.004))
     assert above.startswith("Learned: +40.0 points") and "10.0 above raw pixels" in above
     assert not any("small, centred" in text for text in (falling, flat, stuck, short, above))
+
+
+def test_the_reading_takes_where_the_time_went_from_the_last_record_that_says(tmp_path):
+    from unsupdistill.evaluate.summary import time_shares
+
+    records = [{"step": 1, "loss": 1.0, "teacher_top_share": 0.3},
+               {"step": 2, "loss": 0.9, "teacher_top_share": 0.2, "time_decode_share": 0.1, "time_views_share": 0.2,
+                "time_teacher_share": 0.3, "time_student_share": 0.35, "time_rest_share": 0.05, "time_wall_s": 12.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert time_shares(tmp_path) == {"decode": 0.1, "views": 0.2, "teacher": 0.3, "student": 0.35, "rest": 0.05,
+                                     "wall_s": 12.5}  # a health signal named *_share is not a time share
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(records[0]) + "\n")
+    assert time_shares(tmp_path) == {}

@@ -106,7 +106,8 @@ def time_shares(run_dir: Path) -> dict[str, float]:
     last = next((r for r in reversed(records) if "time_wall_s" in r), None)
     if last is None:
         return {}
-    shares = {key[len("time_"):-len("_share")]: value for key, value in last.items() if key.endswith("_share")}
+    shares = {key[len("time_"):-len("_share")]: value for key, value in last.items()
+              if key.startswith("time_") and key.endswith("_share")}
     return shares | {"wall_s": last["time_wall_s"]}
 
 
