@@ -53,8 +53,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from unsupdistill.augment import blur_sigma
-from unsupdistill.config import AugmentConfig, Config, DataConfig, apply_overrides, load_config, validate
+from unsupdistill.augment import blur_sigma, sized
+from unsupdistill.config import Config, DataConfig, apply_overrides, load_config, validate
 from unsupdistill.data import num_workers
 from unsupdistill.evaluate.report import format_table
 from unsupdistill.methods import build_trainer
@@ -65,7 +65,7 @@ from unsupdistill.train.schedules import ScheduleValues, scaled_lr, schedule_at
 logger = logging.getLogger("bench_train")
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "bench_cifar10_r18.yaml"
-WORKLOADS = {"cifar10": [], "multicrop": ["augment.num_local_crops=6"]}
+WORKLOADS = {"cifar10": [], "multicrop": ["dino.num_local_crops=6"]}
 VARIANTS = ("ours", "ours-compiled", "ref-fp32", "ref-bf16")
 """``ours-compiled``: ours with ``train.compile=true`` (not run unless asked for)."""
 LIBRARIES = (timm, kornia, lightly)
@@ -124,9 +124,10 @@ def endless(loader: DataLoader, sampler: ResumableSampler | None = None) -> Iter
         epoch += 1
 
 
-def dino_transform(cfg: AugmentConfig) -> DINOTransform:
-    """lightly's DINOTransform with the crops, scales, probabilities and normalisation of ``cfg``."""
-    g1, g2, local = cfg.global_1, cfg.global_2, cfg.local
+def dino_transform(config: Config) -> DINOTransform:
+    """lightly's DINOTransform with the crops, scales, probabilities and normalisation of ``config``."""
+    cfg, m = config.dino, config.model
+    g1, g2, local = sized(cfg.global_1, m.input_size), sized(cfg.global_2, m.input_size), cfg.local
     shared = ("flip_p", "color_jitter", "color_jitter_p", "grayscale_p")
     differing = [f"{view}.{key}" for key in shared for view, spec in (("global_2", g2), ("local", local))
                  if getattr(spec, key) != getattr(g1, key)]
@@ -140,7 +141,7 @@ def dino_transform(cfg: AugmentConfig) -> DINOTransform:
         cj_prob=g1.color_jitter_p, cj_strength=1.0, cj_bright=brightness, cj_contrast=contrast,
         cj_sat=saturation, cj_hue=hue, random_gray_scale=g1.grayscale_p,
         gaussian_blur=(g1.blur_p, g2.blur_p, local.blur_p), sigmas=blur_sigma(g1),
-        solarization_prob=g2.solarize_p, normalize={"mean": list(cfg.mean), "std": list(cfg.std)},
+        solarization_prob=g2.solarize_p, normalize={"mean": list(m.mean), "std": list(m.std)},
     )
 
 
@@ -152,16 +153,16 @@ class LightlyReference:
     ``cancel_last_layer_gradients``; AdamW. The backbone is the same timm model as unsupdistill's.
 
     Args:
-        config: the config of the unsupdistill side; its augment, model, loss and optim sections are used.
+        config: the config of the unsupdistill side; its model, dino and optim sections are used.
         workers: DataLoader worker processes.
         device: the training device.
         autocast_dtype: ``torch.autocast`` dtype around the forward passes; None for float32.
     """
 
     def __init__(self, config: Config, workers: int, device: torch.device, autocast_dtype: torch.dtype | None):
-        a, m, o = config.augment, config.model, config.optim
+        a, m, o = config.dino, config.model, config.optim
         self.device, self.autocast_dtype = device, autocast_dtype
-        self.dataset = LightlyDataset(input_dir=config.data.path, transform=dino_transform(a))
+        self.dataset = LightlyDataset(input_dir=config.data.path, transform=dino_transform(config))
         self.loader = DataLoader(self.dataset, batch_size=config.train.batch_size, shuffle=True, drop_last=True,
                                  num_workers=workers, persistent_workers=workers > 0,
                                  pin_memory=device.type == "cuda")
@@ -169,13 +170,13 @@ class LightlyReference:
         self.total_steps = self.steps_per_epoch * config.train.epochs
         self.momentum = (config.dino.teacher_momentum, config.dino.teacher_momentum_end)
 
-        crop_sizes = (a.global_1.size,) + ((a.local.size,) if a.num_local_crops else ())
+        crop_sizes = (m.input_size,) + ((a.local.size,) if a.num_local_crops else ())
         self.student_backbone, self.spec = create_backbone(m, crop_sizes)
         self.teacher_backbone = copy.deepcopy(self.student_backbone)
-        heads = [DINOProjectionHead(self.spec.feature_dim, m.head_hidden_dim, m.head_bottleneck_dim, m.head_output_dim,
-                                    batch_norm=m.head_batch_norm,
+        heads = [DINOProjectionHead(self.spec.feature_dim, a.head_hidden_dim, a.head_bottleneck_dim, a.head_output_dim,
+                                    batch_norm=a.head_batch_norm,
                                     freeze_last_layer=round(config.dino.freeze_last_layer_epochs),
-                                    norm_last_layer=m.norm_last_layer) for _ in range(2)]
+                                    norm_last_layer=a.norm_last_layer) for _ in range(2)]
         self.student_head, self.teacher_head = heads
         self.teacher_head.load_state_dict(self.student_head.state_dict())  # weight_norm cannot be deep-copied
         deactivate_requires_grad(self.teacher_backbone)
@@ -184,7 +185,7 @@ class LightlyReference:
             module.to(device)
         lo = config.dino
         self.criterion = DINOLoss(
-            output_dim=m.head_output_dim, warmup_teacher_temp=lo.warmup_teacher_temp, teacher_temp=lo.teacher_temp,
+            output_dim=a.head_output_dim, warmup_teacher_temp=lo.warmup_teacher_temp, teacher_temp=lo.teacher_temp,
             warmup_teacher_temp_epochs=lo.warmup_teacher_temp_epochs, student_temp=lo.student_temp,
             center_momentum=lo.center_momentum,
         ).to(device)
@@ -511,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.data
         if folder is None:
-            size = load_config(str(RECIPE)).augment.global_1.size
+            size = load_config(str(RECIPE)).model.input_size
             folder = common.write_random_images(Path(tmp) / "images", max(64, 4 * args.batch_size), size)
         for workload in workloads:
             config = bench_config(args, workload, folder)

@@ -176,7 +176,7 @@ def write_result(path: Path | None, rows: list[dict], **fields: object) -> None:
 # --quick: tiny networks and generated images
 # ----------------------------------------------------------------------------------------------
 
-TINY_HEAD = ["model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "model.head_output_dim=256"]
+TINY_HEAD = ["dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32", "dino.head_output_dim=256"]
 TINY_MODEL = ["model.backbone_kwargs={channels: [8, 16, 32, 64], stem_width: 8}", *TINY_HEAD]
 """A ResNet-18 at 1/8 width with a small DINO head (tests/conftest.py's TINY): a step in tens of milliseconds."""
 TINY_NETWORK = "timm:resnet18,small_image_stem=true,channels=[8,8,16,16],stem_width=8"
@@ -205,7 +205,7 @@ STUDENTS = {
     "mobilenetv3-small": ["model.backbone=mobilenetv3_small_100"],
     "resnet10t": ["model.backbone=resnet10t"],
     "vit-tiny-p4": ["model.backbone=vit_tiny_patch16_224", "model.backbone_kwargs={img_size: 32, patch_size: 4}",
-                    "model.small_image_stem=false", "model.head_batch_norm=false"],
+                    "model.small_image_stem=false", "dino.head_batch_norm=false"],
 }
 """The students, as model-section overrides (without a recipe the automatic settings choose their input size)."""
 QUICK_STUDENTS = {

@@ -21,8 +21,8 @@ from unsupdistill.storage import save_backbone
 # A network small enough that a training step takes tens of milliseconds on 2 CPU cores.
 TINY = [
     "model.backbone_kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
-    "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "model.head_output_dim=256",
-    "train.batch_size=16", "augment.num_local_crops=2", "data.num_workers=0", "eval.summary=false",
+    "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32", "dino.head_output_dim=256",
+    "train.batch_size=16", "dino.num_local_crops=2", "data.num_workers=0", "eval.summary=false",
 ]
 
 
@@ -86,7 +86,7 @@ def write_images(folder: Path, count: int, width: int, height: int, seed: int = 
 def export_teacher(folder: Path, size: int, seed: int) -> Path:
     """A tiny exported ResNet teacher whose sidecar says ``size`` px."""
     config = load_config(None, ["model.backbone_kwargs={channels: [8, 16, 16, 32], stem_width: 8}",
-                                f"augment.global_1.size={size}", f"augment.global_2.size={size}"])
+                                f"model.input_size={size}", f"model.input_size={size}"])
     torch.manual_seed(seed)
     backbone, spec = create_backbone(config.model)
     return save_backbone(backbone.state_dict(), describe_backbone(spec, config, 0, "teacher"), folder)

@@ -51,8 +51,8 @@ def test_a_folder_gets_crops_decode_size_and_export_that_fit_its_images(
     with caplog.at_level(logging.INFO):
         assert main(["pretrain", str(images), "--out", str(out), *SMALL_NET, "train.max_steps=2"]) == 0
     config = run_config(out)
-    a = config["augment"]
-    assert (a["global_1"]["size"], a["global_2"]["size"], a["local"]["size"]) == (crop, crop, local)
+    a = config["dino"]
+    assert (config["model"]["input_size"], a["local"]["size"]) == (crop, local)
     assert config["data"]["image_size"] == decode and config["model"]["small_image_stem"] is small_stem
     assert crop < decode <= max(crop, min(width, height)) or decode == crop == min(width, height)
     assert 1.15 <= decode / crop <= 2 or decode == min(width, height)  # crops near 1:1, no upsampling
@@ -74,20 +74,20 @@ def scan_of(sizes: list[tuple[int, int]]) -> FolderScan:
 
 
 def test_explicit_values_win_and_the_rest_follows_them():
-    overrides = ["augment.global_1.size=48", "train.epochs=3", "model.head_output_dim=77"]
+    overrides = ["model.input_size=48", "train.epochs=3", "dino.head_output_dim=77"]
     config = load_config(None, overrides, check=False)
     chosen, choices = auto_settings(config, scan_of([(300, 200)] * 100), "cpu", explicit_keys(overrides))
-    assert chosen.augment.global_1.size == chosen.augment.global_2.size == 48  # yours, and global_2 follows
-    assert chosen.augment.local.size == 20 and chosen.data.image_size == 60  # follow your 48 px
-    assert chosen.train.epochs == 3 and chosen.model.head_output_dim == 77
-    assert not {"augment.global_1.size", "train.epochs", "model.head_output_dim"} & {c.key for c in choices}
+    assert chosen.model.input_size == chosen.model.input_size == 48  # yours, and global_2 follows
+    assert chosen.dino.local.size == 20 and chosen.data.image_size == 60  # follow your 48 px
+    assert chosen.train.epochs == 3 and chosen.dino.head_output_dim == 77
+    assert not {"model.input_size", "train.epochs", "dino.head_output_dim"} & {c.key for c in choices}
 
 
 def test_device_caps_the_crop_and_dataset_size_scales_dino_settings():
     photos = [(640, 480)] * 8
     cpu, _ = auto_settings(Config(), scan_of(photos), "cpu", set())
     gpu, _ = auto_settings(Config(), scan_of(photos), "cuda", set())
-    assert (cpu.augment.global_1.size, gpu.augment.global_1.size) == (96, 224)
+    assert (cpu.model.input_size, gpu.model.input_size) == (96, 224)
     assert gpu.data.image_size == 280 and not gpu.model.small_image_stem
 
     def scaled(n: int) -> Config:
@@ -95,8 +95,8 @@ def test_device_caps_the_crop_and_dataset_size_scales_dino_settings():
         return auto_settings(Config(), scan, "cpu", set())[0]
 
     small, mid, huge = scaled(1_000), scaled(608_000), scaled(2_000_000)
-    assert (small.model.head_output_dim, mid.model.head_output_dim, huge.model.head_output_dim) == (1024, 65536, 65536)
-    assert scaled(30_000).model.head_output_dim == 2048
+    assert (small.dino.head_output_dim, mid.dino.head_output_dim, huge.dino.head_output_dim) == (1024, 65536, 65536)
+    assert scaled(30_000).dino.head_output_dim == 2048
     assert (small.dino.teacher_temp, mid.dino.teacher_temp, huge.dino.teacher_temp) == (0.02, 0.05, 0.07)
     assert (small.dino.teacher_momentum, huge.dino.teacher_momentum) == (0.99, 0.996)
     assert huge.dino.warmup_teacher_temp == 0.04 and huge.dino.warmup_teacher_temp_epochs == 30
@@ -112,7 +112,7 @@ def test_a_vit_gets_a_patch_size_that_fits_the_crop():
     config, _ = auto_settings(load_config(None, overrides), scan_of([(300, 200)] * 10), "cpu",
                               explicit_keys(overrides))
     assert config.model.backbone_kwargs == {"img_size": 96, "patch_size": 8}
-    assert config.augment.local.size % 8 == 0 and not config.model.small_image_stem
+    assert config.dino.local.size % 8 == 0 and not config.model.small_image_stem
 
 
 def handed_to_training(monkeypatch, *args: str) -> tuple[Config, bool]:
@@ -134,7 +134,7 @@ def handed_to_training(monkeypatch, *args: str) -> tuple[Config, bool]:
 def test_the_built_in_digits_run_takes_its_recipe_and_a_folder_the_automatic_settings(tmp_path, monkeypatch):
     config, automatic = handed_to_training(monkeypatch, "--out", str(tmp_path / "digits"))
     assert not automatic and config.data.path is None
-    assert config == load_config("digits") != Config()  # recipes/digits.yaml, not the bare defaults
+    assert config == load_config("digits", ["method=dino"]) != Config()  # recipes/digits.yaml, not the bare defaults
     images = make_images(tmp_path / "images", 4, 20, 20)
     config, automatic = handed_to_training(monkeypatch, str(images), "--out", str(tmp_path / "folder"))
     assert automatic and config.data.path == str(images)

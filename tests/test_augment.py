@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unsupdistill.augment import MultiCropAugmentation, blur_kernel_size, blur_sigma, build_view_transform
-from unsupdistill.config import AugmentConfig, CropSpec
+from unsupdistill.config import CropSpec
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean, std that leave values unchanged
 
@@ -19,13 +19,12 @@ def plain_spec(size: int, scale: tuple[float, float] = (1.0, 1.0), **overrides: 
     return CropSpec(size=size, scale=scale, **{**off, **overrides})
 
 
-def small_config(num_local_crops: int = 3) -> AugmentConfig:
-    return AugmentConfig(
-        global_1=CropSpec(size=32, scale=(0.4, 1.0), blur_p=1.0),
-        global_2=CropSpec(size=32, scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2),
-        local=CropSpec(size=16, scale=(0.05, 0.4), blur_p=0.5),
-        num_local_crops=num_local_crops,
-    )
+def small_multicrop(num_local_crops: int = 3) -> MultiCropAugmentation:
+    """DINO's views at 32 / 16 px with ImageNet's normalisation."""
+    return MultiCropAugmentation(CropSpec(size=32, scale=(0.4, 1.0), blur_p=1.0),
+                                 CropSpec(size=32, scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2),
+                                 CropSpec(size=16, scale=(0.05, 0.4), blur_p=0.5), num_local_crops,
+                                 (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def coordinate_images(batch: int, size: int) -> torch.Tensor:
@@ -46,7 +45,7 @@ def test_view_shapes_and_dtype(dtype: torch.dtype) -> None:
     images = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8)
     if dtype == torch.float32:
         images = images.float() / 255
-    augment = MultiCropAugmentation(small_config(num_local_crops=3))
+    augment = small_multicrop(num_local_crops=3)
     global_views, local_views = augment(images)
     assert augment.num_views == 5
     assert global_views.shape == (8, 3, 32, 32)
@@ -57,7 +56,7 @@ def test_view_shapes_and_dtype(dtype: torch.dtype) -> None:
 
 
 def test_no_local_crops_gives_none() -> None:
-    augment = MultiCropAugmentation(small_config(num_local_crops=0))
+    augment = small_multicrop(num_local_crops=0)
     global_views, local_views = augment(torch.rand(2, 3, 32, 32))
     assert global_views.shape == (4, 3, 32, 32) and local_views is None
     assert augment.num_views == 2
@@ -65,7 +64,7 @@ def test_no_local_crops_gives_none() -> None:
 
 def test_uint8_input_is_scaled_to_unit_range() -> None:
     images = torch.randint(0, 256, (3, 3, 24, 24), dtype=torch.uint8)
-    augment = MultiCropAugmentation(small_config())
+    augment = small_multicrop()
     torch.manual_seed(1)
     from_uint8 = augment(images)
     torch.manual_seed(1)
@@ -76,7 +75,7 @@ def test_uint8_input_is_scaled_to_unit_range() -> None:
 
 def test_same_seed_same_views_different_seed_different_views() -> None:
     images = torch.rand(4, 3, 32, 32)
-    augment = MultiCropAugmentation(small_config())
+    augment = small_multicrop()
 
     def run(seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         torch.manual_seed(seed)
@@ -90,15 +89,15 @@ def test_same_seed_same_views_different_seed_different_views() -> None:
 def test_views_are_ordered_by_view_then_image_with_independent_parameters() -> None:
     # A constant-colour image stays that colour through cropping, so each view can be traced to its image;
     # only global view 2 solarizes (0.9 -> 0.1), which shows that each half uses its own spec.
-    cfg = AugmentConfig(global_1=plain_spec(8, (0.4, 1.0)), global_2=plain_spec(8, (0.4, 1.0), solarize_p=1.0),
-                        local=plain_spec(4, (0.05, 0.4)), num_local_crops=3, mean=IDENTITY[0], std=IDENTITY[1])
+    augment = MultiCropAugmentation(plain_spec(8, (0.4, 1.0)), plain_spec(8, (0.4, 1.0), solarize_p=1.0),
+                                    plain_spec(4, (0.05, 0.4)), 3, *IDENTITY)
     colours = torch.tensor([0.1, 0.5, 0.9])[:, None, None, None].expand(3, 3, 16, 16)
-    global_views, local_views = MultiCropAugmentation(cfg)(colours)
+    global_views, local_views = augment(colours)
     assert local_views is not None
     torch.testing.assert_close(global_views[:, 0, 0, 0], torch.tensor([0.1, 0.5, 0.9, 0.1, 0.5, 0.1]))
     torch.testing.assert_close(local_views[:, 0, 0, 0], torch.tensor([0.1, 0.5, 0.9] * 3))
     # On a textured image, views of the same image must differ (independent crops per view and sample).
-    global_views, local_views = MultiCropAugmentation(cfg)(torch.rand(3, 3, 16, 16))
+    global_views, local_views = augment(torch.rand(3, 3, 16, 16))
     assert local_views is not None
     assert not torch.allclose(global_views[:3], global_views[3:])
     assert not torch.allclose(local_views[:3], local_views[3:6])
@@ -107,7 +106,7 @@ def test_views_are_ordered_by_view_then_image_with_independent_parameters() -> N
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_runs_on_the_input_device() -> None:
     images = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8, device="cuda")
-    global_views, local_views = MultiCropAugmentation(small_config())(images)
+    global_views, local_views = small_multicrop()(images)
     assert local_views is not None
     assert global_views.device.type == "cuda" and local_views.device.type == "cuda"
     assert torch.isfinite(global_views).all() and torch.isfinite(local_views).all()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from unsupdistill.augment import DistillAugmentation
-from unsupdistill.methods.distill import DistillConfig
+from unsupdistill.methods.distill.settings import DistillConfig
 
 STUDENT_STATS = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 TEACHER_STATS = ((0.45, 0.45, 0.45), (0.3, 0.2, 0.1))

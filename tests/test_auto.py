@@ -10,7 +10,7 @@ from conftest import export_teacher, write_images
 from unsupdistill.auto import auto_settings, explicit_keys
 from unsupdistill.config import Config, load_config
 from unsupdistill.data.scan import FolderScan
-from unsupdistill.methods import Distillation
+from unsupdistill.methods.distill.method import Distillation
 
 HALF_WIDTH = Config().model.backbone_kwargs
 """The defaults' ResNet-18 (half width: 4x fewer FLOPs on a CPU)."""
@@ -40,17 +40,17 @@ def chosen(overrides: list[str], shorter_side: int = 300, images: int = 100, dev
 ])
 def test_a_vit_gets_a_crop_of_whole_patches_from_its_images(shorter_side, device, crop, patch):
     config = chosen(["model.backbone=vit_small_patch16_224"], shorter_side, device=device)
-    assert config.augment.global_1.size == config.augment.global_2.size == crop
+    assert config.model.input_size == config.model.input_size == crop
     assert config.model.backbone_kwargs == {"img_size": crop, "patch_size": patch}
-    assert config.augment.local.size % patch == 0 and config.augment.local.size < crop
+    assert config.dino.local.size % patch == 0 and config.dino.local.size < crop
     assert not config.model.small_image_stem
     # DINO's ViT recipe: no BatchNorm in the head, an unnormalised last layer, lr 5e-4 per 256 images
-    assert (config.model.head_batch_norm, config.model.norm_last_layer, config.optim.lr) == (False, False, 5e-4)
+    assert (config.dino.head_batch_norm, config.dino.norm_last_layer, config.optim.lr) == (False, False, 5e-4)
 
 
 def test_a_vit_with_a_crop_of_yours_gets_the_patch_size_that_fits_it():
-    config = chosen(["model.backbone=vit_small_patch16_224", "augment.global_1.size=40"], 300)
-    assert config.augment.global_1.size == 40 and config.model.backbone_kwargs == {"img_size": 40, "patch_size": 4}
+    config = chosen(["model.backbone=vit_small_patch16_224", "model.input_size=40"], 300)
+    assert config.model.input_size == 40 and config.model.backbone_kwargs == {"img_size": 40, "patch_size": 4}
 
 
 @pytest.mark.parametrize("shorter_side", [50, 60, 70, 100, 140, 175, 200, 257])  # crops of 40 to 224 px on a GPU
@@ -65,18 +65,18 @@ def test_a_vit_gets_8_to_14_patches_a_side_as_promised(shorter_side):
 
 @pytest.mark.parametrize(("shorter_side", "crop", "blurred"), [(73, 60, False), (74, 64, True)])
 def test_gaussian_blur_is_off_on_crops_under_64_px(shorter_side, crop, blurred):
-    config, defaults = chosen([], shorter_side), Config().augment
-    assert config.augment.global_1.size == crop
+    config, defaults = chosen([], shorter_side), Config().dino
+    assert config.model.input_size == crop
     for view in ("global_1", "global_2", "local"):
         default = getattr(defaults, view).blur_p
         assert default > 0, view  # so that "off" and "kept" differ
-        assert getattr(config.augment, view).blur_p == (default if blurred else 0.0), view
+        assert getattr(config.dino, view).blur_p == (default if blurred else 0.0), view
 
 
 def test_a_blur_you_set_stays_on_small_crops():
-    config = chosen(["augment.local.blur_p=0.3"], 40)
-    assert config.augment.global_1.size < 64
-    assert (config.augment.global_1.blur_p, config.augment.local.blur_p) == (0.0, 0.3)
+    config = chosen(["dino.local.blur_p=0.3"], 40)
+    assert config.model.input_size < 64
+    assert (config.dino.global_1.blur_p, config.dino.local.blur_p) == (0.0, 0.3)
 
 
 # ---- network width: the device, and the backbone you name ------------------------------------------------
@@ -103,7 +103,7 @@ def test_a_backbone_you_name_gets_its_own_arguments_not_the_defaults_resnet18_on
     assert config.model.backbone_kwargs == {"drop_rate": 0.1}  # yours, kept
     small = chosen(["model.backbone=mobilenetv3_small_100"], 40, device=device)
     assert small.model.backbone_kwargs == {} and not small.model.small_image_stem
-    assert small.augment.global_1.size == 64  # no small-image stem: at least a 2x2 last feature map
+    assert small.model.input_size == 64  # no small-image stem: at least a 2x2 last feature map
 
 
 # ---- the batch over the processes -------------------------------------------------------------------

@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from unsupdistill.augment import MultiCropAugmentation
 from unsupdistill.config import Config, load_config, read_recipe
 from unsupdistill.data.labeled import align_labels, load_labeled
 from unsupdistill.evaluate.clustering import cluster
 from unsupdistill.evaluate.knn import knn_evaluate
 from unsupdistill.evaluate.run import EvalOptions, model_features
+from unsupdistill.methods.dino.method import multi_crop
 from unsupdistill.models.load import load_model
 from unsupdistill.run_dir import read_metrics
 from unsupdistill.train.precision import precision_name, resolve_precision
@@ -221,11 +221,11 @@ def test_bench_eval_quick_reports_knn_kmeans_and_extraction(tmp_path):
 
 def test_bench_recipe_is_lightlys_cifar10_setting_and_holds_only_differences():
     cfg = load_config(str(bench_train.RECIPE))
-    a, m = cfg.augment, cfg.model
-    assert (a.global_1.size, a.local.size, a.num_local_crops) == (32, 16, 0)
+    a, m = cfg.dino, cfg.model
+    assert (m.input_size, a.local.size, a.num_local_crops) == (32, 16, 0)
     assert (a.global_1.blur_p, a.global_2.blur_p, a.local.blur_p) == (0, 0, 0)
     assert (m.backbone, m.backbone_kwargs, m.small_image_stem) == ("resnet18", {}, True)
-    assert (m.head_hidden_dim, m.head_bottleneck_dim, m.head_output_dim) == (2048, 256, 2048)
+    assert (a.head_hidden_dim, a.head_bottleneck_dim, a.head_output_dim) == (2048, 256, 2048)
     assert cfg.train.batch_size == 128
     data, _ = read_recipe(str(bench_train.RECIPE))
 
@@ -245,8 +245,8 @@ def test_bench_recipe_is_lightlys_cifar10_setting_and_holds_only_differences():
 def test_both_pipelines_make_the_same_views(workload):
     cfg = load_config(str(bench_train.RECIPE), bench_train.WORKLOADS[workload])
     image = Image.new("RGB", (32, 32), (120, 30, 200))
-    reference = bench_train.dino_transform(cfg.augment)(image)
-    global_views, local_views = MultiCropAugmentation(cfg.augment)(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
+    reference = bench_train.dino_transform(cfg)(image)
+    global_views, local_views = multi_crop(cfg, 1.0)(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
     ours = [tuple(global_views.shape[1:])] * 2
     if local_views is not None:
         ours += [tuple(local_views.shape[1:])] * (local_views.shape[0] // 4)

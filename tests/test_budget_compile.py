@@ -88,7 +88,7 @@ def test_run_ends_with_its_budget_and_completes_its_schedules(tmp_path, monkeypa
 def test_a_methods_setup_is_spent_from_the_budget_before_the_first_step(tmp_path, monkeypatch):
     """A method's setup (distillation's pass of the teacher over the images) takes 2 s of the budget's clock: an 8 s
     budget of 0.5-s steps then holds 12 steps, not 16."""
-    from unsupdistill.methods.dino import DINO
+    from unsupdistill.methods.dino.method import DINO
 
     clock = FakeClock()
     monkeypatch.setattr(schedules, "time", SimpleNamespace(perf_counter=clock))

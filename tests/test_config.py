@@ -33,28 +33,28 @@ def test_the_built_in_run_is_the_defaults_with_recipes_digits(monkeypatch, tmp_p
     settings for 8x8 gray digits (chosen in the trials its comments cite), not with the bare defaults."""
     cfg = built_in_run(monkeypatch, tmp_path)
     assert cfg.method == "dino" and cfg.data.path is None  # scikit-learn's digits
-    a = cfg.augment
-    assert (a.global_1.size, a.global_2.size, a.local.size, a.num_local_crops) == (12, 12, 6, 2)
+    a = cfg.dino
+    assert (cfg.model.input_size, a.local.size, a.num_local_crops) == (12, 6, 2)
     for crop in (a.global_1, a.global_2, a.local):  # mirrored digits are other digits; gray has no colour
         assert (crop.flip_p, crop.color_jitter_p, crop.grayscale_p) == (0.0, 0.0, 0.0)
     assert cfg.model.backbone == "resnet18" and cfg.model.small_image_stem
     assert cfg.model.backbone_kwargs == {"channels": [32, 64, 128, 256], "stem_width": 32, "layers": [1, 1, 1, 1]}
     assert cfg.dino.centering == "sinkhorn" and cfg.train.epochs == 12
     # everything the recipe does not name is the default
-    assert cfg.optim == Config().optim and cfg.model.head_output_dim == Config().model.head_output_dim
+    assert cfg.optim == Config().optim and cfg.dino.head_output_dim == Config().dino.head_output_dim
     # key=value overrides still win over the recipe, and the rest of the recipe stays
-    cfg = built_in_run(monkeypatch, tmp_path, "train.epochs=3", "augment.local.size=4")
-    assert (cfg.train.epochs, cfg.augment.local.size, cfg.augment.global_1.size) == (3, 4, 12)
+    cfg = built_in_run(monkeypatch, tmp_path, "train.epochs=3", "dino.local.size=4")
+    assert (cfg.train.epochs, cfg.dino.local.size, cfg.model.input_size) == (3, 4, 12)
     # another recipe replaces it
     cfg = built_in_run(monkeypatch, tmp_path, "--recipe", "cifar10")
     assert cfg == load_config("cifar10")
 
 
 def test_overrides_parse_yaml_values_and_nested_keys():
-    cfg = load_config(None, ["train.epochs=5", "optim.lr=1e-3", "augment.local.scale=[0.1, 0.3]",
+    cfg = load_config(None, ["train.epochs=5", "optim.lr=1e-3", "dino.local.scale=[0.1, 0.3]",
                              "model.backbone_kwargs.stem_width=16", "train.threads=null"])
     assert cfg.train.epochs == 5 and cfg.optim.lr == pytest.approx(1e-3)
-    assert cfg.augment.local.scale == (0.1, 0.3)
+    assert cfg.dino.local.scale == (0.1, 0.3)
     assert cfg.model.backbone_kwargs == {"channels": [32, 64, 128, 256], "stem_width": 16}
     assert cfg.train.threads is None
 
@@ -63,7 +63,7 @@ def test_unknown_key_names_key_suggestion_and_allowed_keys():
     message = error_of(overrides=["train.epoch=5"])
     assert "train.epoch" in message and "did you mean 'train.epochs'" in message and "batch_size" in message
     assert "unknown key 'colour'" in error_of(overrides=["colour=1"])
-    assert "augment.local.sise" in error_of(overrides=["augment.local.sise=3"])
+    assert "dino.local.sise" in error_of(overrides=["dino.local.sise=3"])
 
 
 @pytest.mark.parametrize("override, key, allowed", [
@@ -74,13 +74,12 @@ def test_unknown_key_names_key_suggestion_and_allowed_keys():
     ("data.strict=yesplease", "data.strict", "true or false"),
     ("optim.lr=-1", "optim.lr", "> 0"),
     ("dino.teacher_momentum=1.5", "dino.teacher_momentum", "[0, 1]"),
-    ("augment.local.scale=[0.5, 0.2]", "augment.local.scale", "min <= max"),
-    ("augment.local.size=64", "augment.local.size", "at most the global crop size"),
-    ("augment.global_2.size=24", "augment.global_2.size", "same size as augment.global_1.size"),
-    ("augment.num_local_crops=-1", "augment.num_local_crops", ">= 0"),
-    ("augment.global_1.grayscale_p=2", "augment.global_1.grayscale_p", "probability"),
+    ("dino.local.scale=[0.5, 0.2]", "dino.local.scale", "min <= max"),
+    ("dino.local.size=64", "dino.local.size", "at most the global crop size"),
+    ("dino.num_local_crops=-1", "dino.num_local_crops", ">= 0"),
+    ("dino.global_1.grayscale_p=2", "dino.global_1.grayscale_p", "probability"),
     ("train.batch_size=0", "train.batch_size", ">= 1"),
-    ("augment.mean=[0.5, 0.5]", "augment.mean", "list of 3"),
+    ("model.mean=[0.5, 0.5]", "model.mean", "list of 3"),
     ("eval.train=digits", "eval.test", "both eval.train and eval.test"),
     ("eval.every_epochs=-1", "eval.every_epochs", ">= 0"),  # 0: k-NN only at the end of the run
     # momentum outside [0, 1]
@@ -89,9 +88,9 @@ def test_unknown_key_names_key_suggestion_and_allowed_keys():
     ("dino.center_momentum=1", "dino.center_momentum", "[0, 1)"),
     ("optim.sgd_momentum=-0.5", "optim.sgd_momentum", "[0, 1)"),
     # zero-size crops, zero or negative epochs and batch
-    ("augment.local.size=0", "augment.local.size", ">= 1"),
-    ("augment.global_1.size=0", "augment.global_1.size", ">= 1"),
-    ("augment.local.scale=[0, 0.4]", "augment.local.scale", "0 < min"),
+    ("dino.local.size=0", "dino.local.size", ">= 1"),
+    ("model.input_size=0", "model.input_size", ">= 1"),
+    ("dino.local.scale=[0, 0.4]", "dino.local.scale", "0 < min"),
     ("train.epochs=0", "train.epochs", ">= 1"),
     ("train.epochs=-3", "train.epochs", ">= 1"),
     ("train.batch_size=-8", "train.batch_size", ">= 1"),
@@ -104,8 +103,8 @@ def test_unknown_key_names_key_suggestion_and_allowed_keys():
     ("optim.weight_decay=1.0e+400", "optim.weight_decay", "finite"),
     ("optim.lr=1" + "0" * 400, "optim.lr", "finite"),  # an integer too large for a float
     ("dino.teacher_temp=-.inf", "dino.teacher_temp", "finite"),
-    ("augment.local.scale=[.nan, 0.4]", "augment.local.scale", "finite"),
-    ("augment.std=[0.2, .inf, 0.2]", "augment.std", "finite"),
+    ("dino.local.scale=[.nan, 0.4]", "dino.local.scale", "finite"),
+    ("model.std=[0.2, .inf, 0.2]", "model.std", "finite"),
     # values that break later stages
     ("train.seed=-1", "train.seed", "[0, 4294967295]"),
     ("train.seed=4294967296", "train.seed", "[0, 4294967295]"),
@@ -135,13 +134,13 @@ def test_non_finite_value_is_reported_once_not_with_every_range_check():
     ({"optim": {"lr": float("nan")}}, "optim.lr"),
     ({"optim": {"lr": 10**400}}, "optim.lr"),
     ({"optim": {"teacher_momentum": float("inf")}}, "dino.teacher_momentum"),
-    ({"augment": {"local": {"blur_sigma": [0.1, float("inf")]}}}, "augment.local.blur_sigma"),
+    ({"augment": {"local": {"blur_sigma": [0.1, float("inf")]}}}, "dino.local.blur_sigma"),
     ({"train": "fast"}, "train"),
     ({"train": {"epochs": None}}, "train.epochs"),
     ({"model": {"backbone_kwargs": {"img_size": {3, 4}}}}, "model.backbone_kwargs"),  # a set: not YAML
     ({7: 1}, "7"),
     ({"train": {"epochs": 2**64}}, "train.epochs"),
-    ({"augment": {"global_1": {"size": 10**5000}}}, "augment.global_1.size"),  # too long even to print
+    ({"augment": {"global_1": {"size": 10**5000}}}, "model.input_size"),  # too long even to print
 ])
 def test_config_from_dict_rejects_bad_values_with_config_error(data, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
@@ -206,17 +205,16 @@ def test_recipe_backbone_kwargs_replace_defaults_but_overrides_update_them():
 
 
 def test_config_is_dataclasses_per_component_and_each_method_owns_its_section():
-    assert {f.name for f in dataclasses.fields(Config)} == {"method", "data", "augment", "model", "optim", "train",
+    assert {f.name for f in dataclasses.fields(Config)} == {"method", "data", "model", "optim", "train",
                                                             "eval", "sections"}
     from unsupdistill.methods import METHODS
 
     config = Config()
-    assert set(config.to_dict()) == {"method", "data", "augment", "model", "optim", "train", "eval", "dino", "distill",
-                                     "kd"}
-    owners = {method.__module__ for method in METHODS.values()}
-    for method in METHODS.values():  # every section is defined in a method's file (kd reads distill's too)
+    assert set(config.to_dict()) == {"method", "data", "model", "optim", "train", "eval", "dino", "distill", "kd"}
+    for method in METHODS.values():  # every section is defined in a method's package (kd reads distill's too)
         for name, section in method.settings.items():
-            assert section.__module__ in owners and type(getattr(config, name)) is section
+            assert section.__module__.startswith(f"unsupdistill.methods.{name}.")
+            assert type(getattr(config, name)) is section
     with pytest.raises(ConfigError, match="dino.center_momentum: expected a number in"):
         load_config(None, ["dino.center_momentum=1.5"])
     with pytest.raises(ConfigError, match="method: expected one of dino, distill, kd"):
@@ -230,7 +228,7 @@ def test_renamed_keys_are_read_under_their_new_names_with_a_warning(tmp_path, ca
         config = load_config(str(recipe), ["optim.freeze_last_layer_epochs=0.5"])
     assert (config.dino.teacher_temp, config.dino.teacher_momentum, config.dino.freeze_last_layer_epochs,
             config.optim.lr) == (0.03, 0.95, 0.5, 0.001)
-    assert "section 'loss' is now 'dino'" in caplog.text and "optim.teacher_momentum is now dino.teacher_momentum" \
+    assert "loss is now dino" in caplog.text and "optim.teacher_momentum is now dino.teacher_momentum" \
         in caplog.text and "optim.freeze_last_layer_epochs is now dino.freeze_last_layer_epochs" in caplog.text
     with pytest.raises(ConfigError, match="unknown key 'optim.teacher_momentum_start'"):
         load_config(None, ["optim.teacher_momentum_start=0.9"])
@@ -242,7 +240,7 @@ def test_whole_mapping_override_replaces_and_dotted_override_updates():
     assert cfg.model.backbone_kwargs == {"channels": [8, 16, 32, 64], "stem_width": 8}
 
 
-@pytest.mark.parametrize("override", ["optim.lr=-1", "train.epochs=0", "augment.local.size=99", "optim.lr=.nan",
+@pytest.mark.parametrize("override", ["optim.lr=-1", "train.epochs=0", "dino.local.size=99", "optim.lr=.nan",
                                       "train.batch_size=0", "colour=red"])
 def test_bad_config_stops_the_run_before_any_data_is_read(tmp_path, monkeypatch, caplog, override):
     import unsupdistill.data

@@ -13,10 +13,10 @@ from lightly.loss import IBOTPatchLoss
 from lightly.models.utils import update_momentum
 from torch import nn
 
-from unsupdistill.augment import MultiCropAugmentation, blur_sigma, ibot_masks
-from unsupdistill.config import AugmentConfig, ConfigError, ModelConfig, OptimConfig
+from unsupdistill.augment import MultiCropAugmentation, blur_sigma, ibot_masks, sized
+from unsupdistill.config import ConfigError, ModelConfig, OptimConfig
 from unsupdistill.losses import KoLeo, MaskedPatchLoss, SinkhornDINOLoss, build_dino_loss, sinkhorn_knopp
-from unsupdistill.methods.dino import DINOConfig
+from unsupdistill.methods.dino.settings import DINOConfig
 from unsupdistill.models import build_student_teacher
 from unsupdistill.models.dino import vit_tokens
 from unsupdistill.models.ema import update_ema
@@ -24,11 +24,12 @@ from unsupdistill.train.optimizer import build_optimizer, clip_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VIT = ModelConfig(backbone="vit_tiny_patch16_224", small_image_stem=False, head_batch_norm=False,
+VIT = ModelConfig(backbone="vit_tiny_patch16_224", small_image_stem=False,
                   backbone_kwargs={"img_size": 16, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2,
-                                   "drop_path_rate": 0.2},
-                  head_hidden_dim=32, head_bottleneck_dim=16, head_output_dim=64)
+                                   "drop_path_rate": 0.2})
 """A two-block ViT on 16-px crops: a 4x4 patch grid."""
+HEAD = DINOConfig(head_batch_norm=False, head_hidden_dim=32, head_bottleneck_dim=16, head_output_dim=64)
+"""Its small DINO head."""
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -144,7 +145,7 @@ def test_masked_patch_loss_matches_lightly_ibot():
 
 def test_masked_tokens_reach_the_loss():
     torch.manual_seed(0)
-    student, teacher, _ = build_student_teacher(VIT, (16, 8), ibot=True)
+    student, teacher, _ = build_student_teacher(VIT, HEAD, (16, 8), ibot=True)
     views = [randn(4, 3, 16, 16, seed=8), randn(8, 3, 8, 8, seed=9)]
     masks = torch.zeros(4, 4, 4, dtype=torch.bool)
     masks[1, :2, 1:3] = True
@@ -169,7 +170,7 @@ def test_masked_tokens_reach_the_loss():
 
 def test_ibot_needs_a_vit():
     with pytest.raises(ConfigError, match="dino.ibot_weight"):
-        build_student_teacher(ModelConfig(), (16,), ibot=True)
+        build_student_teacher(ModelConfig(), DINOConfig(), (16,), ibot=True)
 
 
 # ---------------------------------------------------------------- fixes of the review
@@ -209,14 +210,14 @@ def test_ema_update_matches_lightly_and_the_optimizer_is_fused():
 
 
 def test_teacher_has_no_drop_path():
-    student, teacher, _ = build_student_teacher(VIT, (16,))
+    student, teacher, _ = build_student_teacher(VIT, HEAD, (16,))
     assert any(type(m).__name__ == "DropPath" for m in student.modules())
     assert not any(type(m).__name__ == "DropPath" for m in teacher.modules())
     torch.testing.assert_close(student.state_dict()["backbone.pos_embed"], teacher.state_dict()["backbone.pos_embed"])
 
 
 def test_last_layer_logits_are_float32_under_autocast():
-    student, _, _ = build_student_teacher(VIT, (16,))
+    student, _, _ = build_student_teacher(VIT, HEAD, (16,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         features, logits = student([randn(2, 3, 16, 16, seed=10)])
         hidden = student.head.layers(features)
@@ -225,8 +226,8 @@ def test_last_layer_logits_are_float32_under_autocast():
 
 
 def test_local_crops_get_the_global_blur_sigma():
-    cfg = AugmentConfig()
-    assert blur_sigma(cfg.local, cfg.global_1.size) == blur_sigma(cfg.global_1)
+    cfg, size = DINOConfig(), ModelConfig().input_size
+    assert blur_sigma(cfg.local, size) == blur_sigma(sized(cfg.global_1, size))
     assert blur_sigma(cfg.local, 224) == pytest.approx((0.1, 2.0))  # DINO's 96-px local crops
 
 
@@ -235,11 +236,12 @@ def test_resample_crop_mode_matches_slice_statistics():
     ramp = torch.linspace(0, 1, 64).expand(1, 3, 64, 64).repeat(512, 1, 1, 1)
     means = {}
     for mode in ("slice", "resample"):
-        cfg = AugmentConfig(crop_mode=mode, num_local_crops=0)
-        for spec in (cfg.global_1, cfg.global_2):
+        cfg = DINOConfig()
+        specs = [sized(spec, 16) for spec in (cfg.global_1, cfg.global_2)]
+        for spec in specs:
             spec.flip_p = spec.color_jitter_p = spec.grayscale_p = spec.blur_p = spec.solarize_p = 0.0
         torch.manual_seed(0)
-        views, _ = MultiCropAugmentation(AugmentConfig(**{**cfg.__dict__, "mean": (0, 0, 0), "std": (1, 1, 1)}))(ramp)
+        views, _ = MultiCropAugmentation(*specs, cfg.local, 0, (0, 0, 0), (1, 1, 1), crop_mode=mode)(ramp)
         means[mode] = views.mean(dim=(1, 2, 3))
     assert means["slice"].mean().item() == pytest.approx(means["resample"].mean().item(), abs=0.01)
     assert means["slice"].std().item() == pytest.approx(means["resample"].std().item(), rel=0.1)
@@ -247,16 +249,16 @@ def test_resample_crop_mode_matches_slice_statistics():
 
 
 def test_progressive_resizing_shrinks_every_crop_then_switches_once():
-    """augment.low_res_share=0.5 with low_res_scale=0.75: 12 / 6-px crops for the first half of the planned
+    """dino.low_res_share=0.5 with low_res_scale=0.75: 12 / 6-px crops for the first half of the planned
     steps, then the configured 16 / 8 px, never back (as after a resume past the switch)."""
     from conftest import TINY
 
     from unsupdistill.config import load_config
-    from unsupdistill.methods.dino import DINO
+    from unsupdistill.methods.dino.method import DINO
     from unsupdistill.train.method import Batch, Runtime
     from unsupdistill.train.schedules import ScheduleValues
 
-    config = load_config(None, [*TINY, "augment.low_res_share=0.5", "augment.low_res_scale=0.75"])
+    config = load_config(None, [*TINY, "dino.low_res_share=0.5", "dino.low_res_scale=0.75"])
     dino = DINO(config, Runtime(torch.device("cpu"), None, 1))
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
 
@@ -269,7 +271,7 @@ def test_progressive_resizing_shrinks_every_crop_then_switches_once():
     assert sizes(0.0) == low and sizes(0.49) == low
     assert sizes(0.5) == full
     assert sizes(0.1) == full
-    for bad in ("augment.low_res_share=1", "augment.low_res_scale=0"):
+    for bad in ("dino.low_res_share=1", "dino.low_res_scale=0"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(None, [bad])
 
@@ -288,7 +290,7 @@ def test_vit_recipe_trains_exports_evaluates_and_resumes(tmp_path, monkeypatch):
 
     args = ["--recipe", "cifar10_vit_cpu", "train.max_steps=4", "train.time_budget_s=null", "train.log_every_steps=1",
             "model.backbone_kwargs={img_size: 32, patch_size: 4, embed_dim: 48, depth: 2, num_heads: 2}",
-            "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "model.head_output_dim=256",
+            "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32", "dino.head_output_dim=256",
             "train.batch_size=16", "data.num_workers=0"]
     run = tmp_path / "vit"
     assert main(["pretrain", "--out", str(run), *args]) == 0

@@ -154,7 +154,7 @@ def test_the_dense_term_is_refused_for_a_student_without_spatial_features(teache
     levit = {"img_size": 16, "embed_dim": [16, 32, 48], "key_dim": 8, "num_heads": [1, 1, 1], "depth": [1, 1, 1]}
     out = tmp_path / "run"
     assert distill(out, str(teacher_run), "model.backbone=levit_128s", f"model.backbone_kwargs={json.dumps(levit)}",
-                   "model.small_image_stem=false", "augment.global_1.size=16", "distill.dense_weight=0.5") == 2
+                   "model.small_image_stem=false", "model.input_size=16", "distill.dense_weight=0.5") == 2
     assert ("distill.dense_weight=0.5 needs spatial features, but the student (LevitDistilled) gives none; set "
             "distill.dense_weight=0") in caplog.text
     assert not (out / "checkpoints").exists() and json.loads((out / "status.json").read_text())["exit_code"] == 2
@@ -198,8 +198,8 @@ def test_vit_and_cnn_teachers_and_students_with_the_dense_term(teacher_run, vit_
     teacher = str(vit_export) if teacher_kind == "vit" else str(teacher_run)
     student_args = [] if student == "cnn" else [
         "model.backbone=vit_tiny_patch16_224", f"model.backbone_kwargs={json.dumps({**VIT, 'img_size': 8})}",
-        "model.small_image_stem=false", "augment.global_1.size=8", "augment.global_2.size=8",
-        "augment.local.size=8"]
+        "model.small_image_stem=false", "model.input_size=8", "model.input_size=8",
+        "dino.local.size=8"]
     out = tmp_path / "run"
     assert distill(out, teacher, *student_args, "train.max_steps=2", "distill.dense_weight=0.5",
                    "distill.loss=cosine", "distill.mixup_alpha=0.4") == 0

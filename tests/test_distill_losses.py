@@ -15,7 +15,7 @@ from unsupdistill.losses import (
     build_dino_loss,
     default_queue_size,
 )
-from unsupdistill.methods.dino import DINOConfig
+from unsupdistill.methods.dino.settings import DINOConfig
 
 # ---------------------------------------------------------------- NumPy references
 
@@ -254,7 +254,7 @@ def test_the_students_dino_head_keeps_its_last_layer_in_float32_under_autocast()
     from types import SimpleNamespace
 
     from unsupdistill.config import ModelConfig
-    from unsupdistill.methods.distill import Distillation
+    from unsupdistill.methods.distill.method import Distillation
 
     method = Distillation.__new__(Distillation)  # only what _head reads: the loss, the teacher's head, the width
     method.config = SimpleNamespace(distill=SimpleNamespace(loss="dino"))

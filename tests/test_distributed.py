@@ -25,9 +25,9 @@ NO_PER_PROCESS_RANDOMNESS = [
     *(f"augment.{view}.{setting}" for view in ("global_1", "global_2", "local")
       for setting in ("scale=[1, 1]", "flip_p=0", "color_jitter_p=0", "grayscale_p=0", "blur_p=0", "solarize_p=0")),
     # LayerNorm instead of BatchNorm: no statistics over the batch, which each process sees only part of
-    "model.backbone=vit_tiny_patch16_224", "model.small_image_stem=false", "model.head_batch_norm=false",
+    "model.backbone=vit_tiny_patch16_224", "model.small_image_stem=false", "dino.head_batch_norm=false",
     "model.backbone_kwargs={img_size: 16, patch_size: 4, depth: 2, embed_dim: 48, num_heads: 2}",
-    "augment.global_1.size=16", "augment.global_2.size=16", "augment.local.size=8",  # multiples of the patch
+    "model.input_size=16", "model.input_size=16", "dino.local.size=8",  # multiples of the patch
     "train.precision=fp32",
 ]
 

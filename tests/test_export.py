@@ -28,11 +28,11 @@ TINY_HEAD = [item for item in TINY if not item.startswith("model.backbone_kwargs
 RUNS = {
     "resnet_small_stem": TINY,  # the default: a ResNet with the 3x3 stride-1 stem for small images
     # the ImageNet stem (7x7/2 conv, max-pool); fp32, so that the export is compared at full precision
-    "resnet": [*TINY, "model.small_image_stem=false", "augment.global_1.size=32", "augment.global_2.size=32",
-               "augment.local.size=16", "train.precision=fp32"],
+    "resnet": [*TINY, "model.small_image_stem=false", "model.input_size=32", "model.input_size=32",
+               "dino.local.size=16", "train.precision=fp32"],
     "vit": [*TINY_HEAD, "model.backbone=vit_tiny_patch16_224", "model.small_image_stem=false",
-            "model.head_batch_norm=false", "augment.global_1.size=16", "augment.global_2.size=16",
-            "augment.local.size=8",
+            "dino.head_batch_norm=false", "model.input_size=16", "model.input_size=16",
+            "dino.local.size=8",
             "model.backbone_kwargs={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}"],
 }
 

@@ -46,7 +46,7 @@ def test_distillation_and_dino_give_the_one_feature_collapse_diagnosis():
     from types import SimpleNamespace
 
     from unsupdistill.losses.health import feature_collapse_warning
-    from unsupdistill.methods.distill import Distillation
+    from unsupdistill.methods.distill.method import Distillation
 
     collapsed = signals(torch.randn(64, K), torch.ones(64, D) + 1e-6 * torch.randn(64, D))
     method = Distillation.__new__(Distillation)

@@ -26,7 +26,7 @@ from unsupdistill.data.labeled import training_labels
 from unsupdistill.evaluate.run import classifier_accuracy
 from unsupdistill.losses import KDLoss
 from unsupdistill.methods import build_trainer
-from unsupdistill.methods.kd import KnowledgeDistillation
+from unsupdistill.methods.kd.method import KnowledgeDistillation
 from unsupdistill.models.classifier import Classifier, load_classifier
 from unsupdistill.models.teachers import load_teacher
 from unsupdistill.train.method import Runtime
@@ -34,7 +34,7 @@ from unsupdistill.train.method import Runtime
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLASSES = ("blue", "green", "red")
-STUDENT = ["model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", "augment.global_1.size=12",
+STUDENT = ["model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", "model.input_size=12",
            "train.batch_size=16", "data.num_workers=0", "train.log_every_steps=1", "optim.lr=0.3",
            "train.epochs=12", "distill.cache=off", "train.threads=1"]
 
@@ -156,7 +156,7 @@ def test_the_teacher_head_is_fitted_on_the_training_labels_only(data, tmp_path, 
         return {"val_top1": [{"top1": 50.0}],
                 "linear": (torch.zeros(len(CLASSES), train_x.shape[1]), torch.zeros(len(CLASSES)))}
 
-    monkeypatch.setattr("unsupdistill.methods.kd.linear_probe_grid", grid)
+    monkeypatch.setattr("unsupdistill.methods.kd.method.linear_probe_grid", grid)
     config = load_config(None, ["method=kd", f"distill.teacher={data['teacher']}", f"data.path={data['pool']}",
                                 f"data.labels={data['labels']}", *STUDENT])
     method = KnowledgeDistillation(config, Runtime(torch.device("cpu"), None, 1, tmp_path))
@@ -186,7 +186,7 @@ def test_under_torchrun_process_0_fits_the_teacher_head_and_the_others_take_it(d
     def fit(*args):
         raise AssertionError("a process other than the first fitted a teacher head")
 
-    monkeypatch.setattr("unsupdistill.methods.kd.distributed", SimpleNamespace(is_main_process=lambda: False,
+    monkeypatch.setattr("unsupdistill.methods.kd.method.distributed", SimpleNamespace(is_main_process=lambda: False,
                                                                                broadcast_object=broadcast))
     monkeypatch.setattr(KnowledgeDistillation, "_fit_teacher_head", fit)
     method.setup(dataset, training_labels(config.data.labels, dataset))

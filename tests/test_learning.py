@@ -36,11 +36,11 @@ def test_pretrained_teacher_beats_random_init_by_5_knn_points(tmp_path):
     config = load_config("digits", [f"data.path={tmp_path / 'train'}", "data.num_workers=0"])
     train(config, tmp_path / "run")
 
-    size = config.augment.global_1.size
+    size = config.model.input_size
     train_set, test_set = ImageFolderDataset(tmp_path / "train", size), ImageFolderDataset(tmp_path / "test", size)
 
     def knn(backbone):
-        mean, std = config.augment.mean, config.augment.std
+        mean, std = config.model.mean, config.model.std
         train_features = extract_features(backbone, train_set, size, mean, std, progress=False)
         test_features = extract_features(backbone, test_set, size, mean, std, progress=False)
         return knn_accuracy(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07)
@@ -74,8 +74,8 @@ def test_pretrained_teacher_beats_random_init_by_5_knn_points(tmp_path):
 @torch.no_grad()
 def recalibrate_batchnorm(model, dataset, config):
     """Forward passes in train mode (no gradients): BatchNorm running statistics come from the data."""
-    mean = torch.tensor(config.augment.mean).view(1, 3, 1, 1)
-    std = torch.tensor(config.augment.std).view(1, 3, 1, 1)
+    mean = torch.tensor(config.model.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.model.std).view(1, 3, 1, 1)
     images = torch.stack([dataset[i] for i in range(len(dataset))]).float() / 255
     model.train()
     generator = torch.Generator().manual_seed(0)

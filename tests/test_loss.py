@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from unsupdistill.losses.dino import build_dino_loss as build_loss
-from unsupdistill.methods.dino import DINOConfig
+from unsupdistill.methods.dino.settings import DINOConfig
 
 
 def algorithm1(teacher: list, student: list, center: torch.Tensor, student_temp: float, teacher_temp: float,

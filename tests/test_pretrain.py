@@ -102,7 +102,7 @@ def test_dry_run_of_a_recipe_too_large_for_this_machine(tmp_path, capsys):
     # the built-in run's 12 / 6-px crops (recipes/digits.yaml) and 4-px patches: named before any step
     (["model.backbone=vit_tiny_patch16_224", "model.small_image_stem=false",
       "model.backbone_kwargs={img_size: 16, patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2}"],
-     "crop sizes [6] px are not multiples of the ViT's patch size 4: set augment.global_1.size"),
+     "crop sizes [6] px are not multiples of the ViT's patch size 4: set model.input_size"),
 ])
 def test_bad_input_exits_with_a_clear_error(tmp_path, caplog, args, expected):
     with caplog.at_level(logging.ERROR):

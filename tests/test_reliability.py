@@ -21,7 +21,8 @@ from PIL import Image
 
 from unsupdistill.cli import EXIT_STOPPED, main
 from unsupdistill.config import load_config
-from unsupdistill.methods import build_trainer, dino
+from unsupdistill.methods import build_trainer
+from unsupdistill.methods.dino import method as dino
 from unsupdistill.storage import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from unsupdistill.train import loop
 

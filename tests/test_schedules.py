@@ -4,7 +4,8 @@ import pytest
 
 from unsupdistill.config import OptimConfig
 from unsupdistill.losses import teacher_temperature
-from unsupdistill.methods.dino import DINOConfig, dino_values
+from unsupdistill.methods.dino.method import dino_values
+from unsupdistill.methods.dino.settings import DINOConfig
 from unsupdistill.train.schedules import scaled_lr, schedule_at
 
 STEPS_PER_EPOCH, EPOCHS, BATCH = 10, 20, 512

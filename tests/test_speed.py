@@ -113,7 +113,7 @@ def test_several_models_get_speed_columns_in_the_suite_table(tmp_path):
 def export(out: Path, channels: list[int], size: int) -> Path:
     """A backbone exported the way a run exports one, at random init: a run directory to summarise."""
     config = load_config("digits", [f"model.backbone_kwargs={{channels: {channels}, stem_width: 8}}",
-                                    f"augment.global_1.size={size}", f"augment.global_2.size={size}"])
+                                    f"model.input_size={size}", f"model.input_size={size}"])
     torch.manual_seed(0)
     backbone, spec = create_backbone(config.model)
     save_backbone(backbone.state_dict(), describe_backbone(spec, config, 0, "teacher"), out)

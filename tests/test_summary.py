@@ -22,11 +22,12 @@ def test_the_built_in_run_takes_the_digits_recipe(tmp_path, tiny):
     assert main(["pretrain", "--out", str(run), *tiny, "train.max_steps=1"]) == 0
     config = load_config(str(run / "config.yaml"))
     digits = load_config("digits")
-    assert config.augment == digits.augment and config.dino.centering == "sinkhorn" == digits.dino.centering
-    assert (config.augment.global_1.size, config.augment.global_1.flip_p, config.train.epochs) == (12, 0.0, 12)
+    assert config.dino.local == digits.dino.local and config.dino.global_1 == digits.dino.global_1
+    assert config.dino.centering == "sinkhorn" == digits.dino.centering
+    assert (config.model.input_size, config.dino.global_1.flip_p, config.train.epochs) == (12, 0.0, 12)
     assert config.model.backbone_kwargs == {"channels": [8, 16, 32, 64], "stem_width": 8}  # key=value still wins
     folder_default = load_config(None, ["data.path=/images"])
-    assert folder_default.augment.global_1.flip_p == 0.5 and folder_default.dino.centering == "ema"  # unchanged
+    assert folder_default.dino.global_1.flip_p == 0.5 and folder_default.dino.centering == "ema"  # unchanged
 
 
 def labeled_folder(root, indices):

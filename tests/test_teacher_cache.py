@@ -16,14 +16,14 @@ from conftest import cli, export_teacher, read_metrics, sigkill_then_resume, wri
 from unsupdistill.cli import main
 from unsupdistill.config import load_config
 from unsupdistill.data import build_dataset
-from unsupdistill.methods.distill import Distillation
+from unsupdistill.methods.distill.method import Distillation
 from unsupdistill.models.backbone import create_backbone, pooled_and_spatial
 from unsupdistill.train.method import Batch, Runtime
 from unsupdistill.train.schedules import schedule_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-STUDENT = ["model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", "augment.global_1.size=12",
+STUDENT = ["model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", "model.input_size=12",
            "train.batch_size=16", "data.num_workers=0", "train.log_every_steps=1", "eval.summary=false",
            "distill.targets=views"]  # the teacher on the views: the cache of stored views applies
 CACHED = ["distill.cache=on", "distill.cache_views=1"]
@@ -81,7 +81,7 @@ def test_a_replayed_view_is_the_view_the_teacher_saw(teacher, images, tmp_path):
     assert torch.equal(replayed.stored, expected.to(torch.float16))
     # and the student's view shows the teacher's crop: the teacher's view, shrunk, is the student's
     t_mean, t_std = (torch.tensor(v).view(1, 3, 1, 1) for v in (method.teacher.mean, method.teacher.std))
-    s_mean, s_std = (torch.tensor(v).view(1, 3, 1, 1) for v in (method.config.augment.mean, method.config.augment.std))
+    s_mean, s_std = (torch.tensor(v).view(1, 3, 1, 1) for v in (method.config.model.mean, method.config.model.std))
     shrunk = torch.nn.functional.interpolate(seen.teacher * t_std + t_mean, size=(12, 12), mode="bilinear",
                                              align_corners=False, antialias=True)
     torch.testing.assert_close(shrunk, replayed.student * s_std + s_mean, atol=1e-5, rtol=0)
@@ -122,17 +122,17 @@ def test_a_changed_teacher_view_recipe_or_image_invalidates_the_cache(teacher, i
     other = export_teacher(tmp_path / "other", 16, seed=1)  # the same architecture, other weights
     assert stored_after(teacher_path=other) == 0
     assert stored_after() == 0  # and back: that cache was the other teacher's
-    assert stored_after("distill.crop_scale=[0.5, 1.0]") == 0
-    assert stored_after("distill.crop_scale=[0.5, 1.0]") == 8
+    assert stored_after("distill.view.scale=[0.5, 1.0]") == 0
+    assert stored_after("distill.view.scale=[0.5, 1.0]") == 8
     copy = tmp_path / "copy"
     copy.mkdir()
     for path in images.iterdir():
         (copy / path.name).write_bytes(path.read_bytes())
-    assert stored_after("distill.crop_scale=[0.5, 1.0]", folder=copy) == 0  # other files (paths, times)
-    assert stored_after("distill.crop_scale=[0.5, 1.0]", folder=copy) == 8
+    assert stored_after("distill.view.scale=[0.5, 1.0]", folder=copy) == 0  # other files (paths, times)
+    assert stored_after("distill.view.scale=[0.5, 1.0]", folder=copy) == 8
     write_images(tmp_path / "changed", 1, 20, 20, seed=9)
     os.replace(tmp_path / "changed" / "000.png", copy / "005.png")  # one image replaced
-    assert stored_after("distill.crop_scale=[0.5, 1.0]", folder=copy) == 0
+    assert stored_after("distill.view.scale=[0.5, 1.0]", folder=copy) == 0
 
 
 def test_resume_after_sigkill_with_the_cache_gives_the_same_losses(teacher, images, tmp_path):
@@ -191,9 +191,9 @@ def test_a_photo_folder_gets_distillation_settings_and_no_dino_keys(tmp_path, ca
     with caplog.at_level(logging.INFO):
         assert main(["distill", str(photos), "--teacher", str(teacher), "--out", str(tmp_path / "mine"),
                      "train.max_steps=1", "data.num_workers=0", "distill.teacher_size=64",
-                     "augment.global_1.size=48"]) == 0
+                     "model.input_size=48"]) == 0
     mine = load_config(str(tmp_path / "mine" / "config.yaml"))
-    assert (mine.distill.teacher_size, mine.augment.global_1.size, mine.data.image_size) == (64, 48, 64)
+    assert (mine.distill.teacher_size, mine.model.input_size, mine.data.image_size) == (64, 48, 64)
     assert json.loads((tmp_path / "mine" / "backbone.json").read_text())["input_size"] == 48
 
 

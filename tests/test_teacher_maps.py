@@ -7,7 +7,7 @@ from conftest import export_teacher, read_metrics, write_images
 
 from unsupdistill.data import ImageFolderDataset
 from unsupdistill.data.decoded import DecodedImages
-from unsupdistill.methods.teacher_pass import plan_budget, teacher_sizes
+from unsupdistill.methods.distill.teacher_pass import plan_budget, teacher_sizes
 from unsupdistill.models.teacher_maps import TeacherMaps, fitting_grid, pool_regions
 
 
@@ -112,13 +112,13 @@ def test_a_photo_folder_distils_from_one_teacher_pass_inside_its_budget(tmp_path
 
     from unsupdistill.config import load_config
     from unsupdistill.methods import build_trainer
-    from unsupdistill.methods.distill import Distillation
+    from unsupdistill.methods.distill.method import Distillation
 
     folder = write_images(tmp_path / "photos", 40, 72, 56, fmt="JPEG")
     teacher = export_teacher(tmp_path / "teacher", 48, seed=0)
     config = load_config(None, [f"data.path={folder}", "method=distill", f"distill.teacher={teacher}",
                                 "model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}",
-                                "augment.global_1.size=24", "augment.global_2.size=24", "augment.local.size=16",
+                                "model.input_size=24", "model.input_size=24", "dino.local.size=16",
                                 "train.batch_size=8", "data.num_workers=0", "train.log_every_steps=1",
                                 "eval.summary=false", "train.epochs=3", "distill.teacher_runtime=eager fp32",
                                 "train.time_budget_s=60"])

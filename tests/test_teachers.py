@@ -39,7 +39,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     """A run directory of ours, written the way training writes one: an export and a checkpoint."""
     config = load_config(None, [*TINY, "model.backbone=resnet18", "model.small_image_stem=true"])
     torch.manual_seed(0)
-    student, teacher, spec = build_student_teacher(config.model, (16,))
+    student, teacher, spec = build_student_teacher(config.model, config.dino, (16,))
     with torch.no_grad():  # the student moved on: loading it instead of the teacher would show
         for param in student.parameters():
             param.add_(0.1)
@@ -92,7 +92,7 @@ def test_run_export_and_checkpoint(run: Run) -> None:
         teacher = load_teacher(spec)
         assert (teacher.name, teacher.architecture) == (name, "resnet18")
         assert (teacher.input_size, teacher.feature_dim) == (16, 64)
-        assert teacher.mean == pytest.approx(run.config.augment.mean) and teacher.head is None
+        assert teacher.mean == pytest.approx(run.config.model.mean) and teacher.head is None
         assert teacher.description is not None and teacher.description["timm_name"] == "resnet18"
         assert_frozen(teacher)
         with torch.no_grad():
@@ -106,7 +106,7 @@ def test_dino_head_of_a_run_and_a_checkpoint(run: Run) -> None:
         features, logits = run.teacher([x])  # (2, 64), (2, 256)
     for spec in (str(run.path), str(run.path / "checkpoints" / "last.pt")):
         teacher = load_teacher(spec, need_head=True)
-        assert teacher.head is not None and teacher.head_config == run.config.model
+        assert teacher.head is not None and teacher.head_config == run.config.dino
         assert teacher.name in ("run:tinyrun", "ckpt:tinyrun/last.pt")
         assert_frozen(teacher)
         with torch.no_grad():

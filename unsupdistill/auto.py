@@ -23,6 +23,7 @@ from typing import Any
 
 from unsupdistill.config import Config, merge, validate
 from unsupdistill.data.scan import FolderScan
+from unsupdistill.methods import registry
 
 MAX_CROP = {"cpu": 96, "cuda": 224}
 """Largest global crop chosen per device: 96 px keeps a CPU epoch of 10k images to minutes; 224 is DINO's."""
@@ -34,7 +35,7 @@ MIN_STEPS = 1_000
 """Tiny sets train for enough epochs to reach this many steps (at least 100 epochs)."""
 
 SHARED_KEYS = frozenset({
-    "augment.global_1.size", "model.backbone_kwargs", "model.small_image_stem", "train.batch_size", "train.epochs",
+    "model.input_size", "model.backbone_kwargs", "model.small_image_stem", "train.batch_size", "train.epochs",
     "optim.warmup_share",
 })
 """The keys the shared part of :func:`auto_settings` may set; a method adds its own (``Method.automatic_keys``)."""
@@ -93,18 +94,16 @@ def auto_settings(config: Config, scan: FolderScan, device_type: str, explicit: 
         config: defaults with the user's overrides applied.
         scan: the folder's scan (file count and image sizes).
         device_type: ``"cpu"`` or ``"cuda"``.
-        explicit: dotted keys the user set (``augment.global_1.size``); a key, its parents and its
+        explicit: dotted keys the user set (``model.input_size``); a key, its parents and its
             children are never changed.
         world_size: processes the global batch is split over.
-        method: the method class; None: the one ``config.method`` names.
+        method: the method class; None: the one ``config.method`` names (null: the first registered, dino).
 
     Returns:
         The config with the choices applied, validated, and the choices.
     """
     if method is None:
-        from unsupdistill.methods import METHODS  # the registry; methods do not import this module
-
-        method = METHODS[config.method]
+        method = registry.method_class(config.method or registry.names()[0])
     paths = scan.paths
     facts = FolderFacts(len(scan.files), statistics.median(min(w, h) for w, h in scan.sizes), device_type,
                         world_size, tuple(str(p) for p in paths[::max(1, len(paths) // SAMPLE_FILES)][:SAMPLE_FILES]))
@@ -118,14 +117,14 @@ def auto_settings(config: Config, scan: FolderScan, device_type: str, explicit: 
 
 
 def _network(chooser: Chooser, config: Config, facts: FolderFacts, headroom: float) -> None:
-    """The student's crop size (``augment.global_1.size``) and network, from the images and the device; the crop
+    """The student's input size (``model.input_size``) and network, from the images and the device; the crop
     is the images' shorter side / ``headroom`` (the method's: DINO crops from a larger decode)."""
-    m, a = config.model, config.augment
+    m = config.model
     cap = MAX_CROP["cuda" if facts.device_type == "cuda" else "cpu"]
     vit = is_vit(m.backbone)
     resnet = m.backbone.startswith(("resnet", "wide_resnet", "resnext", "seresnet", "skresnet"))
-    if chooser.is_explicit("augment.global_1.size"):
-        crop = a.global_1.size
+    if chooser.is_explicit("model.input_size"):
+        crop = m.input_size
     else:
         fit = facts.shorter_side / headroom
         wanted = min(cap, fit)
@@ -136,7 +135,7 @@ def _network(chooser: Chooser, config: Config, facts: FolderFacts, headroom: flo
         if not vit and not resnet and crop < MOBILE_MIN_CROP:
             crop, why = MOBILE_MIN_CROP, (f"{m.backbone} downsamples 32x and has no small-image stem: "
                                           f"{MOBILE_MIN_CROP} px for a 2x2 last feature map (upsampled)")
-        chooser.set("augment.global_1.size", crop, why)
+        chooser.set("model.input_size", crop, why)
     if vit:
         patch = patch_size(crop)
         chooser.set("model.backbone_kwargs", {"img_size": crop, "patch_size": patch},

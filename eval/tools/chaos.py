@@ -41,7 +41,7 @@ from unsupdistill.evaluate.report import format_table
 from unsupdistill.storage import CheckpointError, latest_checkpoint, load_checkpoint
 
 BATCH = 16
-TINY = [*common.TINY_MODEL, f"train.batch_size={BATCH}", "augment.num_local_crops=2", "data.num_workers=0",
+TINY = [*common.TINY_MODEL, f"train.batch_size={BATCH}", "dino.num_local_crops=2", "data.num_workers=0",
         "train.device=cpu"]
 """The network and settings of both runs: a training step takes tens of milliseconds on 2 CPU cores."""
 SAVE_EVERY = 5

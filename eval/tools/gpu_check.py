@@ -65,8 +65,8 @@ STEADY_STATE = ["dino.freeze_last_layer_epochs=0"]
 update; the check times the other 99 epochs."""
 QUICK = ["model.backbone_kwargs={img_size: 32, patch_size: 8, embed_dim: 48, depth: 2, num_heads: 3, "
          "drop_path_rate: 0.1}", *common.TINY_HEAD,
-         "augment.global_1.size=32", "augment.global_2.size=32", "augment.local.size=16",
-         "augment.num_local_crops=2", "data.image_size=40"]
+         "model.input_size=32", "model.input_size=32", "dino.local.size=16",
+         "dino.num_local_crops=2", "data.image_size=40"]
 """The recipe's ViT scaled down for a CPU smoke run in seconds: 2 x 32-px + 2 x 16-px crops."""
 STAGE_STEPS = 3
 FLOPS_COUNTED = ("matmul, convolution and fused-attention FLOPs (torch FlopCounterMode) of one real train_step: "
@@ -214,12 +214,12 @@ def check_config(args: argparse.Namespace, device: torch.device, folder: Path, b
 
 def workload(config: Config, args: argparse.Namespace) -> dict:
     """What ran: the recipe's network, crops and data settings as overridden."""
-    a, m = config.augment, config.model
+    a, m = config.dino, config.model
     return {
         "recipe": str(RECIPE.relative_to(RECIPE.parents[1])), "quick": args.quick, "set": args.set,
-        "backbone": m.backbone, "backbone_kwargs": m.backbone_kwargs, "head_output_dim": m.head_output_dim,
-        "crops": f"2x{a.global_1.size} + {a.num_local_crops}x{a.local.size}",
-        "workers": num_workers(config.data), "decoded_px": config.data.image_size or a.global_1.size,
+        "backbone": m.backbone, "backbone_kwargs": m.backbone_kwargs, "head_output_dim": a.head_output_dim,
+        "crops": f"2x{m.input_size} + {a.num_local_crops}x{a.local.size}",
+        "workers": num_workers(config.data), "decoded_px": config.data.image_size or m.input_size,
         "jpeg_px": args.image_px, "unique_jpegs": args.images, "compile": config.train.compile,
     }
 

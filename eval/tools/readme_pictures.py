@@ -22,9 +22,9 @@ from PIL import Image
 
 from unsupdistill.data import DigitsDataset, digits_split
 
-VIT = ["--recipe", "cifar10_vit_cpu", "augment.mean=[0.485, 0.456, 0.406]", "augment.std=[0.229, 0.224, 0.225]",
+VIT = ["--recipe", "cifar10_vit_cpu", "model.mean=[0.485, 0.456, 0.406]", "model.std=[0.229, 0.224, 0.225]",
        "model.backbone_kwargs={img_size: 32, patch_size: 4, depth: 4, embed_dim: 96, num_heads: 3}",
-       "model.head_hidden_dim=512", "model.head_bottleneck_dim=128", "model.head_output_dim=1024",
+       "dino.head_hidden_dim=512", "dino.head_bottleneck_dim=128", "dino.head_output_dim=1024",
        "train.batch_size=64", "train.save_every_steps=100000", "data.num_workers=0"]
 """A four-block ViT with 4-px patches at 32 px (an 8x8 grid), the ViT recipe's losses."""
 

@@ -15,7 +15,7 @@ import time
 import torch
 
 from unsupdistill.data.folder import load_rgb, resize_center_crop
-from unsupdistill.methods.teacher_pass import SpatialOutput, normalize
+from unsupdistill.methods.distill.teacher_pass import SpatialOutput, normalize
 from unsupdistill.models.backbone import pooled_and_spatial
 from unsupdistill.models.inference import fastest_path
 from unsupdistill.models.teachers import load_teacher

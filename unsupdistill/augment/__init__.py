@@ -15,7 +15,7 @@ from unsupdistill.augment.multicrop import (
     blur_kernel_size,
     blur_sigma,
     build_view_transform,
-    scaled_crops,
+    sized,
 )
 
 __all__ = [
@@ -27,5 +27,5 @@ __all__ = [
     "blur_sigma",
     "build_view_transform",
     "ibot_masks",
-    "scaled_crops",
+    "sized",
 ]

@@ -14,7 +14,6 @@ sample draws its parameters from torch's global RNG, so ``torch.manual_seed`` ma
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +22,8 @@ from kornia.color import rgb_to_grayscale
 from kornia.enhance import adjust_hue, adjust_saturation
 from kornia.geometry.transform import crop_and_resize
 from torch import Tensor, nn
+
+from unsupdistill.config import ViewSpec
 
 VIEW_PARAMS = ("left", "top", "width", "height", "flip", "jitter", "brightness", "contrast", "saturation", "hue",
                "grayscale")
@@ -70,7 +71,8 @@ class DistillAugmentation(nn.Module):
     bilinear resize of it (antialiased when shrinking).
 
     Args:
-        cfg: the distillation section of the config (crop scale, flip, jitter, grayscale, mixup).
+        view: the view's random augmentation (crop scale, flip, jitter, grayscale; no blur or solarization).
+        mixup_alpha: mix each view with another image of the batch, weight ~ Beta(alpha, alpha); 0: no mixup.
         student_size: side of the student's input in pixels.
         student_mean: per-channel mean of the student's normalisation.
         student_std: per-channel standard deviation of the student's normalisation.
@@ -81,7 +83,8 @@ class DistillAugmentation(nn.Module):
 
     def __init__(
         self,
-        cfg: Any,
+        view: ViewSpec,
+        mixup_alpha: float,
         student_size: int,
         student_mean: tuple[float, float, float],
         student_std: tuple[float, float, float],
@@ -90,10 +93,10 @@ class DistillAugmentation(nn.Module):
         teacher_std: tuple[float, float, float],
     ) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.view = view
         self.student_size = student_size
         self.teacher_size = teacher_size
-        self.mixup_alpha = cfg.mixup_alpha
+        self.mixup_alpha = mixup_alpha
         self.student_normalize = Normalize(mean=torch.tensor(student_mean), std=torch.tensor(student_std))
         self.teacher_normalize = Normalize(mean=torch.tensor(teacher_mean), std=torch.tensor(teacher_std))
 
@@ -104,9 +107,9 @@ class DistillAugmentation(nn.Module):
     @torch.no_grad()
     def sample(self, batch: int) -> Tensor:
         """Draw one view per image from torch's global RNG: (batch, len(VIEW_PARAMS)) float32 on the CPU."""
-        c = self.cfg
+        c = self.view
         # random resized crop of a square image: area share and log aspect ratio, the first of 10 tries that fits
-        area = torch.empty(batch, CROP_TRIES).uniform_(*c.crop_scale)
+        area = torch.empty(batch, CROP_TRIES).uniform_(*c.scale)
         log_ratio = torch.empty(batch, CROP_TRIES).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
         width, height = (area * log_ratio.exp()).sqrt(), (area / log_ratio.exp()).sqrt()
         fits = (width <= 1) & (height <= 1)

@@ -14,7 +14,7 @@ import kornia.augmentation as K
 import torch
 from torch import Tensor, nn
 
-from unsupdistill.config import AugmentConfig, CropSpec
+from unsupdistill.config import CropSpec, ViewSpec
 
 REFERENCE_SIZE = 224
 """Crop size that ``CropSpec.blur_sigma`` is expressed in (DINO's 224-px global crops)."""
@@ -79,30 +79,32 @@ def build_view_transform(
     return nn.Sequential(*stages)
 
 
-def scaled_crops(cfg: AugmentConfig, scale: float) -> AugmentConfig:
-    """The same augmentation with every crop size times ``scale`` (rounded, at least 1 px): the views of the
-    low-resolution part of a progressively resized run (``augment.low_res_share``)."""
-    def resize(spec: CropSpec) -> CropSpec:
-        return dataclasses.replace(spec, size=max(1, round(spec.size * scale)))
-
-    return dataclasses.replace(cfg, global_1=resize(cfg.global_1), global_2=resize(cfg.global_2),
-                               local=resize(cfg.local))
+def sized(view: ViewSpec, size: int) -> CropSpec:
+    """``view`` as a kind of crop of ``size`` px (a global view at the model's input size)."""
+    return CropSpec(size=size, **{f.name: getattr(view, f.name) for f in dataclasses.fields(ViewSpec)})
 
 
 class MultiCropAugmentation(nn.Module):
     """DINO's multi-crop: two global views that differ in blur and solarization, and N local views.
 
     Args:
-        cfg: the augmentation section of the config.
+        global_1: the first global view (its size: the model's input).
+        global_2: the second global view, of the same size.
+        local: the local views.
+        num_local_crops: local views per image (0: none).
+        mean: per-channel mean of the normalisation.
+        std: per-channel standard deviation of the normalisation.
+        crop_mode: kornia's ``cropping_mode`` (see :func:`build_view_transform`).
     """
 
-    def __init__(self, cfg: AugmentConfig) -> None:
+    def __init__(self, global_1: CropSpec, global_2: CropSpec, local: CropSpec, num_local_crops: int,
+                 mean: tuple[float, float, float], std: tuple[float, float, float], crop_mode: str = "slice") -> None:
         super().__init__()
-        self.num_local_crops = cfg.num_local_crops
-        size, mode = cfg.global_1.size, cfg.crop_mode
-        self.global_1 = build_view_transform(cfg.global_1, cfg.mean, cfg.std, size, mode)
-        self.global_2 = build_view_transform(cfg.global_2, cfg.mean, cfg.std, size, mode)
-        self.local = build_view_transform(cfg.local, cfg.mean, cfg.std, size, mode) if cfg.num_local_crops else None
+        self.num_local_crops = num_local_crops
+        size = global_1.size
+        self.global_1 = build_view_transform(global_1, mean, std, size, crop_mode)
+        self.global_2 = build_view_transform(global_2, mean, std, size, crop_mode)
+        self.local = build_view_transform(local, mean, std, size, crop_mode) if num_local_crops else None
 
     @property
     def num_views(self) -> int:

@@ -48,14 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=TRAINING_EPILOG,
     )
     add_training_arguments(d, "distill")
-    d.add_argument("--teacher", metavar="TEACHER",
-                   help="the frozen teacher (sets distill.teacher): a run directory, an exported .safetensors (with "
-                        "its .json), a checkpoint .pt, or timm:NAME[,pretrained=true][,key=value...], e.g. "
-                        "timm:vit_small_patch14_dinov2.lvd142m,pretrained=true,img_size=224")
-    d.add_argument("--labels", metavar="LABELED",
-                   help="labels of some or all of the images (sets data.labels): a folder of class subfolders or a "
-                        "path,label CSV of images inside the image folder; the student then learns from the labels "
-                        "and the teacher's class probabilities too (method kd), and exports a classifier")
     d.add_argument("--generations", type=int, default=1, metavar="N",
                    help="born-again generations: generation k+1 is distilled from generation k's export (same "
                         "student network), each in RUN/gen_k; 1 (default) trains one student in RUN")

@@ -38,6 +38,7 @@ from unsupdistill.config import (
 from unsupdistill.data import DataError, FolderScan, num_workers, scan_for_run
 from unsupdistill.devices import training_device
 from unsupdistill.export import ExportError
+from unsupdistill.methods import registry
 from unsupdistill.models.load import ModelSpecError
 from unsupdistill.storage import CLASSIFIER_FILE, CheckpointError, latest_checkpoint, write_json_atomic
 from unsupdistill.train.checkpoint import set_aside_later_state
@@ -77,6 +78,9 @@ def add_training_arguments(p: argparse.ArgumentParser, command: str) -> None:
     add_batch_options(p, training=True)
     p.add_argument("--dry-run", action="store_true",
                    help="build everything and run one step on a batch of 2 per process; write nothing")
+    for flag, owners in registry.flags().values():  # the flags of the methods this verb runs by default
+        if any(registry.entry(name).verb == command for name in owners):
+            p.add_argument(flag.name, metavar=flag.metavar, help=flag.help)
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -109,15 +113,14 @@ def train_command(args: argparse.Namespace) -> int:
             config = load_config(BUILT_IN_RECIPE, overrides, check=False)
     if paths:  # a path as written, never parsed as YAML
         config = merge(config, {"data": {"path": paths[0]}}, "command line")
-    if getattr(args, "teacher", None):
-        config = merge(config, {"distill": {"teacher": args.teacher}}, "--teacher")
-    if getattr(args, "labels", None):
-        config = merge(config, {"data": {"labels": args.labels}}, "--labels")
+    given = method_flags(args)
+    for flag, key, value in given:  # --teacher, --labels: the methods' own flags, each a key=value
+        section, name = key.split(".")
+        config = merge(config, {section: {name: value}}, flag)
     config = absolute_paths(config)
     automatic = args.recipe is None and checkpoint is None and config.data.path is not None
     # before any data is read; what the automatic settings will set is checked once they have
-    config = _verb_method(config, args.command, "method" in explicit_keys(overrides),
-                          str(ckpt_path) if ckpt_path else args.recipe)
+    config = choose_method(config, args.command, _method_source(args, overrides, ckpt_path), given)
     method = METHODS[config.method]
     validate(config, ignore=automatic_keys(method) - explicit_keys(overrides) if automatic else frozenset())
 
@@ -308,24 +311,42 @@ def _train_run(config: Config, run_dir: Path, checkpoint: dict | None, ckpt_path
     return None, config, backbone
 
 
-def _verb_method(config: Config, command: str, explicit: bool, source: str | None) -> Config:
-    """The config with the method the verb runs (the registry's ``Method.command``; with ``data.labels``, the verb's
-    method that learns from labels), unless a ``method=`` override names one; a recipe or checkpoint of a method
-    another verb runs is an error that names that verb."""
-    from unsupdistill.methods import METHODS, method_for_command
+def method_flags(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """The methods' flags given on the command line (``--teacher X``): (flag, the key it sets, value)."""
+    return [(flag.name, flag.key, getattr(args, _dest(flag.name))) for flag, _ in registry.flags().values()
+            if getattr(args, _dest(flag.name), None) is not None]
 
-    if config.method not in METHODS:
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _method_source(args: argparse.Namespace, overrides: list[str], ckpt_path: Path | None) -> str:
+    """Where ``config.method`` came from, for messages."""
+    if "method" in explicit_keys(overrides):
+        return "method= on the command line"
+    return str(ckpt_path) if ckpt_path else (args.recipe or "")
+
+
+def choose_method(config: Config, command: str, source: str, given: list[tuple[str, str, str]]) -> Config:
+    """The config with its method: the one the recipe, the checkpoint or ``method=`` names, else the verb's default
+    (the registry's; with ``data.labels``, the verb's method that learns from labels). A method flag (``--teacher``)
+    the chosen method does not declare is an error that names the methods that do."""
+    if config.method is not None and config.method not in registry.names():
         validate(config)  # names the method and the allowed ones
-    if explicit:
-        return config
-    current = METHODS[config.method]
-    if current.command != command and source is not None and config.method != Config().method:
-        raise ConfigError(f"{source} trains method {config.method}, which `unsupdistill {current.command}` runs; "
-                          "use that verb (or override with method=NAME)")
-    wanted = method_for_command(command, labeled=config.data.labels is not None)
-    if wanted.name == config.method:
-        return config
-    return merge(config, {"method": wanted.name}, f"unsupdistill {command}")
+    if config.method is None:
+        config = merge(config, {"method": registry.default_method(command, config.data.labels is not None)},
+                       f"unsupdistill {command}")
+    elif registry.entry(config.method).verb != command:
+        logger.info("method %s (from %s), which `unsupdistill %s` runs by default", config.method, source,
+                    registry.entry(config.method).verb)
+    flags = registry.flags()
+    for flag, _key, _value in given:
+        owners = flags[flag][1]
+        if config.method not in owners:
+            raise ConfigError(f"{flag} is a flag of method {' and '.join(owners)}; this run trains {config.method}"
+                              + (f" (from {source})" if source else "") + f": drop {flag}, or add method={owners[0]}")
+    return config
 
 
 def labeled_pair(config: Config, args: argparse.Namespace) -> tuple[str, str] | None:

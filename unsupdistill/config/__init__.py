@@ -19,10 +19,7 @@ from unsupdistill.config.loading import (
     recipe_names,
 )
 from unsupdistill.config.sections import (
-    METHOD_NAMES,
-    METHOD_SECTIONS,
     PATH,
-    AugmentConfig,
     Config,
     ConfigError,
     CropSpec,
@@ -31,13 +28,13 @@ from unsupdistill.config.sections import (
     ModelConfig,
     OptimConfig,
     TrainConfig,
+    ViewSpec,
     method_sections,
     reads_section,
-    register_method,
 )
 
-__all__ = ["METHOD_NAMES", "METHOD_SECTIONS", "PATH", "AugmentConfig", "Config", "ConfigError", "CropSpec",
+__all__ = ["PATH", "Config", "ConfigError", "CropSpec",
            "DataConfig", "EvalConfig", "ModelConfig", "OptimConfig", "TrainConfig", "absolute_paths", "apply_overrides",
            "config_errors", "config_from_dict", "load_config", "merge", "parse_override", "path_keys", "read_recipe",
            "recipe_names", "method_sections",
-           "reads_section", "register_method", "validate"]
+           "reads_section", "validate", "ViewSpec"]

@@ -6,7 +6,8 @@ import dataclasses
 import math
 from typing import Any
 
-from unsupdistill.config.sections import METHOD_NAMES, Config, ConfigError, CropSpec, method_sections
+from unsupdistill.config.sections import Config, ConfigError, method_sections
+from unsupdistill.methods import registry
 
 # ----------------------------------------------------------------------------------------------
 # Validation: ranges and relations that types cannot express
@@ -33,24 +34,6 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
     def need(ok: bool, key: str, allowed: str) -> None:
         checks.append((ok, key, allowed))
 
-    a = config.augment
-    for name in ("global_1", "global_2", "local"):
-        spec: CropSpec = getattr(a, name)
-        key = f"augment.{name}"
-        need(spec.size >= 1, f"{key}.size", "an integer >= 1")
-        need(0 < spec.scale[0] <= spec.scale[1] <= 1, f"{key}.scale", "[min, max] with 0 < min <= max <= 1")
-        for p in ("flip_p", "color_jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-            need(0 <= getattr(spec, p) <= 1, f"{key}.{p}", "a probability in [0, 1]")
-        need(all(v >= 0 for v in spec.color_jitter) and spec.color_jitter[3] <= 0.5,
-             f"{key}.color_jitter", "[brightness, contrast, saturation, hue], all >= 0, hue <= 0.5")
-        need(0 < spec.blur_sigma[0] <= spec.blur_sigma[1], f"{key}.blur_sigma", "[min, max] with 0 < min <= max")
-    need(a.num_local_crops >= 0, "augment.num_local_crops", "an integer >= 0")
-    need(a.local.size <= a.global_1.size, "augment.local.size",
-         f"at most the global crop size ({a.global_1.size})")
-    need(all(s > 0 for s in a.std), "augment.std", "three positive numbers")
-    need(0 <= a.low_res_share < 1, "augment.low_res_share", "a share of the steps in [0, 1); 0 turns it off")
-    need(0 < a.low_res_scale <= 1, "augment.low_res_scale", "a share of the crop sizes in (0, 1]")
-
     d = config.data
     need(d.path is None or bool(d.path.strip()), "data.path", "null (the built-in digits) or a folder path")
     need(d.image_size is None or d.image_size >= 1, "data.image_size", "null or an integer >= 1")
@@ -61,8 +44,8 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
     need(bool(m.backbone.strip()), "model.backbone", "a timm model name, e.g. resnet18 or vit_small_patch16_224")
     need(_is_plain_mapping(m.backbone_kwargs), "model.backbone_kwargs",
          "a mapping of argument names to numbers, strings, booleans, null, or lists and mappings of these")
-    for key in ("head_hidden_dim", "head_bottleneck_dim", "head_output_dim"):
-        need(getattr(m, key) >= 1, f"model.{key}", "an integer >= 1")
+    need(m.input_size >= 1, "model.input_size", "an integer >= 1")
+    need(all(s > 0 for s in m.std), "model.std", "three positive numbers")
 
     o = config.optim
     need(o.lr > 0, "optim.lr", "a number > 0")
@@ -95,7 +78,9 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
     need(e.k >= 1, "eval.k", "an integer >= 1")
     need(e.temperature > 0, "eval.temperature", "a number > 0")
 
-    need(config.method in METHOD_NAMES, "method", f"one of {', '.join(METHOD_NAMES)}")
+    names = registry.names()
+    need(config.method is None or config.method in names, "method",
+         f"one of {', '.join(names)}, or null for the verb's own")
     for section in config.sections.values():  # each method checks its own section
         checks.extend(section.checks(config) if hasattr(section, "checks") else [])
 

@@ -16,6 +16,7 @@ import yaml
 
 from unsupdistill.config.checks import validate
 from unsupdistill.config.sections import Config, ConfigError, method_sections
+from unsupdistill.methods import registry
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +118,19 @@ def absolute_paths(config: Config) -> Config:
         value = getattr(getattr(config, section), name)
         if value is None or (key in DIGITS_KEYS and value == "digits" and not Path(value).exists()):
             continue
-        if key == "distill.teacher" and value.startswith("timm:"):
+        if value.startswith(_not_paths(key)):  # a model name where a path could be (timm:NAME)
             continue
         path = Path(value) if Path(value).exists() else Path(value).expanduser()
         data.setdefault(section, {})[name] = os.path.abspath(path)
     return merge(config, data, "absolute paths")
+
+
+def _not_paths(key: str) -> tuple[str, ...]:
+    """The prefixes that make a value of path key ``key`` a name rather than a path (``PATH`` metadata's
+    ``not_paths``)."""
+    section, name = key.split(".")
+    cls = method_sections().get(section) or typing.get_type_hints(Config)[section]
+    return next((f.metadata.get("not_paths", ()) for f in dataclasses.fields(cls) if f.name == name), ())
 
 
 def _parse_yaml(text: str) -> Any:
@@ -226,40 +235,54 @@ def merge(config: Any, data: dict[str, Any], source: str, prefix: str = "", upda
     return dataclasses.replace(config, **changes)
 
 
-RENAMED = {"loss": "dino", "optim.teacher_momentum": "dino.teacher_momentum",
-           "optim.teacher_momentum_end": "dino.teacher_momentum_end",
-           "optim.freeze_last_layer_epochs": "dino.freeze_last_layer_epochs"}
-"""Keys that moved (old dotted name -> new): DINO's settings are its own ``dino`` section since issue 26."""
-
-
 def _renamed(data: dict[str, Any], source: str) -> dict[str, Any]:
-    """``data`` (a whole config's mapping) with the keys of :data:`RENAMED` under their new names, logged once each;
-    a value under the new name wins over one under the old."""
-    data = dict(data)
-    for old, new in RENAMED.items():
-        old_section, _, old_key = old.partition(".")
-        new_section, _, new_key = new.partition(".")
-        if not old_key:
-            if old_section in data:
-                value, current = data.pop(old_section), data.get(new_section, {})
-                if isinstance(value, dict) and isinstance(current, dict):
-                    value = {**value, **current}
-                elif new_section in data:
-                    value = current
-                data[new_section] = value
-                logger.warning("%s: section '%s' is now '%s' (read as such; rename it there)", source, old, new)
+    """``data`` (a whole config's mapping) with the keys that moved under their new names, logged once each: every
+    method declares its own (``RENAMED`` of its settings, e.g. DINO's old ``loss`` section -> ``dino``). A
+    value under the new name wins over one under the old; an old section left empty is dropped."""
+    data = _copy_mappings(data)
+    for old, new in registry.renamed().items():
+        *old_parents, old_key = old.split(".")
+        parent = _node(data, old_parents)
+        if parent is None or old_key not in parent:
             continue
-        section = data.get(old_section)
-        if isinstance(section, dict) and old_key in section:
-            section = dict(section)
-            value = section.pop(old_key)
-            data[old_section] = section
-            target = data.get(new_section)
-            target = dict(target) if isinstance(target, dict) else {}
+        value = parent.pop(old_key)
+        *new_parents, new_key = new.split(".")
+        target = _node(data, new_parents, create=True)
+        if target is None:  # a non-mapping where a section belongs: merge() names it
+            continue
+        current = target.get(new_key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            target[new_key] = {**value, **current}
+        else:
             target.setdefault(new_key, value)
-            data[new_section] = target
-            logger.warning("%s: %s is now %s (read as such; rename it there)", source, old, new)
+        _drop_empty(data, old_parents)
+        logger.warning("%s: %s is now %s (read as such; rename it there)", source, old, new)
     return data
+
+
+def _copy_mappings(data: Any) -> Any:
+    return {k: _copy_mappings(v) for k, v in data.items()} if isinstance(data, dict) else data
+
+
+def _node(data: dict[str, Any], parts: list[str], create: bool = False) -> dict[str, Any] | None:
+    """The mapping at ``parts`` inside ``data`` (made when ``create``); None where there is none."""
+    node: Any = data
+    for part in parts:
+        if create and part not in node:
+            node[part] = {}
+        node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            return None
+    return node
+
+
+def _drop_empty(data: dict[str, Any], parts: list[str]) -> None:
+    """Remove the mapping at ``parts`` and its parents while they are empty."""
+    for depth in range(len(parts), 0, -1):
+        parent = _node(data, parts[:depth - 1])
+        if parent is None or parent.get(parts[depth - 1]) != {}:
+            return
+        del parent[parts[depth - 1]]
 
 
 def _coerce(value: Any, hint: Any, path: str, source: str) -> Any:

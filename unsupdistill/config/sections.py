@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from unsupdistill.methods import registry
 
 
 class ConfigError(ValueError):
@@ -18,12 +19,11 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class CropSpec:
-    """One kind of view in the multi-crop augmentation (DINO, Caron et al. 2021, Sec. 3.1)."""
+class ViewSpec:
+    """The random augmentation of one kind of view, in DINO's order (Caron et al. 2021, App. D): random resized crop,
+    flip, colour jitter, grayscale, Gaussian blur, solarization. A method's settings hold one per kind of view."""
 
-    size: int
-    """Output side length in pixels."""
-    scale: tuple[float, float]
+    scale: tuple[float, float] = (0.4, 1.0)
     """Range of the crop's area as a fraction of the image (RandomResizedCrop)."""
     flip_p: float = 0.5
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
@@ -32,38 +32,31 @@ class CropSpec:
     grayscale_p: float = 0.2
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    """Gaussian blur sigma range, in pixels of a 224-px global crop; every kind of view is scaled by the
-    global crop's size over 224 (DINO gives its 96-px local crops the same sigma in pixels as its 224-px
-    global ones)."""
+    """Gaussian blur sigma range, in pixels of a 224-px input; every kind of view is scaled by the model's input size
+    over 224 (DINO gives its 96-px local crops the same sigma in pixels as its 224-px global ones)."""
     solarize_p: float = 0.0
+
+    def checks(self, key: str) -> list[tuple[bool, str, str]]:
+        """(ok, key, what is allowed) for the view's ranges; ``key`` is its dotted name."""
+        return [
+            (0 < self.scale[0] <= self.scale[1] <= 1, f"{key}.scale", "[min, max] with 0 < min <= max <= 1"),
+            *((0 <= getattr(self, p) <= 1, f"{key}.{p}", "a probability in [0, 1]")
+              for p in ("flip_p", "color_jitter_p", "grayscale_p", "blur_p", "solarize_p")),
+            (all(v >= 0 for v in self.color_jitter) and self.color_jitter[3] <= 0.5, f"{key}.color_jitter",
+             "[brightness, contrast, saturation, hue], all >= 0, hue <= 0.5"),
+            (0 < self.blur_sigma[0] <= self.blur_sigma[1], f"{key}.blur_sigma", "[min, max] with 0 < min <= max"),
+        ]
 
 
 @dataclass
-class AugmentConfig:
-    """DINO's multi-crop recipe: two global views that differ in blur/solarize, N local views.
+class CropSpec(ViewSpec):
+    """A kind of view with a size of its own, smaller than the model's input (DINO's local crops)."""
 
-    Probabilities and scales are DINO's; the sizes (16 / 8 px) suit small images (the built-in digits run
-    takes 12 / 6 px, without flips or colour jitter, from recipes/digits.yaml).
-    """
+    size: int = 8
+    """Output side length in pixels."""
 
-    global_1: CropSpec = field(default_factory=lambda: CropSpec(size=16, scale=(0.4, 1.0), blur_p=1.0))
-    global_2: CropSpec = field(
-        default_factory=lambda: CropSpec(size=16, scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2)
-    )
-    local: CropSpec = field(default_factory=lambda: CropSpec(size=8, scale=(0.05, 0.4), blur_p=0.5))
-    num_local_crops: int = 4
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    crop_mode: Literal["slice", "resample"] = "slice"
-    """How kornia's RandomResizedCrop resizes a batch: ``slice``, one resize per image; ``resample``, one
-    batched perspective warp for all images of a view."""
-    low_res_share: float = 0.0
-    """Progressive resizing: the share of the planned steps, from the start, whose crops are all
-    ``low_res_scale`` times smaller (e.g. 0.5 with 0.75: 24 / 12-px crops, then 32 / 16 px). Low-resolution
-    steps cost about scale^2 of a full one, so a time budget buys more of them (planned from the step rate,
-    the share is then one of the budget's time); 0 turns it off."""
-    low_res_scale: float = 0.75
-    """Crop sizes in the low-resolution part of the run, as a share of the configured sizes (rounded)."""
+    def checks(self, key: str) -> list[tuple[bool, str, str]]:
+        return [(self.size >= 1, f"{key}.size", "an integer >= 1"), *super().checks(key)]
 
 
 PATH = {"path": True}
@@ -77,7 +70,7 @@ class DataConfig:
     """Folder of unlabeled images (searched recursively); null trains on scikit-learn's digits."""
     image_size: int | None = None
     """Side of the square each image is decoded to (shorter side resized, centre crop) before
-    the batched augmentation crops it; null means the global crop size."""
+    the batched augmentation crops it; null: the method's choice (``model.input_size``)."""
     num_workers: int | None = None
     """DataLoader worker processes that decode images; null: none for the built-in digits (already
     in memory), otherwise one per CPU core up to 8."""
@@ -116,15 +109,13 @@ class ModelConfig:
     pretrained_file: str | None = field(default=None, metadata=PATH)
     """With ``model.pretrained``: a local weights file (.safetensors, .pth or .bin under timm's names for the
     model), as timm's ``pretrained_cfg_overlay={file: PATH}`` takes it; null: timm's own source."""
-    head_hidden_dim: int = 512
-    head_bottleneck_dim: int = 128
-    head_output_dim: int = 1024
-    """DINO uses 65536 on ImageNet; small data and short runs learn faster with fewer outputs."""
-    head_batch_norm: bool = True
-    """BatchNorm in the head's MLP: removes the common component of ResNet features (which leaves
-    the centred teacher uniform otherwise); DINO turns it off for ViTs."""
-    norm_last_layer: bool = True
-    """Weight-normalise the head's last layer with a fixed norm (more stable, DINO default)."""
+    input_size: int = 16
+    """Side of the network's input in pixels (square): the size of the views it trains on (a method may add smaller
+    ones) and the size a user's images are resized to for its features; the exported model's ``input_size``."""
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """Per-channel mean the input is normalised with (ImageNet's)."""
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """Per-channel standard deviation the input is divided by."""
 
 
 @dataclass
@@ -197,38 +188,15 @@ class EvalConfig:
     and on ``eval.train`` / ``eval.test`` (--eval-train / --eval-test) for a folder; none without labels."""
 
 
-METHOD_SECTIONS: dict[str, type] = {}
-"""Every method's own config section (a dataclass) by its name; :func:`register_method` fills it."""
-METHOD_NAMES: list[str] = []
-"""The registered ``method`` values."""
-_SECTIONS_OF: dict[str, frozenset[str]] = {}
-"""The sections each registered method reads, by method name."""
-
-
-def register_method(name: str, sections: dict[str, type]) -> None:
-    """Make ``method: name`` and the method's own sections (name -> dataclass) known to the config.
-
-    A section class may define ``checks(self, config) -> list[tuple[bool, str, str]]``: (ok, key, what is allowed)
-    for the values its types cannot check.
-    """
-    if name not in METHOD_NAMES:
-        METHOD_NAMES.append(name)
-    METHOD_SECTIONS.update(sections)
-    _SECTIONS_OF[name] = frozenset(sections)
-
-
 def reads_section(config: Config, section: str) -> bool:
     """Whether ``config.method`` reads the method section ``section`` (``kd`` reads ``distill``'s teacher too), so
     a section's checks that hold only when it is used can say so without naming every method that uses it."""
-    return section in _SECTIONS_OF.get(config.method, frozenset())
+    return section in registry.sections_of(config.method or "")
 
 
 def method_sections() -> dict[str, type]:
-    """The registered method sections; importing the methods' registry (``unsupdistill.methods``) registers them,
-    so a config loaded before any method module was imported still has every section."""
-    if not METHOD_NAMES:
-        importlib.import_module("unsupdistill.methods")
-    return METHOD_SECTIONS
+    """The registered methods' own sections by name (``unsupdistill.methods.registry``; torch-free)."""
+    return registry.sections()
 
 
 def _default_sections() -> dict[str, Any]:
@@ -237,11 +205,11 @@ def _default_sections() -> dict[str, Any]:
 
 @dataclass
 class Config:
-    method: str = "dino"
-    """The training method: one of the registered methods (``unsupdistill.methods.METHODS``): ``dino``,
-    self-distillation with an EMA teacher, from scratch; ``distill``, from the frozen ``distill.teacher``."""
+    method: str | None = None
+    """The training method, one of the registered ones (``unsupdistill.methods.registry``): ``dino``,
+    self-distillation with an EMA teacher, from scratch; ``distill``, from the frozen ``distill.teacher``; ``kd``,
+    the same with labels. null: the verb's own (``pretrain``: dino; ``distill``: distill, or kd with labels)."""
     data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -17,22 +17,22 @@ class KNNProbe:
     The labeled sets are read when it is built, so a bad ``eval.train``/``eval.test`` fails before training.
 
     Args:
-        config: the run's config (its ``eval`` and ``augment`` sections).
+        config: the run's config (its ``eval`` and ``model`` sections).
         device: where the backbone runs.
     """
 
     def __init__(self, config: Config, device: torch.device) -> None:
-        self.eval, self.augment, self.device = config.eval, config.augment, device
-        size = config.augment.global_1.size
+        self.eval, self.model, self.device = config.eval, config.model, device
+        size = config.model.input_size
         self.train_set = load_labeled(config.eval.train, size, "train")
         self.test_set = load_labeled(config.eval.test, size, "test")
         self.test_labels = align_labels(self.train_set, self.test_set)
 
     def __call__(self, backbone: nn.Module) -> dict[str, float]:
-        a, e = self.augment, self.eval
+        m, e = self.model, self.eval
         was_training = backbone.training
         # fp32, as `unsupdistill eval` (bf16 features moved results by more than 0.2 points)
-        features = [extract_features(backbone, ds, a.global_1.size, a.mean, a.std, device=self.device,
+        features = [extract_features(backbone, ds, m.input_size, m.mean, m.std, device=self.device,
                                      progress=False) for ds in (self.train_set, self.test_set)]
         backbone.train(was_training)  # DINO's teacher runs in train mode during pretraining
         top1 = knn_accuracy(features[0], self.train_set.labels, features[1], self.test_labels, e.k, e.temperature)

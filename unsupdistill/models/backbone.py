@@ -89,9 +89,9 @@ def check_crops_fit_patches(model: nn.Module, crop_sizes: tuple[int, ...]) -> No
     misfits = sorted({size for size in crop_sizes if size % patch[0] or size % patch[1]})
     if misfits:
         raise ConfigError(
-            f"crop sizes {misfits} px are not multiples of the ViT's patch size {patch[0]}: set augment.global_1.size, "
-            f"augment.global_2.size and augment.local.size to multiples of {patch[0]}, or choose a patch size that "
-            "divides them (model.backbone_kwargs.patch_size)")
+            f"crop sizes {misfits} px are not multiples of the ViT's patch size {patch[0]}: set model.input_size and "
+            f"the method's crop sizes to multiples of {patch[0]}, or choose a patch size that divides them "
+            "(model.backbone_kwargs.patch_size)")
 
 
 def pooled_and_spatial(backbone: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -164,11 +164,11 @@ def describe_backbone(spec: BackboneSpec, config: Config, step: int, source: str
 
     Args:
         spec: the backbone's timm name and arguments.
-        config: the run's config (crop size, resize policy, normalisation, training data).
+        config: the run's config (input size, resize policy, normalisation, training data).
         step: the training step the weights are from.
         source: ``"teacher"`` or ``"student"``.
     """
-    a = config.augment
+    m = config.model
     rebuild = "timm.create_model(timm_name, num_classes=0, **timm_kwargs)"
     if spec.small_image_stem:
         rebuild += ("; then model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=1, padding=1, "
@@ -177,10 +177,10 @@ def describe_backbone(spec: BackboneSpec, config: Config, step: int, source: str
         "format": BACKBONE_FORMAT,
         "timm_name": spec.name, "timm_kwargs": spec.kwargs, "small_image_stem": spec.small_image_stem,
         "rebuild": rebuild + "; then load_state_dict(safetensors.torch.load_file(...), strict=True)",
-        "feature_dim": spec.feature_dim, "input_size": a.global_1.size,
-        "resize": {"shorter_side": config.data.image_size or a.global_1.size,
-                   "center_crop": a.global_1.size, "interpolation": "bilinear"},
-        "mean": list(a.mean), "std": list(a.std), "step": step, "source": source,
+        "feature_dim": spec.feature_dim, "input_size": m.input_size,
+        "resize": {"shorter_side": config.data.image_size or m.input_size,
+                   "center_crop": m.input_size, "interpolation": "bilinear"},
+        "mean": list(m.mean), "std": list(m.std), "step": step, "source": source,
         "trained_on": config.data.path or "digits",
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,13 +91,13 @@ def vit_tokens(vit: nn.Module, images: Tensor, masks: Tensor | None = None,
     return vit.norm(vit.blocks(x))
 
 
-def build_student_teacher(cfg: ModelConfig, crop_sizes: tuple[int, ...], ibot: bool = False,
+def build_student_teacher(cfg: ModelConfig, head: Any, crop_sizes: tuple[int, ...], ibot: bool = False,
                           ibot_separate_head: bool = False) -> tuple[DINONetwork, DINONetwork, BackboneSpec]:
     """Create the student and a teacher with the same weights and no gradients. The teacher has no stochastic
-    depth (DINO's teacher is built without ``drop_path_rate``)."""
-    student, spec = build_dino_network(cfg, crop_sizes, ibot, ibot_separate_head)
+    depth (DINO's teacher is built without ``drop_path_rate``). ``head``: DINO's settings (the head's sizes)."""
+    student, spec = build_dino_network(cfg, head, crop_sizes, ibot, ibot_separate_head)
     kwargs = {k: v for k, v in cfg.backbone_kwargs.items() if k != "drop_path_rate"}
-    teacher, _ = build_dino_network(dataclasses.replace(cfg, backbone_kwargs=kwargs), crop_sizes, ibot,
+    teacher, _ = build_dino_network(dataclasses.replace(cfg, backbone_kwargs=kwargs), head, crop_sizes, ibot,
                                     ibot_separate_head)
     # lightly's head uses torch's old weight_norm, which cannot be deep-copied: copy weights instead.
     teacher.load_state_dict(student.state_dict())
@@ -104,12 +105,13 @@ def build_student_teacher(cfg: ModelConfig, crop_sizes: tuple[int, ...], ibot: b
     return student, teacher, spec
 
 
-def build_dino_network(cfg: ModelConfig, crop_sizes: tuple[int, ...], ibot: bool = False,
+def build_dino_network(cfg: ModelConfig, head: Any, crop_sizes: tuple[int, ...], ibot: bool = False,
                        ibot_separate_head: bool = False) -> tuple[DINONetwork, BackboneSpec]:
     """One DINO network (timm backbone + DINO head) from the model section, and its backbone spec.
 
     Args:
-        cfg: the model section (backbone and head sizes).
+        cfg: the model section (the backbone).
+        head: DINO's settings (the head's sizes, ``dino.head_*``).
         crop_sizes: the view sizes the network will see (see :func:`create_backbone`).
         ibot: add a mask token for iBOT's masked patches (timm ViTs only).
         ibot_separate_head: patch tokens get a DINO head of their own.
@@ -118,12 +120,12 @@ def build_dino_network(cfg: ModelConfig, crop_sizes: tuple[int, ...], ibot: bool
     if ibot and not all(hasattr(backbone, a) for a in ("patch_embed", "_pos_embed", "blocks", "num_prefix_tokens")):
         raise ConfigError(f"dino.ibot_weight > 0 needs a timm ViT backbone (e.g. model.backbone=vit_tiny_patch16_224), "
                           f"not model.backbone={cfg.backbone}; set dino.ibot_weight=0 for it")
-    patch_head = build_dino_head(cfg, spec.feature_dim) if ibot and ibot_separate_head else None
-    return DINONetwork(backbone, build_dino_head(cfg, spec.feature_dim), ibot, patch_head), spec
+    patch_head = build_dino_head(head, spec.feature_dim) if ibot and ibot_separate_head else None
+    return DINONetwork(backbone, build_dino_head(head, spec.feature_dim), ibot, patch_head), spec
 
 
-def build_dino_head(cfg: ModelConfig, input_dim: int) -> nn.Module:
-    """The DINO projection head the model section describes, on features of ``input_dim``:
+def build_dino_head(cfg: Any, input_dim: int) -> nn.Module:
+    """The DINO projection head ``cfg`` (DINO's settings, ``dino.head_*``) describes, on features of ``input_dim``:
     (B, input_dim) -> logits (B, head_output_dim), the last layer in float32."""
     with warnings.catch_warnings():  # lightly's head calls the deprecated nn.utils.weight_norm
         warnings.simplefilter("ignore", FutureWarning)

@@ -121,13 +121,12 @@ def _load_checkpoint(spec: str, path: Path, image_size: int | None, student: boo
     try:
         backbone_spec = BackboneSpec(**state["backbone"])
         config = config_from_dict(state["config"], f"{path} config")
-        input_size = config.augment.global_1.size
-        mean, std = config.augment.mean, config.augment.std
+        input_size, mean, std = config.model.input_size, config.model.mean, config.model.std
         source = "student" if student else state.get("exported", "teacher")  # distillation: student(_ema)
         network = state[source]
         description = describe_backbone(backbone_spec, config, int(state["step"]), source)
     except (KeyError, TypeError, ValueError) as err:
-        raise ModelSpecError(f"model '{spec}': checkpoint {path} lacks the backbone spec, augment config or "
+        raise ModelSpecError(f"model '{spec}': checkpoint {path} lacks the backbone spec, model config or "
                              f"weights ({type(err).__name__}: {err}); it may come from an older version") from err
     weights = {key.removeprefix("backbone."): value for key, value in network.items() if key.startswith("backbone.")}
     backbone = _rebuild(spec, backbone_spec, weights)

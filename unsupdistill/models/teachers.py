@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from unsupdistill.config import ConfigError, ModelConfig, config_from_dict
+from unsupdistill.config import ConfigError, config_from_dict
 from unsupdistill.models.backbone import pooled_and_spatial
 from unsupdistill.models.classifier import Classifier, load_classifier
 from unsupdistill.models.dino import build_dino_head
@@ -45,7 +45,7 @@ class Teacher:
         backbone: frozen (no parameter requires gradients) and in eval mode; a timm model, so
             :func:`pooled_and_spatial` gives its pooled (B, D) and spatial (B, h, w, C) features.
         head: the frozen DINO head of a run of ours (from its checkpoint's teacher), if asked for; else None.
-        head_config: that run's model section (head sizes), so a student can get the same head; else None.
+        head_config: that run's DINO settings (the head's sizes), so a student can get the same head; else None.
         input_size: the side S of the (B, 3, S, S) batches the teacher is given.
         mean: per-channel mean subtracted from pixel values in [0, 1].
         std: per-channel standard deviation they are divided by.
@@ -60,7 +60,7 @@ class Teacher:
     name: str
     backbone: nn.Module
     head: nn.Module | None
-    head_config: ModelConfig | None
+    head_config: Any
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -141,19 +141,19 @@ def _no_head(spec: str, what: str) -> TeacherError:
                         "run directory or checkpoint (.pt) of ours; use distill.loss=queue_kl (or cosine) with it")
 
 
-def _load_head(spec: str, checkpoint: str | Path) -> tuple[nn.Module, ModelConfig]:
-    """The frozen DINO head of a checkpoint's teacher network, and the run's model section."""
+def _load_head(spec: str, checkpoint: str | Path) -> tuple[nn.Module, Any]:
+    """The frozen DINO head of a checkpoint's teacher network, and the run's DINO settings (its sizes)."""
     try:
         state = load_checkpoint(checkpoint, mmap=True)  # read in full by load_model already: map, don't copy
-        model_config = config_from_dict(state["config"], f"{checkpoint} config").model
+        head_config = config_from_dict(state["config"], f"{checkpoint} config").dino
         weights = {k.removeprefix("head."): v for k, v in state["teacher"].items() if k.startswith("head.")}
-        head = build_dino_head(model_config, int(state["backbone"]["feature_dim"]))
+        head = build_dino_head(head_config, int(state["backbone"]["feature_dim"]))
         head.load_state_dict(weights, strict=True)
     except (CheckpointError, ConfigError, KeyError, TypeError, ValueError, RuntimeError) as err:
         raise TeacherError(f"teacher '{spec}': the DINO head in {checkpoint} does not load "
                            f"({type(err).__name__}: {str(err).splitlines()[0]}); use distill.loss=queue_kl, "
                            "which needs no head") from err
-    return frozen(head), model_config
+    return frozen(head), head_config
 
 
 def _check_inputs(spec: str, model: FeatureModel, head: nn.Module | None) -> int:

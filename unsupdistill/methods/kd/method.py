@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -26,40 +25,13 @@ from unsupdistill.config import Config, ConfigError
 from unsupdistill.data.labeled import TrainingLabels
 from unsupdistill.evaluate.linear_grid import linear_probe_grid
 from unsupdistill.losses import KDLoss
-from unsupdistill.methods.distill import Distillation, DistillViews
+from unsupdistill.methods.distill.method import Distillation, DistillViews
+from unsupdistill.methods.kd.settings import SECTIONS
 from unsupdistill.models.classifier import Classifier
 from unsupdistill.train.method import Batch, Export, Runtime
 from unsupdistill.train.schedules import ScheduleValues
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class KDConfig:
-    """Distillation with labels (the ``kd`` section; the teacher, its input, the views and the cache are the
-    ``distill`` section's)."""
-
-    alpha: float = 0.9
-    """Weight ``a`` of the teacher's soft labels against the hard labels: (1 - a) * CE + a * T^2 * KL. 0.9 beat 0.5 by
-    6.0 points of the classifier's top-1 in 10-minute CIFAR-10 trials with 10 % of the labels (BENCHMARKS.md)."""
-    temperature: float = 4.0
-    """Softmax temperature ``T`` of the soft term (Hinton et al.: 2 to 20)."""
-    feature_weight: float = 1.0
-    """Weight of the feature term (the student's projected features against the teacher's, on every image)."""
-    soft_images: Literal["all", "labeled"] = "all"
-    """Which images the soft term covers: all (the teacher's class probabilities teach on the unlabeled images too;
-    semi-supervised distillation) or labeled (the images with a label only, Hinton et al.'s setting)."""
-
-    def checks(self, config: Config) -> list[tuple[bool, str, str]]:
-        """(ok, key, what is allowed) for the values types cannot check."""
-        return [
-            (0 <= self.alpha <= 1, "kd.alpha", "a weight in [0, 1] (0: labels only, 1: the teacher only)"),
-            (self.temperature > 0, "kd.temperature", "a number > 0"),
-            (self.feature_weight >= 0, "kd.feature_weight", "a number >= 0 (0: no feature term)"),
-            (config.method != "kd" or config.data.labels is not None, "data.labels",
-             "labels for method=kd: a folder of class subfolders or a path,label CSV of images in data.path "
-             "(the distill command's --labels)"),
-        ]
 
 
 class KnowledgeDistillation(Distillation):
@@ -68,7 +40,7 @@ class KnowledgeDistillation(Distillation):
     name = "kd"
     command = "distill"
     uses_labels = True
-    settings: ClassVar[dict[str, type]] = {**Distillation.settings, "kd": KDConfig}
+    settings: ClassVar[dict[str, type]] = SECTIONS
 
     def __init__(self, config: Config, runtime: Runtime) -> None:
         super().__init__(config, runtime)

@@ -3,18 +3,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from unsupdistill.augment import MultiCropAugmentation, ibot_masks, scaled_crops
+from unsupdistill.augment import MultiCropAugmentation, ibot_masks, sized
 from unsupdistill.auto import Chooser, FolderFacts, is_vit, patch_size
 from unsupdistill.config import Config
 from unsupdistill.losses import KoLeo, MaskedPatchLoss, build_dino_loss, teacher_temperature
 from unsupdistill.losses.health import collapse_warnings, health_signals
+from unsupdistill.methods.dino.settings import SECTIONS, DINOConfig
 from unsupdistill.models import build_student_teacher
 from unsupdistill.models.backbone import patch_grid
 from unsupdistill.models.ema import update_ema
@@ -32,63 +34,6 @@ OUTPUT_DIM_BUCKETS = ((20_000, 1024), (50_000, 2048), (100_000, 4096), (200_000,
 """(images below, head output dim); 65,536 above the last bucket."""
 SCALE_FROM, SCALE_TO = 20_000, 1_000_000
 """Teacher temperature and momentum move from their small-data to their ImageNet values over this range."""
-
-
-@dataclass
-class DINOConfig:
-    """DINO's own settings (the ``dino`` section): the loss's temperatures and centring, the EMA teacher's momentum,
-    the last layer's freeze, and DINOv2's optional terms. (``loss.*``, ``optim.teacher_momentum``,
-    ``optim.teacher_momentum_end`` and ``optim.freeze_last_layer_epochs`` are read as their ``dino.*`` names.)"""
-
-    student_temp: float = 0.1
-    teacher_temp: float = 0.01
-    """Teacher temperature after warmup. DINO uses 0.04 (up to 0.07 when stable) on ImageNet; the
-    built-in short run needs a sharper teacher (0.01) to leave the uniform plateau in ~100 steps."""
-    warmup_teacher_temp: float = 0.01
-    warmup_teacher_temp_epochs: int = 0
-    center_momentum: float = 0.9
-    centering: Literal["ema", "sinkhorn"] = "ema"
-    """How the teacher's outputs are centred: ``ema``, DINO's moving-average centre subtracted before the
-    softmax; ``sinkhorn``, DINOv2's Sinkhorn-Knopp normalisation of the batch (no centre kept)."""
-    sinkhorn_iterations: int = 3
-    koleo_weight: float = 0.0
-    """Weight of DINOv2's KoLeo regulariser on the student's L2-normalised backbone features of each global
-    crop (DINOv2: 0.1); 0 turns it off."""
-    ibot_weight: float = 0.0
-    """ViTs only: weight of iBOT's masked-patch loss (DINOv2: 1.0); 0 turns it off."""
-    ibot_mask_p: float = 0.5
-    """Share of global crops whose patches are masked for iBOT."""
-    ibot_mask_ratio: tuple[float, float] = (0.1, 0.5)
-    """Range of the share of patches masked in a masked crop."""
-    ibot_separate_head: bool = False
-    """Predict patch tokens through a head of their own instead of the DINO head."""
-    teacher_momentum: float = 0.99
-    """EMA momentum at step 0, cosine to teacher_momentum_end. DINO: 0.996 for runs of 100k+ steps;
-    a short run needs a teacher that follows the student faster."""
-    teacher_momentum_end: float = 1.0
-    freeze_last_layer_epochs: float = 1.0
-    """Epochs at the start whose gradients of the head's last layer are dropped (DINO: 1)."""
-
-    def checks(self, config: Config) -> list[tuple[bool, str, str]]:
-        """(ok, key, what is allowed) for the values types cannot check."""
-        a = config.augment
-        return [
-            *((getattr(self, key) > 0, f"dino.{key}", "a number > 0")
-              for key in ("student_temp", "teacher_temp", "warmup_teacher_temp")),
-            (self.warmup_teacher_temp_epochs >= 0, "dino.warmup_teacher_temp_epochs", "an integer >= 0"),
-            (0 <= self.center_momentum < 1, "dino.center_momentum", "a number in [0, 1)"),
-            (self.sinkhorn_iterations >= 1, "dino.sinkhorn_iterations", "an integer >= 1"),
-            (self.koleo_weight >= 0, "dino.koleo_weight", "a number >= 0 (0 turns KoLeo off)"),
-            (self.ibot_weight >= 0, "dino.ibot_weight", "a number >= 0 (0 turns iBOT off)"),
-            (0 <= self.ibot_mask_p <= 1, "dino.ibot_mask_p", "a probability in [0, 1]"),
-            (0 <= self.ibot_mask_ratio[0] <= self.ibot_mask_ratio[1] <= 1, "dino.ibot_mask_ratio",
-             "[min, max] with 0 <= min <= max <= 1"),
-            (self.freeze_last_layer_epochs >= 0, "dino.freeze_last_layer_epochs", "a number >= 0"),
-            (0 <= self.teacher_momentum <= 1, "dino.teacher_momentum", "a number in [0, 1]"),
-            (0 <= self.teacher_momentum_end <= 1, "dino.teacher_momentum_end", "a number in [0, 1]"),
-            (config.method != "dino" or a.global_1.size == a.global_2.size, "augment.global_2.size",
-             f"the same size as augment.global_1.size ({a.global_1.size})"),
-        ]
 
 
 @dataclass(frozen=True)
@@ -115,24 +60,24 @@ class DINO(Method):
 
     name = "dino"
     command = "pretrain"
-    settings: ClassVar[dict[str, type]] = {"dino": DINOConfig}
+    settings: ClassVar[dict[str, type]] = SECTIONS
 
     def __init__(self, config: Config, runtime: Runtime) -> None:
         super().__init__(config, runtime)
-        a, lo = config.augment, config.dino
-        self.image_size = a.global_1.size
-        self.augment = MultiCropAugmentation(a).to(runtime.device)
-        self.num_local = a.num_local_crops
-        crop_sizes = (a.global_1.size,) + ((a.local.size,) if a.num_local_crops else ())
+        lo, size = config.dino, config.model.input_size
+        self.image_size = size
+        self.augment = multi_crop(config, 1.0).to(runtime.device)
+        self.num_local = lo.num_local_crops
+        crop_sizes = (size,) + ((lo.local.size,) if lo.num_local_crops else ())
         # progressive resizing: smaller crops of every kind for the first part of the run
-        self.low_res_share = a.low_res_share
+        self.low_res_share = lo.low_res_share
         self.low_res_augment = None
-        if a.low_res_share > 0:
-            low = scaled_crops(a, a.low_res_scale)
-            self.low_res_augment = MultiCropAugmentation(low).to(runtime.device)
-            crop_sizes += (low.global_1.size,) + ((low.local.size,) if a.num_local_crops else ())
+        if lo.low_res_share > 0:
+            self.low_res_augment = multi_crop(config, lo.low_res_scale).to(runtime.device)
+            crop_sizes += (scaled(size, lo.low_res_scale),) + (
+                (scaled(lo.local.size, lo.low_res_scale),) if lo.num_local_crops else ())
         self.ibot = lo.ibot_weight > 0
-        student, teacher, self.spec = build_student_teacher(config.model, crop_sizes, self.ibot,
+        student, teacher, self.spec = build_student_teacher(config.model, lo, crop_sizes, self.ibot,
                                                             lo.ibot_separate_head)
         avoid_cpu_bf16_faults(student.backbone, crop_sizes, runtime.autocast_dtype, runtime.device)  # oneDNN fault
         # channels-last: the convolution kernels' preferred layout (student forward + backward ~17 % faster)
@@ -141,18 +86,18 @@ class DINO(Method):
         if config.train.compile:  # in place: parameter names (checkpoints, exports) stay as they are
             self.student.backbone.compile(dynamic=False)
             self.teacher.backbone.compile(dynamic=False)
-        self.loss_fn = build_dino_loss(lo, config.model.head_output_dim).to(runtime.device)
+        self.loss_fn = build_dino_loss(lo, config.dino.head_output_dim).to(runtime.device)
         self.koleo = KoLeo() if lo.koleo_weight > 0 else None
-        self.patch_loss = MaskedPatchLoss(config.model.head_output_dim, lo.student_temp, lo.centering,
+        self.patch_loss = MaskedPatchLoss(config.dino.head_output_dim, lo.student_temp, lo.centering,
                                           lo.center_momentum, lo.sinkhorn_iterations).to(runtime.device) \
             if self.ibot else None
         self._last: tuple[Tensor, Tensor, Tensor] | None = None
         self._terms: dict[str, float] = {}
 
     automatic_keys: ClassVar[frozenset[str]] = frozenset({
-        "augment.global_2.size", "augment.local.size", "augment.num_local_crops", "augment.global_1.blur_p",
-        "augment.global_2.blur_p", "augment.local.blur_p", "data.image_size", "model.head_batch_norm",
-        "model.norm_last_layer", "model.head_hidden_dim", "model.head_bottleneck_dim", "model.head_output_dim",
+        "dino.local.size", "dino.num_local_crops", "dino.global_1.blur_p", "dino.global_2.blur_p", "dino.local.blur_p",
+        "data.image_size", "dino.head_batch_norm", "dino.norm_last_layer", "dino.head_hidden_dim",
+        "dino.head_bottleneck_dim", "dino.head_output_dim",
         "dino.teacher_temp", "dino.warmup_teacher_temp", "dino.warmup_teacher_temp_epochs", "optim.lr",
         "dino.freeze_last_layer_epochs", "dino.teacher_momentum",
     })
@@ -165,32 +110,31 @@ class DINO(Method):
         the dataset-size-dependent settings are scaled the way LightlyTrain scales them: head output 1,024 below
         20k images up to 65,536, teacher temperature 0.02 -> 0.07 and momentum 0.99 -> 0.996 between 20k and 1M.
         """
-        a, m, n = config.augment, config.model, facts.images
-        crop, vit = a.global_1.size, is_vit(m.backbone)
-        chooser.set("augment.global_2.size", crop, "the same as augment.global_1.size")
+        m, n = config.model, facts.images
+        crop, vit = m.input_size, is_vit(m.backbone)
         unit = patch_size(crop) if vit else 4
         local = min(crop, max(unit if vit else 8, round(crop * LOCAL_RATIO / unit) * unit))
-        chooser.set("augment.local.size", local, f"{LOCAL_RATIO:.2f} x the global crop (DINO: 96 / 224)")
+        chooser.set("dino.local.size", local, f"{LOCAL_RATIO:.2f} x the global crop (DINO: 96 / 224)")
         decode = max(crop, min(int(facts.shorter_side), round(crop * DECODE_RATIO)))
         chooser.set("data.image_size", decode,
                     f"decode to {decode / crop:.2f} x the global crop, no larger than the images: crops stay near 1:1")
         if crop < 64:
             for name in ("global_1", "global_2", "local"):
-                chooser.set(f"augment.{name}.blur_p", 0.0, "no Gaussian blur on crops under 64 px (too little detail)")
+                chooser.set(f"dino.{name}.blur_p", 0.0, "no Gaussian blur on crops under 64 px (too little detail)")
         local_crops = 6 if facts.device_type == "cuda" else 4
-        chooser.set("augment.num_local_crops", local_crops, f"{local_crops} local crops on {facts.device}")
+        chooser.set("dino.num_local_crops", local_crops, f"{local_crops} local crops on {facts.device}")
         if vit:
-            chooser.set("model.head_batch_norm", False, "ViT: no BatchNorm in the head (DINO)")
-            chooser.set("model.norm_last_layer", False, "ViT: DINO's setting for ViT-S")
+            chooser.set("dino.head_batch_norm", False, "ViT: no BatchNorm in the head (DINO)")
+            chooser.set("dino.norm_last_layer", False, "ViT: DINO's setting for ViT-S")
             chooser.set("optim.lr", 5e-4, "DINO's ViT learning rate per 256 images")
         else:
             chooser.set("optim.lr", 2e-3, "per 256 images: left DINO's plateau soonest in our CIFAR-10 CPU trials")
         chooser.set("dino.freeze_last_layer_epochs", round(min(1.0, 0.05 * config.train.epochs), 3),
                     "one epoch (DINO), at most 5 % of the epochs")
         output_dim = next((dim for below, dim in OUTPUT_DIM_BUCKETS if n < below), 65536)
-        chooser.set("model.head_output_dim", output_dim, f"{n} images (LightlyTrain's buckets: 1,024 below 20k)")
-        chooser.set("model.head_hidden_dim", 2048, "DINO")
-        chooser.set("model.head_bottleneck_dim", 256, "DINO")
+        chooser.set("dino.head_output_dim", output_dim, f"{n} images (LightlyTrain's buckets: 1,024 below 20k)")
+        chooser.set("dino.head_hidden_dim", 2048, "DINO")
+        chooser.set("dino.head_bottleneck_dim", 256, "DINO")
         teacher_temp = round(interpolate(n, 0.02, 0.07), 2)
         chooser.set("dino.teacher_temp", teacher_temp, "0.02 below 20k images, 0.07 from 1M (sharper on small data)")
         warm_temp = min(teacher_temp, round(interpolate(n, 0.02, 0.04), 2))
@@ -262,10 +206,10 @@ class DINO(Method):
 
     @classmethod
     def head_outputs(cls, config: Config) -> int | None:
-        return config.model.head_output_dim
+        return config.dino.head_output_dim
 
     def warnings(self, signals: dict[str, float]) -> dict[str, str]:
-        return collapse_warnings(signals, self.config.model.head_output_dim, self.spec.feature_dim)
+        return collapse_warnings(signals, self.config.dino.head_output_dim, self.spec.feature_dim)
 
     def before_optimizer_step(self, sched: ScheduleValues) -> None:
         if dino_values(sched, self.config.dino).freeze_last_layer:
@@ -295,6 +239,20 @@ class DINO(Method):
 
     def export(self) -> Export:
         return Export(self.teacher.backbone.state_dict(), self.spec, "teacher", {})
+
+
+def multi_crop(config: Config, scale: float) -> MultiCropAugmentation:
+    """DINO's views at ``scale`` x the configured sizes (rounded, at least 1 px; below 1 for the low-resolution part of
+    a progressively resized run, ``dino.low_res_share``)."""
+    lo, m = config.dino, config.model
+    size, local = scaled(m.input_size, scale), dataclasses.replace(lo.local, size=scaled(lo.local.size, scale))
+    return MultiCropAugmentation(sized(lo.global_1, size), sized(lo.global_2, size), local, lo.num_local_crops,
+                                 m.mean, m.std, lo.crop_mode)
+
+
+def scaled(px: int, scale: float) -> int:
+    """A crop size times ``scale``, rounded, at least 1 px."""
+    return max(1, round(px * scale))
 
 
 def interpolate(n: int, small: float, large: float) -> float:

@@ -15,10 +15,11 @@ it and later epochs replay stored views without running the teacher (FKD).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from unsupdistill import distributed
 from unsupdistill.augment import DistillAugmentation
 from unsupdistill.augment.distill import VIEW_PARAMS
 from unsupdistill.auto import Chooser, FolderFacts
-from unsupdistill.config import PATH, Config, ConfigError, reads_section
+from unsupdistill.config import Config, ConfigError
 from unsupdistill.data import num_workers
 from unsupdistill.data.fingerprint import data_fingerprint
 from unsupdistill.data.labeled import TrainingLabels
@@ -42,7 +43,8 @@ from unsupdistill.losses import (
     teacher_temperature,
 )
 from unsupdistill.losses.health import feature_collapse_warning, feature_spread, health_signals
-from unsupdistill.methods.teacher_pass import (
+from unsupdistill.methods.distill.settings import SECTIONS, uses_maps
+from unsupdistill.methods.distill.teacher_pass import (
     SpatialOutput,
     measure_rates,
     normalize,
@@ -71,108 +73,6 @@ its best CIFAR-10 k-NN at 160 px of 96-224 (BENCHMARKS, Distillation)."""
 WORKING_SHARE = 4 / 3
 """With stored teacher maps the images are kept decoded at this many times the student's input (128 px for 96), the
 random crops drawn from them (ImageNet's 224-px crops from 256-px images, and a bit more room)."""
-
-
-def uses_maps(d: DistillConfig) -> bool:
-    """Whether ``distill.targets`` resolves to the stored teacher maps: auto does, except with mixup or the dense
-    term, whose targets need the teacher on the mixed view or its patch map of the crop."""
-    return d.targets == "map" or (d.targets == "auto" and d.mixup_alpha == 0 and d.dense_weight == 0)
-
-
-@dataclass
-class DistillConfig:
-    """Distillation's own settings (the ``distill`` section): the frozen teacher, the loss, the shared view, the cache.
-
-    Teacher and student see the same view of each image (the "consistent teacher" recipe, Beyer et al.
-    2022), each at its own input size and normalisation; the student's size and normalisation are
-    ``augment.global_1.size``, ``augment.mean`` and ``augment.std``.
-    """
-
-    teacher: str | None = field(default=None, metadata=PATH)
-    """The frozen teacher: a run directory of ours, an exported ``.safetensors`` (with its ``.json``), a
-    checkpoint ``.pt``, or ``timm:NAME[,pretrained=true][,key=value...]`` (e.g.
-    ``timm:vit_small_patch14_dinov2.lvd142m,pretrained=true,img_size=224``)."""
-    teacher_size: int | None = None
-    """Side of the teacher's input in pixels; null: its own (sidecar ``input_size``, a timm ``img_size``
-    argument, or timm's pretrained config)."""
-    loss: Literal["cosine", "queue_kl", "dino"] = "cosine"
-    """cosine: regression of the student's linearly projected features onto the teacher's, by cosine (the
-    best of the three in 10-minute CIFAR-10 trials, see BENCHMARKS.md); queue_kl: both as softmaxes over
-    similarities to a queue of teacher embeddings, matched by KL (LightlyTrain's loss); dino: DINO's loss
-    against the frozen teacher's own DINO head (a run of ours)."""
-    temperature: float = 0.07
-    """Softmax temperature of queue_kl."""
-    queue_size: int | None = None
-    """Teacher embeddings in the queue_kl queue; null: scaled with the dataset (see the README)."""
-    dense_weight: float = 0.0
-    """Weight of the dense term (patch-to-patch similarity KL) added to the global loss; 0 turns it off."""
-    dense_temperature: float = 0.1
-    """Softmax temperature of the dense term."""
-    ema_momentum: float = 0.0
-    """Keep an exponential moving average of the student with this momentum and export it (DINOv2's small
-    models); 0 exports the student as trained."""
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    """Range of the shared crop's area as a fraction of the image (RandomResizedCrop)."""
-    flip_p: float = 0.5
-    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-    """Brightness, contrast, saturation, hue strengths."""
-    color_jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    mixup_alpha: float = 0.0
-    """Mix each view with another image of the batch, weight ~ Beta(alpha, alpha); 0 turns mixup off."""
-    cache: Literal["auto", True, False] = "auto"
-    """Teacher cache (FKD, Shen & Xing 2022): the first ``cache_views`` epochs store each image's view (crop box,
-    flip, colour jitter) with the teacher's features for it in RUN/teacher_cache; later epochs replay a stored
-    view without running the teacher. auto: on when the teacher's forward costs more FLOPs per image than the
-    student's training step and the run has more epochs than ``cache_views`` (never with mixup or the dense
-    term, whose targets cannot be stored); true (or on): whenever it can be; false (or off): never."""
-    cache_views: int = 2
-    """Views stored per image: the teacher runs in the first this many epochs, later epochs replay one of them."""
-    cache_max_gb: float = 8.0
-    """Most disk the cache or the teacher maps may take; fewer views are stored, or the maps are pooled to a coarser
-    grid (down to whole-image targets), when they would not fit."""
-    targets: Literal["auto", "map", "views"] = "auto"
-    """What the student's targets come from. map: the teacher runs once per image before training, at its input
-    size, and its spatial feature map is stored (RUN/teacher_maps); each random crop's target is that map averaged
-    over the region the crop covers (ReLabel, Yun et al. 2021), and the images stay decoded at the student's
-    working size, so epochs run at the student's speed. views: the teacher sees each step's view (the
-    "consistent teacher"), or a stored one (distill.cache). auto: map, except with distill.mixup_alpha > 0 or
-    distill.dense_weight > 0 (their targets need the teacher on the view itself)."""
-    teacher_runtime: str = "auto"
-    """How the frozen teacher runs: auto: the fastest of eager fp32, channels-last fp32 and bf16 (where the CPU has
-    bf16), a traced and frozen graph and ONNX Runtime, timed on the first batch and checked against eager fp32
-    (cosine >= 0.995); or one of those paths by name (e.g. "eager fp32")."""
-
-    def checks(self, config: Config) -> list[tuple[bool, str, str]]:
-        """(ok, key, what is allowed) for the values types cannot check."""
-        checks = [
-            (not reads_section(config, "distill") or bool(self.teacher and self.teacher.strip()), "distill.teacher",
-             f"a teacher when method={config.method}: a run directory, an exported .safetensors, a checkpoint .pt "
-             "or timm:NAME[,pretrained=true]"),
-            (self.teacher_size is None or self.teacher_size >= 1, "distill.teacher_size", "null or an integer >= 1"),
-            *((getattr(self, key) > 0, f"distill.{key}", "a number > 0")
-              for key in ("temperature", "dense_temperature")),
-            (self.queue_size is None or self.queue_size >= 1, "distill.queue_size",
-             "null (scaled with the data) or an integer >= 1"),
-            (self.dense_weight >= 0, "distill.dense_weight", "a number >= 0 (0 turns the dense term off)"),
-            (0 <= self.ema_momentum < 1, "distill.ema_momentum", "a number in [0, 1) (0: no EMA)"),
-            (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "distill.crop_scale",
-             "[min, max] with 0 < min <= max <= 1"),
-            *((0 <= getattr(self, p) <= 1, f"distill.{p}", "a probability in [0, 1]")
-              for p in ("flip_p", "color_jitter_p", "grayscale_p")),
-            (all(v >= 0 for v in self.color_jitter) and self.color_jitter[3] <= 0.5, "distill.color_jitter",
-             "[brightness, contrast, saturation, hue], all >= 0, hue <= 0.5"),
-            (self.mixup_alpha >= 0, "distill.mixup_alpha", "a number >= 0 (0 turns mixup off)"),
-            (self.cache_views >= 1, "distill.cache_views", "an integer >= 1"),
-            (self.cache is not True or (self.mixup_alpha == 0 and self.dense_weight == 0), "distill.cache",
-             "auto or off with distill.mixup_alpha > 0 or distill.dense_weight > 0 (a mixed view's or a patch map's "
-             "teacher output is not stored)"),
-            (self.cache_max_gb > 0, "distill.cache_max_gb", "a number of gigabytes > 0"),
-            (self.targets != "map" or (self.mixup_alpha == 0 and self.dense_weight == 0), "distill.targets",
-             "auto or views with distill.mixup_alpha > 0 or distill.dense_weight > 0 (a mixed view's or a crop's "
-             "patch map has no stored target)"),
-        ]
-        return checks
 
 
 @dataclass
@@ -251,7 +151,7 @@ class Distillation(Method):
 
     name = "distill"
     command = "distill"
-    settings: ClassVar[dict[str, type]] = {"distill": DistillConfig}
+    settings: ClassVar[dict[str, type]] = SECTIONS
 
     automatic_keys: ClassVar[frozenset[str]] = frozenset({
         "distill.teacher_size", "distill.teacher_runtime", "data.image_size", "model.backbone_kwargs", "optim.lr",
@@ -272,7 +172,7 @@ class Distillation(Method):
         is the largest whose pass takes at most a quarter of the budget. With per-step teacher views the images are
         decoded at least at the teacher's size, so its views are not upsampled from a smaller decode.
         """
-        d, crop = config.distill, config.augment.global_1.size
+        d, crop = config.distill, config.model.input_size
         teacher = load_teacher(d.teacher) if d.teacher else None
         native = teacher.input_size if teacher is not None else crop
         cap = native if facts.device_type == "cuda" else min(native, TEACHER_MAX_CPU)
@@ -321,7 +221,7 @@ class Distillation(Method):
     @classmethod
     def _plan(cls, chooser: Chooser, config: Config, facts: FolderFacts, teacher: Any, own: int) -> tuple[int, str]:
         """Measure the rates, choose the teacher's size (and runtime) for the budget, log the plan; (size, why)."""
-        d, crop = config.distill, config.augment.global_1.size
+        d, crop = config.distill, config.model.input_size
         device = torch.device("cuda" if facts.device_type == "cuda" else "cpu")
         teacher.backbone.to(device, memory_format=torch.channels_last)
         backbone, spec = create_backbone(config.model, (crop,))
@@ -342,20 +242,21 @@ class Distillation(Method):
 
     def __init__(self, config: Config, runtime: Runtime) -> None:
         super().__init__(config, runtime)
-        d, a = config.distill, config.augment
+        d, m = config.distill, config.model
         self.teacher = load_teacher(d.teacher, d.teacher_size, need_head=d.loss == "dino")
         self.teacher.backbone.to(runtime.device, memory_format=torch.channels_last)
         if self.teacher.head is not None:
             self.teacher.head.to(runtime.device)
-        size = a.global_1.size
+        size = m.input_size
         self.use_maps = uses_maps(d)
         if self.use_maps:  # the teacher's maps are stored; only the student's views are rendered, from small images
             self.image_size = round(size * WORKING_SHARE / 8) * 8
-            view_size, view_mean, view_std = size, a.mean, a.std
+            view_size, view_mean, view_std = size, m.mean, m.std
         else:  # the teacher sees the views: images are decoded for the larger network
             self.image_size = max(size, self.teacher.input_size)
             view_size, view_mean, view_std = self.teacher.input_size, self.teacher.mean, self.teacher.std
-        self.augment = DistillAugmentation(d, size, a.mean, a.std, view_size, view_mean, view_std).to(runtime.device)
+        self.augment = DistillAugmentation(d.view, d.mixup_alpha, size, m.mean, m.std, view_size, view_mean,
+                                           view_std).to(runtime.device)
         self.maps: TeacherMaps | None = None  # the stored teacher maps (distill.targets=map), once set up
 
         backbone, self.spec = create_backbone(config.model, (size,))
@@ -368,8 +269,9 @@ class Distillation(Method):
             self.ema.requires_grad_(False)
             self.ema.to(runtime.device, memory_format=torch.channels_last)
         if d.loss == "dino":
-            h = self.teacher.head_config
-            self.global_loss: nn.Module = FrozenTeacherDINOLoss(h.head_output_dim, config.dino.student_temp,
+            with torch.no_grad():  # the teacher head's outputs: (2, K)
+                outputs = self.teacher.head(torch.zeros(2, self.teacher.feature_dim, device=runtime.device)).shape[-1]
+            self.global_loss: nn.Module = FrozenTeacherDINOLoss(outputs, config.dino.student_temp,
                                                                 config.dino.center_momentum)
         else:  # QueueKLLoss is sized in setup(), once the dataset's size is known
             self.global_loss = CosineLoss() if d.loss == "cosine" else QueueKLLoss(self.teacher.feature_dim, 1,
@@ -451,8 +353,7 @@ class Distillation(Method):
                     num_images, views, self.teacher.feature_dim, views * per_view / 1e9, folder, d.cache_max_gb, views)
         key = cache_key(teacher=self.teacher.cache_key, teacher_size=self.teacher.input_size,
                         student_size=self.augment.student_size, images=data_fingerprint(dataset),
-                        views={name: getattr(d, name) for name in ("crop_scale", "flip_p", "color_jitter",
-                                                                   "color_jitter_p", "grayscale_p")},
+                        views=dataclasses.asdict(d.view),
                         view_params=VIEW_PARAMS)
         self.cache = TeacherCache.open(folder, key, num_images, views, self.teacher.feature_dim, len(VIEW_PARAMS))
         self.cache_reason = f"on: {views} views per image in {folder}"
@@ -535,7 +436,7 @@ class Distillation(Method):
         d = self.config.distill
         dense = f" + {d.dense_weight:g} x dense" if self.dense_loss is not None else ""
         queue = f", queue {self.global_loss.queue.shape[0]}" if isinstance(self.global_loss, QueueKLLoss) else ""
-        return (f"{self.name}: {self.spec.name} ({self.config.augment.global_1.size} px) from teacher "
+        return (f"{self.name}: {self.spec.name} ({self.config.model.input_size} px) from teacher "
                 f"{self.teacher.name} ({self.teacher.input_size} px, {self.teacher.feature_dim}-d), loss "
                 f"{d.loss}{dense}{queue}; " + ("targets: the teacher's stored maps pooled over each crop"
                                                if self.use_maps else f"teacher cache {self.cache_reason}"))
@@ -668,13 +569,8 @@ class Distillation(Method):
 
     @classmethod
     def unused_keys(cls, config: Config) -> set[str]:
-        """The multi-crop's and DINO head's keys; ``loss=dino`` reads the ``dino`` section's temperatures and centre."""
-        unused = super().unused_keys(config) | {
-            "augment.global_2", "augment.local", "augment.num_local_crops", "augment.crop_mode",
-            "augment.low_res_share", "augment.low_res_scale", "model.head_hidden_dim", "model.head_bottleneck_dim",
-            "model.head_output_dim", "model.head_batch_norm", "model.norm_last_layer"}
-        unused |= {f"augment.global_1.{key}" for key in ("scale", "flip_p", "color_jitter", "color_jitter_p",
-                                                         "grayscale_p", "blur_p", "blur_sigma", "solarize_p")}
+        """The other methods' sections; ``loss=dino`` reads the ``dino`` section's temperatures and centre."""
+        unused = super().unused_keys(config)
         if config.distill.loss == "dino":
             unused.discard("dino")
         return unused
