@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from unsupdistill import distributed
-from unsupdistill.cli.options import add_batch_options, add_labeled_sets, add_out, apply_old_spellings, positive
-from unsupdistill.cli.tools import SHOW_KINDS, embed_command, eval_command, export_command, show_command
-from unsupdistill.cli.training import (
+from unsupdistill.cli.options import (
     EXIT_STOPPED,
+    SHOW_KINDS,
     TRAINING_EPILOG,
-    USER_ERRORS,
+    add_batch_options,
+    add_labeled_sets,
+    add_out,
     add_training_arguments,
-    train_command,
+    apply_old_spellings,
+    positive,
 )
-from unsupdistill.evaluate.run import HEADLINE_K, EvalOptions
-from unsupdistill.export import EXPORT_FORMATS
-from unsupdistill.export.embed import EMBED_FORMATS
-from unsupdistill.export.formats import ATOL, RTOL
+from unsupdistill.evaluate.options import HEADLINE_K, EvalOptions
+from unsupdistill.export.names import ATOL, EMBED_FORMATS, EXPORT_FORMATS, RTOL
 
 __all__ = ["EXIT_STOPPED", "build_parser", "main"]
 
@@ -169,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)  # paths and key=value may follow options
     if extra and (args.command not in ("pretrain", "distill") or any(a.startswith("-") for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO if distributed.rank() == 0 else logging.WARNING,
+    # torchrun's RANK: logging is set up before any process group (and before torch is imported)
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from unsupdistill.cli.tools import embed_command, eval_command, export_command, show_command  # heavy: after
+    from unsupdistill.cli.training import USER_ERRORS, train_command  # parsing, so --help answers at once
+
     try:
         apply_old_spellings(args)
         if args.command == "eval":

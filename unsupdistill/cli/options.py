@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from unsupdistill.config import ConfigError
-from unsupdistill.config.loading import parse_override
+from unsupdistill.config.loading import parse_override, recipe_names
+from unsupdistill.methods import registry
 
 logger = logging.getLogger("unsupdistill")
 
@@ -181,3 +182,39 @@ def training_overrides(args: argparse.Namespace, overrides: list[str]) -> list[s
                 raise ConfigError(f"{spelled(args, dest)} {given[dest]} and {other} disagree; give one of them")
         added.append(item)
     return [*overrides, *added]
+
+
+SHOW_KINDS = ("attention", "pca", "retrieval", "curves")
+"""The pictures ``unsupdistill show`` draws."""
+EXIT_STOPPED = 75  # EX_TEMPFAIL (sysexits.h): stopped by SIGTERM/SIGINT with a checkpoint; --resume continues
+
+TRAINING_EPILOG = (
+    f"exit status: 0 done; 1 training error (non-finite loss or gradients, a checkpoint that cannot be written; "
+    f"the last good checkpoint is kept); 2 bad input; {EXIT_STOPPED} stopped by SIGTERM or SIGINT after writing a "
+    "checkpoint (--resume continues the run). torchrun turns any non-zero status into 1: read RUN/status.json "
+    "(state running, done, preempted or failed)."
+)
+
+
+def add_training_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """The arguments ``pretrain`` and ``distill`` share; ``command`` is the verb (its help differs)."""
+    no_folder = ("omit for scikit-learn's digits, run with recipes/digits.yaml" if command == "pretrain" else
+                 "omit for scikit-learn's digits, run with the defaults (not recipes/digits.yaml, which is tuned "
+                 "for DINO pretraining; --recipe digits takes it)")
+    p.add_argument("args", nargs="*", metavar="[PATH] [key=value ...]",
+                   help=f"image folder ({no_folder}; without --recipe, the settings are chosen from its images and "
+                        "the device) and section.key=value config overrides")
+    p.add_argument("--recipe", help=f"shipped recipe ({', '.join(recipe_names())}) or a YAML file")
+    add_out(p, "the run: checkpoints, exported backbone, metrics, config", "runs/<timestamp>")
+    p.add_argument("--resume", type=Path, metavar="RUN_OR_CHECKPOINT",
+                   help="continue a run from its newest checkpoint that loads (checkpoints/last.pt or "
+                        "epoch_*.pt; corrupt ones are skipped with a warning), or from the given .pt file")
+    add_labeled_sets(p, "labeled set whose k-NN memory scores the run (every eval.every_epochs epochs, and in the "
+                        "end-of-run summary), with --eval-test", "labeled set scored",
+                     old=("--probe-train", "--probe-test"))
+    add_batch_options(p, training=True)
+    p.add_argument("--dry-run", action="store_true",
+                   help="build everything and run one step on a batch of 2 per process; write nothing")
+    for flag, owners in registry.flags().values():  # the flags of the methods this verb runs by default
+        if any(registry.entry(name).verb == command for name in owners):
+            p.add_argument(flag.name, metavar=flag.metavar, help=flag.help)

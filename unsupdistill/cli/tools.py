@@ -7,9 +7,8 @@ import time
 from pathlib import Path
 
 from unsupdistill import run_dir
-from unsupdistill.cli.options import deprecated, looks_like_file
-from unsupdistill.export import ExportError, embed_folder, export_model
-from unsupdistill.export.embed import EMBED_SUFFIXES
+from unsupdistill.cli.options import SHOW_KINDS, deprecated, looks_like_file
+from unsupdistill.export.names import EMBED_SUFFIXES
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -54,6 +53,8 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
+    from unsupdistill.export import export_model
+
     out_file = looks_like_file(args.out)
     if out_file:
         deprecated(f"--out {args.out} (the export file)", f"--out {args.out.parent} (a folder; the file is named "
@@ -70,6 +71,8 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def embed_command(args: argparse.Namespace) -> int:
+    from unsupdistill.export import ExportError, embed_folder
+
     out = args.out or Path("runs") / time.strftime("embed-%Y%m%d-%H%M%S")
     if looks_like_file(out):
         if out.suffix.lower() not in EMBED_SUFFIXES:
@@ -92,7 +95,6 @@ def embed_command(args: argparse.Namespace) -> int:
     return 0
 
 
-SHOW_KINDS = ("attention", "pca", "retrieval", "curves")
 
 
 def show_command(args: argparse.Namespace) -> int:

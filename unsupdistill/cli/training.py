@@ -15,15 +15,7 @@ import torch
 from unsupdistill import distributed
 from unsupdistill import run_dir as layout
 from unsupdistill.auto import auto_settings, automatic_keys, explicit_keys, format_choices
-from unsupdistill.cli.options import (
-    LABELED_HELP,
-    TRAINING_KEYS,
-    add_batch_options,
-    add_labeled_sets,
-    add_out,
-    spelled,
-    training_overrides,
-)
+from unsupdistill.cli.options import EXIT_STOPPED, LABELED_HELP, TRAINING_KEYS, spelled, training_overrides
 from unsupdistill.config import (
     Config,
     ConfigError,
@@ -32,7 +24,6 @@ from unsupdistill.config import (
     config_from_dict,
     load_config,
     merge,
-    recipe_names,
     validate,
 )
 from unsupdistill.data import DataError, FolderScan, num_workers, scan_for_run
@@ -49,40 +40,6 @@ logger = logging.getLogger("unsupdistill")
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelSpecError, ExportError)
 BUILT_IN_RECIPE = "digits"  # what `pretrain` with no folder and no --recipe runs
-EXIT_STOPPED = 75  # EX_TEMPFAIL (sysexits.h): stopped by SIGTERM/SIGINT with a checkpoint; --resume continues
-
-TRAINING_EPILOG = (
-    f"exit status: 0 done; 1 training error (non-finite loss or gradients, a checkpoint that cannot be written; "
-    f"the last good checkpoint is kept); 2 bad input; {EXIT_STOPPED} stopped by SIGTERM or SIGINT after writing a "
-    "checkpoint (--resume continues the run). torchrun turns any non-zero status into 1: read RUN/status.json "
-    "(state running, done, preempted or failed)."
-)
-
-
-def add_training_arguments(p: argparse.ArgumentParser, command: str) -> None:
-    """The arguments ``pretrain`` and ``distill`` share; ``command`` is the verb (its help differs)."""
-    no_folder = ("omit for scikit-learn's digits, run with recipes/digits.yaml" if command == "pretrain" else
-                 "omit for scikit-learn's digits, run with the defaults (not recipes/digits.yaml, which is tuned "
-                 "for DINO pretraining; --recipe digits takes it)")
-    p.add_argument("args", nargs="*", metavar="[PATH] [key=value ...]",
-                   help=f"image folder ({no_folder}; without --recipe, the settings are chosen from its images and "
-                        "the device) and section.key=value config overrides")
-    p.add_argument("--recipe", help=f"shipped recipe ({', '.join(recipe_names())}) or a YAML file")
-    add_out(p, "the run: checkpoints, exported backbone, metrics, config", "runs/<timestamp>")
-    p.add_argument("--resume", type=Path, metavar="RUN_OR_CHECKPOINT",
-                   help="continue a run from its newest checkpoint that loads (checkpoints/last.pt or "
-                        "epoch_*.pt; corrupt ones are skipped with a warning), or from the given .pt file")
-    add_labeled_sets(p, "labeled set whose k-NN memory scores the run (every eval.every_epochs epochs, and in the "
-                        "end-of-run summary), with --eval-test", "labeled set scored",
-                     old=("--probe-train", "--probe-test"))
-    add_batch_options(p, training=True)
-    p.add_argument("--dry-run", action="store_true",
-                   help="build everything and run one step on a batch of 2 per process; write nothing")
-    for flag, owners in registry.flags().values():  # the flags of the methods this verb runs by default
-        if any(registry.entry(name).verb == command for name in owners):
-            p.add_argument(flag.name, metavar=flag.metavar, help=flag.help)
-
-
 def train_command(args: argparse.Namespace) -> int:
     """``pretrain`` and ``distill``: one training run, its run directory and status."""
     from unsupdistill.methods import METHODS  # heavy imports after checks

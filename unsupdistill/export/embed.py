@@ -17,6 +17,7 @@ from unsupdistill.devices import resolve_device
 from unsupdistill.evaluate.features import extract_features
 from unsupdistill.evaluate.run import extraction_precision
 from unsupdistill.export.formats import ExportError
+from unsupdistill.export.names import EMBED_FORMATS, EMBED_SUFFIXES
 from unsupdistill.models.classifier import load_classifier
 from unsupdistill.models.classifier import top_k as top_k_classes
 from unsupdistill.models.load import load_model
@@ -24,8 +25,6 @@ from unsupdistill.storage import atomic_write, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-EMBED_SUFFIXES = (".npy", ".npz")
-EMBED_FORMATS = ("npy", "npz")
 SUMMARY_FILE = "embed.json"
 
 

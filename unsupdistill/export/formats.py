@@ -22,19 +22,17 @@ from torch import Tensor, nn
 from unsupdistill import run_dir as layout
 from unsupdistill.data import DataError, DigitsDataset, list_image_files, load_rgb, resize_center_crop
 from unsupdistill.evaluate.features import NormalizedBackbone
+from unsupdistill.export.names import ATOL, EXPORT_FORMATS, RTOL
 from unsupdistill.models.backbone import BACKBONE_FORMAT, BackboneSpec, rebuild_backbone
 from unsupdistill.models.load import FeatureModel, load_model
 from unsupdistill.storage import atomic_write, save_weights, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("safetensors", "torchscript", "onnx")
 SUFFIXES = {"safetensors": (".safetensors",), "torchscript": (".torchscript.pt", ".pt", ".ts"), "onnx": (".onnx",)}
 """The file endings each format's export may have; the first is the one a default export name gets."""
 ONNX_OPSET = 18
 """The ONNX opset of exported graphs (torch.export-based exporter)."""
-ATOL, RTOL = 1e-4, 1e-3
-"""Parity tolerance: the export passes when max |exported - pytorch| <= ATOL + RTOL * max |pytorch|."""
 PARITY_IMAGES = 16
 INPUT_NAME, OUTPUT_NAME = "images", "features"
 

@@ -58,7 +58,7 @@ from unsupdistill.models.dino import build_dino_head
 from unsupdistill.models.ema import update_ema
 from unsupdistill.models.teacher_cache import CACHE_DIR, TeacherCache, cache_bytes, cache_key
 from unsupdistill.models.teacher_maps import MAPS_DIR, TeacherMaps, fitting_grid, maps_bytes, pool_regions
-from unsupdistill.models.teachers import load_teacher
+from unsupdistill.models.teachers import Teacher, load_teacher
 from unsupdistill.train.method import Batch, Export, Method, Runtime
 from unsupdistill.train.precision import avoid_cpu_bf16_faults, resolve_precision
 from unsupdistill.train.schedules import ScheduleValues
@@ -173,7 +173,8 @@ class Distillation(Method):
         decoded at least at the teacher's size, so its views are not upsampled from a smaller decode.
         """
         d, crop = config.distill, config.model.input_size
-        teacher = load_teacher(d.teacher) if d.teacher else None
+        given = d.teacher_size if chooser.is_explicit("distill.teacher_size") else None
+        teacher = run_teacher(d.teacher, given, d.loss == "dino", keep=True) if d.teacher else None
         native = teacher.input_size if teacher is not None else crop
         cap = native if facts.device_type == "cuda" else min(native, TEACHER_MAX_CPU)
         least = min(cap, max(32, round(TEACHER_LEAST_SHARE * native / 32) * 32))
@@ -243,7 +244,7 @@ class Distillation(Method):
     def __init__(self, config: Config, runtime: Runtime) -> None:
         super().__init__(config, runtime)
         d, m = config.distill, config.model
-        self.teacher = load_teacher(d.teacher, d.teacher_size, need_head=d.loss == "dino")
+        self.teacher = run_teacher(d.teacher, d.teacher_size, d.loss == "dino")
         self.teacher.backbone.to(runtime.device, memory_format=torch.channels_last)
         if self.teacher.head is not None:
             self.teacher.head.to(runtime.device)
@@ -624,6 +625,25 @@ class Distillation(Method):
         network, source = (self.ema, "student_ema") if self.ema is not None else (self.student, "student")
         return Export(network.backbone.state_dict(), self.spec, source,
                       {"distilled_from": self.teacher.name, "distill_loss": self.config.distill.loss})
+
+
+_LOADED: dict[tuple[str, int | None, bool], Teacher] = {}
+"""The teacher the automatic settings loaded, kept for the run they set up (one at a time)."""
+
+
+def run_teacher(spec: str, size: int | None, need_head: bool, keep: bool = False) -> Teacher:
+    """:func:`~unsupdistill.models.teachers.load_teacher`, once per run: the automatic settings load the teacher
+    (``keep``) and the run takes the same one when it asks for the same spec, input size and head; a teacher loaded at
+    its own size also serves a run at that size given explicitly."""
+    key = (spec, size, need_head)
+    teacher = _LOADED.get(key) or next((t for (s, z, h), t in _LOADED.items()
+                                        if (s, h) == (spec, need_head) and z is None and t.input_size == size), None)
+    _LOADED.clear()
+    if teacher is None:
+        teacher = load_teacher(spec, size, need_head=need_head)
+    if keep:
+        _LOADED[key] = teacher
+    return teacher
 
 
 def _channels_last(views: Tensor) -> Tensor:
