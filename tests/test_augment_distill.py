@@ -9,20 +9,22 @@ import torch
 import torch.nn.functional as F
 
 from unsupdistill.augment import DistillAugmentation
+from unsupdistill.config import ViewSpec
 from unsupdistill.methods.distill.settings import DistillConfig
 
 STUDENT_STATS = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 TEACHER_STATS = ((0.45, 0.45, 0.45), (0.3, 0.2, 0.1))
 
 
-def plain_config(**overrides: Any) -> DistillConfig:
+def plain_config(mixup_alpha: float = 0.0, **overrides: Any) -> DistillConfig:
     """A config with every photometric op and mixup off, random crops and flips kept unless overridden."""
-    off = {"color_jitter_p": 0.0, "grayscale_p": 0.0, "mixup_alpha": 0.0}
-    return DistillConfig(**{**off, **overrides})
+    off = {"color_jitter_p": 0.0, "grayscale_p": 0.0}
+    return DistillConfig(view=ViewSpec(**{**off, "scale": (0.2, 1.0), **overrides}), mixup_alpha=mixup_alpha)
 
 
 def make_augment(cfg: DistillConfig, student_size: int, teacher_size: int) -> DistillAugmentation:
-    return DistillAugmentation(cfg, student_size, *STUDENT_STATS, teacher_size, *TEACHER_STATS)
+    return DistillAugmentation(cfg.view, cfg.mixup_alpha, student_size, *STUDENT_STATS, teacher_size,
+                               *TEACHER_STATS)
 
 
 def unnormalize(views: torch.Tensor, stats: tuple[tuple[float, ...], tuple[float, ...]]) -> torch.Tensor:
@@ -49,7 +51,7 @@ def test_shapes_dtype_and_no_grad(student_size: int, teacher_size: int) -> None:
 @pytest.mark.parametrize(("student_size", "teacher_size"), [(16, 32), (32, 16), (24, 24)])
 def test_teacher_and_student_see_the_same_crop(student_size: int, teacher_size: int) -> None:
     torch.manual_seed(0)
-    augment = make_augment(plain_config(crop_scale=(0.1, 0.5), flip_p=0.5), student_size, teacher_size)
+    augment = make_augment(plain_config(scale=(0.1, 0.5), flip_p=0.5), student_size, teacher_size)
     student, teacher = augment(random_images(batch=8))
     student, teacher = unnormalize(student, STUDENT_STATS), unnormalize(teacher, TEACHER_STATS)
     size = min(student_size, teacher_size)
@@ -65,7 +67,7 @@ def test_teacher_and_student_see_the_same_crop(student_size: int, teacher_size: 
 
 def test_full_crop_without_flip_or_jitter_is_the_resized_input() -> None:
     images = random_images(batch=3, size=32).float() / 255
-    augment = make_augment(plain_config(crop_scale=(1.0, 1.0), flip_p=0.0), 16, 32)
+    augment = make_augment(plain_config(scale=(1.0, 1.0), flip_p=0.0), 16, 32)
     student, teacher = augment(images)
     expected_student = F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
     torch.testing.assert_close(unnormalize(teacher, TEACHER_STATS), images, atol=1e-5, rtol=0)

@@ -131,7 +131,7 @@ def show_command(args: argparse.Namespace) -> int:
             elif not (Path(args.model) / run_dir.METRICS).is_file():
                 raise ValueError(f"it needs a run directory with a metrics.jsonl; {args.model} has none")
             else:
-                written.append(show.plot_training_curves(args.model, path))
+                written.append(show.plot_training_curves(args.model, path, method_curves(Path(args.model))))
         except ValueError as err:
             if args.kind:  # asked for by name: an error
                 raise ConfigError(f"show --kind {kind}: {err}") from err
@@ -144,3 +144,17 @@ def show_command(args: argparse.Namespace) -> int:
     for note in skipped:
         print(f"  not drawn: {note}")
     return 0
+
+
+def method_curves(run: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The curves panels of the method a run directory trained (its ``config.yaml``); none where it names no known
+    method."""
+    import yaml
+
+    from unsupdistill.methods import registry
+
+    try:
+        name = (yaml.safe_load((run / run_dir.CONFIG).read_text()) or {}).get("method")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return ()
+    return registry.method_class(name).curves if name in registry.names() else ()

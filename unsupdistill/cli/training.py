@@ -113,7 +113,7 @@ def _finish_run(run_dir: Path, config: Config, backbone: Path, pair: tuple[str, 
     method = METHODS[config.method]
     sidecar = json.loads(backbone.with_suffix(".json").read_text())
     write_status(run_dir, "done", 0, step=sidecar["step"], backbone=str(backbone))
-    curves = training_curves(run_dir, method.head_outputs(config))
+    curves = training_curves(run_dir, method.curves)
     classifier = run_dir / CLASSIFIER_FILE
     print(f"\nrun directory: {run_dir}\n"
           f"  backbone:    {backbone} (+ backbone.json, input size {sidecar['input_size']} px)\n"
@@ -321,12 +321,13 @@ def labeled_pair(config: Config, args: argparse.Namespace) -> tuple[str, str] | 
     return ("digits", "digits") if config.data.path is None else None
 
 
-def training_curves(run_dir: Path, num_outputs: int | None) -> Path | None:
-    """Draw ``training_curves.png`` from the run's metrics; a run is not failed by its picture (logged instead)."""
+def training_curves(run_dir: Path, panels: tuple[tuple[str, tuple[str, ...]], ...]) -> Path | None:
+    """Draw ``training_curves.png`` from the run's metrics, with the method's own ``panels`` after the shared ones; a
+    run is not failed by its picture (logged instead)."""
     from unsupdistill.show import plot_training_curves
 
     try:
-        return plot_training_curves(run_dir, run_dir / "training_curves.png", num_outputs)
+        return plot_training_curves(run_dir, run_dir / "training_curves.png", panels=panels)
     except (ValueError, OSError) as err:
         logger.warning("no training_curves.png: %s", err)
         return None

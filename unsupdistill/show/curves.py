@@ -27,13 +27,11 @@ DPI = 100
 """Each panel is 500 x 300 pixels; the PNG is exactly (columns * 500) x (rows * 300)."""
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("loss", ("loss",)),
-    ("teacher entropy (nats)", ("teacher_entropy",)),
-    ("agreement with the teacher (cosine)", ("teacher_agreement",)),
     ("k-NN top-1 (%)", ("knn_top1",)),
     ("learning rate and weight decay", ("lr", "weight_decay")),
-    ("teacher momentum", ("teacher_momentum",)),
 )
-"""Panel titles and the ``metrics.jsonl`` keys each draws (against ``step``); a panel without data is left out."""
+"""The panels of every run: titles and the ``metrics.jsonl`` keys each draws (against ``step``); a method adds its
+own (``Method.curves``), and a panel without data is left out."""
 FEW_POINTS = 50
 """Series with at most this many points get markers."""
 
@@ -48,10 +46,8 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[f
     return [step for step, _ in points], [value for _, value in points]
 
 
-def _max_entropy(records: list[dict[str, Any]], num_outputs: int | None) -> float | None:
-    """log K of the DINO head's K outputs: given, else entropy + KL to uniform of the last record holding both."""
-    if num_outputs is not None:
-        return math.log(num_outputs)
+def _max_entropy(records: list[dict[str, Any]]) -> float | None:
+    """log K of a head's K outputs: entropy + KL to uniform of the last record holding both; None without them."""
     for record in reversed(records):
         if _is_number(record.get("teacher_entropy")) and _is_number(record.get("teacher_kl_uniform")):
             return float(record["teacher_entropy"]) + float(record["teacher_kl_uniform"])
@@ -77,14 +73,14 @@ def _draw(axes: Axes, records: list[dict[str, Any]], keys: tuple[str, ...], max_
 
 
 def plot_training_curves(run_dir_or_metrics_path: str | Path, out_png: str | Path,
-                         num_outputs: int | None = None) -> Path:
+                         panels: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> Path:
     """One PNG of a run's training curves, a panel per series found; absent series are left out.
 
     Args:
         run_dir_or_metrics_path: a run directory (its ``metrics.jsonl`` is read) or the file itself.
         out_png: the PNG to write (atomically).
-        num_outputs: K, the DINO head's outputs, for the entropy's maximum log K; None: derived from
-            ``teacher_entropy + teacher_kl_uniform`` when logged, else not drawn.
+        panels: the method's own panels (``Method.curves``), drawn after :data:`PANELS`. An entropy panel gets its
+            maximum log K where ``teacher_entropy + teacher_kl_uniform`` is logged.
 
     Returns:
         ``out_png`` as a path. Skipped (non-JSON, half-written) lines are counted in a warning and the title.
@@ -101,15 +97,16 @@ def plot_training_curves(run_dir_or_metrics_path: str | Path, out_png: str | Pat
     records, skipped = read_metrics(path)
     if skipped:
         logger.warning("%s: skipped %d line(s) that are not complete JSON records", path, skipped)
-    panels = [(title, keys) for title, keys in PANELS if any(series(records, key)[0] for key in keys)]
+    wanted = (*PANELS, *panels)
+    panels = [(title, keys) for title, keys in wanted if any(series(records, key)[0] for key in keys)]
     if not panels:
-        wanted = ", ".join(key for _, keys in PANELS for key in keys)
+        wanted = ", ".join(key for _, keys in wanted for key in keys)
         raise ValueError(f"{path} holds none of the series {wanted} in {len(records)} record(s); "
                          "give the metrics.jsonl of an unsupdistill training run")
     columns = 1 if len(panels) == 1 else 2
     rows = math.ceil(len(panels) / columns)
     figure = Figure(figsize=(PANEL_INCHES[0] * columns, PANEL_INCHES[1] * rows), dpi=DPI, layout="constrained")
-    max_entropy = _max_entropy(records, num_outputs)
+    max_entropy = _max_entropy(records)
     for number, (title, keys) in enumerate(panels, 1):
         axes = figure.add_subplot(rows, columns, number)
         _draw(axes, records, keys, max_entropy)

@@ -408,6 +408,7 @@ class Trainer:
         state = {
             "config": self.config.to_dict(), "backbone": self.method.spec.to_dict(), "step": self.step,
             "world_size": self.world, "method": self.method.name, **method_state,
+            "exported": self.method.exported_network(),
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {},
             "rng": rngs, "train_seconds": self.budget.spent() if self.budget is not None else None,
             "time_shares": self.timer.state_dict(),

@@ -184,10 +184,14 @@ class Method(nn.Module):
         """The frozen teacher a run learns from (its spec and input size, for the end-of-run table); None: none."""
         return None
 
-    @classmethod
-    def head_outputs(cls, config: Config) -> int | None:
-        """The number of outputs whose entropy the method logs (the curves draw its maximum, log K); None: none."""
-        return None
+    curves: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = ()
+    """The method's own panels of ``training_curves.png``: (title, the ``metrics.jsonl`` keys drawn), after the
+    shared ones (loss, k-NN, learning rate)."""
+
+    def exported_network(self) -> str:
+        """The key of :meth:`checkpoint_state` that holds the network :meth:`export` gives: a checkpoint records it
+        (``exported``), so evaluating or exporting a checkpoint takes the same network as the run's export."""
+        return "student"
 
     def warnings(self, signals: dict[str, float]) -> dict[str, str]:
         """Plain-words diagnoses of failure modes by kind (e.g. collapse); empty when healthy."""

@@ -204,9 +204,11 @@ class DINO(Method):
         values = dino_values(sched, self.config.dino)
         return {"teacher_momentum": values.teacher_momentum, "teacher_temp": values.teacher_temp}
 
-    @classmethod
-    def head_outputs(cls, config: Config) -> int | None:
-        return config.dino.head_output_dim
+    curves: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = (
+        ("teacher entropy (nats)", ("teacher_entropy",)), ("teacher momentum", ("teacher_momentum",)))
+
+    def exported_network(self) -> str:
+        return "teacher"  # the EMA teacher, DINO's better network
 
     def warnings(self, signals: dict[str, float]) -> dict[str, str]:
         return collapse_warnings(signals, self.config.dino.head_output_dim, self.spec.feature_dim)

@@ -593,12 +593,18 @@ class Distillation(Method):
 
     def checkpoint_state(self) -> dict[str, Any]:
         state = {"student": self.student.state_dict(), "losses": self.global_loss.state_dict(),
-                 "exported": "student_ema" if self.ema is not None else "student",
                  "distill_teacher": {"name": self.teacher.name, "feature_dim": self.teacher.feature_dim,
                                      "key": self.teacher.cache_key}}
         if self.ema is not None:
             state["student_ema"] = self.ema.state_dict()
         return state
+
+    curves: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = (
+        ("agreement with the teacher (cosine)", ("teacher_agreement",)),
+        ("teacher entropy (nats)", ("teacher_entropy",)))
+
+    def exported_network(self) -> str:
+        return "student_ema" if self.ema is not None else "student"
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         saved = state.get("distill_teacher", {})
