@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from unsupdistill.methods.distill.settings import FLAGS as DISTILL_FLAGS
 from unsupdistill.methods.distill.settings import DistillConfig
 from unsupdistill.methods.registry import Flag
 
@@ -43,8 +44,9 @@ class KDConfig:
 SECTIONS = {"distill": DistillConfig, "kd": KDConfig}
 """The config sections kd reads: distillation's (the teacher, its input, the views and the cache) and its own."""
 
-FLAGS = (Flag("--labels", "data.labels", metavar="LABELED",
+FLAGS = (*DISTILL_FLAGS, Flag("--labels", "data.labels", metavar="LABELED",
               help="labels of some or all of the images (sets data.labels): a folder of class subfolders or a "
                    "path,label CSV of images inside the image folder; the student then learns from the labels "
                    "and the teacher's class probabilities too (method kd), and exports a classifier"),)
-"""The flags kd adds to its verb (``--labels`` also makes kd the ``distill`` verb's method)."""
+"""The flags kd takes: distillation's ``--teacher``, and ``--labels`` (which also makes kd the ``distill`` verb's
+method)."""
