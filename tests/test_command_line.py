@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import export_teacher
 from PIL import Image
 
@@ -15,6 +16,9 @@ from unsupdistill.cli import build_parser, main
 from unsupdistill.cli.options import apply_old_spellings, training_overrides
 from unsupdistill.config import load_config
 from unsupdistill.data import DigitsDataset
+from unsupdistill.evaluate import run as evaluate_run
+from unsupdistill.evaluate.run import AUTO_BF16_MIN_IMAGES
+from unsupdistill.train import precision
 
 VERBS = ("pretrain", "distill", "eval", "export", "embed", "show")
 BATCHED = {"pretrain": ("auto", "fp32", "bf16", "fp16"), "distill": ("auto", "fp32", "bf16", "fp16"),
@@ -60,6 +64,27 @@ def test_every_verbs_help_follows_the_one_rule(verb):
         assert found["--device"].default in ("auto", None) and "{auto,cpu,cuda" in text
         assert found["--workers"].metavar == found["--batch-size"].metavar == "N"
         assert "--precision {" + ",".join(BATCHED[verb]) + "}" in text
+
+
+def test_each_precision_help_says_what_its_auto_does(monkeypatch):
+    """Training's auto is bf16 on a CPU with native bf16 and fp32 on one without; eval's and embed's is bf16 only on
+    such a CPU from 10,000 images on, fp32 on CUDA. The training help said bf16 on any CPU: each says its own now."""
+    cpu, rule = torch.device("cpu"), {}
+    for native in (False, True):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(evaluate_run, "cpu_has_native_bf16", lambda native=native: native)
+        rule[native] = (precision.resolve_precision("auto", cpu),
+                        evaluate_run.extraction_precision("auto", cpu, AUTO_BF16_MIN_IMAGES - 1),
+                        evaluate_run.extraction_precision("auto", cpu, AUTO_BF16_MIN_IMAGES))
+    assert rule == {False: (None, "fp32", "fp32"), True: (torch.bfloat16, "fp32", "bf16")}
+    assert evaluate_run.extraction_precision("auto", torch.device("cuda"), 10**6) == "fp32"
+    for verb in ("pretrain", "distill"):
+        text = options(subparsers()[verb])["--precision"].help
+        assert "bf16 autocast on a CPU with native bf16" in text and "fp32 on a CPU without native bf16" in text
+    for verb in ("eval", "embed"):
+        text = options(subparsers()[verb])["--precision"].help
+        assert "bf16 autocast only on a CPU with native bf16" in text and "10,000 images or more" in text
+        assert "else fp32, on CUDA too" in text
 
 
 def test_training_flags_set_their_config_keys_and_refuse_a_disagreeing_override(tmp_path):
