@@ -13,6 +13,7 @@ from conftest import export_teacher
 from PIL import Image
 
 from unsupdistill.cli import build_parser, main
+from unsupdistill.cli import options as cli_options
 from unsupdistill.cli.options import apply_old_spellings, training_overrides
 from unsupdistill.config import load_config
 from unsupdistill.data import DigitsDataset
@@ -85,6 +86,61 @@ def test_each_precision_help_says_what_its_auto_does(monkeypatch):
         text = options(subparsers()[verb])["--precision"].help
         assert "bf16 autocast only on a CPU with native bf16" in text and "10,000 images or more" in text
         assert "else fp32, on CUDA too" in text
+
+
+REQUIRED = {"pretrain": [], "distill": [], "eval": ["pixels"], "embed": ["pixels", "images"],
+            "show": ["pixels", "image.png"], "export": ["run", "--format", "onnx"]}
+"""Each verb's required arguments, so that a parse gets as far as the flag tested."""
+
+
+def test_every_integer_flag_refuses_values_it_cannot_take(capsys):
+    """--top-k -3 and --max-images -1 were taken silently (no predictions, no pictures): every integer flag now
+    names its allowed values in an argparse error (exit 2). --workers and --top-k take 0 (none); the others >= 1."""
+    checked = 0
+    for verb, parser in subparsers().items():
+        for action in parser._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            assert action.type is not int, f"{verb} {action.option_strings[0]}: an unchecked integer"
+            if action.type not in (cli_options.count, cli_options.positive):
+                continue
+            flag, lowest = action.option_strings[0], 0 if action.type is cli_options.count else 1
+            for bad in (str(lowest - 1), "-3", "two"):
+                with pytest.raises(SystemExit) as refused:
+                    parser.parse_args([*REQUIRED[verb], flag, bad])
+                assert refused.value.code == 2
+                assert f"argument {flag}: expected an integer >= {lowest}, got '{bad}'" in capsys.readouterr().err
+            parser.parse_args([*REQUIRED[verb], flag, str(lowest)])
+            checked += 1
+    assert checked == 19  # workers and batch size on 4 verbs, show's batch size, and 10 more
+    for argv in (["embed", "pixels", "images", "--top-k", "-3"], ["show", "pixels", "x.png", "--max-images", "-1"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert f"argument {argv[3]}: expected an integer >= " in capsys.readouterr().err
+
+
+def test_show_spells_k_as_eval_does_and_still_reads_minus_k_with_a_warning(tmp_path, caplog, capsys):
+    found = options(subparsers()["show"])
+    assert found["--k"].metavar == "K" and "was -k" in found["--k"].help and found["-k"].help == argparse.SUPPRESS
+    assert "--k K" in subparsers()["show"].format_help()
+    model = export_teacher(tmp_path / "model", 16, seed=0)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        Image.new("RGB", (16, 16), colour).save(images / f"{i}.png")
+    show = ["show", str(model), str(images), "--gallery", str(images), "--kind", "retrieval"]
+    with caplog.at_level(logging.WARNING):
+        assert main([*show, "--out", str(tmp_path / "new"), "--k", "2"]) == 0
+    assert "deprecated" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        assert main([*show, "--out", str(tmp_path / "old"), "-k", "2"]) == 0
+    assert "-k is deprecated" in caplog.text and "use --k" in caplog.text
+    new, old = (np.asarray(Image.open(tmp_path / name / "retrieval.png")) for name in ("new", "old"))
+    assert np.array_equal(new, old)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main([*show, "--out", str(tmp_path / "both"), "--k", "2", "-k", "3"]) == 2
+    assert "--k 2 and -k 3 disagree" in caplog.text
 
 
 def test_training_flags_set_their_config_keys_and_refuse_a_disagreeing_override(tmp_path):

@@ -8,8 +8,16 @@ import sys
 from pathlib import Path
 
 from unsupdistill import distributed
-from unsupdistill.cli.options import add_batch_options, add_labeled_sets, add_out, apply_old_spellings, positive
-from unsupdistill.cli.tools import SHOW_KINDS, embed_command, eval_command, export_command, show_command
+from unsupdistill.cli.options import (
+    OldSpelling,
+    add_batch_options,
+    add_labeled_sets,
+    add_out,
+    apply_old_spellings,
+    count,
+    positive,
+)
+from unsupdistill.cli.tools import RETRIEVAL_K, SHOW_KINDS, embed_command, eval_command, export_command, show_command
 from unsupdistill.cli.training import (
     EXIT_STOPPED,
     TRAINING_EPILOG,
@@ -56,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels of some or all of the images (sets data.labels): a folder of class subfolders or a "
                         "path,label CSV of images inside the image folder; the student then learns from the labels "
                         "and the teacher's class probabilities too (method kd), and exports a classifier")
-    d.add_argument("--generations", type=int, default=1, metavar="N",
+    d.add_argument("--generations", type=positive, default=1, metavar="N",
                    help="born-again generations: generation k+1 is distilled from generation k's export (same "
                         "student network), each in RUN/gen_k; 1 (default) trains one student in RUN")
 
@@ -77,11 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=positive, nargs="+", metavar="K", default=list(EvalOptions.ks),
                    help=f"numbers of neighbours of the k-NN classifier (default {' '.join(map(str, EvalOptions.ks))}; "
                         f"the table shows k={HEADLINE_K}, or the smallest k without it)")
-    e.add_argument("--image-size", type=int, help="input size for pixels and timm: models")
+    e.add_argument("--image-size", type=positive, metavar="PX", help="input size for pixels and timm: models")
     add_batch_options(e, training=False, batch_default=256, images="the test set holds",
                       workers_help="image-decoding processes (default: one per core, up to 8; none for the "
                                    "in-memory digits)")
-    e.add_argument("--vit-blocks", type=int, help="ViTs: concatenate class tokens of the last N blocks (DINO: 4)")
+    e.add_argument("--vit-blocks", type=positive, metavar="N",
+                   help="ViTs: concatenate class tokens of the last N blocks (DINO: 4)")
     e.add_argument("--avgpool", action="store_true", help="with --vit-blocks: add average-pooled patch tokens")
     e.add_argument("--student", action="store_true", help="evaluate the student instead of the teacher")
     e.add_argument("--linear", choices=["torch", "sklearn"], default="torch",
@@ -96,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--speed", action="store_true",
                    help="also measure inference speed at each model's input size, on --device at the extraction "
                         "precision: images/s, latency of one image, parameters and GFLOPs (eval.json 'speed')")
-    e.add_argument("--speed-batch", type=int, default=64, help="images per pass of the --speed throughput timing "
-                                                               "(default 64)")
+    e.add_argument("--speed-batch", type=positive, default=64, metavar="N",
+                   help="images per pass of the --speed throughput timing (default 64)")
     e.add_argument("--speed-seconds", type=float, default=2.0,
                    help="time limit of each --speed timing, throughput and latency (default 2; longer is steadier)")
 
@@ -137,10 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="npy (default): features.npy (N, D) float32 + features.csv of paths; npz: one features.npz "
                         "holding features and paths")
     m.add_argument("--student", action="store_true", help="embed with the student's backbone")
-    m.add_argument("--image-size", type=int, help="input size for pixels and timm: models")
+    m.add_argument("--image-size", type=positive, metavar="PX", help="input size for pixels and timm: models")
     add_batch_options(m, training=False, batch_default=256, images="DATA holds",
                       workers_help="image-decoding processes (default: one per core, up to 8)")
-    m.add_argument("--top-k", type=int, default=5, metavar="K",
+    m.add_argument("--top-k", type=count, default=5, metavar="K",
                    help="a model distilled with labels (it has a classifier): also write predictions.csv, each "
                         "image's K most probable classes and their probabilities (default 5; 0: none)")
 
@@ -161,14 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "default: every one that fits)")
     add_out(s, "the PNGs", "runs/show-<timestamp>")
     s.add_argument("--gallery", help="image folder searched for the nearest neighbours (retrieval)")
-    s.add_argument("-k", type=int, default=5, help="neighbours per image (default 5)")
+    s.add_argument("--k", type=positive, metavar="K",
+                   help=f"retrieval: neighbours per image (default {RETRIEVAL_K}; was -k)")
+    s.add_argument("-k", action=OldSpelling, new="--k", dest="k", type=positive)
     s.add_argument("--batch-size", type=positive, default=64, metavar="N",
                    help="gallery images decoded and embedded at a time for the retrieval (default 64)")
     s.add_argument("--threshold", type=float, default=0.6,
                    help="share of the attention mass each attention mask keeps (DINO: 0.6)")
-    s.add_argument("--max-images", type=int, default=8, help="images drawn at most (default 8)")
+    s.add_argument("--max-images", type=positive, default=8, metavar="N", help="images drawn at most (default 8)")
     s.add_argument("--student", action="store_true", help="the student's backbone instead of the teacher's")
-    s.add_argument("--image-size", type=int, help="input size for timm: models")
+    s.add_argument("--image-size", type=positive, metavar="PX", help="input size for timm: models")
     return parser
 
 

@@ -89,13 +89,13 @@ def spelled(args: argparse.Namespace, dest: str) -> str:
 
 
 def count(text: str) -> int:
-    """argparse type: an integer >= 0."""
+    """argparse type: an integer >= 0 (the flag's help says what 0 means)."""
     try:
         value = int(text)
     except ValueError:
         value = -1
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0 decodes in the main process), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 
