@@ -143,6 +143,15 @@ def test_show_spells_k_as_eval_does_and_still_reads_minus_k_with_a_warning(tmp_p
     assert "--k 2 and -k 3 disagree" in caplog.text
 
 
+def test_every_labeled_set_flag_says_how_a_labeled_csv_is_written():
+    """A labeled CSV needs a path,label header and reads its relative paths from its own folder: each help says so."""
+    said = "the header line path,label first, then one path,label row per image; a relative path is read from the CSV's"
+    helps = [options(subparsers()[verb])["--eval-train"].help for verb in ("pretrain", "distill", "eval")]
+    helps += [options(subparsers()["distill"])["--labels"].help, subparsers()["eval"].description]
+    for text in helps:
+        assert said in " ".join(text.split()), text
+
+
 def test_training_flags_set_their_config_keys_and_refuse_a_disagreeing_override(tmp_path):
     parser = build_parser()
     args = parser.parse_args(["pretrain", "--precision", "fp32", "--device", "cpu", "--workers", "0",

@@ -25,6 +25,7 @@ from unsupdistill.cli.training import (
     add_training_arguments,
     train_command,
 )
+from unsupdistill.data.labeled import CSV_FORMAT
 from unsupdistill.evaluate.run import HEADLINE_K, EvalOptions
 from unsupdistill.export import EXPORT_FORMATS
 from unsupdistill.export.embed import EMBED_FORMATS
@@ -62,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "timm:vit_small_patch14_dinov2.lvd142m,pretrained=true,img_size=224")
     d.add_argument("--labels", metavar="LABELED",
                    help="labels of some or all of the images (sets data.labels): a folder of class subfolders or a "
-                        "path,label CSV of images inside the image folder; the student then learns from the labels "
-                        "and the teacher's class probabilities too (method kd), and exports a classifier")
+                        f".csv file ({CSV_FORMAT}) of images inside the image folder; the student then learns from "
+                        "the labels and the teacher's class probabilities too (method kd), and exports a classifier")
     d.add_argument("--generations", type=positive, default=1, metavar="N",
                    help="born-again generations: generation k+1 is distilled from generation k's export (same "
                         "student network), each in RUN/gen_k; 1 (default) trains one student in RUN")
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="k-NN, linear probe and clustering of frozen features on a labeled train/test pair",
         description="Evaluate frozen features. MODEL is a run directory, a checkpoint (.pt), an exported "
                     "backbone (.safetensors with its .json), timm:<name>[,key=value...] (random init) or pixels. "
-                    "The labeled sets are folders with one subfolder per class, CSV files of path,label, or digits.",
+                    f"The labeled sets are folders with one subfolder per class, .csv files ({CSV_FORMAT}), or "
+                    "digits.",
     )
     e.add_argument("model", metavar="MODEL", nargs="+", help="one or more models (several: compared side by side)")
     add_labeled_sets(e, "labeled training set (k-NN memory, probe training)", "labeled test set, scored",

@@ -19,6 +19,7 @@ from typing import Any
 
 from unsupdistill.config import ConfigError
 from unsupdistill.config.loading import parse_override
+from unsupdistill.data.labeled import CSV_FORMAT
 from unsupdistill.evaluate.run import AUTO_BF16_MIN_IMAGES
 
 logger = logging.getLogger("unsupdistill")
@@ -33,7 +34,7 @@ TRAINING_PRECISION_HELP = ("train.precision (default auto: bf16 autocast on a CP
 """What ``auto`` trains in: :func:`unsupdistill.train.precision.resolve_precision`."""
 TRAINING_DEVICES = ("auto", "cpu", "cuda")
 """``train.device``: under torchrun each process takes CUDA device LOCAL_RANK, so there is no ``cuda:N``."""
-LABELED_HELP = "a folder of class subfolders, a path,label CSV file, or digits"
+LABELED_HELP = f"a folder of class subfolders, a .csv file ({CSV_FORMAT}), or digits"
 
 TRAINING_KEYS = {"precision": "train.precision", "device": "train.device", "workers": "data.num_workers",
                  "batch_size": "train.batch_size", "eval_train": "eval.train", "eval_test": "eval.test"}
