@@ -4,7 +4,7 @@
 all training images stay usable without labels; the test split scores every row. Each row is the CLI command a
 user would type (called in this process, one after the other), for ``--budget`` seconds of training:
 
-- teacher: ``unsupdistill eval TEACHER --train labels.csv``: its k-NN and linear probe on the labels alone;
+- teacher: ``unsupdistill eval TEACHER --eval-train labels.csv``: its k-NN and linear probe on the labels alone;
 - (a) labels only: ``distill LABELED --labels labels.csv kd.alpha=0 kd.feature_weight=0``, where LABELED holds the
   labeled images alone: cross-entropy on the labels (the teacher's terms weigh nothing);
 - (b) unlabeled distillation of every training image, then the linear probe on the labels (``eval --train
@@ -12,10 +12,10 @@ user would type (called in this process, one after the other), for ``--budget`` 
 - (c) distillation with labels: ``distill TRAIN --teacher T --labels labels.csv`` (and ``--generations N``: (d),
   the born-again generations, each taught by the one before).
 
-Every run is scored by ``unsupdistill eval RUN --train labels.csv --test TEST --speed``: its classifier's top-1
-where it has one, the linear probe (fitted on the labels) and k-NN (k = 20, memory: the labeled images), with
-training images/s, inference images/s and GFLOPs. A run whose ``eval.json`` exists is not run again. The commands
-behind BENCHMARKS.md::
+Every run is scored by ``unsupdistill eval RUN --eval-train labels.csv --eval-test TEST --speed``: its
+classifier's top-1 where it has one, the linear probe (fitted on the labels) and k-NN (k = 20, memory: the labeled
+images), with training images/s, inference images/s and GFLOPs. A run whose ``eval.json`` exists is not run again.
+The commands behind BENCHMARKS.md::
 
     python eval/bench_kd.py --data /tmp/cifar10 --out /work/bench/kd26 --budget 1800 --generations 2 \\
         --teacher "lite0=timm:tf_efficientnet_lite0,pretrained=true,pretrained_cfg_overlay={file: PATH}"

@@ -8,13 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import export_teacher
 from PIL import Image
 
 from unsupdistill.cli import build_parser, main
+from unsupdistill.cli import options as cli_options
 from unsupdistill.cli.options import apply_old_spellings, training_overrides
 from unsupdistill.config import load_config
 from unsupdistill.data import DigitsDataset
+from unsupdistill.evaluate import run as evaluate_run
+from unsupdistill.evaluate.run import AUTO_BF16_MIN_IMAGES
+from unsupdistill.train import precision
 
 VERBS = ("pretrain", "distill", "eval", "export", "embed", "show")
 BATCHED = {"pretrain": ("auto", "fp32", "bf16", "fp16"), "distill": ("auto", "fp32", "bf16", "fp16"),
@@ -60,6 +65,91 @@ def test_every_verbs_help_follows_the_one_rule(verb):
         assert found["--device"].default in ("auto", None) and "{auto,cpu,cuda" in text
         assert found["--workers"].metavar == found["--batch-size"].metavar == "N"
         assert "--precision {" + ",".join(BATCHED[verb]) + "}" in text
+
+
+def test_each_precision_help_says_what_its_auto_does(monkeypatch):
+    """Training's auto is bf16 on a CPU with native bf16 and fp32 on one without; eval's and embed's is bf16 only on
+    such a CPU from 10,000 images on, fp32 on CUDA. The training help said bf16 on any CPU: each says its own now."""
+    cpu, rule = torch.device("cpu"), {}
+    for native in (False, True):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(evaluate_run, "cpu_has_native_bf16", lambda native=native: native)
+        rule[native] = (precision.resolve_precision("auto", cpu),
+                        evaluate_run.extraction_precision("auto", cpu, AUTO_BF16_MIN_IMAGES - 1),
+                        evaluate_run.extraction_precision("auto", cpu, AUTO_BF16_MIN_IMAGES))
+    assert rule == {False: (None, "fp32", "fp32"), True: (torch.bfloat16, "fp32", "bf16")}
+    assert evaluate_run.extraction_precision("auto", torch.device("cuda"), 10**6) == "fp32"
+    for verb in ("pretrain", "distill"):
+        text = options(subparsers()[verb])["--precision"].help
+        assert "bf16 autocast on a CPU with native bf16" in text and "fp32 on a CPU without native bf16" in text
+    for verb in ("eval", "embed"):
+        text = options(subparsers()[verb])["--precision"].help
+        assert "bf16 autocast only on a CPU with native bf16" in text and "10,000 images or more" in text
+        assert "else fp32, on CUDA too" in text
+
+
+REQUIRED = {"pretrain": [], "distill": [], "eval": ["pixels"], "embed": ["pixels", "images"],
+            "show": ["pixels", "image.png"], "export": ["run", "--format", "onnx"]}
+"""Each verb's required arguments, so that a parse gets as far as the flag tested."""
+
+
+def test_every_integer_flag_refuses_values_it_cannot_take(capsys):
+    """--top-k -3 and --max-images -1 were taken silently (no predictions, no pictures): every integer flag now
+    names its allowed values in an argparse error (exit 2). --workers and --top-k take 0 (none); the others >= 1."""
+    checked = 0
+    for verb, parser in subparsers().items():
+        for action in parser._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            assert action.type is not int, f"{verb} {action.option_strings[0]}: an unchecked integer"
+            if action.type not in (cli_options.count, cli_options.positive):
+                continue
+            flag, lowest = action.option_strings[0], 0 if action.type is cli_options.count else 1
+            for bad in (str(lowest - 1), "-3", "two"):
+                with pytest.raises(SystemExit) as refused:
+                    parser.parse_args([*REQUIRED[verb], flag, bad])
+                assert refused.value.code == 2
+                assert f"argument {flag}: expected an integer >= {lowest}, got '{bad}'" in capsys.readouterr().err
+            parser.parse_args([*REQUIRED[verb], flag, str(lowest)])
+            checked += 1
+    assert checked == 19  # workers and batch size on 4 verbs, show's batch size, and 10 more
+    for argv in (["embed", "pixels", "images", "--top-k", "-3"], ["show", "pixels", "x.png", "--max-images", "-1"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert f"argument {argv[3]}: expected an integer >= " in capsys.readouterr().err
+
+
+def test_show_spells_k_as_eval_does_and_still_reads_minus_k_with_a_warning(tmp_path, caplog, capsys):
+    found = options(subparsers()["show"])
+    assert found["--k"].metavar == "K" and "was -k" in found["--k"].help and found["-k"].help == argparse.SUPPRESS
+    assert "--k K" in subparsers()["show"].format_help()
+    model = export_teacher(tmp_path / "model", 16, seed=0)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        Image.new("RGB", (16, 16), colour).save(images / f"{i}.png")
+    show = ["show", str(model), str(images), "--gallery", str(images), "--kind", "retrieval"]
+    with caplog.at_level(logging.WARNING):
+        assert main([*show, "--out", str(tmp_path / "new"), "--k", "2"]) == 0
+    assert "deprecated" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        assert main([*show, "--out", str(tmp_path / "old"), "-k", "2"]) == 0
+    assert "-k is deprecated" in caplog.text and "use --k" in caplog.text
+    new, old = (np.asarray(Image.open(tmp_path / name / "retrieval.png")) for name in ("new", "old"))
+    assert np.array_equal(new, old)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main([*show, "--out", str(tmp_path / "both"), "--k", "2", "-k", "3"]) == 2
+    assert "--k 2 and -k 3 disagree" in caplog.text
+
+
+def test_every_labeled_set_flag_says_how_a_labeled_csv_is_written():
+    """A labeled CSV needs a path,label header and reads its relative paths from its own folder: each help says so."""
+    said = "the header line path,label first, then one path,label row per image; a relative path is read from the CSV's"
+    helps = [options(subparsers()[verb])["--eval-train"].help for verb in ("pretrain", "distill", "eval")]
+    helps += [options(subparsers()["distill"])["--labels"].help, subparsers()["eval"].description]
+    for text in helps:
+        assert said in " ".join(text.split()), text
 
 
 def test_training_flags_set_their_config_keys_and_refuse_a_disagreeing_override(tmp_path):

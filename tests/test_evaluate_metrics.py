@@ -1,7 +1,9 @@
 """Evaluation building blocks: k-NN parity with scikit-learn, clustering metrics, linear probe, labeled data."""
 
 import itertools
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from unsupdistill.config import ConfigError
 from unsupdistill.data import DataError, DigitsDataset, digits_split
-from unsupdistill.data.labeled import LabeledImages, align_labels, load_labeled
+from unsupdistill.data.labeled import LabeledImages, align_labels, load_labeled, training_labels
 from unsupdistill.evaluate.clustering import cluster, hungarian_accuracy
 from unsupdistill.evaluate.knn import knn_accuracy
 from unsupdistill.evaluate.linear import DEFAULT_CS, dino_vit_features, linear_probe, select_regularisation
@@ -234,6 +236,39 @@ def test_labeled_csv_without_a_label_column_is_an_error(tmp_path):
     csv.write_text("")
     with pytest.raises(DataError, match="empty"):
         load_labeled(csv, 8, "train")
+
+
+def test_labeled_csv_without_its_header_says_how_a_labeled_csv_is_written(tmp_path):
+    """The header and where relative paths are read from were said nowhere; a CSV without the header named only the
+    missing column."""
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    csv = tmp_path / "set.csv"
+    csv.write_text("a.png,cat\nb.png,dog\n")
+    with pytest.raises(DataError) as err:
+        load_labeled(csv, 8, "train")
+    message = str(err.value)
+    assert str(csv) in message and "its first line is 'a.png,cat', an image's row: add the line path,label" in message
+    assert "the header line path,label first" in message and f"read from the CSV's own folder ({tmp_path})" in message
+
+
+def test_labeled_csv_giving_an_image_two_labels_is_refused_and_a_repeated_row_read_once(tmp_path, caplog):
+    """The last of two rows of one image won silently (data.labels), or the image was scored twice (eval)."""
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    csv = tmp_path / "set.csv"
+    csv.write_text("path,label\na.png,cat\nb.png,dog\n./a.png,dog\n")
+    for read in (lambda: load_labeled(csv, 8, "train"),
+                 lambda: training_labels(str(csv), SimpleNamespace(files=[tmp_path / "a.png", tmp_path / "b.png"]))):
+        with pytest.raises(DataError) as err:
+            read()
+        message = str(err.value)
+        assert str(csv) in message and f"{tmp_path / 'a.png'}: 'cat' on line 2, 'dog' on line 4" in message
+    csv.write_text("path,label\na.png,cat\nb.png,dog\na.png,cat\n")
+    with caplog.at_level(logging.WARNING):
+        dataset = load_labeled(csv, 8, "train")
+    assert [Path(path).name for path in dataset.paths] == ["a.png", "b.png"] and dataset.labels.tolist() == [0, 1]
+    assert f"CSV {csv}: 1 rows repeat an image named above with the same label" in caplog.text
 
 
 def test_unreadable_labeled_image_is_an_error_naming_it(tmp_path):

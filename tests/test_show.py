@@ -277,7 +277,7 @@ def test_show_command_draws_what_fits_and_every_run_ends_with_its_curves(tmp_pat
     for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
         Image.new("RGB", (16, 16), colour).save(images / f"{i}.png")
     out = tmp_path / "show"
-    assert main(["show", str(run), str(images), "--gallery", str(images), "--out", str(out), "-k", "2"]) == 0
+    assert main(["show", str(run), str(images), "--gallery", str(images), "--out", str(out), "--k", "2"]) == 0
     printed = capsys.readouterr().out
     assert "not drawn: attention" in printed
     for kind in ("pca", "retrieval", "curves"):

@@ -88,8 +88,12 @@ def test_eval_speed_writes_speed_into_eval_json_and_the_report(tmp_path, capsys)
     assert speed["images_per_s"] > 0 and speed["latency_ms"] > 0
     printed = capsys.readouterr().out
     assert f"{speed['images_per_s']:,.0f}" in printed and "images/s" in printed and "GFLOPs" in printed
+    with pytest.raises(SystemExit) as refused:  # argparse: the flag and its allowed values
+        main(["eval", STUDENT, "--image-size", "12", "--train", "digits", "--test", "digits",
+              "--out", str(tmp_path / "bad"), "--speed-batch", "0"])
+    assert refused.value.code == 2
     assert main(["eval", STUDENT, "--image-size", "12", "--train", "digits", "--test", "digits",
-                 "--out", str(tmp_path / "bad"), "--speed-batch", "0"]) == 2
+                 "--out", str(tmp_path / "bad"), "--speed-seconds", "-1"]) == 2
     assert not (tmp_path / "bad").exists()
 
 

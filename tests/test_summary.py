@@ -3,8 +3,10 @@ pixels, with the numbers `unsupdistill eval` gives for the same models and sets.
 
 import json
 import logging
+import shlex
 
 import pytest
+from conftest import export_teacher
 from PIL import Image
 
 from unsupdistill.cli import main
@@ -69,6 +71,20 @@ def test_digits_run_ends_with_the_table_eval_gives(tmp_path, tiny, capsys):
     assert reseeded["knn_top1"]["same network, random init"] != scores["same network, random init"]
     assert [reseeded["knn_top1"][name] for name in ("this run", "raw pixels")] == [scores["this run"],
                                                                                     scores["raw pixels"]]
+
+
+def test_the_summary_commands_use_todays_flags_and_run_without_a_warning(tmp_path, caplog):
+    """summary.json's eval commands gave the deprecated --train/--test: copied, they warned."""
+    run = tmp_path / "run dir"  # a space: the command quotes it
+    export_teacher(run, 8, seed=0)  # an exported backbone, as a finished run holds
+    summary = run_summary(run, "digits", "digits", teacher=str(run), speed_seconds=0.05)
+    for key in ("command", "teacher_command"):
+        words = shlex.split(summary[key].replace("MODEL", shlex.quote(str(run))))
+        assert words[:2] == ["unsupdistill", "eval"] and "--eval-train" in words and "--train" not in words, key
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main([*words[1:], "--out", str(tmp_path / key), "--no-plots", "--speed-seconds", "0.05"]) == 0
+        assert "deprecated" not in caplog.text, key
 
 
 def test_folder_run_is_scored_on_the_labeled_folders_given(tmp_path, tiny, capsys):

@@ -4,6 +4,7 @@ invalidates it; resume and torchrun), and distillation's automatic settings on a
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ from unsupdistill.config import load_config
 from unsupdistill.data import build_dataset
 from unsupdistill.methods.distill.method import Distillation
 from unsupdistill.models.backbone import create_backbone, pooled_and_spatial
+from unsupdistill.models.teacher_cache import TeacherCache
+from unsupdistill.storage import DiskSpaceError
 from unsupdistill.train.method import Batch, Runtime
 from unsupdistill.train.schedules import schedule_at
 
@@ -222,3 +225,60 @@ def test_a_mobile_student_reports_its_pooled_width(name):
     with torch.no_grad():
         pooled, _ = pooled_and_spatial(backbone.eval(), torch.zeros(1, 3, 64, 64))
     assert spec.feature_dim == pooled.shape[1]
+
+
+def open_cache(folder: Path, images: int = 6) -> TeacherCache:
+    return TeacherCache.open(folder, "key", images, 2, 4, 3)
+
+
+def test_a_truncated_or_missing_cache_file_is_made_anew_with_a_warning_naming_it(tmp_path, caplog):
+    """A cache is derived data: a damaged one is rebuilt, with the reason logged, not a traceback; a short file
+    is not zero-filled to length and read as stored views (numpy does that to a file opened read-write)."""
+    cache = open_cache(tmp_path / "cache")
+    cache.store(torch.arange(6), torch.zeros(6, dtype=torch.long), torch.ones(6, 3), torch.ones(6, 4))
+    cache.flush()
+    del cache
+    features = tmp_path / "cache" / "features.npy"
+    with open(features, "r+b") as file:
+        file.truncate(features.stat().st_size - 10)  # a disk that filled up, a copy cut short
+    with caplog.at_level(logging.WARNING, logger="unsupdistill"):
+        again = open_cache(tmp_path / "cache")
+    assert int(again.filled.sum()) == 0
+    assert f"{features} cannot be read, truncated or damaged" in caplog.text and "made anew" in caplog.text
+    del again
+    caplog.clear()
+    (tmp_path / "cache" / "params.npy").unlink()
+    with caplog.at_level(logging.WARNING, logger="unsupdistill"):
+        open_cache(tmp_path / "cache")
+    assert f"{tmp_path / 'cache' / 'params.npy'} is missing" in caplog.text
+
+
+def test_an_unreadable_cache_meta_json_is_named_in_the_warning(tmp_path, caplog):
+    open_cache(tmp_path / "cache")
+    (tmp_path / "cache" / "meta.json").write_text('{"format": "unsupdistill.teacher_cache/1", "key"')
+    with caplog.at_level(logging.WARNING, logger="unsupdistill"):
+        open_cache(tmp_path / "cache")
+    assert f"{tmp_path / 'cache' / 'meta.json'} cannot be read (JSONDecodeError" in caplog.text
+    assert "made anew, empty" in caplog.text
+
+
+def test_a_cache_larger_than_the_free_disk_fails_before_training_naming_folder_bytes_and_setting(
+        teacher, images, tmp_path, monkeypatch, caplog):
+    """Sparse memory maps written past a full disk end in SIGBUS with status.json at running: the space is checked
+    first. The teacher cache fails the run (exit 2, status failed) naming the fix; the decoded images, an option,
+    are not kept, with a warning."""
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    with pytest.raises(DiskSpaceError, match=r"cache needs 2,016 bytes \(0\.00 GB\) more disk space, but only "
+                                             r"1,000 bytes"):
+        open_cache(tmp_path / "cache", images=48)
+    assert not (tmp_path / "cache").exists()
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        assert main(["distill", str(images), "--teacher", str(teacher), "--out", str(out), *STUDENT, *CACHED,
+                     "train.max_steps=2"]) == 2
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and status["exit_code"] == 2
+    assert f"{out / 'teacher_cache'} needs" in status["reason"] and "lower distill.cache_max_gb" in status["reason"]
+    assert "decoded images not kept" in caplog.text and "data.keep_decoded_max_gb" in caplog.text
+    assert not (out / "teacher_cache").exists() and not (out / "decoded_images").exists()

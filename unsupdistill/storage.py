@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from unsupdistill import distributed
 from unsupdistill import run_dir as layout
+from unsupdistill.config import ConfigError
 
 CHECKPOINT_FORMAT = "unsupdistill.checkpoint/1"
 
@@ -197,12 +198,21 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
+class DiskSpaceError(ConfigError):
+    """A store would not fit on its disk: the message names the folder, the bytes needed and free, and the setting
+    that caps the store (a :class:`~unsupdistill.config.ConfigError`: the command exits 2 naming the fix)."""
+
+
 def open_arrays(folder: Path, key: str, form: str, arrays: dict[str, tuple[tuple[int, ...], Any]],
-                stale: str) -> dict[str, Any]:
+                stale: str, limit: str) -> dict[str, Any]:
     """Memory-mapped ``.npy`` arrays in ``folder`` made under ``key``: reused when its ``meta.json`` says this
-    ``form``, key and shapes, else made anew, zero-filled (by process 0; every process of a torchrun calls this
-    together and the others wait). A store of per-image state that a resume keeps (a teacher's outputs, decoded
-    images); ``meta.json`` is written last, so a store cut short is made again.
+    ``form``, key and shapes and every array reads back whole, else made anew, zero-filled, with a warning that says
+    why (by process 0; every process of a torchrun calls this together and the others wait). A store of per-image
+    state that a resume keeps (a teacher's outputs, decoded images): derived data, so a store cut short, truncated or
+    unreadable is made again, never an error; ``meta.json`` is written last.
+
+    The arrays are sparse files that fill as the run writes them, and a write to a memory map on a full disk kills
+    the process (SIGBUS); so the bytes still to be written are checked against the disk's free space first.
 
     Args:
         folder: the store's folder (replaced whole when stale).
@@ -210,29 +220,32 @@ def open_arrays(folder: Path, key: str, form: str, arrays: dict[str, tuple[tuple
         form: the store's format name, e.g. ``unsupdistill.teacher_maps/1``.
         arrays: ``name -> (shape, numpy dtype)``; each is ``folder/name.npy``.
         stale: what the warning says of a store there made under another key or shape ("made for another ...").
+        limit: the setting that caps the store's size (``distill.cache_max_gb``), named when it does not fit.
 
     Returns:
         ``name -> numpy memmap`` opened read-write.
 
     Raises:
-        OSError: an array cannot be read back, or has the wrong shape (the message names the folder and the fix).
+        DiskSpaceError: the store's unwritten bytes exceed the free space of its disk (in every process).
+        OSError: an array made anew cannot be read back (the message names the folder and the fix).
     """
     meta = {"format": form, "key": key, "shapes": {name: list(shape) for name, (shape, _) in arrays.items()}}
+    short = None
     if distributed.is_main_process():
-        try:
-            found = json.loads((folder / "meta.json").read_text())
-        except (OSError, ValueError):
-            found = None
-        if found != meta or not all((folder / f"{name}.npy").is_file() for name in arrays):
-            if folder.exists():
-                logger.warning("%s was %s (or its meta.json or an array is unreadable or missing): made anew",
-                               folder, stale)
+        reason = _why_not_reused(folder, meta, arrays, stale)
+        if reason is not None and folder.exists():
+            logger.warning("%s is made anew, empty (derived data: what it held is computed again): %s", folder,
+                           reason)
             shutil.rmtree(folder, ignore_errors=True)
+        short = _space_shortfall(folder, arrays, limit)
+        if reason is not None and short is None:
             folder.mkdir(parents=True)
             for name, (shape, dtype) in arrays.items():
                 np.lib.format.open_memmap(folder / f"{name}.npy", "w+", dtype, tuple(shape)).flush()
             atomic_write(folder / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))  # last
-    distributed.barrier()
+    short = distributed.broadcast_object(short)  # every process waits for process 0, then fails alike
+    if short is not None:
+        raise DiskSpaceError(short)
     opened = {}
     for name, (shape, _) in arrays.items():
         try:
@@ -244,3 +257,52 @@ def open_arrays(folder: Path, key: str, form: str, arrays: dict[str, tuple[tuple
             raise OSError(f"{folder / (name + '.npy')} has shape {opened[name].shape}, not {tuple(shape)}; delete "
                           f"{folder} and resume: it is made again")
     return opened
+
+
+def _why_not_reused(folder: Path, meta: dict[str, Any], arrays: dict[str, tuple[tuple[int, ...], Any]],
+                    stale: str) -> str | None:
+    """Why the store in ``folder`` cannot be reused (None: it can). Each array is opened read-only first: numpy
+    opens a short file read-write by zero-filling it to length, which would pass lost values off as stored."""
+    if not folder.exists():
+        return "there is none"
+    meta_file = folder / "meta.json"
+    try:
+        found = json.loads(meta_file.read_text())
+    except FileNotFoundError:
+        return f"{meta_file} is missing (a store cut short before it was complete)"
+    except (OSError, ValueError) as err:
+        return f"{meta_file} cannot be read ({type(err).__name__}: {err})"
+    if found != meta:
+        return f"it was {stale}"
+    for name, (shape, dtype) in arrays.items():
+        path = folder / f"{name}.npy"
+        try:
+            array = np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            return f"{path} is missing"
+        except (OSError, ValueError, EOFError) as err:  # a short file: "mmap length is greater than file size"
+            return f"{path} cannot be read, truncated or damaged ({type(err).__name__}: {err})"
+        if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+            return f"{path} holds {array.dtype} {array.shape}, not {np.dtype(dtype)} {tuple(shape)}"
+    return None
+
+
+def _space_shortfall(folder: Path, arrays: dict[str, tuple[tuple[int, ...], Any]], limit: str) -> str | None:
+    """What :class:`DiskSpaceError` says when the bytes of ``arrays`` not yet on disk in ``folder`` (all of them
+    for a new store; a sparse one's unwritten pages) exceed the free space there; None when they fit."""
+    need = 0
+    for name, (shape, dtype) in arrays.items():
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        path = folder / f"{name}.npy"
+        stat = path.stat() if path.is_file() else None
+        # st_blocks: the 512-byte blocks on disk (absent on Windows, where the files are not sparse)
+        written = min(size, getattr(stat, "st_blocks", size // 512 + 1) * 512) if stat is not None else 0
+        need += size - written
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need <= free:
+        return None
+    return (f"{folder} needs {need:,} bytes ({need / 1e9:.2f} GB) more disk space, but only {free:,} bytes "
+            f"({free / 1e9:.2f} GB) are free on the disk of {existing}: a memory map written past a full disk kills "
+            f"the run. Free space there, put the run on a larger disk (--out), or lower {limit} below "
+            f"{free / 1e9:.3g}")

@@ -10,15 +10,19 @@ from pathlib import Path
 
 from unsupdistill.cli.options import (
     EXIT_STOPPED,
+    RETRIEVAL_K,
     SHOW_KINDS,
     TRAINING_EPILOG,
+    OldSpelling,
     add_batch_options,
     add_labeled_sets,
     add_out,
     add_training_arguments,
     apply_old_spellings,
+    count,
     positive,
 )
+from unsupdistill.config.sections import CSV_FORMAT
 from unsupdistill.evaluate.options import HEADLINE_K, EvalOptions
 from unsupdistill.export.names import ATOL, EMBED_FORMATS, EXPORT_FORMATS, RTOL
 
@@ -48,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=TRAINING_EPILOG,
     )
     add_training_arguments(d, "distill")
-    d.add_argument("--generations", type=int, default=1, metavar="N",
+    d.add_argument("--generations", type=positive, default=1, metavar="N",
                    help="born-again generations: generation k+1 is distilled from generation k's export (same "
                         "student network), each in RUN/gen_k; 1 (default) trains one student in RUN")
 
@@ -56,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="k-NN, linear probe and clustering of frozen features on a labeled train/test pair",
         description="Evaluate frozen features. MODEL is a run directory, a checkpoint (.pt), an exported "
                     "backbone (.safetensors with its .json), timm:<name>[,key=value...] (random init) or pixels. "
-                    "The labeled sets are folders with one subfolder per class, CSV files of path,label, or digits.",
+                    f"The labeled sets are folders with one subfolder per class, .csv files ({CSV_FORMAT}), or "
+                    "digits.",
     )
     e.add_argument("model", metavar="MODEL", nargs="+", help="one or more models (several: compared side by side)")
     add_labeled_sets(e, "labeled training set (k-NN memory, probe training)", "labeled test set, scored",
@@ -69,11 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=positive, nargs="+", metavar="K", default=list(EvalOptions.ks),
                    help=f"numbers of neighbours of the k-NN classifier (default {' '.join(map(str, EvalOptions.ks))}; "
                         f"the table shows k={HEADLINE_K}, or the smallest k without it)")
-    e.add_argument("--image-size", type=int, help="input size for pixels and timm: models")
+    e.add_argument("--image-size", type=positive, metavar="PX", help="input size for pixels and timm: models")
     add_batch_options(e, training=False, batch_default=256, images="the test set holds",
                       workers_help="image-decoding processes (default: one per core, up to 8; none for the "
                                    "in-memory digits)")
-    e.add_argument("--vit-blocks", type=int, help="ViTs: concatenate class tokens of the last N blocks (DINO: 4)")
+    e.add_argument("--vit-blocks", type=positive, metavar="N",
+                   help="ViTs: concatenate class tokens of the last N blocks (DINO: 4)")
     e.add_argument("--avgpool", action="store_true", help="with --vit-blocks: add average-pooled patch tokens")
     e.add_argument("--student", action="store_true", help="evaluate the student instead of the teacher")
     e.add_argument("--linear", choices=["torch", "sklearn"], default="torch",
@@ -88,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--speed", action="store_true",
                    help="also measure inference speed at each model's input size, on --device at the extraction "
                         "precision: images/s, latency of one image, parameters and GFLOPs (eval.json 'speed')")
-    e.add_argument("--speed-batch", type=int, default=64, help="images per pass of the --speed throughput timing "
-                                                               "(default 64)")
+    e.add_argument("--speed-batch", type=positive, default=64, metavar="N",
+                   help="images per pass of the --speed throughput timing (default 64)")
     e.add_argument("--speed-seconds", type=float, default=2.0,
                    help="time limit of each --speed timing, throughput and latency (default 2; longer is steadier)")
 
@@ -129,10 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="npy (default): features.npy (N, D) float32 + features.csv of paths; npz: one features.npz "
                         "holding features and paths")
     m.add_argument("--student", action="store_true", help="embed with the student's backbone")
-    m.add_argument("--image-size", type=int, help="input size for pixels and timm: models")
+    m.add_argument("--image-size", type=positive, metavar="PX", help="input size for pixels and timm: models")
     add_batch_options(m, training=False, batch_default=256, images="DATA holds",
                       workers_help="image-decoding processes (default: one per core, up to 8)")
-    m.add_argument("--top-k", type=int, default=5, metavar="K",
+    m.add_argument("--top-k", type=count, default=5, metavar="K",
                    help="a model distilled with labels (it has a classifier): also write predictions.csv, each "
                         "image's K most probable classes and their probabilities (default 5; 0: none)")
 
@@ -153,14 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "default: every one that fits)")
     add_out(s, "the PNGs", "runs/show-<timestamp>")
     s.add_argument("--gallery", help="image folder searched for the nearest neighbours (retrieval)")
-    s.add_argument("-k", type=int, default=5, help="neighbours per image (default 5)")
+    s.add_argument("--k", type=positive, metavar="K",
+                   help=f"retrieval: neighbours per image (default {RETRIEVAL_K}; was -k)")
+    s.add_argument("-k", action=OldSpelling, new="--k", dest="k", type=positive)
     s.add_argument("--batch-size", type=positive, default=64, metavar="N",
                    help="gallery images decoded and embedded at a time for the retrieval (default 64)")
     s.add_argument("--threshold", type=float, default=0.6,
                    help="share of the attention mass each attention mask keeps (DINO: 0.6)")
-    s.add_argument("--max-images", type=int, default=8, help="images drawn at most (default 8)")
+    s.add_argument("--max-images", type=positive, default=8, metavar="N", help="images drawn at most (default 8)")
     s.add_argument("--student", action="store_true", help="the student's backbone instead of the teacher's")
-    s.add_argument("--image-size", type=int, help="input size for timm: models")
+    s.add_argument("--image-size", type=positive, metavar="PX", help="input size for timm: models")
     return parser
 
 

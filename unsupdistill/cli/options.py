@@ -19,6 +19,8 @@ from typing import Any
 
 from unsupdistill.config import ConfigError
 from unsupdistill.config.loading import parse_override, recipe_names
+from unsupdistill.config.sections import CSV_FORMAT
+from unsupdistill.evaluate.options import AUTO_BF16_MIN_IMAGES
 from unsupdistill.methods import registry
 
 logger = logging.getLogger("unsupdistill")
@@ -27,9 +29,13 @@ TRAINING_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EXTRACTION_PRECISIONS = ("auto", "fp32", "bf16")
 """eval and embed extract features in fp32 or bf16 autocast; fp16 is not offered there (no CPU benefit, and the
 features feed k-NN and probes whose bf16 accuracy is measured: BENCHMARKS.md, "Feature precision")."""
+TRAINING_PRECISION_HELP = ("train.precision (default auto: bf16 autocast on a CPU with native bf16 (AVX-512 BF16, "
+                           "AMX) and on a GPU with bf16, fp16 with a GradScaler on a GPU without, fp32 on a CPU "
+                           "without native bf16, where it is emulated and slower; fp16 needs CUDA)")
+"""What ``auto`` trains in: :func:`unsupdistill.train.precision.resolve_precision`."""
 TRAINING_DEVICES = ("auto", "cpu", "cuda")
 """``train.device``: under torchrun each process takes CUDA device LOCAL_RANK, so there is no ``cuda:N``."""
-LABELED_HELP = "a folder of class subfolders, a path,label CSV file, or digits"
+LABELED_HELP = f"a folder of class subfolders, a .csv file ({CSV_FORMAT}), or digits"
 
 TRAINING_KEYS = {"precision": "train.precision", "device": "train.device", "workers": "data.num_workers",
                  "batch_size": "train.batch_size", "eval_train": "eval.train", "eval_test": "eval.test"}
@@ -85,13 +91,13 @@ def spelled(args: argparse.Namespace, dest: str) -> str:
 
 
 def count(text: str) -> int:
-    """argparse type: an integer >= 0."""
+    """argparse type: an integer >= 0 (the flag's help says what 0 means)."""
     try:
         value = int(text)
     except ValueError:
         value = -1
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0 decodes in the main process), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 
@@ -125,9 +131,7 @@ def add_batch_options(p: argparse.ArgumentParser, *, training: bool, batch_defau
     :data:`TRAINING_KEYS` (default: the recipe's or the automatic choice). Elsewhere ``images`` names the images
     whose count precision auto looks at, and ``workers_help`` says what --workers does."""
     if training:
-        p.add_argument("--precision", choices=TRAINING_PRECISIONS,
-                       help="train.precision (default auto: bf16 autocast on CPU, and on CUDA where supported; fp16 "
-                            "needs CUDA and uses a GradScaler)")
+        p.add_argument("--precision", choices=TRAINING_PRECISIONS, help=TRAINING_PRECISION_HELP)
         p.add_argument("--device", choices=TRAINING_DEVICES,
                        help="train.device (default auto: CUDA when available, else the CPU; no cuda:N: under "
                             "torchrun each process takes CUDA device LOCAL_RANK, else pick one with "
@@ -140,9 +144,9 @@ def add_batch_options(p: argparse.ArgumentParser, *, training: bool, batch_defau
                             "folder and device)")
         return
     p.add_argument("--precision", choices=EXTRACTION_PRECISIONS, default="auto",
-                   help=f"auto (default): bf16 autocast on a CPU with native bf16 (AVX-512 BF16, AMX) when {images} "
-                        "10,000 images or more (~2x faster; CIFAR-10 top-1 within 0.06 points), fp32 otherwise; "
-                        "fp16 is not offered")
+                   help=f"auto (default): bf16 autocast only on a CPU with native bf16 (AVX-512 BF16, AMX) when "
+                        f"{images} {AUTO_BF16_MIN_IMAGES:,} images or more (~2x faster; CIFAR-10 top-1 within 0.06 "
+                        "points), else fp32, on CUDA too (unlike training's auto); fp16 is not offered")
     p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
                    help="where the network runs (default auto: CUDA when available, else the CPU)")
     p.add_argument("--workers", type=count, metavar="N", help=workers_help)
@@ -186,6 +190,8 @@ def training_overrides(args: argparse.Namespace, overrides: list[str]) -> list[s
 
 SHOW_KINDS = ("attention", "pca", "retrieval", "curves")
 """The pictures ``unsupdistill show`` draws."""
+RETRIEVAL_K = 5
+"""``show --k``'s default: neighbours per image in the retrieval picture."""
 EXIT_STOPPED = 75  # EX_TEMPFAIL (sysexits.h): stopped by SIGTERM/SIGINT with a checkpoint; --resume continues
 
 TRAINING_EPILOG = (

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from unsupdistill import run_dir
-from unsupdistill.cli.options import SHOW_KINDS, deprecated, looks_like_file
+from unsupdistill.cli.options import RETRIEVAL_K, SHOW_KINDS, deprecated, looks_like_file
 from unsupdistill.export.names import EMBED_SUFFIXES
 
 
@@ -17,9 +17,8 @@ def eval_command(args: argparse.Namespace) -> int:
     from unsupdistill.evaluate.run import EvalOptions, evaluate, summary_row
     from unsupdistill.evaluate.speed import describe_speed
 
-    if args.speed_batch < 1 or args.speed_seconds < 0:  # checked before the features, not after them
-        raise ConfigError(f"--speed-batch {args.speed_batch} / --speed-seconds {args.speed_seconds}: allowed values "
-                          "are a batch of 1 image or more and a time limit of 0 s or more")
+    if args.speed_seconds < 0:  # checked before the features, not after them (--speed-batch: by argparse)
+        raise ConfigError(f"--speed-seconds {args.speed_seconds}: allowed values are a time limit of 0 s or more")
     options = EvalOptions(
         image_size=args.image_size, batch_size=args.batch_size, precision=args.precision,
         linear=not args.no_linear, linear_backend=args.linear, clustering=not args.no_clustering,
@@ -125,7 +124,8 @@ def show_command(args: argparse.Namespace) -> int:
             elif kind == "retrieval":
                 if args.gallery is None:
                     raise ValueError("it needs --gallery FOLDER, the images to search")
-                found = show.show_retrieval(model, queries, list_image_files(args.gallery), args.k,
+                k = RETRIEVAL_K if args.k is None else args.k
+                found = show.show_retrieval(model, queries, list_image_files(args.gallery), k,
                                             batch_size=args.batch_size)
                 written.append(show.save_png(found.picture, path))
             elif not (Path(args.model) / run_dir.METRICS).is_file():

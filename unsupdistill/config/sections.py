@@ -59,6 +59,10 @@ class CropSpec(ViewSpec):
         return [(self.size >= 1, f"{key}.size", "an integer >= 1"), *super().checks(key)]
 
 
+CSV_FORMAT = ("the header line path,label first, then one path,label row per image; a relative path is read from "
+              "the CSV's own folder")
+"""How a labeled CSV is written, for help texts and errors."""
+
 PATH = {"path": True}
 """Field metadata of path-valued keys: their ``key=value`` overrides are taken as written, never parsed as
 YAML (a folder named ``2024``, ``true``, ``null`` or ``run #1`` stays that folder)."""
@@ -78,8 +82,9 @@ class DataConfig:
     """Fail on the first unreadable file instead of skipping and counting it."""
     labels: str | None = field(default=None, metadata=PATH)
     """Labels of some or all training images, for a method that learns from labels too (``kd``): a folder of class
-    subfolders or a ``path,label`` CSV whose images are among ``data.path``'s (the others stay unlabeled), or
-    ``digits`` for the built-in digits' train split; null: none."""
+    subfolders or a .csv file whose images are among ``data.path``'s (the others stay unlabeled), or ``digits`` for
+    the built-in digits' train split; null: none. The CSV's first line is the header ``path,label``, then one
+    ``path,label`` row per image; a relative path is read from the CSV's own folder."""
     verify: Literal["full", "header"] = "full"
     """How the scan checks each file: a full decode (catches truncated files) or the header only
     (much faster on huge folders; a file that fails later stops the run with its path)."""

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from unsupdistill.data.fingerprint import data_fingerprint
-from unsupdistill.storage import open_arrays
+from unsupdistill.storage import DiskSpaceError, open_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class DecodedImages(Dataset):
         size = int(base.image_size)
         arrays = open_arrays(folder, key, DECODED_FORMAT, {"pixels": ((len(base), 3, size, size), np.uint8),
                                                            "filled": ((len(base),), np.uint8)},
-                             "kept for other images or another size")
+                             "kept for other images or another size", "data.keep_decoded_max_gb")
         pixels, filled = arrays["pixels"], arrays["filled"]
         return cls(base, folder, pixels, filled)
 
@@ -94,7 +94,7 @@ class DecodedImages(Dataset):
 def keep_decoded(dataset: Dataset, cfg: Any, run_dir: Path | None) -> Dataset:
     """``dataset`` with its images kept decoded in ``run_dir`` (see :class:`DecodedImages`) where ``cfg`` (the
     data section) allows it: an image folder (the digits are in memory already), a run directory (not a dry run),
-    and at most ``cfg.keep_decoded_max_gb``; else ``dataset`` itself."""
+    at most ``cfg.keep_decoded_max_gb`` and room on the disk (else a warning); else ``dataset`` itself."""
     if cfg.keep_decoded is False or run_dir is None or not hasattr(dataset, "files"):
         return dataset
     size = int(dataset.image_size)
@@ -105,7 +105,11 @@ def keep_decoded(dataset: Dataset, cfg: Any, run_dir: Path | None) -> Dataset:
                     cfg.keep_decoded_max_gb)
         return dataset
     folder = run_dir / DECODED_DIR
-    kept = DecodedImages.open(dataset, folder, data_fingerprint(dataset))
+    try:
+        kept = DecodedImages.open(dataset, folder, data_fingerprint(dataset))
+    except DiskSpaceError as err:  # an option: the run goes on without it
+        logger.warning("decoded images not kept, every epoch decodes the files: %s", err)
+        return dataset
     logger.info("decoded images kept after their first decode: %d images x 3 x %d x %d uint8 = %.2f GB in %s "
                 "(%d kept already; limit data.keep_decoded_max_gb=%g)", len(dataset), size, size, need / 1e9, folder,
                 kept.kept(), cfg.keep_decoded_max_gb)

@@ -22,14 +22,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from unsupdistill.config.sections import CSV_FORMAT
 from unsupdistill.data.digits import DigitsDataset, digits_split
 from unsupdistill.data.folder import DataError, list_image_files, load_rgb, resize_center_crop
 
 logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 5  # paths named in one error message
-_SPEC_HELP = ("give 'digits', a folder with one subfolder of images per class, "
-              "or a .csv file with a 'path,label' header")
+_SPEC_HELP = f"give 'digits', a folder with one subfolder of images per class, or a .csv file: {CSV_FORMAT}"
 
 
 class LabeledDataset(Protocol):
@@ -250,33 +250,54 @@ def _read_class_folders(root: Path, split: str) -> tuple[list[Path], list[str]]:
 
 
 def _read_csv(csv_path: Path, split: str) -> tuple[list[Path], list[str]]:
-    """Image paths and class names from a ``path,label`` CSV file."""
+    """Image paths and class names from a ``path,label`` CSV file (:data:`CSV_FORMAT`); an image named on several rows
+    is read once, and refused if they give it different labels."""
     if not csv_path.is_file():
         raise DataError(f"{split} CSV {csv_path} does not exist; {_SPEC_HELP}")
     with open(csv_path, newline="", encoding="utf-8-sig") as file:  # utf-8-sig: tolerate a byte-order mark
         reader = csv.DictReader(file)
         columns = [name.strip() for name in reader.fieldnames or []]
         if not columns:
-            raise DataError(f"{split} CSV {csv_path} is empty; it needs a 'path,label' header and one row "
-                            "per image")
+            raise DataError(f"{split} CSV {csv_path} is empty; a labeled CSV needs {CSV_FORMAT}")
         missing_columns = [name for name in ("path", "label") if name not in columns]
         if missing_columns:
+            first = ",".join(columns)
+            a_row = (csv_path.parent / os.path.expanduser(columns[0])).is_file()  # an image's row, no header
             raise DataError(f"{split} CSV {csv_path} has no {' or '.join(repr(c) for c in missing_columns)} "
-                            f"column (header: {','.join(columns)}); the header must be 'path,label'")
+                            f"column: its first line is '{first}'"
+                            + (", an image's row: add the line path,label above it" if a_row else "")
+                            + f". A labeled CSV needs {CSV_FORMAT} ({csv_path.parent})")
         reader.fieldnames = columns
         paths: list[Path] = []
         names: list[str] = []
         missing_files: list[str] = []
+        seen: dict[str, tuple[str, int]] = {}  # real path -> (label, line) of its first row
+        conflicts: list[str] = []
+        repeated = 0
         for row in reader:
             file_cell, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
             if not file_cell or not label:
                 raise DataError(f"{split} CSV {csv_path}, line {reader.line_num}: empty path or label")
             image = Path(os.path.expanduser(file_cell))
             image = image if image.is_absolute() else csv_path.parent / image
+            first = seen.setdefault(os.path.realpath(image), (label, reader.line_num))
+            if first[1] != reader.line_num:  # a second row of one image: read once, or refused if it disagrees
+                if first[0] != label:
+                    conflicts.append(f"{image}: {first[0]!r} on line {first[1]}, {label!r} on line {reader.line_num}")
+                repeated += 1
+                continue
             if not image.is_file():
                 missing_files.append(f"line {reader.line_num}: {image}")
             paths.append(image)
             names.append(label)
+    if conflicts:
+        listed = "\n  ".join(conflicts[:_MAX_LISTED])
+        more = f"\n  ... and {len(conflicts) - _MAX_LISTED} more" if len(conflicts) > _MAX_LISTED else ""
+        raise DataError(f"{split} CSV {csv_path} gives an image two different labels on two rows ({len(conflicts)} "
+                        f"such images):\n  {listed}{more}\nkeep one row per image, with its right label")
+    if repeated:
+        logger.warning("%s CSV %s: %d rows repeat an image named above with the same label; each image is read once",
+                       split, csv_path, repeated)
     if not paths:
         raise DataError(f"{split} CSV {csv_path} has a header but no rows; add one 'path,label' row per image")
     if missing_files:

@@ -5,6 +5,7 @@ distilled run also its teacher's k-NN, and what the student and its teacher cost
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,12 @@ from unsupdistill.evaluate.speed import SPEED_COLUMNS, speed_cells, speed_ratio
 from unsupdistill.run_dir import BACKBONE_SIDECAR, METRICS, read_metrics
 
 SUMMARY_FILE = "summary.json"
+
+
+def eval_command_line(model: str, train: str, test: str, *options: str) -> str:
+    """The ``unsupdistill eval`` command that scores ``model`` on ``train`` / ``test`` with ``options``, in today's
+    spelling (``--eval-train`` / ``--eval-test``), quoted for a POSIX shell."""
+    return shlex.join(["unsupdistill", "eval", model, "--eval-train", train, "--eval-test", test, *options])
 
 
 def random_init_spec(sidecar: dict[str, Any], seed: int) -> str:
@@ -40,8 +47,8 @@ def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str
 
     Args:
         run_dir: a finished run (``backbone.safetensors`` + ``backbone.json``).
-        train: the labeled set the k-NN memory is built from (as ``unsupdistill eval --train``).
-        test: the labeled set scored (as ``--test``).
+        train: the labeled set the k-NN memory is built from (as ``unsupdistill eval --eval-train``).
+        test: the labeled set scored (as ``--eval-test``).
         seed: seed of the random initialisation (the run's ``train.seed``), part of its ``timm:`` spec.
         device: where the networks run.
         teacher: the frozen teacher a distillation run learned from, as ``distill --teacher`` takes it (a run
@@ -81,8 +88,8 @@ def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str
         text += " " + teacher_reading(trained, scores["teacher"], speeds["this run"], speeds["teacher"])
         columns += ["input px", *SPEED_COLUMNS]
     summary = {"train": train, "test": test, "k": HEADLINE_K, "knn_top1": scores, "models": specs, "reading": text,
-               "command": f"unsupdistill eval MODEL --train {train} --test {test} --image-size {size} "
-                          "--no-linear --no-clustering"}
+               "command": eval_command_line("MODEL", train, test, "--image-size", str(size), "--no-linear",
+                                            "--no-clustering")}
     if classifier is not None:
         summary["classifier_top1"] = classifier
     if shares:
@@ -90,9 +97,9 @@ def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str
     if teacher is not None:
         summary["speed"] = {name: speeds[name] for name in ("this run", "teacher")}
         summary["teacher_size"] = sizes["teacher"]
-        summary["teacher_command"] = (f"unsupdistill eval {teacher} --train {train} --test {test}"
-                                      + (f" --image-size {teacher_size}" if teacher_size else "")
-                                      + " --no-linear --no-clustering --speed")
+        size_option = ["--image-size", str(teacher_size)] if teacher_size else []
+        summary["teacher_command"] = eval_command_line(teacher, train, test, *size_option, "--no-linear",
+                                                       "--no-clustering", "--speed")
     summary["table"] = format_table([{"features": name, "k-NN top-1 (%)": f"{top1:.1f}", "input px": str(sizes[name]),
                                       **speed_cells(speeds.get(name))} for name, top1 in scores.items()], columns)
     write_json(summary, run_dir / SUMMARY_FILE)

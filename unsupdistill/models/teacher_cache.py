@@ -64,7 +64,7 @@ class TeacherCache:
         arrays = open_arrays(folder, key, CACHE_FORMAT, {
             "features": ((num_images, views, feature_dim), np.float16),
             "params": ((num_images, views, num_params), np.float32), "filled": ((num_images, views), np.uint8)},
-            "made for another teacher, view recipe, image set or size")
+            "made for another teacher, view recipe, image set or size", "distill.cache_max_gb")
         stored = int(np.count_nonzero(arrays["filled"]))
         if stored:
             logger.info("teacher cache %s reused: %d of %d views stored", folder, stored, num_images * views)

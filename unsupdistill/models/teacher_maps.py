@@ -93,7 +93,7 @@ class TeacherMaps:
         makes it; the others wait, so every process of a torchrun calls this together)."""
         arrays = open_arrays(folder, key, MAPS_FORMAT, {"maps": ((num_images, *grid, channels), np.float16),
                                                         "filled": ((num_images,), np.uint8)},
-                             "made for another teacher, input size or image set")
+                             "made for another teacher, input size or image set", "distill.cache_max_gb")
         maps, filled = arrays["maps"], arrays["filled"]
         return cls(folder, grid, maps, filled)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from unsupdistill.config.sections import CSV_FORMAT
 from unsupdistill.methods.distill.settings import FLAGS as DISTILL_FLAGS
 from unsupdistill.methods.distill.settings import DistillConfig
 from unsupdistill.methods.registry import Flag
@@ -46,7 +47,7 @@ SECTIONS = {"distill": DistillConfig, "kd": KDConfig}
 
 FLAGS = (*DISTILL_FLAGS, Flag("--labels", "data.labels", metavar="LABELED",
               help="labels of some or all of the images (sets data.labels): a folder of class subfolders or a "
-                   "path,label CSV of images inside the image folder; the student then learns from the labels "
-                   "and the teacher's class probabilities too (method kd), and exports a classifier"),)
+                   f".csv file ({CSV_FORMAT}) of images inside the image folder; the student then learns from the "
+                   "labels and the teacher's class probabilities too (method kd), and exports a classifier"),)
 """The flags kd takes: distillation's ``--teacher``, and ``--labels`` (which also makes kd the ``distill`` verb's
 method)."""
