@@ -21,10 +21,10 @@ from lightly.models.utils import update_momentum
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from unsupdistill import registry
 from unsupdistill.augment import build_view_transform
 from unsupdistill.cli import main
 from unsupdistill.config import Config, CropSpec, load_config
-from unsupdistill.methods import registry
 from unsupdistill.models.backbone import create_backbone
 from unsupdistill.models.load import load_model
 from unsupdistill.train.method import Batch, Export, Method, Runtime

@@ -21,9 +21,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from unsupdistill import registry
 from unsupdistill.config import Config, merge, validate
 from unsupdistill.data.scan import FolderScan
-from unsupdistill.methods import registry
 
 MAX_CROP = {"cpu": 96, "cuda": 224}
 """Largest global crop chosen per device: 96 px keeps a CPU epoch of 10k images to minutes; 224 is DINO's."""

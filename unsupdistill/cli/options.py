@@ -17,11 +17,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from unsupdistill import registry
 from unsupdistill.config import ConfigError
 from unsupdistill.config.loading import parse_override, recipe_names
 from unsupdistill.config.sections import CSV_FORMAT
 from unsupdistill.evaluate.options import AUTO_BF16_MIN_IMAGES
-from unsupdistill.methods import registry
 
 logger = logging.getLogger("unsupdistill")
 

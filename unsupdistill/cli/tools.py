@@ -151,7 +151,7 @@ def method_curves(run: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
     method."""
     import yaml
 
-    from unsupdistill.methods import registry
+    from unsupdistill import registry
 
     try:
         name = (yaml.safe_load((run / run_dir.CONFIG).read_text()) or {}).get("method")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from unsupdistill import distributed
+from unsupdistill import distributed, registry
 from unsupdistill import run_dir as layout
 from unsupdistill.auto import auto_settings, automatic_keys, explicit_keys, format_choices
 from unsupdistill.cli.options import EXIT_STOPPED, LABELED_HELP, TRAINING_KEYS, spelled, training_overrides
@@ -29,7 +29,6 @@ from unsupdistill.config import (
 from unsupdistill.data import DataError, FolderScan, num_workers, scan_for_run
 from unsupdistill.devices import training_device
 from unsupdistill.export import ExportError
-from unsupdistill.methods import registry
 from unsupdistill.models.load import ModelSpecError
 from unsupdistill.storage import CLASSIFIER_FILE, CheckpointError, latest_checkpoint, write_json_atomic
 from unsupdistill.train.checkpoint import set_aside_later_state

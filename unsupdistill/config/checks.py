@@ -6,8 +6,8 @@ import dataclasses
 import math
 from typing import Any
 
+from unsupdistill import registry
 from unsupdistill.config.sections import Config, ConfigError, method_sections
-from unsupdistill.methods import registry
 
 # ----------------------------------------------------------------------------------------------
 # Validation: ranges and relations that types cannot express

@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import yaml
 
+from unsupdistill import registry
 from unsupdistill.config.checks import validate
 from unsupdistill.config.sections import Config, ConfigError, method_sections
-from unsupdistill.methods import registry
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from unsupdistill.methods import registry
+from unsupdistill import registry
 
 
 class ConfigError(ValueError):
@@ -200,7 +200,7 @@ def reads_section(config: Config, section: str) -> bool:
 
 
 def method_sections() -> dict[str, type]:
-    """The registered methods' own sections by name (``unsupdistill.methods.registry``; torch-free)."""
+    """The registered methods' own sections by name (``unsupdistill.registry``; torch-free)."""
     return registry.sections()
 
 
@@ -211,7 +211,7 @@ def _default_sections() -> dict[str, Any]:
 @dataclass
 class Config:
     method: str | None = None
-    """The training method, one of the registered ones (``unsupdistill.methods.registry``): ``dino``,
+    """The training method, one of the registered ones (``unsupdistill.registry``): ``dino``,
     self-distillation with an EMA teacher, from scratch; ``distill``, from the frozen ``distill.teacher``; ``kd``,
     the same with labels. null: the verb's own (``pretrain``: dino; ``distill``: distill, or kd with labels)."""
     data: DataConfig = field(default_factory=DataConfig)

@@ -1,4 +1,4 @@
-"""Training methods: each a package (or one file) of its own, named in :mod:`unsupdistill.methods.registry`.
+"""Training methods: each a package (or one file) of its own, named in :mod:`unsupdistill.registry`.
 
 - ``dino``: self-distillation with an EMA teacher, from scratch (:class:`~unsupdistill.methods.dino.method.DINO`);
 - ``distill``: knowledge distillation from a frozen teacher

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import torch
 
-from unsupdistill import distributed
+from unsupdistill import distributed, registry
 from unsupdistill.config import Config, ConfigError
 from unsupdistill.data import FolderScan
 from unsupdistill.devices import training_device
-from unsupdistill.methods import registry
 from unsupdistill.train.loop import Probe, Trainer
 from unsupdistill.train.method import Method
 

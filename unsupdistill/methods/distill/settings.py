@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from unsupdistill.config.sections import PATH, ViewSpec, reads_section
-from unsupdistill.methods.registry import Flag
+from unsupdistill.registry import Flag
 
 if TYPE_CHECKING:
     from unsupdistill.config import Config

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 from unsupdistill.config.sections import CSV_FORMAT
 from unsupdistill.methods.distill.settings import FLAGS as DISTILL_FLAGS
 from unsupdistill.methods.distill.settings import DistillConfig
-from unsupdistill.methods.registry import Flag
+from unsupdistill.registry import Flag
 
 if TYPE_CHECKING:
     from unsupdistill.config import Config
