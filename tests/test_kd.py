@@ -1,11 +1,13 @@
 """Distillation with labels (method kd): the KD loss, a labeled + unlabeled folder, the teacher's head, the exported
-classifier (eval, embed), born-again generations (frozen teacher, resume in generation 2) and bad labels."""
+classifier (eval, embed) and an epoch checkpoint's own, born-again generations (frozen teacher, resume in generation
+2) and bad labels."""
 
 import csv
 import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import pytest
 import torch
 from conftest import cli, export_teacher, read_metrics
 from PIL import Image
+from safetensors.torch import load_file
 
 from unsupdistill.cli import main
 from unsupdistill.config import ConfigError, load_config
@@ -27,8 +30,10 @@ from unsupdistill.evaluate.run import classifier_accuracy
 from unsupdistill.losses import KDLoss
 from unsupdistill.methods import build_trainer
 from unsupdistill.methods.kd import KnowledgeDistillation
-from unsupdistill.models.classifier import Classifier, load_classifier
+from unsupdistill.models.classifier import Classifier
+from unsupdistill.models.load import load_model
 from unsupdistill.models.teachers import load_teacher
+from unsupdistill.storage import load_checkpoint, save_checkpoint
 from unsupdistill.train.method import Runtime
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -237,7 +242,7 @@ def test_a_generations_teacher_is_frozen_and_bit_identical_after_training(chain,
     assert all(torch.equal(v, head[k]) for k, v in method.teacher_classifier.state_dict().items())
     fresh = load_teacher(str(teacher))
     assert all(torch.equal(v, fresh.backbone.state_dict()[k]) for k, v in frozen.items())
-    own = load_classifier(teacher)
+    own = load_model(str(teacher)).classifier
     rows = [own.classes.index(c) for c in CLASSES]
     assert torch.equal(head["weight"], own.weight[rows]) and torch.equal(head["bias"], own.bias[rows])
     assert before == {name: hashlib.sha256((teacher / name).read_bytes()).hexdigest() for name in before}
@@ -310,3 +315,85 @@ def test_bad_labels_fail_before_training_with_the_file_and_the_fix(case, data, c
     for text in expected:
         assert text in caplog.text, (text, caplog.text[-2000:])
     assert not (out / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The classifier that belongs to the weights: an epoch checkpoint's own, a ViT's with --vit-blocks, exports
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kd_epochs(data, tmp_path_factory) -> Path:
+    """A kd run of 2 epochs (3 steps each) that keeps a checkpoint of every epoch."""
+    out = tmp_path_factory.mktemp("kd_epochs") / "run"
+    assert kd(out, data, "train.epochs=2", "train.keep_every_epochs=1") == 0
+    return out
+
+
+def test_an_epoch_checkpoint_brings_its_own_classifier_to_eval_embed_and_a_teacher(kd_epochs, data, tmp_path):
+    epoch = kd_epochs / "checkpoints" / "epoch_0001.pt"
+    state = load_checkpoint(epoch)
+    weight, bias = (state[state["exported"]][f"classifier.{name}"] for name in ("weight", "bias"))
+    assert not torch.equal(weight, load_file(kd_epochs / "classifier.safetensors")["weight"])  # trained on since
+    assert torch.equal(load_teacher(str(epoch)).classifier.weight, weight)
+    assert load_model(str(epoch)).classifier.classes == list(CLASSES)
+
+    assert main(["embed", str(epoch), str(data["test"]), "--out", str(tmp_path / "embed"), "--top-k", "1"]) == 0
+    features = torch.from_numpy(np.load(tmp_path / "embed" / "features.npy"))  # (30, D)
+    probs = (features @ weight.T + bias).softmax(dim=1)  # (30, C)
+    with open(tmp_path / "embed" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["class_1"] for r in rows] == [CLASSES[i] for i in probs.argmax(1)]
+    assert [float(r["prob_1"]) for r in rows] == pytest.approx(probs.max(1).values.tolist(), abs=1e-4)
+
+    assert main(["eval", str(epoch), "--eval-train", str(data["labels"]), "--eval-test", str(data["test"]),
+                 "--no-linear", "--no-clustering", "--no-plots", "--no-cache", "--out", str(tmp_path / "eval")]) == 0
+    truth = torch.tensor([CLASSES.index(Path(r["path"]).parent.name) for r in rows])
+    top1 = (probs.argmax(1) == truth).double().mean().item() * 100
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["classifier"]["top1"] == pytest.approx(top1)
+
+
+def test_a_checkpoint_without_a_classifier_gets_none_and_says_so(kd_epochs, tmp_path, caplog):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("classifier.safetensors", "classifier.json"):
+        shutil.copy(kd_epochs / name, run / name)
+    state = load_checkpoint(kd_epochs / "checkpoints" / "epoch_0001.pt")
+    state["student"] = {k: v for k, v in state["student"].items() if not k.startswith("classifier.")}  # an older one
+    save_checkpoint(state, run / "checkpoints" / "epoch_0001.pt")
+    assert load_model(str(run / "checkpoints" / "epoch_0001.pt")).classifier is None
+    assert "holds no classifier" in caplog.text and "belongs to its final export" in caplog.text
+
+
+VIT = ["model.backbone=vit_tiny_patch16_224", "model.small_image_stem=false",
+       "model.backbone_kwargs={img_size: 12, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}"]
+
+
+@pytest.fixture(scope="module")
+def kd_vit(data, tmp_path_factory) -> Path:
+    """A tiny ViT student distilled with labels, 2 epochs, a checkpoint of each."""
+    out = tmp_path_factory.mktemp("kd_vit") / "run"
+    assert kd(out, data, *VIT, "train.epochs=2", "train.keep_every_epochs=1") == 0
+    return out
+
+
+@pytest.mark.parametrize("model", ["checkpoints/epoch_0001.pt", "backbone.safetensors"])
+def test_eval_vit_blocks_and_avgpool_on_a_vit_checkpoint_and_export(kd_vit, data, model, tmp_path, caplog):
+    spec = str(kd_vit / model)
+    labeled = ["--eval-train", str(data["labels"]), "--eval-test", str(data["test"]), "--no-linear",
+               "--no-clustering", "--no-plots", "--no-cache"]
+
+    def evaluate(*flags: str) -> dict:
+        out = tmp_path / "-".join(flags or ("pooled",))
+        assert main(["eval", spec, *labeled, *flags, "--out", str(out)]) == 0
+        return json.loads((out / "eval.json").read_text())
+
+    pooled = evaluate()
+    assert pooled["feature_dim"] == 32 and "top1" in pooled["classifier"]
+    for flags, width in [(("--vit-blocks", "2"), 64), (("--vit-blocks", "1", "--avgpool"), 64),
+                         (("--vit-blocks", "2", "--avgpool"), 96)]:
+        result = evaluate(*flags)
+        assert result["feature_dim"] == width, flags  # the k-NN reads the concatenated tokens
+        assert result["classifier"] == pooled["classifier"], flags  # the classifier its pooled features
+    assert main(["eval", spec, *labeled, "--avgpool", "--out", str(tmp_path / "avgpool")]) == 2
+    assert "--avgpool appends" in caplog.text and "give --vit-blocks N with it" in caplog.text

@@ -81,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_options(e, training=False, batch_default=256, images="the test set holds",
                       workers_help="image-decoding processes (default: one per core, up to 8; none for the "
                                    "in-memory digits)")
-    e.add_argument("--vit-blocks", type=int, help="ViTs: concatenate class tokens of the last N blocks (DINO: 4)")
-    e.add_argument("--avgpool", action="store_true", help="with --vit-blocks: add average-pooled patch tokens")
+    e.add_argument("--vit-blocks", type=positive, metavar="N",
+                   help="ViTs: concatenate class tokens of the last N blocks (DINO: 4); a classifier (a model "
+                        "distilled with labels) is still scored on the pooled features it was trained on")
+    e.add_argument("--avgpool", action="store_true",
+                   help="with --vit-blocks: add average-pooled patch tokens (DINO: --vit-blocks 1 --avgpool for ViT-B)")
     e.add_argument("--student", action="store_true", help="evaluate the student instead of the teacher")
     e.add_argument("--linear", choices=["torch", "sklearn"], default="torch",
                    help="linear probe: torch, a grid of learning rates and weight decays trained at once (default); "

@@ -21,6 +21,9 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.speed_batch < 1 or args.speed_seconds < 0:  # checked before the features, not after them
         raise ConfigError(f"--speed-batch {args.speed_batch} / --speed-seconds {args.speed_seconds}: allowed values "
                           "are a batch of 1 image or more and a time limit of 0 s or more")
+    if args.avgpool and args.vit_blocks is None:  # it would change nothing
+        raise ConfigError("--avgpool appends the average-pooled patch tokens to the class tokens --vit-blocks N "
+                          "concatenates: give --vit-blocks N with it (DINO: --vit-blocks 1 --avgpool for ViT-B)")
     options = EvalOptions(
         image_size=args.image_size, batch_size=args.batch_size, precision=args.precision,
         linear=not args.no_linear, linear_backend=args.linear, clustering=not args.no_clustering,
