@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "reloaded (plain timm, torch.jit.load, onnxruntime) and run next to the PyTorch model on 16 "
                     "real images on the CPU in fp32; it is kept only if the features agree within the tolerance. "
                     "TorchScript and ONNX graphs take float RGB batches in [0, 1] and include the normalisation. "
+                    "A model distilled with labels keeps its classifier, checked too: ONNX output 'logits' after "
+                    "'features', TorchScript method logits(), safetensors <name>.classifier.safetensors; the sidecar "
+                    "lists the classes. "
                     "No --precision/--device/--workers/--batch-size: the parity check is one small CPU batch.",
     )
     x.add_argument("model", metavar="MODEL",
