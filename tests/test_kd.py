@@ -1,6 +1,6 @@
 """Distillation with labels (method kd): the KD loss, a labeled + unlabeled folder, the teacher's head, the exported
 classifier (eval, embed, export) and an epoch checkpoint's own, born-again generations (frozen teacher, resume in
-generation 2) and bad labels."""
+generation 2, what a resume of them takes and refuses) and bad labels."""
 
 import csv
 import hashlib
@@ -272,6 +272,111 @@ def test_resume_after_sigkill_in_generation_2_continues_it_with_equal_losses(cha
     got = {m["step"]: m["loss"] for m in read_metrics(out / "gen_2") if "loss" in m}
     assert got.keys() == expected.keys()
     assert all(got[s] == pytest.approx(expected[s], rel=1e-5) for s in expected), (got, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming born-again generations: what a resume takes, refuses and writes
+# ----------------------------------------------------------------------------------------------
+
+
+def files_of(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` and the sha256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def short_chain(data, tmp_path_factory) -> Path:
+    """Two finished generations of one step each."""
+    out = tmp_path_factory.mktemp("short_chain") / "born_again"
+    assert kd(out, data, "--generations", "2", "train.max_steps=1") == 0
+    return out
+
+
+@pytest.mark.parametrize("left", ["gen_2 not started", "gen_2 interrupted", "all done, --generations 3"])
+def test_a_dry_run_of_resumed_generations_tries_the_next_one_and_writes_nothing(short_chain, left, tmp_path, capsys,
+                                                                               caplog):
+    root = tmp_path / "born_again"
+    shutil.copytree(short_chain, root)
+    args = ["distill", "--resume", str(root), "--dry-run"]
+    if left == "gen_2 not started":
+        shutil.rmtree(root / "gen_2")
+        tried = f"dry run of generation 2 of 2 in {root / 'gen_2'} (teacher {root / 'gen_1'})"
+    elif left == "gen_2 interrupted":  # its checkpoint, no export yet
+        (root / "gen_2" / "backbone.safetensors").unlink()
+        tried = f"dry run of generation 2 of 2 in {root / 'gen_2'} (teacher {root / 'gen_1'}, from {root / 'gen_2'}"
+    else:
+        args += ["--generations", "3"]
+        tried = f"dry run of generation 3 of 3 in {root / 'gen_3'} (teacher {root / 'gen_2'})"
+    before = files_of(root)
+    capsys.readouterr()
+    caplog.set_level("INFO")
+    assert main(args) == 0
+    assert '"dry_run": "ok"' in capsys.readouterr().out and tried in caplog.text
+    assert files_of(root) == before
+
+
+@pytest.mark.parametrize("flag", ["--teacher", "--labels", "--out", "--generations"])
+def test_resuming_generations_refuses_a_flag_it_would_drop_by_name(short_chain, data, flag, tmp_path, caplog):
+    value = {"--teacher": str(data["teacher"]), "--labels": str(data["labels"]), "--out": str(tmp_path / "elsewhere"),
+             "--generations": "1"}[flag]
+    expected = {"--teacher": ["keep their own teacher", f"--teacher {value} --generations N --out NEW_DIR"],
+                "--labels": ["keep their own labels", f"--labels {value} --generations N --out NEW_DIR"],
+                "--out": ["go on in their own folder", "Drop --out"],
+                "--generations": ["plans 2 generations", "not lower it", "give 2 or more"]}[flag]
+    before = files_of(short_chain)
+    assert main(["distill", "--resume", str(short_chain), flag, value]) == 2
+    for text in [f"{flag} {value} with --resume {short_chain}", *expected]:
+        assert text in caplog.text, (text, caplog.text[-2000:])
+    assert files_of(short_chain) == before and not (tmp_path / "elsewhere").exists()
+
+
+def test_resuming_generations_with_a_larger_number_trains_the_next_from_the_last(short_chain, tmp_path):
+    root = tmp_path / "born_again"
+    shutil.copytree(short_chain, root)
+    gen_2 = hashlib.sha256((root / "gen_2" / "backbone.safetensors").read_bytes()).hexdigest()
+    assert main(["distill", "--resume", str(root), "--generations", "3"]) == 0
+    assert json.loads((root / "generations.json").read_text())["generations"] == 3
+    assert f"teacher: {root / 'gen_2'}" in (root / "gen_3" / "config.yaml").read_text()
+    assert (root / "gen_3" / "classifier.safetensors").is_file() and "gen_3" in (root / "generations.md").read_text()
+    assert hashlib.sha256((root / "gen_2" / "backbone.safetensors").read_bytes()).hexdigest() == gen_2
+
+
+def test_resume_with_generations_of_a_single_run_is_refused_and_keeps_the_run(data, tmp_path, caplog):
+    run = tmp_path / "run"
+    assert main(["distill", str(data["pool"]), "--out", str(run), "--teacher", str(data["teacher"]), *STUDENT,
+                 "train.max_steps=1"]) == 0
+    before = files_of(run)
+    assert main(["distill", "--resume", str(run), "--generations", "2"]) == 2
+    for text in [f"--generations 2 with --resume {run}", "no generations.json", "nothing was changed",
+                 f"--teacher {run}"]:
+        assert text in caplog.text, (text, caplog.text[-2000:])
+    assert files_of(run) == before
+
+
+GOOD_RECORD = {"generations": 2, "config": {}, "automatic": True, "overrides": [], "pair": None}
+
+
+@pytest.mark.parametrize("text, problem", [
+    (json.dumps(GOOD_RECORD)[:30], "does not read as JSON (JSONDecodeError"),
+    ("[]", "it holds a JSON list, not an object"),
+    (json.dumps({k: v for k, v in GOOD_RECORD.items() if k != "config"}), "key 'config' is missing"),
+    (json.dumps(GOOD_RECORD | {"generations": "two"}), "key 'generations' is 'two'; expected an integer >= 1"),
+], ids=["truncated", "a list", "no config", "generations not a number"])
+def test_a_broken_generations_record_is_named_with_what_to_do(text, problem, tmp_path, caplog):
+    root = tmp_path / "born_again"
+    root.mkdir()
+    (root / "generations.json").write_text(text)
+    assert main(["distill", "--resume", str(root)]) == 2
+    for expected in [f"{root / 'generations.json'} is not a readable generations record", problem,
+                     "restore it from a copy", f"unsupdistill distill --resume {root}/gen_K"]:
+        assert expected in caplog.text, (expected, caplog.text[-2000:])
+    assert [p.name for p in root.iterdir()] == ["generations.json"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A teacher and labels that cannot be used
+# ----------------------------------------------------------------------------------------------
 
 
 def test_kd_needs_a_teacher_as_distillation_does():

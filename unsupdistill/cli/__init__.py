@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels of some or all of the images (sets data.labels): a folder of class subfolders or a "
                         "path,label CSV of images inside the image folder; the student then learns from the labels "
                         "and the teacher's class probabilities too (method kd), and exports a classifier")
-    d.add_argument("--generations", type=int, default=1, metavar="N",
+    d.add_argument("--generations", type=int, metavar="N",
                    help="born-again generations: generation k+1 is distilled from generation k's export (same "
-                        "student network), each in RUN/gen_k; 1 (default) trains one student in RUN")
+                        "student network), each in RUN/gen_k; 1 (default) trains one student in RUN. With --resume "
+                        "ROOT of generations, a larger N trains more of them")
 
     e = commands.add_parser(
         "eval", help="k-NN, linear probe and clustering of frozen features on a labeled train/test pair",
