@@ -472,6 +472,17 @@ def test_a_checkpoint_without_a_classifier_gets_none_and_says_so(kd_epochs, tmp_
     assert "holds no classifier" in caplog.text and "belongs to its final export" in caplog.text
 
 
+def test_resuming_from_an_epoch_checkpoint_sets_the_final_classifier_aside_with_its_backbone(kd_epochs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(kd_epochs, run)
+    final = files_of(run)
+    assert main(["distill", "--resume", str(run / "checkpoints" / "epoch_0001.pt")]) == 0
+    (aside,) = (run / "superseded").iterdir()
+    for name in ("backbone.safetensors", "classifier.safetensors", "classifier.json"):
+        assert files_of(aside)[name] == final[name], name  # the export the resumed run replaces, kept whole
+    assert (run / "classifier.safetensors").is_file()
+
+
 VIT = ["model.backbone=vit_tiny_patch16_224", "model.small_image_stem=false",
        "model.backbone_kwargs={img_size: 12, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}"]
 
