@@ -1,11 +1,13 @@
 """Distillation with labels (method kd): the KD loss, a labeled + unlabeled folder, the teacher's head, the exported
-classifier (eval, embed), born-again generations (frozen teacher, resume in generation 2) and bad labels."""
+classifier (eval, embed, export) and an epoch checkpoint's own, born-again generations (frozen teacher, resume in
+generation 2, what a resume of them takes and refuses) and bad labels."""
 
 import csv
 import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,17 +20,22 @@ import pytest
 import torch
 from conftest import cli, export_teacher, read_metrics
 from PIL import Image
+from safetensors.torch import load_file
 
 from unsupdistill.cli import main
 from unsupdistill.config import ConfigError, load_config
 from unsupdistill.data import build_dataset
 from unsupdistill.data.labeled import training_labels
+from unsupdistill.evaluate.features import NormalizedBackbone
 from unsupdistill.evaluate.run import classifier_accuracy
+from unsupdistill.export.formats import parity_images
 from unsupdistill.losses import KDLoss
 from unsupdistill.methods import build_trainer
 from unsupdistill.methods.kd.method import KnowledgeDistillation
-from unsupdistill.models.classifier import Classifier, load_classifier
+from unsupdistill.models.classifier import Classifier
+from unsupdistill.models.load import load_model
 from unsupdistill.models.teachers import load_teacher
+from unsupdistill.storage import load_checkpoint, save_checkpoint
 from unsupdistill.train.method import Runtime
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -237,7 +244,7 @@ def test_a_generations_teacher_is_frozen_and_bit_identical_after_training(chain,
     assert all(torch.equal(v, head[k]) for k, v in method.teacher_classifier.state_dict().items())
     fresh = load_teacher(str(teacher))
     assert all(torch.equal(v, fresh.backbone.state_dict()[k]) for k, v in frozen.items())
-    own = load_classifier(teacher)
+    own = load_model(str(teacher)).classifier
     rows = [own.classes.index(c) for c in CLASSES]
     assert torch.equal(head["weight"], own.weight[rows]) and torch.equal(head["bias"], own.bias[rows])
     assert before == {name: hashlib.sha256((teacher / name).read_bytes()).hexdigest() for name in before}
@@ -265,6 +272,111 @@ def test_resume_after_sigkill_in_generation_2_continues_it_with_equal_losses(cha
     got = {m["step"]: m["loss"] for m in read_metrics(out / "gen_2") if "loss" in m}
     assert got.keys() == expected.keys()
     assert all(got[s] == pytest.approx(expected[s], rel=1e-5) for s in expected), (got, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming born-again generations: what a resume takes, refuses and writes
+# ----------------------------------------------------------------------------------------------
+
+
+def files_of(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` and the sha256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def short_chain(data, tmp_path_factory) -> Path:
+    """Two finished generations of one step each."""
+    out = tmp_path_factory.mktemp("short_chain") / "born_again"
+    assert kd(out, data, "--generations", "2", "train.max_steps=1") == 0
+    return out
+
+
+@pytest.mark.parametrize("left", ["gen_2 not started", "gen_2 interrupted", "all done, --generations 3"])
+def test_a_dry_run_of_resumed_generations_tries_the_next_one_and_writes_nothing(short_chain, left, tmp_path, capsys,
+                                                                               caplog):
+    root = tmp_path / "born_again"
+    shutil.copytree(short_chain, root)
+    args = ["distill", "--resume", str(root), "--dry-run"]
+    if left == "gen_2 not started":
+        shutil.rmtree(root / "gen_2")
+        tried = f"dry run of generation 2 of 2 in {root / 'gen_2'} (teacher {root / 'gen_1'})"
+    elif left == "gen_2 interrupted":  # its checkpoint, no export yet
+        (root / "gen_2" / "backbone.safetensors").unlink()
+        tried = f"dry run of generation 2 of 2 in {root / 'gen_2'} (teacher {root / 'gen_1'}, from {root / 'gen_2'}"
+    else:
+        args += ["--generations", "3"]
+        tried = f"dry run of generation 3 of 3 in {root / 'gen_3'} (teacher {root / 'gen_2'})"
+    before = files_of(root)
+    capsys.readouterr()
+    caplog.set_level("INFO")
+    assert main(args) == 0
+    assert '"dry_run": "ok"' in capsys.readouterr().out and tried in caplog.text
+    assert files_of(root) == before
+
+
+@pytest.mark.parametrize("flag", ["--teacher", "--labels", "--out", "--generations"])
+def test_resuming_generations_refuses_a_flag_it_would_drop_by_name(short_chain, data, flag, tmp_path, caplog):
+    value = {"--teacher": str(data["teacher"]), "--labels": str(data["labels"]), "--out": str(tmp_path / "elsewhere"),
+             "--generations": "1"}[flag]
+    expected = {"--teacher": ["keep their own teacher", f"--teacher {value} --generations N --out NEW_DIR"],
+                "--labels": ["keep their own labels", f"--labels {value} --generations N --out NEW_DIR"],
+                "--out": ["go on in their own folder", "Drop --out"],
+                "--generations": ["plans 2 generations", "not lower it", "give 2 or more"]}[flag]
+    before = files_of(short_chain)
+    assert main(["distill", "--resume", str(short_chain), flag, value]) == 2
+    for text in [f"{flag} {value} with --resume {short_chain}", *expected]:
+        assert text in caplog.text, (text, caplog.text[-2000:])
+    assert files_of(short_chain) == before and not (tmp_path / "elsewhere").exists()
+
+
+def test_resuming_generations_with_a_larger_number_trains_the_next_from_the_last(short_chain, tmp_path):
+    root = tmp_path / "born_again"
+    shutil.copytree(short_chain, root)
+    gen_2 = hashlib.sha256((root / "gen_2" / "backbone.safetensors").read_bytes()).hexdigest()
+    assert main(["distill", "--resume", str(root), "--generations", "3"]) == 0
+    assert json.loads((root / "generations.json").read_text())["generations"] == 3
+    assert f"teacher: {root / 'gen_2'}" in (root / "gen_3" / "config.yaml").read_text()
+    assert (root / "gen_3" / "classifier.safetensors").is_file() and "gen_3" in (root / "generations.md").read_text()
+    assert hashlib.sha256((root / "gen_2" / "backbone.safetensors").read_bytes()).hexdigest() == gen_2
+
+
+def test_resume_with_generations_of_a_single_run_is_refused_and_keeps_the_run(data, tmp_path, caplog):
+    run = tmp_path / "run"
+    assert main(["distill", str(data["pool"]), "--out", str(run), "--teacher", str(data["teacher"]), *STUDENT,
+                 "train.max_steps=1"]) == 0
+    before = files_of(run)
+    assert main(["distill", "--resume", str(run), "--generations", "2"]) == 2
+    for text in [f"--generations 2 with --resume {run}", "no generations.json", "nothing was changed",
+                 f"--teacher {run}"]:
+        assert text in caplog.text, (text, caplog.text[-2000:])
+    assert files_of(run) == before
+
+
+GOOD_RECORD = {"generations": 2, "config": {}, "automatic": True, "overrides": [], "pair": None}
+
+
+@pytest.mark.parametrize("text, problem", [
+    (json.dumps(GOOD_RECORD)[:30], "does not read as JSON (JSONDecodeError"),
+    ("[]", "it holds a JSON list, not an object"),
+    (json.dumps({k: v for k, v in GOOD_RECORD.items() if k != "config"}), "key 'config' is missing"),
+    (json.dumps(GOOD_RECORD | {"generations": "two"}), "key 'generations' is 'two'; expected an integer >= 1"),
+], ids=["truncated", "a list", "no config", "generations not a number"])
+def test_a_broken_generations_record_is_named_with_what_to_do(text, problem, tmp_path, caplog):
+    root = tmp_path / "born_again"
+    root.mkdir()
+    (root / "generations.json").write_text(text)
+    assert main(["distill", "--resume", str(root)]) == 2
+    for expected in [f"{root / 'generations.json'} is not a readable generations record", problem,
+                     "restore it from a copy", f"unsupdistill distill --resume {root}/gen_K"]:
+        assert expected in caplog.text, (expected, caplog.text[-2000:])
+    assert [p.name for p in root.iterdir()] == ["generations.json"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A teacher and labels that cannot be used
+# ----------------------------------------------------------------------------------------------
 
 
 def test_kd_needs_a_teacher_as_distillation_does():
@@ -310,3 +422,137 @@ def test_bad_labels_fail_before_training_with_the_file_and_the_fix(case, data, c
     for text in expected:
         assert text in caplog.text, (text, caplog.text[-2000:])
     assert not (out / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The classifier that belongs to the weights: an epoch checkpoint's own, a ViT's with --vit-blocks, exports
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kd_epochs(data, tmp_path_factory) -> Path:
+    """A kd run of 2 epochs (3 steps each) that keeps a checkpoint of every epoch."""
+    out = tmp_path_factory.mktemp("kd_epochs") / "run"
+    assert kd(out, data, "train.epochs=2", "train.keep_every_epochs=1") == 0
+    return out
+
+
+def test_an_epoch_checkpoint_brings_its_own_classifier_to_eval_embed_and_a_teacher(kd_epochs, data, tmp_path):
+    epoch = kd_epochs / "checkpoints" / "epoch_0001.pt"
+    state = load_checkpoint(epoch)
+    weight, bias = (state[state["exported"]][f"classifier.{name}"] for name in ("weight", "bias"))
+    assert not torch.equal(weight, load_file(kd_epochs / "classifier.safetensors")["weight"])  # trained on since
+    assert torch.equal(load_teacher(str(epoch)).classifier.weight, weight)
+    assert load_model(str(epoch)).classifier.classes == list(CLASSES)
+
+    assert main(["embed", str(epoch), str(data["test"]), "--out", str(tmp_path / "embed"), "--top-k", "1"]) == 0
+    features = torch.from_numpy(np.load(tmp_path / "embed" / "features.npy"))  # (30, D)
+    probs = (features @ weight.T + bias).softmax(dim=1)  # (30, C)
+    with open(tmp_path / "embed" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["class_1"] for r in rows] == [CLASSES[i] for i in probs.argmax(1)]
+    assert [float(r["prob_1"]) for r in rows] == pytest.approx(probs.max(1).values.tolist(), abs=1e-4)
+
+    assert main(["eval", str(epoch), "--eval-train", str(data["labels"]), "--eval-test", str(data["test"]),
+                 "--no-linear", "--no-clustering", "--no-plots", "--no-cache", "--out", str(tmp_path / "eval")]) == 0
+    truth = torch.tensor([CLASSES.index(Path(r["path"]).parent.name) for r in rows])
+    top1 = (probs.argmax(1) == truth).double().mean().item() * 100
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["classifier"]["top1"] == pytest.approx(top1)
+
+
+def test_a_checkpoint_without_a_classifier_gets_none_and_says_so(kd_epochs, tmp_path, caplog):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("classifier.safetensors", "classifier.json"):
+        shutil.copy(kd_epochs / name, run / name)
+    state = load_checkpoint(kd_epochs / "checkpoints" / "epoch_0001.pt")
+    state["student"] = {k: v for k, v in state["student"].items() if not k.startswith("classifier.")}  # an older one
+    save_checkpoint(state, run / "checkpoints" / "epoch_0001.pt")
+    assert load_model(str(run / "checkpoints" / "epoch_0001.pt")).classifier is None
+    assert "holds no classifier" in caplog.text and "belongs to its final export" in caplog.text
+
+
+def test_resuming_from_an_epoch_checkpoint_sets_the_final_classifier_aside_with_its_backbone(kd_epochs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(kd_epochs, run)
+    final = files_of(run)
+    assert main(["distill", "--resume", str(run / "checkpoints" / "epoch_0001.pt")]) == 0
+    (aside,) = (run / "superseded").iterdir()
+    for name in ("backbone.safetensors", "classifier.safetensors", "classifier.json"):
+        assert files_of(aside)[name] == final[name], name  # the export the resumed run replaces, kept whole
+    assert (run / "classifier.safetensors").is_file()
+
+
+VIT = ["model.backbone=vit_tiny_patch16_224", "model.small_image_stem=false",
+       "model.backbone_kwargs={img_size: 12, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}"]
+
+
+@pytest.fixture(scope="module")
+def kd_vit(data, tmp_path_factory) -> Path:
+    """A tiny ViT student distilled with labels, 2 epochs, a checkpoint of each."""
+    out = tmp_path_factory.mktemp("kd_vit") / "run"
+    assert kd(out, data, *VIT, "train.epochs=2", "train.keep_every_epochs=1") == 0
+    return out
+
+
+@pytest.mark.parametrize("model", ["checkpoints/epoch_0001.pt", "backbone.safetensors"])
+def test_eval_vit_blocks_and_avgpool_on_a_vit_checkpoint_and_export(kd_vit, data, model, tmp_path, caplog):
+    spec = str(kd_vit / model)
+    labeled = ["--eval-train", str(data["labels"]), "--eval-test", str(data["test"]), "--no-linear",
+               "--no-clustering", "--no-plots", "--no-cache"]
+
+    def evaluate(*flags: str) -> dict:
+        out = tmp_path / "-".join(flags or ("pooled",))
+        assert main(["eval", spec, *labeled, *flags, "--out", str(out)]) == 0
+        return json.loads((out / "eval.json").read_text())
+
+    pooled = evaluate()
+    assert pooled["feature_dim"] == 32 and "top1" in pooled["classifier"]
+    for flags, width in [(("--vit-blocks", "2"), 64), (("--vit-blocks", "1", "--avgpool"), 64),
+                         (("--vit-blocks", "2", "--avgpool"), 96)]:
+        result = evaluate(*flags)
+        assert result["feature_dim"] == width, flags  # the k-NN reads the concatenated tokens
+        assert result["classifier"] == pooled["classifier"], flags  # the classifier its pooled features
+    assert main(["eval", spec, *labeled, "--avgpool", "--out", str(tmp_path / "avgpool")]) == 2
+    assert "--avgpool appends" in caplog.text and "give --vit-blocks N with it" in caplog.text
+
+
+def test_export_keeps_the_classifier_and_its_logits_match_pytorch(kd_vit, data, tmp_path):
+    """ONNX gets a second output, TorchScript a logits method, safetensors a classifier file beside the backbone;
+    each gives PyTorch's class scores, and the features as before. (The tiny ViT: its ONNX export takes about half
+    the tiny ResNet's 20 s.)"""
+    import onnxruntime
+
+    model = load_model(str(kd_vit))
+    images, _ = parity_images(str(data["test"]), model, count=5)  # (5, 3, S, S) in [0, 1]
+    network = NormalizedBackbone(model.backbone, model.mean, model.std).eval()
+    with torch.no_grad():
+        features = network(images)  # (5, D)
+        logits = model.classifier(features)  # (5, C)
+    for fmt in ("onnx", "torchscript", "safetensors"):
+        assert main(["export", str(kd_vit), "--format", fmt, "--out", str(tmp_path)]) == 0
+
+    def close(got, want) -> bool:
+        got = torch.as_tensor(np.asarray(got))
+        return got.shape == want.shape and (got - want).abs().max().item() <= 1e-4 + 1e-3 * want.abs().max().item()
+
+    onnx_meta = json.loads((tmp_path / "student.onnx.json").read_text())
+    assert onnx_meta["classes"] == list(CLASSES) and onnx_meta["output_names"] == ["features", "logits"]
+    assert onnx_meta["logits_parity"]["max_abs_error"] <= onnx_meta["logits_parity"]["tolerance"]
+    session = onnxruntime.InferenceSession(str(tmp_path / "student.onnx"), providers=["CPUExecutionProvider"])
+    got_features, got_logits = session.run(["features", "logits"], {"images": images.numpy()})
+    assert close(got_features, features) and close(got_logits, logits)
+    assert close(session.run(["features"], {"images": images.numpy()})[0], features)  # as for a model without one
+
+    scripted = torch.jit.load(str(tmp_path / "student.torchscript.pt"))
+    assert json.loads((tmp_path / "student.torchscript.pt.json").read_text())["classes"] == list(CLASSES)
+    with torch.no_grad():
+        assert close(scripted(images), features) and close(scripted.logits(images), logits)
+
+    meta = json.loads((tmp_path / "student.json").read_text())
+    assert meta["classifier"] == "student.classifier.safetensors" and meta["classes"] == list(CLASSES)
+    exported = load_file(tmp_path / "student.classifier.safetensors")
+    assert close(features @ exported["weight"].T + exported["bias"], logits)
+    reloaded = load_model(str(tmp_path / "student.safetensors"))
+    assert reloaded.classifier.classes == list(CLASSES) and torch.equal(reloaded.classifier.weight,
+                                                                        model.classifier.weight)

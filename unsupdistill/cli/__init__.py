@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=TRAINING_EPILOG,
     )
     add_training_arguments(d, "distill")
-    d.add_argument("--generations", type=positive, default=1, metavar="N",
+    d.add_argument("--generations", type=positive, metavar="N",
                    help="born-again generations: generation k+1 is distilled from generation k's export (same "
-                        "student network), each in RUN/gen_k; 1 (default) trains one student in RUN")
+                        "student network), each in RUN/gen_k; 1 (default) trains one student in RUN. With --resume "
+                        "ROOT of generations, a larger N trains more of them")
 
     e = commands.add_parser(
         "eval", help="k-NN, linear probe and clustering of frozen features on a labeled train/test pair",
@@ -79,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                       workers_help="image-decoding processes (default: one per core, up to 8; none for the "
                                    "in-memory digits)")
     e.add_argument("--vit-blocks", type=positive, metavar="N",
-                   help="ViTs: concatenate class tokens of the last N blocks (DINO: 4)")
-    e.add_argument("--avgpool", action="store_true", help="with --vit-blocks: add average-pooled patch tokens")
+                   help="ViTs: concatenate class tokens of the last N blocks (DINO: 4); a classifier (a model "
+                        "distilled with labels) is still scored on the pooled features it was trained on")
+    e.add_argument("--avgpool", action="store_true",
+                   help="with --vit-blocks: add average-pooled patch tokens (DINO: --vit-blocks 1 --avgpool for ViT-B)")
     e.add_argument("--student", action="store_true", help="evaluate the student instead of the teacher")
     e.add_argument("--linear", choices=["torch", "sklearn"], default="torch",
                    help="linear probe: torch, a grid of learning rates and weight decays trained at once (default); "
@@ -105,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "reloaded (plain timm, torch.jit.load, onnxruntime) and run next to the PyTorch model on 16 "
                     "real images on the CPU in fp32; it is kept only if the features agree within the tolerance. "
                     "TorchScript and ONNX graphs take float RGB batches in [0, 1] and include the normalisation. "
+                    "A model distilled with labels keeps its classifier, checked too: ONNX output 'logits' after "
+                    "'features', TorchScript method logits(), safetensors <name>.classifier.safetensors; the sidecar "
+                    "lists the classes. "
                     "No --precision/--device/--workers/--batch-size: the parity check is one small CPU batch.",
     )
     x.add_argument("model", metavar="MODEL",

@@ -19,6 +19,9 @@ def eval_command(args: argparse.Namespace) -> int:
 
     if args.speed_seconds < 0:  # checked before the features, not after them (--speed-batch: by argparse)
         raise ConfigError(f"--speed-seconds {args.speed_seconds}: allowed values are a time limit of 0 s or more")
+    if args.avgpool and args.vit_blocks is None:  # it would change nothing
+        raise ConfigError("--avgpool appends the average-pooled patch tokens to the class tokens --vit-blocks N "
+                          "concatenates: give --vit-blocks N with it (DINO: --vit-blocks 1 --avgpool for ViT-B)")
     options = EvalOptions(
         image_size=args.image_size, batch_size=args.batch_size, precision=args.precision,
         linear=not args.no_linear, linear_backend=args.linear, clustering=not args.no_clustering,
@@ -61,11 +64,15 @@ def export_command(args: argparse.Namespace) -> int:
     result = export_model(args.model, args.format, args.out if out_file else None,
                           out_dir=None if out_file else args.out, student=args.student, data=args.data,
                           atol=args.atol, rtol=args.rtol)
-    parity = result.parity
-    print(f"\n{args.format} parity against PyTorch on {parity.batch_sizes[0]} real images from {parity.images} "
-          f"(and a batch of 1):\n  max abs error {parity.max_abs_error:.3g}, max rel error "
-          f"{parity.max_rel_error:.3g}, tolerance {parity.tolerance:.3g}: passed\n"
-          f"export:  {result.path}\nsidecar: {result.sidecar}")
+    checked = [("features", result.parity)] + ([("logits", result.logits_parity)] if result.logits_parity else [])
+    print(f"\n{args.format} parity against PyTorch on {result.parity.batch_sizes[0]} real images from "
+          f"{result.parity.images} (and a batch of 1):\n"
+          + "".join(f"  {name + ':':<10}max abs error {p.max_abs_error:.3g}, max rel error {p.max_rel_error:.3g}, "
+                    f"tolerance {p.tolerance:.3g}: passed\n" for name, p in checked)
+          + f"export:  {result.path}\nsidecar: {result.sidecar}"
+          + (f"\nclassifier: {result.classifier}" if result.classifier else "")
+          + ("\nlogits:  class scores over the sidecar's 'classes' (its 'logits' says where)"
+             if result.logits_parity else ""))
     return 0
 
 

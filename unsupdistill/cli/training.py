@@ -30,10 +30,10 @@ from unsupdistill.data import DataError, FolderScan, num_workers, scan_for_run
 from unsupdistill.devices import training_device
 from unsupdistill.export import ExportError
 from unsupdistill.models.load import ModelSpecError
-from unsupdistill.storage import CLASSIFIER_FILE, CheckpointError, latest_checkpoint, write_json_atomic
+from unsupdistill.storage import CLASSIFIER_FILE, CheckpointError, latest_checkpoint
 from unsupdistill.train.checkpoint import set_aside_later_state
 from unsupdistill.train.faults import TrainingError, TrainingStopped
-from unsupdistill.train.status import STATUS_FILE, read_status, resume_command, write_status
+from unsupdistill.train.status import STATUS_FILE, resume_command, write_status
 
 logger = logging.getLogger("unsupdistill")
 
@@ -41,20 +41,29 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelSpecError, ExportEr
 BUILT_IN_RECIPE = "digits"  # what `pretrain` with no folder and no --recipe runs
 def train_command(args: argparse.Namespace) -> int:
     """``pretrain`` and ``distill``: one training run, its run directory and status."""
+    from unsupdistill.cli.generations import (
+        GENERATIONS_FILE,
+        is_generations_root,
+        resume_generations,
+        train_generations,
+    )
     from unsupdistill.methods import METHODS  # heavy imports after checks
 
     paths, overrides = split_pretrain_args(args.args)
     overrides = training_overrides(args, overrides)  # --precision, --eval-train, ...: key=value as written
+    generations = getattr(args, "generations", None)  # distill's --generations; None: not given (one student)
+    if generations is not None and generations < 1:
+        raise ConfigError(f"--generations {generations}: allowed values are 1 (one student) or more")
     checkpoint, ckpt_path = None, None
-    if args.resume and (Path(args.resume) / GENERATIONS_FILE).is_file():  # born-again generations: go on with them
-        if args.recipe or overrides or paths:
-            raise ConfigError("--resume of generations takes their own config (generations.json): drop the --recipe, "
-                              "folder, key=value and config flags (--eval-train/--eval-test, --precision, --device, "
-                              "--workers, --batch-size) from the command")
-        chain = json.loads((Path(args.resume) / GENERATIONS_FILE).read_text())
-        device = training_device(config_from_dict(chain["config"], str(args.resume)).train.device)
-        with distributed.session(device):
-            return _train_generations(Path(args.resume), chain, device)
+    if args.resume and is_generations_root(args.resume):  # born-again generations: go on with them
+        return resume_generations(args, Path(args.resume), paths, overrides, generations)
+    if args.resume and generations is not None and generations > 1:  # before the run is touched
+        run = layout.run_of(Path(args.resume)) or args.resume
+        raise ConfigError(f"--generations {generations} with --resume {args.resume}: that is one run, not born-again "
+                          f"generations (it has no {GENERATIONS_FILE}), and it does not turn into them; nothing was "
+                          f"changed. Resume it without --generations; to train generations after it, distill from it "
+                          f"once it is done: unsupdistill distill FOLDER --teacher {run} [--labels LABELED] "
+                          "--generations N --out NEW_DIR")
     if args.resume:
         if args.recipe:
             raise ConfigError("--resume takes the run's own config; pass changes as key=value, not --recipe")
@@ -81,9 +90,6 @@ def train_command(args: argparse.Namespace) -> int:
     validate(config, ignore=automatic_keys(method) - explicit_keys(overrides) if automatic else frozenset())
 
     pair = labeled_pair(config, args)  # scored at the end
-    generations = getattr(args, "generations", 1)
-    if generations < 1:
-        raise ConfigError(f"--generations {generations}: allowed values are 1 (one student) or more")
     device = training_device(config.train.device)
     # a resume goes on in its run's directory; a checkpoint outside a run's checkpoints/ folder starts a new one
     default_out = (layout.run_of(ckpt_path) if ckpt_path is not None else None) \
@@ -91,20 +97,20 @@ def train_command(args: argparse.Namespace) -> int:
     with distributed.session(device):  # every process joins now: process 0 names the run directory, scans the folder
         run_dir = Path(distributed.broadcast_object(str(args.out or default_out)))
         if args.dry_run:
-            return _dry_run(config, run_dir, checkpoint, automatic, overrides, device)
-        if generations > 1:
+            return dry_run(config, run_dir, checkpoint, automatic, overrides, device)
+        if generations is not None and generations > 1:
             chain = {"generations": generations, "config": config.to_dict(), "automatic": automatic,
                      "overrides": overrides, "pair": pair}
-            return _train_generations(run_dir, chain, device)
-        code, config, backbone = _train_run(config, run_dir, checkpoint, ckpt_path, automatic, overrides, device)
+            return train_generations(run_dir, chain, device)
+        code, config, backbone = train_run(config, run_dir, checkpoint, ckpt_path, automatic, overrides, device)
     if code is not None:
         return code
     if backbone is not None:
-        _finish_run(run_dir, config, backbone, pair)
+        finish_run(run_dir, config, backbone, pair)
     return 0
 
 
-def _finish_run(run_dir: Path, config: Config, backbone: Path, pair: tuple[str, str] | None) -> None:
+def finish_run(run_dir: Path, config: Config, backbone: Path, pair: tuple[str, str] | None) -> None:
     """Process 0 after a run: status ``done``, the curves, where the outputs went, and what the run learned (with a
     labeled pair, in ``summary.json``)."""
     from unsupdistill.methods import METHODS
@@ -136,87 +142,7 @@ def _finish_run(run_dir: Path, config: Config, backbone: Path, pair: tuple[str, 
           f"{summary['table']}\n{summary['reading']}\n  summary:     {run_dir / SUMMARY_FILE}")
 
 
-GENERATIONS_FILE = "generations.json"
-"""A born-again run's plan in its root folder: the generations, the config before the automatic settings, the
-overrides and the labeled pair; ``distill --resume ROOT`` continues it."""
-
-
-def _train_generations(root: Path, chain: dict, device: torch.device) -> int:
-    """Born-again generations: ``ROOT/gen_1`` learns from ``distill.teacher``, ``ROOT/gen_k+1`` from ``ROOT/gen_k``'s
-    export (the same student network, its classifier too), each a run of its own with its own automatic settings. A
-    finished generation is kept; one with a checkpoint resumes. Ends with a table of every generation."""
-    if distributed.is_main_process():
-        root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(chain, root / GENERATIONS_FILE)
-    base = merge(Config(), chain["config"], str(root / GENERATIONS_FILE))  # checked as each generation starts
-    pair = tuple(chain["pair"]) if chain.get("pair") else None
-    rows = []
-    for k in range(1, chain["generations"] + 1):
-        run_dir, teacher = root / f"gen_{k}", base.distill.teacher if k == 1 else str(root / f"gen_{k - 1}")
-        status = read_status(run_dir) or {}
-        if status.get("state") != "done" or not (run_dir / layout.BACKBONE).is_file():
-            if layout.checkpoints_dir(run_dir).is_dir():
-                ckpt_path, checkpoint = latest_checkpoint(run_dir)
-                config, automatic = config_from_dict(checkpoint["config"], str(ckpt_path)), False
-                logger.info("generation %d: resuming from %s (step %d)", k, ckpt_path, checkpoint["step"])
-            else:
-                ckpt_path, checkpoint, automatic = None, None, chain["automatic"]
-                # a later generation's teacher is the previous student, at its own input size
-                size = base.distill.teacher_size if k == 1 else None
-                config = merge(base, {"distill": {"teacher": teacher, "teacher_size": size}}, f"generation {k}")
-                logger.info("generation %d of %d: distilling from %s", k, chain["generations"], teacher)
-            code, config, backbone = _train_run(config, run_dir, checkpoint, ckpt_path, automatic,
-                                                chain["overrides"], device)
-            if code is not None:
-                write_status(root, "preempted" if code == EXIT_STOPPED else "failed", code, generation=k,
-                             resume=resume_command(root, "distill"))
-                if code == EXIT_STOPPED:
-                    logger.warning("generation %d stopped; continue the generations with: %s", k,
-                                   resume_command(root, "distill"))
-                return code
-            if backbone is None:  # another process of a torchrun: process 0 reports
-                continue
-            _finish_run(run_dir, config, backbone, pair)
-        rows.append(_generation_row(k, run_dir, teacher))
-    if rows:
-        from unsupdistill.evaluate.report import format_table
-
-        write_status(root, "done", 0, generations=len(rows))
-        table = format_table(rows, list(rows[0]))
-        (root / "generations.md").write_text(table + "\n")
-        print(f"\nBorn-again generations in {root} (each generation's teacher is the one before it):\n{table}\n"
-              f"  table:       {root / 'generations.md'}")
-    return 0
-
-
-def _generation_row(k: int, run_dir: Path, teacher: str) -> dict[str, str]:
-    """One generation's figures: where its training ended (its last ``metrics.jsonl`` record: epochs, loss, agreement
-    with its teacher, accuracy on its labeled training views), and its test scores from ``summary.json`` (with a
-    labeled pair: ``--eval-train`` and ``--eval-test``)."""
-    from unsupdistill.evaluate.summary import SUMMARY_FILE
-
-    row = {"generation": str(k), "teacher": teacher if k == 1 else f"gen_{k - 1}", "run": str(run_dir)}
-    records = layout.read_metrics(run_dir)[0] if (run_dir / layout.METRICS).is_file() else []
-    last = next((r for r in reversed(records) if "loss" in r), None)
-    if last is not None:
-        row |= {"epochs": f"{last['epoch']:.1f}", "final loss": f"{last['loss']:.4f}"}
-        if "teacher_agreement" in last:
-            row["teacher agreement"] = f"{last['teacher_agreement']:.2f}"
-        if "student_label_accuracy" in last:
-            row["label accuracy, training views (%)"] = f"{last['student_label_accuracy'] * 100:.1f}"
-    path = run_dir / SUMMARY_FILE
-    if path.is_file():
-        summary = json.loads(path.read_text())
-        scores = summary["knn_top1"]
-        row["k-NN top-1 (%)"] = f"{scores['this run']:.1f}"
-        if "teacher" in scores:
-            row["teacher k-NN (%)"] = f"{scores['teacher']:.1f}"
-        if "classifier_top1" in summary:
-            row["classifier top-1 (%)"] = f"{summary['classifier_top1']:.1f}"
-    return row
-
-
-def _train_run(config: Config, run_dir: Path, checkpoint: dict | None, ckpt_path: Path | None, automatic: bool,
+def train_run(config: Config, run_dir: Path, checkpoint: dict | None, ckpt_path: Path | None, automatic: bool,
                overrides: list[str], device: torch.device) -> tuple[int | None, Config, Path | None]:
     """Train in this process, with ``train.log`` and ``status.json`` kept by process 0.
 
@@ -351,7 +277,7 @@ def _settings_for_data(config: Config, run_dir: Path | None, automatic: bool, ov
     return config, scan, notes
 
 
-def _dry_run(config: Config, run_dir: Path, checkpoint: dict | None, automatic: bool, overrides: list[str],
+def dry_run(config: Config, run_dir: Path, checkpoint: dict | None, automatic: bool, overrides: list[str],
              device: torch.device) -> int:
     """Build everything and run one step on a tiny batch; write nothing."""
     from unsupdistill.methods import train

@@ -27,7 +27,7 @@ from unsupdistill.evaluate.linear import DINOViTFeatures, linear_probe
 from unsupdistill.evaluate.linear_grid import VAL_FRACTION, held_out_size, linear_probe_grid, split_holds_every_class
 from unsupdistill.evaluate.options import AUTO_BF16_MIN_IMAGES, HEADLINE_K, EvalOptions
 from unsupdistill.evaluate.speed import measure_speed, speed_cells
-from unsupdistill.models.classifier import Classifier, load_classifier
+from unsupdistill.models.classifier import Classifier
 from unsupdistill.models.load import FeatureModel, load_model
 
 logger = logging.getLogger(__name__)
@@ -131,9 +131,11 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
     results["knn"] = knn_evaluate(train_features, train_labels, test_features, test_labels, options.ks,
                                   options.temperature)
     timings["knn_s"] = time.perf_counter() - tic
-    classifier = None if options.student else load_classifier(model_spec)
-    if classifier is not None:  # a model distilled with labels: its own classifier's test accuracy
-        results["classifier"] = classifier_accuracy(classifier, test_features, test_set.classes, test_set.labels)
+    if model.classifier is not None:  # a model distilled with labels: its own classifier's test accuracy
+        pooled = test_features  # (N, D), what the classifier was trained on; --vit-blocks concatenates other columns
+        if options.vit_blocks:
+            pooled = model_features(model, test_set, replace(options, vit_blocks=None, avgpool=False), device)
+        results["classifier"] = classifier_accuracy(model.classifier, pooled, test_set.classes, test_set.labels)
     linear = None
     if options.linear:
         tic = time.perf_counter()

@@ -18,7 +18,6 @@ from unsupdistill.evaluate.features import extract_features
 from unsupdistill.evaluate.run import extraction_precision
 from unsupdistill.export.formats import ExportError
 from unsupdistill.export.names import EMBED_FORMATS, EMBED_SUFFIXES
-from unsupdistill.models.classifier import load_classifier
 from unsupdistill.models.classifier import top_k as top_k_classes
 from unsupdistill.models.load import load_model
 from unsupdistill.storage import atomic_write, write_json_atomic
@@ -99,7 +98,8 @@ def embed_folder(model: str, data: str | Path, out: str | Path, *, fmt: str | No
         data: an image folder.
         out: the folder to write into (created), or a ``.npy``/``.npz`` file.
         fmt: npy or npz for a folder (default npy); for a file, its suffix (a different ``fmt`` is an error).
-        student: embed with the student's backbone.
+        student: embed with the student's backbone (and its classifier, with a checkpoint of a model distilled
+            with labels).
         image_size: input size for models that do not record one.
         batch_size: images per forward pass.
         precision: auto, fp32 or bf16 (autocast); auto as ``unsupdistill eval`` resolves it
@@ -137,7 +137,7 @@ def embed_folder(model: str, data: str | Path, out: str | Path, *, fmt: str | No
     else:
         atomic_write(files.features, lambda tmp: _save_npy(tmp, array))
         atomic_write(files.paths, lambda tmp: _save_csv(tmp, paths))
-    classifier = None if student or top_k < 1 else load_classifier(model)
+    classifier = loaded.classifier if top_k >= 1 else None  # the one trained with these weights
     predictions = files.predictions if classifier is not None else None
     if classifier is not None:
         indices, probs = top_k_classes(classifier, features, top_k)  # (N, k) each

@@ -4,6 +4,11 @@ Every export is written to a temporary file, reloaded the way a user would load 
 ``torch.jit.load``, onnxruntime) and run on a batch of real images next to the PyTorch model. Only
 if the features agree within the tolerance is the file renamed into place, so a failed export
 leaves nothing behind.
+
+A model with a classifier (distilled with labels) keeps it, its class scores checked for parity too: the ONNX graph
+has a second output ``logits`` after ``features``, the TorchScript module a ``logits`` method beside ``forward``
+(which still returns the features), and a safetensors export a ``<stem>.classifier.safetensors`` file beside it; the
+sidecar lists the ``classes`` in column order.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ ONNX_OPSET = 18
 """The ONNX opset of exported graphs (torch.export-based exporter)."""
 PARITY_IMAGES = 16
 INPUT_NAME, OUTPUT_NAME = "images", "features"
+LOGITS_NAME = "logits"
+"""A model with a classifier: the ONNX graph's second output and the TorchScript module's method, class scores
+(N, C) whose column i is the sidecar's ``classes[i]`` (softmax gives the probabilities)."""
 
 
 class ExportError(ValueError):
@@ -65,12 +73,46 @@ class ExportResult:
     sidecar: Path
     format: str
     parity: Parity
+    """Of the features."""
+    logits_parity: Parity | None = None
+    """Of the class scores, for a model with a classifier; else None."""
+    classifier: Path | None = None
+    """A safetensors export's classifier file beside it (a model with a classifier); else None."""
+
+
+class ClassifyingBackbone(nn.Module):
+    """An exported network with its classifier: ``forward`` gives the features (B, D) as every export's does,
+    ``logits`` the class scores (B, C), both from float RGB batches (B, 3, S, S) in [0, 1]."""
+
+    def __init__(self, network: nn.Module, classifier: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.classifier = classifier
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.network(x)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.classifier(self.network(x))
+
+
+class _FeaturesAndLogits(nn.Module):
+    """One ONNX graph with both outputs: features (B, D), then logits (B, C)."""
+
+    def __init__(self, model: ClassifyingBackbone) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.model.network(x)
+        return features, self.model.classifier(features)
 
 
 def export_model(model: str, fmt: str, out: str | Path | None = None, *, out_dir: str | Path | None = None,
                  student: bool = False, data: str | None = None, atol: float = ATOL,
                  rtol: float = RTOL) -> ExportResult:
-    """Export the teacher (or student) backbone of a run directory or checkpoint.
+    """Export the teacher (or student) backbone of a run directory or checkpoint, and its classifier if it has one
+    (the one that belongs to its weights, as :func:`~unsupdistill.models.load.load_model` gives it).
 
     Args:
         model: a run directory, a checkpoint (``.pt``) or an exported ``.safetensors`` backbone.
@@ -105,29 +147,35 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, out_dir
     if out_path.is_dir():
         raise ExportError(f"--out {out_path} is a directory; give a file name ending in {SUFFIXES[fmt][0]}")
 
-    reference = NormalizedBackbone(loaded.backbone, loaded.mean, loaded.std).eval()
+    reference: nn.Module = NormalizedBackbone(loaded.backbone, loaded.mean, loaded.std).eval()
+    if loaded.classifier is not None:
+        reference = ClassifyingBackbone(reference, loaded.classifier).eval()
     images, source = parity_images(data, loaded)
     with torch.no_grad():
-        expected = reference(images)  # (B, D)
+        expected = (reference(images),)  # features (B, D)
+        if loaded.classifier is not None:
+            expected += (reference.logits(images),)  # (B, C)
     parity: list[Parity] = []
 
-    def check(tmp: str) -> None:
-        result = measure_parity(_RUNNERS[fmt](tmp, loaded), images, expected, atol, rtol, source)
-        parity.append(result)
-        logger.info("%s parity on %d real images from %s: max abs error %.3g, max rel error %.3g (tolerance %.3g)",
-                    fmt, len(images), source, result.max_abs_error, result.max_rel_error, result.tolerance)
-        if not result.passed:
-            raise ExportError(
-                f"the {fmt} export does not match the PyTorch model: max abs error {result.max_abs_error:.3g} > "
-                f"tolerance {result.tolerance:.3g} (atol {atol} + rtol {rtol} x max |feature|); nothing was "
-                "written. Retry with another format, or loosen --atol/--rtol if the difference is acceptable"
-            )
+    def check(tmp: str, *classifier_tmp: str) -> None:
+        parity[:] = measure_parity(_RUNNERS[fmt](tmp, loaded, *classifier_tmp), images, expected, atol, rtol, source)
+        for name, result in zip((OUTPUT_NAME, LOGITS_NAME), parity):
+            logger.info("%s parity of the %s on %d real images from %s: max abs error %.3g, max rel error %.3g "
+                        "(tolerance %.3g)", fmt, name, len(images), source, result.max_abs_error,
+                        result.max_rel_error, result.tolerance)
+            if not result.passed:
+                raise ExportError(
+                    f"the {fmt} export does not match the PyTorch model: max abs error of the {name} "
+                    f"{result.max_abs_error:.3g} > tolerance {result.tolerance:.3g} (atol {atol} + rtol {rtol} x "
+                    f"max |{name}|); nothing was written. Retry with another format, or loosen --atol/--rtol if the "
+                    "difference is acceptable"
+                )
 
-    _WRITERS[fmt](out_path, loaded, reference, images, check)
+    classifier = _WRITERS[fmt](out_path, loaded, reference, images, check)
     sidecar = sidecar_path(out_path)
-    meta = export_description(loaded, fmt, parity[0], atol, rtol)
+    meta = export_description(loaded, fmt, parity, atol, rtol, classifier)
     write_json_atomic(meta, sidecar)
-    return ExportResult(out_path, sidecar, fmt, parity[0])
+    return ExportResult(out_path, sidecar, fmt, parity[0], parity[1] if len(parity) > 1 else None, classifier)
 
 
 def default_export_path(model: Path, fmt: str, source: str) -> Path:
@@ -148,9 +196,20 @@ def sidecar_path(export: Path) -> Path:
     return export.with_name(export.name + ".json")
 
 
-def export_description(model: FeatureModel, fmt: str, parity: Parity, atol: float, rtol: float) -> dict[str, Any]:
-    """The JSON sidecar: the backbone's description plus what the exported file takes and returns."""
+def classifier_export_path(export: Path) -> Path:
+    """``student.safetensors`` -> ``student.classifier.safetensors``: a safetensors export's classifier (with
+    ``student.classifier.json``, its classes), beside it."""
+    return export.with_name(export.name.removesuffix(export.suffix) + ".classifier.safetensors")
+
+
+def export_description(model: FeatureModel, fmt: str, parity: list[Parity], atol: float, rtol: float,
+                       classifier: Path | None = None) -> dict[str, Any]:
+    """The JSON sidecar: the backbone's description plus what the exported file takes and returns, and the parity of
+    each output (``parity``: the features; ``logits_parity``: the class scores of a model with a classifier, whose
+    ``classes`` it lists and, for safetensors, whose ``classifier`` file it names)."""
     meta = dict(model.description or {})
+    for key in ("classifier", "classes", "logits", "logits_parity"):  # an export's sidecar read back: set anew
+        meta.pop(key, None)
     if fmt != "safetensors":
         meta.update({
             "format": f"unsupdistill.{fmt}/1",
@@ -162,7 +221,19 @@ def export_description(model: FeatureModel, fmt: str, parity: Parity, atol: floa
         meta.pop("rebuild", None)
     if fmt == "onnx":
         meta["onnx_opset"] = ONNX_OPSET
-    meta["parity"] = {**asdict(parity), "atol": atol, "rtol": rtol}
+    meta["parity"] = {**asdict(parity[0]), "atol": atol, "rtol": rtol}
+    if model.classifier is not None:
+        classes = list(model.classifier.classes)
+        where = {"onnx": f"the second output, named {LOGITS_NAME!r} (output_names)",
+                 "torchscript": f"the module's {LOGITS_NAME}(images) method (forward gives the features)",
+                 "safetensors": "the classifier file's weight (C, D) and bias (C,): features @ weight.T + bias"}[fmt]
+        meta.update({"classes": classes, "logits": f"class scores (N, {len(classes)}), column i for classes[i] "
+                                                   f"(softmax gives the probabilities): {where}",
+                     "logits_parity": {**asdict(parity[1]), "atol": atol, "rtol": rtol}})
+        if fmt == "onnx":
+            meta["output_names"] = [OUTPUT_NAME, LOGITS_NAME]
+        if classifier is not None:
+            meta["classifier"] = classifier.name
     return meta
 
 
@@ -211,19 +282,29 @@ def parity_images(data: str | None, model: FeatureModel, count: int = PARITY_IMA
     return torch.stack(images).float() / 255, str(data)
 
 
-def measure_parity(run: Any, images: Tensor, expected: Tensor, atol: float, rtol: float, source: str) -> Parity:
-    """Run the exported model on the whole batch and on a single image (the dynamic batch axis)."""
-    errors = []
+def measure_parity(run: Any, images: Tensor, expected: tuple[Tensor, ...], atol: float, rtol: float,
+                   source: str) -> list[Parity]:
+    """Run the exported model on the whole batch and on a single image (the dynamic batch axis); one parity per
+    output of ``expected``: the features (B, D), then the logits (B, C) of a model with a classifier. ``run`` returns
+    the features, or (features, logits)."""
+    errors: list[list[float]] = [[] for _ in expected]
     for batch in (images, images[:1]):
-        got = torch.as_tensor(np.asarray(run(batch)), dtype=torch.float32)
-        want = expected[: len(batch)]
-        if got.shape != want.shape:
-            raise ExportError(f"the export returned features of shape {tuple(got.shape)} for a batch of "
-                              f"{len(batch)}; the PyTorch model returns {tuple(want.shape)}")
-        errors.append((got - want).abs().max().item())
-    scale = expected.abs().max().item()
-    max_abs = max(errors)
-    return Parity(max_abs, max_abs / max(scale, 1e-12), atol + rtol * scale, [len(images), 1], source)
+        outputs = run(batch)
+        outputs = tuple(outputs) if isinstance(outputs, tuple | list) else (outputs,)
+        if len(outputs) != len(expected):
+            raise ExportError(f"the export returned {len(outputs)} outputs; the PyTorch model returns "
+                              f"{len(expected)} ({', '.join((OUTPUT_NAME, LOGITS_NAME)[:len(expected)])})")
+        for name, output, want, error in zip((OUTPUT_NAME, LOGITS_NAME), outputs, expected, errors):
+            got, want = torch.as_tensor(np.asarray(output), dtype=torch.float32), want[: len(batch)]
+            if got.shape != want.shape:
+                raise ExportError(f"the export returned {name} of shape {tuple(got.shape)} for a batch of "
+                                  f"{len(batch)}; the PyTorch model returns {tuple(want.shape)}")
+            error.append((got - want).abs().max().item())
+    parity = []
+    for want, error in zip(expected, errors):
+        scale, max_abs = want.abs().max().item(), max(error)
+        parity.append(Parity(max_abs, max_abs / max(scale, 1e-12), atol + rtol * scale, [len(images), 1], source))
+    return parity
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,24 +312,48 @@ def measure_parity(run: Any, images: Tensor, expected: Tensor, atol: float, rtol
 # ----------------------------------------------------------------------------------------------
 
 
-def _write_safetensors(out: Path, model: FeatureModel, reference: nn.Module, images: Tensor, check: Any) -> None:
+def _write_safetensors(out: Path, model: FeatureModel, reference: nn.Module, images: Tensor,
+                       check: Any) -> Path | None:
+    """The backbone; with a classifier, its file beside it, written (inside the backbone's check) only once the pair
+    passes parity, so a failed export writes neither. Returns the classifier's path, or None."""
     file_format = str((model.description or {}).get("format", BACKBONE_FORMAT))
-    save_weights(model.backbone.state_dict(), out, file_format, check)
+    classifier = model.classifier
+    if classifier is None:
+        save_weights(model.backbone.state_dict(), out, file_format, check)
+        return None
+    path = classifier_export_path(out)
+
+    def check_with_classifier(backbone_tmp: str) -> None:
+        save_weights({"weight": classifier.weight, "bias": classifier.bias}, path, "pt",
+                     lambda classifier_tmp: check(backbone_tmp, classifier_tmp))
+
+    save_weights(model.backbone.state_dict(), out, file_format, check_with_classifier)
+    sidecar = {"classes": list(classifier.classes), "feature_dim": int(classifier.in_features), "backbone": out.name}
+    write_json_atomic(sidecar, path.with_suffix(".json"))
+    return path
 
 
 def _write_torchscript(out: Path, model: FeatureModel, reference: nn.Module, images: Tensor, check: Any) -> None:
     with warnings.catch_warnings():  # torch.jit is deprecated upstream but is what TorchScript users load
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(reference, images[:2], check_trace=False)
+        if isinstance(reference, ClassifyingBackbone):  # forward: the features, as without a classifier
+            traced = torch.jit.trace_module(reference, {"forward": images[:2], LOGITS_NAME: images[:2]},
+                                            check_trace=False)
+        else:
+            traced = torch.jit.trace(reference, images[:2], check_trace=False)
         atomic_write(out, lambda tmp: torch.jit.save(traced, tmp), check)
 
 
 def _write_onnx(out: Path, model: FeatureModel, reference: nn.Module, images: Tensor, check: Any) -> None:
+    network, outputs = reference, [OUTPUT_NAME]
+    if isinstance(reference, ClassifyingBackbone):
+        network, outputs = _FeaturesAndLogits(reference).eval(), [OUTPUT_NAME, LOGITS_NAME]
+
     def write(tmp: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                reference, (images[:2],), tmp, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                network, (images[:2],), tmp, input_names=[INPUT_NAME], output_names=outputs,
                 opset_version=ONNX_OPSET, dynamo=True, external_data=False, verbose=False,
                 dynamic_shapes={"x": {0: torch.export.Dim("batch")}},  # (N, 3, S, S) with any N
             )
@@ -256,28 +361,41 @@ def _write_onnx(out: Path, model: FeatureModel, reference: nn.Module, images: Te
     atomic_write(out, write, check)
 
 
-def _run_safetensors(path: str, model: FeatureModel) -> Any:
+def _run_safetensors(path: str, model: FeatureModel, classifier_path: str | None = None) -> Any:
     description = model.description or {}
     spec = BackboneSpec(description["timm_name"], dict(description.get("timm_kwargs") or {}),
                         bool(description.get("small_image_stem")))
     backbone = rebuild_backbone(spec)
     backbone.load_state_dict(load_file(path), strict=True)
     network = NormalizedBackbone(backbone, model.mean, model.std).eval()
-    return torch.no_grad()(network)
+    if classifier_path is None:
+        return torch.no_grad()(network)
+    tensors = load_file(classifier_path)  # logits = features @ weight.T + bias, as a user computes them
+
+    @torch.no_grad()
+    def run(batch: Tensor) -> tuple[Tensor, Tensor]:
+        features = network(batch)  # (B, D)
+        return features, features @ tensors["weight"].T + tensors["bias"]  # (B, C)
+
+    return run
 
 
 def _run_torchscript(path: str, model: FeatureModel) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         network = torch.jit.load(path, map_location="cpu").eval()
-    return torch.no_grad()(network)
+    if model.classifier is None:
+        return torch.no_grad()(network)
+    return torch.no_grad()(lambda batch: (network(batch), getattr(network, LOGITS_NAME)(batch)))
 
 
 def _run_onnx(path: str, model: FeatureModel) -> Any:
     import onnxruntime  # imported here: only ONNX exports need it
 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return lambda batch: session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+    if model.classifier is None:
+        return lambda batch: session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+    return lambda batch: tuple(session.run([OUTPUT_NAME, LOGITS_NAME], {INPUT_NAME: batch.numpy()}))
 
 
 _WRITERS = {"safetensors": _write_safetensors, "torchscript": _write_torchscript, "onnx": _write_onnx}

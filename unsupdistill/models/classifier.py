@@ -1,17 +1,19 @@
-"""A linear classifier over a backbone's pooled features, with its class names: exported beside the backbone by
-methods that learn from labels (``kd``), read back by ``eval``, ``predict`` and a next generation's teacher."""
+"""A linear classifier over a backbone's pooled features, with its class names: trained by methods that learn from
+labels (``kd``), held in their checkpoints and exported beside the backbone. :func:`~unsupdistill.models.load.
+load_model` gives a loaded model the classifier that belongs to its weights (``FeatureModel.classifier``), which
+``eval``, ``embed``, ``export`` and a next generation's teacher use."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from unsupdistill.models.frozen import ModelSpecError
-from unsupdistill.run_dir import run_of
 from unsupdistill.storage import CLASSIFIER_FILE
 
 
@@ -23,35 +25,66 @@ class Classifier(nn.Linear):
         self.classes = list(classes)
 
 
-def classifier_path(model: str | Path) -> Path | None:
-    """Where the classifier of a model spec (a run directory, its ``backbone.safetensors``, a checkpoint in its
-    ``checkpoints/``) would be: ``classifier.safetensors`` beside the backbone; None for a ``timm:`` spec."""
-    text = str(model)
-    if text.startswith(("timm:", "pixels")):
-        return None
-    path = Path(text).expanduser()
-    return (run_of(path) or path.parent) / CLASSIFIER_FILE
-
-
-def load_classifier(model: str | Path) -> Classifier | None:
-    """The exported classifier of a model spec, frozen and in eval mode; None when it has none.
+def read_classifier(path: Path) -> Classifier:
+    """The classifier in ``path`` (``weight`` (C, D), ``bias`` (C,)) with the class names of the ``.json`` beside it
+    (``classes``), frozen and in eval mode.
 
     Raises:
-        ModelSpecError: the files exist but do not load (the message names them).
+        ModelSpecError: the files do not load (the message names them).
     """
-    path = classifier_path(model)
-    if path is None or not path.is_file():
-        return None
     sidecar = path.with_suffix(".json")
     try:
         classes = json.loads(sidecar.read_text())["classes"]
         tensors = load_file(str(path))
-        weight, bias = tensors["weight"], tensors["bias"]
-        classifier = Classifier(weight.shape[1], classes)
-        classifier.load_state_dict({"weight": weight, "bias": bias})
-    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        classifier = _frozen(tensors["weight"], tensors["bias"], classes)
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ModelSpecError(f"classifier {path} (with {sidecar.name}) does not load ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''}); export the run again") from err
+    return classifier
+
+
+def export_classifier(weights: Path, meta: dict[str, Any]) -> Classifier | None:
+    """The classifier of the exported backbone ``weights`` whose sidecar is ``meta``: the file the sidecar names
+    (``classifier``, beside it: ``unsupdistill export`` writes it so), else a run's ``classifier.safetensors`` when
+    its ``classifier.json`` says it belongs to this backbone file; None when it has none.
+
+    Raises:
+        ModelSpecError: the classifier named or found does not load, or is missing (the message names it).
+    """
+    named = meta.get("classifier")
+    if named:
+        path = weights.parent / str(named)
+        if not path.is_file():
+            raise ModelSpecError(f"{weights.with_suffix('.json')} names classifier {named}, which is not beside it; "
+                                 "copy it (with its .json) along with the backbone")
+        return read_classifier(path)
+    path = weights.parent / CLASSIFIER_FILE
+    if not path.is_file():
+        return None
+    try:
+        owner = json.loads(path.with_suffix(".json").read_text()).get("backbone")
+    except (OSError, ValueError, AttributeError):
+        owner = weights.name  # read_classifier names the broken file
+    return read_classifier(path) if owner == weights.name else None
+
+
+def checkpoint_classifier(network: dict[str, Tensor], classes: Any) -> Classifier | None:
+    """The classifier a checkpoint's network state holds (``classifier.weight`` (C, D), ``classifier.bias`` (C,),
+    trained with that network), named by the checkpoint's ``classes``, frozen; None when it holds none.
+
+    Raises:
+        ValueError: the weights and the class names disagree.
+    """
+    if "classifier.weight" not in network:
+        return None
+    return _frozen(network["classifier.weight"], network["classifier.bias"], classes)
+
+
+def _frozen(weight: Tensor, bias: Tensor, classes: Any) -> Classifier:
+    if not isinstance(classes, list) or weight.ndim != 2 or len(classes) != weight.shape[0]:
+        raise ValueError(f"weights of shape {tuple(weight.shape)} for classes {classes!r}")
+    classifier = Classifier(weight.shape[1], [str(name) for name in classes])
+    classifier.load_state_dict({"weight": weight, "bias": bias})
     classifier.requires_grad_(False)
     return classifier.eval()
 

@@ -48,6 +48,9 @@ class FeatureModel:
         description: for trained models, the exported backbone's JSON sidecar (timm name and
             arguments, resize policy, normalisation, step); for timm pretrained weights, a summary of
             timm's pretrained config; None for the random-init and pixel baselines.
+        classifier: the network's own classifier over its pooled features, frozen (a
+            :class:`~unsupdistill.models.classifier.Classifier`, for a model distilled with labels): the one exported
+            beside the backbone, or the one a checkpoint holds; None without one.
     """
 
     name: str
@@ -58,6 +61,7 @@ class FeatureModel:
     cache_key: str
     architecture: str
     description: dict[str, Any] | None = None
+    classifier: nn.Module | None = None
 
 
 class PixelFeatures(nn.Module):

@@ -1,7 +1,9 @@
 """Frozen feature extractors from a MODEL argument: a pretraining run, a checkpoint, an exported backbone,
 a timm network (seeded random init, or timm's pretrained weights) or raw pixels.
 
-Evaluation, export and the distillation teacher all load models through :func:`load_model`.
+Evaluation, export and the distillation teacher all load models through :func:`load_model`, and each takes the
+classifier that belongs to the loaded weights (a model distilled with labels) from it: an export's, or the one a
+checkpoint holds, never a run's final classifier beside an earlier checkpoint.
 Nothing here unpickles code: checkpoints go through :func:`load_checkpoint` (``weights_only=True``)
 and exports through safetensors.
 """
@@ -9,6 +11,7 @@ and exports through safetensors.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import timm
@@ -17,6 +20,7 @@ from torch import Tensor, nn
 
 from unsupdistill.config import ConfigError, config_from_dict
 from unsupdistill.models.backbone import BackboneSpec, describe_backbone, rebuild_backbone
+from unsupdistill.models.classifier import Classifier, checkpoint_classifier, export_classifier
 from unsupdistill.models.frozen import (
     ACCEPTED,
     IMAGENET_MEAN,
@@ -32,14 +36,17 @@ from unsupdistill.models.frozen import (
 )
 from unsupdistill.models.timm_spec import load_timm, parse_timm_spec
 from unsupdistill.run_dir import BACKBONE, last_checkpoint, run_of
-from unsupdistill.storage import CheckpointError, load_checkpoint
+from unsupdistill.storage import CLASSIFIER_FILE, CheckpointError, load_checkpoint
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "RANDOM_INIT_SEED", "FeatureModel", "ModelSpecError", "PixelFeatures",
            "load_model", "parse_timm_spec"]
 
+logger = logging.getLogger(__name__)
+
 
 def load_model(spec: str, *, image_size: int | None = None, student: bool = False) -> FeatureModel:
-    """Load the feature extractor a MODEL argument names.
+    """Load the feature extractor a MODEL argument names, with the classifier that belongs to its weights
+    (``FeatureModel.classifier``: an export's, or the one a checkpoint holds; None without one).
 
     Args:
         spec: a run directory, a checkpoint ``.pt``, an exported ``.safetensors`` (with its ``.json``
@@ -113,7 +120,7 @@ def _load_directory(spec: str, path: Path, image_size: int | None, student: bool
 
 def _load_checkpoint(spec: str, path: Path, image_size: int | None, student: bool, name: str) -> FeatureModel:
     """The exported network's backbone of an unsupdistill checkpoint (DINO's teacher, a distilled student or its
-    EMA), or the student's."""
+    EMA), or the student's, with the classifier that network was trained with (if it has one)."""
     try:
         state = load_checkpoint(path)
     except CheckpointError as err:
@@ -130,13 +137,31 @@ def _load_checkpoint(spec: str, path: Path, image_size: int | None, student: boo
                              f"weights ({type(err).__name__}: {err}); it may come from an older version") from err
     weights = {key.removeprefix("backbone."): value for key, value in network.items() if key.startswith("backbone.")}
     backbone = _rebuild(spec, backbone_spec, weights)
+    classifier = _checkpoint_classifier(spec, path, network, state.get("classes"))
     size = image_size or input_size
     key = cache_digest(file_sha256(path), backbone_spec.to_dict(), size, mean, std, student)
-    return FeatureModel(name, backbone, size, mean, std, key, backbone_spec.name, description)
+    return FeatureModel(name, backbone, size, mean, std, key, backbone_spec.name, description, classifier)
+
+
+def _checkpoint_classifier(spec: str, path: Path, network: dict[str, Tensor], classes: object) -> Classifier | None:
+    """The classifier a checkpoint's network holds. The run's ``classifier.safetensors`` belongs to its final export,
+    not to this checkpoint: a checkpoint without a classifier of its own gets none, and says so when the run has one."""
+    try:
+        classifier = checkpoint_classifier(network, classes)
+    except (ValueError, RuntimeError) as err:
+        raise ModelSpecError(f"model '{spec}': the classifier in checkpoint {path} does not load "
+                             f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
+    run = run_of(path.resolve())
+    if classifier is None and run is not None and (run / CLASSIFIER_FILE).is_file():
+        logger.warning("%s holds no classifier, and the run's %s belongs to its final export, not to this checkpoint: "
+                       "model '%s' has no classifier (give the run directory for the final one)", path,
+                       CLASSIFIER_FILE, spec)
+    return classifier
 
 
 def _load_export(spec: str, weights_path: Path, image_size: int | None, name: str) -> FeatureModel:
-    """An exported backbone: ``<stem>.safetensors`` plus its ``<stem>.json`` sidecar."""
+    """An exported backbone: ``<stem>.safetensors`` plus its ``<stem>.json`` sidecar, and its classifier if it has
+    one."""
     sidecar = weights_path.with_suffix(".json")
     if not sidecar.is_file():
         raise ModelSpecError(f"model '{spec}': exported weights {weights_path} have no {sidecar.name} beside "
@@ -158,7 +183,8 @@ def _load_export(spec: str, weights_path: Path, image_size: int | None, name: st
     backbone = _rebuild(spec, backbone_spec, weights)
     size = image_size or input_size
     key = cache_digest(file_sha256(weights_path), backbone_spec.to_dict(), size, mean, std, False)
-    return FeatureModel(name, backbone, size, mean, std, key, backbone_spec.name, meta)
+    return FeatureModel(name, backbone, size, mean, std, key, backbone_spec.name, meta,
+                        export_classifier(weights_path, meta))
 
 
 def _rebuild(spec: str, backbone_spec: BackboneSpec, weights: dict[str, Tensor]) -> nn.Module:

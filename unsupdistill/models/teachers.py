@@ -16,7 +16,7 @@ from torch import nn
 
 from unsupdistill.config import ConfigError, config_from_dict
 from unsupdistill.models.backbone import pooled_and_spatial
-from unsupdistill.models.classifier import Classifier, load_classifier
+from unsupdistill.models.classifier import Classifier
 from unsupdistill.models.dino import build_dino_head
 from unsupdistill.models.frozen import FeatureModel, ModelSpecError, frozen
 from unsupdistill.models.load import load_model
@@ -54,7 +54,8 @@ class Teacher:
         description: the export's JSON sidecar, or a summary of timm's pretrained config; None for a
             random-init timm network.
         cache_key: sha256 hex identity of the weights and preprocessing (a teacher cache is keyed by it).
-        classifier: the classifier exported beside a run's backbone (a model distilled with labels), or None.
+        classifier: the classifier that belongs to the teacher's weights (a model distilled with labels: its export's,
+            or the one its checkpoint holds), or None.
     """
 
     name: str
@@ -99,12 +100,8 @@ def load_teacher(spec: str, input_size: int | None = None, need_head: bool = Fal
     except ModelSpecError as err:
         raise TeacherError(f"teacher: {err}") from err
     feature_dim = _check_inputs(spec, model, head)
-    try:
-        classifier = load_classifier(spec)
-    except ModelSpecError as err:
-        raise TeacherError(f"teacher: {err}") from err
     return Teacher(name or model.name, model.backbone, head, head_config, model.input_size, model.mean, model.std,
-                   feature_dim, model.architecture, model.description, model.cache_key, classifier)
+                   feature_dim, model.architecture, model.description, model.cache_key, model.classifier)
 
 
 def _source(spec: str, input_size: int | None, need_head: bool) -> tuple[str | Path, str | None]:

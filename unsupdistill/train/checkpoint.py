@@ -13,15 +13,16 @@ import torch
 
 from unsupdistill import distributed
 from unsupdistill import run_dir as layout
-from unsupdistill.storage import CheckpointError, load_checkpoint
+from unsupdistill.storage import CLASSIFIER_FILE, CheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
 def set_aside_later_state(run_dir: Path, step: int) -> Path | None:
     """Before a run is resumed from an older checkpoint (step ``step``) in its own directory, move what the
-    later part of the run left (checkpoints of later steps, the final export) to ``superseded/<time>-step<N>/``
-    and copy its metrics and TensorBoard logs there, so that nothing of it is overwritten or lost.
+    later part of the run left (checkpoints of later steps, the final export and its classifier) to
+    ``superseded/<time>-step<N>/`` and copy its metrics and TensorBoard logs there, so that nothing of it is
+    overwritten or lost.
 
     Returns:
         The folder things were set aside in, or None when the run holds nothing later than ``step``.
@@ -41,7 +42,8 @@ def set_aside_later_state(run_dir: Path, step: int) -> Path | None:
     layout.checkpoints_dir(target).mkdir(parents=True, exist_ok=False)
     for path in later:
         os.replace(path, layout.checkpoints_dir(target) / path.name)
-    for name in (layout.BACKBONE, layout.BACKBONE_SIDECAR):
+    classifier_sidecar = Path(CLASSIFIER_FILE).with_suffix(".json").name
+    for name in (layout.BACKBONE, layout.BACKBONE_SIDECAR, CLASSIFIER_FILE, classifier_sidecar):  # the final export
         if (run_dir / name).is_file():
             os.replace(run_dir / name, target / name)
     for name in (layout.METRICS, layout.CONFIG, layout.STATUS):
