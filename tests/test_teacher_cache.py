@@ -107,17 +107,17 @@ def test_a_complete_cache_reused_by_a_new_run_replays_from_its_first_epoch(teach
     assert torch.equal(views.params[:8], seen.params) and torch.equal(views.student[:8], seen.student)
     assert views.teacher is not None and len(views.teacher) == 2  # only the new images' views go to the teacher
     again.loss(views, step_values(again))
-    assert int(again.cache.filled.sum()) == 10
+    assert int(again.store.cache.filled.sum()) == 10
 
 
 def test_a_changed_teacher_view_recipe_or_image_invalidates_the_cache(teacher, images, tmp_path):
     method, dataset = build(teacher, images, tmp_path / "run")
     record(method, dataset)
-    assert method.cache.filled.sum() == 8
+    assert method.store.cache.filled.sum() == 8
 
     def stored_after(*overrides: str, teacher_path: Path = teacher, folder: Path = images) -> int:
         again, again_data = build(teacher_path, folder, tmp_path / "run", *overrides)
-        count = int(again.cache.filled.sum())
+        count = int(again.store.cache.filled.sum())
         record(again, again_data)  # refill, so the next case starts from a full cache of its own key
         return count
 
