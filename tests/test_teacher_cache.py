@@ -81,7 +81,7 @@ def test_a_replayed_view_is_the_view_the_teacher_saw(teacher, images, tmp_path):
     # the stored targets are the teacher's features of the views it saw, as fp16
     with torch.no_grad():
         expected, _ = pooled_and_spatial(method.teacher.backbone, seen.teacher)
-    assert torch.equal(replayed.stored, expected.to(torch.float16))
+    assert torch.equal(replayed.stored.stored, expected.to(torch.float16))
     # and the student's view shows the teacher's crop: the teacher's view, shrunk, is the student's
     t_mean, t_std = (torch.tensor(v).view(1, 3, 1, 1) for v in (method.teacher.mean, method.teacher.std))
     s_mean, s_std = (torch.tensor(v).view(1, 3, 1, 1) for v in (method.config.model.mean, method.config.model.std))
@@ -107,17 +107,17 @@ def test_a_complete_cache_reused_by_a_new_run_replays_from_its_first_epoch(teach
     assert torch.equal(views.params[:8], seen.params) and torch.equal(views.student[:8], seen.student)
     assert views.teacher is not None and len(views.teacher) == 2  # only the new images' views go to the teacher
     again.loss(views, step_values(again))
-    assert int(again.cache.filled.sum()) == 10
+    assert int(again.store.cache.filled.sum()) == 10
 
 
 def test_a_changed_teacher_view_recipe_or_image_invalidates_the_cache(teacher, images, tmp_path):
     method, dataset = build(teacher, images, tmp_path / "run")
     record(method, dataset)
-    assert method.cache.filled.sum() == 8
+    assert method.store.cache.filled.sum() == 8
 
     def stored_after(*overrides: str, teacher_path: Path = teacher, folder: Path = images) -> int:
         again, again_data = build(teacher_path, folder, tmp_path / "run", *overrides)
-        count = int(again.cache.filled.sum())
+        count = int(again.store.cache.filled.sum())
         record(again, again_data)  # refill, so the next case starts from a full cache of its own key
         return count
 

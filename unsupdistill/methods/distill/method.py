@@ -15,7 +15,6 @@ it and later epochs replay stored views without running the teacher (FKD).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from torch.utils.data import Dataset
 
 from unsupdistill import distributed
 from unsupdistill.augment import DistillAugmentation
-from unsupdistill.augment.distill import VIEW_PARAMS
 from unsupdistill.auto import Chooser, FolderFacts
 from unsupdistill.config import Config, ConfigError
 from unsupdistill.data import num_workers
@@ -53,10 +51,11 @@ from unsupdistill.methods.distill.teacher_pass import (
     teacher_pass,
     teacher_sizes,
 )
-from unsupdistill.models.backbone import create_backbone, forward_gflops, pooled_and_spatial
+from unsupdistill.methods.distill.teacher_store import StoredViews, TeacherStore
+from unsupdistill.models.backbone import create_backbone, pooled_and_spatial
 from unsupdistill.models.dino import build_dino_head
 from unsupdistill.models.ema import update_ema
-from unsupdistill.models.teacher_cache import CACHE_DIR, TeacherCache, cache_bytes, cache_key
+from unsupdistill.models.teacher_cache import cache_key
 from unsupdistill.models.teacher_maps import MAPS_DIR, TeacherMaps, fitting_grid, maps_bytes, pool_regions
 from unsupdistill.models.teachers import Teacher, load_teacher
 from unsupdistill.train.method import Batch, Export, Method, Runtime
@@ -83,24 +82,26 @@ class DistillViews:
         student: (B, 3, S, S) the student's views.
         teacher: (M, 3, T, T) the teacher's views of the images ``run_teacher`` marks (all B without the cache),
             or None when every target comes from the cache.
-        run_teacher: (B,) bool, the images whose teacher output is computed this step; None without the cache.
-        stored: (B, D) float16 teacher features from the cache (used where ``run_teacher`` is False), or None.
-        params: (B, P) the views' parameters, stored with the teacher's outputs.
+        stored: the teacher cache's part of the step (which images run the teacher, the replayed features), or
+            None without the cache.
+        params: (B, P) the views' parameters (crop boxes, flips, jitter).
         indices: (B,) the images' dataset indices.
-        slots: (B,) their cache slots.
         labels: (B,) the images' class indices (-1: unlabeled) for a method that learns from labels, else None.
         images: (B, 3, H, H) uint8 images, for stored-map targets computed on the fly (a dry run), else None.
     """
 
     student: Tensor
     teacher: Tensor | None
-    run_teacher: Tensor | None = None
-    stored: Tensor | None = None
+    stored: StoredViews | None = None
     params: Tensor | None = None
     indices: Tensor | None = None
-    slots: Tensor | None = None
     labels: Tensor | None = None
     images: Tensor | None = None
+
+    @property
+    def run_teacher(self) -> Tensor | None:
+        """(B,) bool, the images whose teacher output is computed this step; None without the cache (all of them)."""
+        return None if self.stored is None else self.stored.run_teacher
 
 
 class Student(nn.Module):
@@ -283,12 +284,8 @@ class Distillation(Method):
             self.dense_loss = DensePatchKLLoss(d.dense_temperature)
         self.global_loss.to(runtime.device)
         self._last: dict[str, Tensor] = {}
-        self.cache: TeacherCache | None = None
-        self.cache_reason = self._cache_decision()
-        self.epoch = 0
-        self._teacher_view_seconds = 0.0
-        # the teacher's seconds (views and forward) over this process's steps, for a time budget's plan
-        self._timing = {"steps": 0, "teacher_s": 0.0, "recording_steps": 0, "recording_s": 0.0}
+        self.store = TeacherStore(d, config.train.epochs, self.teacher, (self.student.backbone, size), self.use_maps,
+                                  runtime.device)
 
     @torch.no_grad()
     def _check_spatial(self, size: int) -> None:
@@ -309,28 +306,6 @@ class Distillation(Method):
             return nn.Linear(self.spec.feature_dim, self.teacher.feature_dim)
         return build_dino_head(self.teacher.head_config, self.spec.feature_dim)
 
-    @torch.no_grad()
-    def _cache_decision(self) -> str:
-        """Whether the teacher cache is wanted (``self.cache_wanted``) and why, from ``distill.cache`` and the cost
-        of the teacher's forward against the student's training step (about 3 forwards), in FLOPs per image."""
-        d, epochs = self.config.distill, self.config.train.epochs
-        self.cache_wanted = False
-        if self.use_maps:
-            return "not needed: the teacher's maps are stored once per image (distill.targets=map)"
-        if d.cache is False:
-            return "off (distill.cache=false)"
-        if d.mixup_alpha > 0 or d.dense_weight > 0:
-            return "off: a mixed view's or a patch map's teacher output cannot be stored"
-        teacher = forward_gflops(self.teacher.backbone, self.teacher.input_size)
-        student = 3 * forward_gflops(self.student.backbone, self.augment.student_size)
-        cost = f"teacher {teacher:.3g} GFLOPs per image, student step {student:.3g}"
-        if d.cache == "auto" and teacher <= student:
-            return f"off: the teacher costs no more than the student's step ({cost}); distill.cache=true forces it"
-        if d.cache == "auto" and epochs <= d.cache_views:
-            return f"off: {epochs} epochs leave none to replay {d.cache_views} stored views (distill.cache_views)"
-        self.cache_wanted = True
-        return f"on ({cost})" if d.cache == "auto" else "on (distill.cache=true)"
-
     def setup(self, dataset: Dataset, labels: TrainingLabels | None = None) -> None:
         d, num_images = self.config.distill, len(dataset)
         if isinstance(self.global_loss, QueueKLLoss):
@@ -338,26 +313,7 @@ class Distillation(Method):
             self.global_loss = QueueKLLoss(self.teacher.feature_dim, size, d.temperature).to(self.runtime.device)
         if self.use_maps and self.runtime.run_dir is not None:  # a dry run computes its targets on the fly
             self._setup_maps(dataset)
-        if not self.cache_wanted or self.runtime.run_dir is None:
-            return
-        views, per_view = d.cache_views, cache_bytes(num_images, 1, self.teacher.feature_dim, len(VIEW_PARAMS))
-        if views * per_view > d.cache_max_gb * 1e9:
-            views = int(d.cache_max_gb * 1e9 // per_view)
-            logger.warning("teacher cache: %d views per image would take %.2f GB, more than distill.cache_max_gb=%g; "
-                           "storing %d", d.cache_views, d.cache_views * per_view / 1e9, d.cache_max_gb, views)
-        if views < 1:
-            self.cache_reason = f"off: one view per image takes {per_view / 1e9:.2f} GB > distill.cache_max_gb"
-            return
-        folder = self.runtime.run_dir / CACHE_DIR
-        logger.info("teacher cache: %d images x %d views x %d-d fp16 features = %.2f GB in %s (limit "
-                    "distill.cache_max_gb=%g); the teacher runs in the first %d epochs, later epochs replay its views",
-                    num_images, views, self.teacher.feature_dim, views * per_view / 1e9, folder, d.cache_max_gb, views)
-        key = cache_key(teacher=self.teacher.cache_key, teacher_size=self.teacher.input_size,
-                        student_size=self.augment.student_size, images=data_fingerprint(dataset),
-                        views=dataclasses.asdict(d.view),
-                        view_params=VIEW_PARAMS)
-        self.cache = TeacherCache.open(folder, key, num_images, views, self.teacher.feature_dim, len(VIEW_PARAMS))
-        self.cache_reason = f"on: {views} views per image in {folder}"
+        self.store.open(dataset, self.runtime.run_dir, self.augment.student_size)
 
     @torch.no_grad()
     def _setup_maps(self, dataset: Dataset) -> None:
@@ -428,10 +384,7 @@ class Distillation(Method):
         return torch.cat(out)
 
     def start_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if self.cache is not None:
-            self.cache.flush()
-            distributed.barrier()  # views stored by every process are on disk before any replays them
+        self.store.start_epoch(epoch)
 
     def describe(self) -> str:
         d = self.config.distill
@@ -440,7 +393,7 @@ class Distillation(Method):
         return (f"{self.name}: {self.spec.name} ({self.config.model.input_size} px) from teacher "
                 f"{self.teacher.name} ({self.teacher.input_size} px, {self.teacher.feature_dim}-d), loss "
                 f"{d.loss}{dense}{queue}; " + ("targets: the teacher's stored maps pooled over each crop"
-                                               if self.use_maps else f"teacher cache {self.cache_reason}"))
+                                               if self.use_maps else f"teacher cache {self.store.reason}"))
 
     def views(self, batch: Batch, sched: ScheduleValues) -> DistillViews:
         params = self.augment.sample(len(batch.indices))  # drawn every step alike, so a resume replays the RNG
@@ -448,25 +401,18 @@ class Distillation(Method):
             student, _ = self.augment.render(batch.images, params, teacher=False)
             return DistillViews(_channels_last(student), None, params=params, indices=batch.indices,
                                 images=None if self.maps is not None else batch.images)
-        if self.cache is None:
+        if not self.store.active:
             student, teacher = self.augment.render(batch.images, params)  # the same view: (B, 3, s, s), (B, 3, t, t)
             return DistillViews(_channels_last(student), _channels_last(teacher))
-        if self.epoch < self.cache.views:  # a recording epoch: a new view per image, in slot `epoch`
-            slots = torch.full_like(batch.indices, self.epoch)
-        else:  # a replay epoch: one of the stored views
-            slots = torch.randint(self.cache.views, batch.indices.shape)
-        # a slot already filled (a reused cache, or steps stored before a resume) replays its view; an empty one
-        # (a recording epoch, or a dropped last batch's image) runs the teacher and is stored
-        stored_params, stored, filled = self.cache.lookup(batch.indices, slots)
-        params = torch.where(filled[:, None], stored_params, params)
-        run_teacher = ~filled
-        student, _ = self.augment.render(batch.images, params, teacher=False)
+        stored = self.store.lookup(batch.indices, params)  # a stored view replayed, or a new one to store
+        run = stored.run_teacher
+        student, _ = self.augment.render(batch.images, stored.params, teacher=False)
         teacher, tic = None, time.perf_counter()
-        if run_teacher.any():
-            teacher = self.augment.render(batch.images[run_teacher.to(batch.images.device)], params[run_teacher])[1]
-            teacher = _channels_last(teacher)
-        self._teacher_view_seconds = time.perf_counter() - tic  # the teacher's views; its forward is timed in loss()
-        return DistillViews(_channels_last(student), teacher, run_teacher, stored, params, batch.indices, slots)
+        if run.any():
+            teacher = _channels_last(self.augment.render(batch.images[run.to(batch.images.device)],
+                                                         stored.params[run])[1])
+        self.store.timed_views(time.perf_counter() - tic)  # the teacher's views; its forward is timed in loss()
+        return DistillViews(_channels_last(student), teacher, stored, stored.params, batch.indices)
 
     def loss(self, views: DistillViews, sched: ScheduleValues) -> Tensor:
         return self.feature_loss(self.forward_views(views), sched)
@@ -486,9 +432,8 @@ class Distillation(Method):
                 self.runtime.timer.add("teacher", teacher_seconds)
             # student on the same views
             student_pooled, student_spatial, student_out, student_logits = self.student_forward(views.student)
-        if views.run_teacher is not None:  # the cache: stored features where there are some, the teacher's else
-            teacher_pooled = self._through_cache(views, teacher_pooled)
-            self._count_teacher_time(teacher_seconds)
+        if views.stored is not None:  # the cache: stored features where there are some, the teacher's else
+            teacher_pooled = self.store.features(views.stored, views.indices, teacher_pooled, teacher_seconds)
         with torch.no_grad(), self.runtime.autocast():
             target = teacher_pooled if self.teacher.head is None or self.config.distill.loss != "dino" \
                 else self.teacher.head(teacher_pooled)  # (B, Dt) or (B, K)
@@ -529,37 +474,8 @@ class Distillation(Method):
             out["teacher_cache_hits"] = last["cache_hits"].item()
         return out
 
-    def _through_cache(self, views: DistillViews, computed: Tensor | None) -> Tensor:
-        """The step's teacher features (B, D), fp16-rounded as stored: from the cache, or computed now and stored."""
-        assert self.cache is not None and views.run_teacher is not None and views.params is not None
-        run = views.run_teacher
-        features = torch.empty(len(run), self.teacher.feature_dim, device=self.runtime.device)
-        if computed is not None:
-            computed = computed.detach().to(torch.float16)
-            features[run.to(features.device)] = computed.float()
-            self.cache.store(views.indices[run], views.slots[run], views.params[run], computed)
-        if views.stored is not None and not run.all():
-            features[~run.to(features.device)] = views.stored[~run].to(features.device).float()
-        return features
-
-    def _count_teacher_time(self, forward_seconds: float) -> None:
-        """Add this step's teacher seconds (its views, timed in views(), and its forward) to the totals."""
-        seconds = forward_seconds + self._teacher_view_seconds
-        t = self._timing
-        t["steps"] += 1
-        t["teacher_s"] += seconds
-        if self.cache is not None and self.epoch < self.cache.views:
-            t["recording_steps"] += 1
-            t["recording_s"] += seconds
-
     def forecast_seconds(self, epoch: int) -> float:
-        """With the cache on a CPU: a replay epoch's steps save the teacher's seconds of a recording epoch's."""
-        t = self._timing
-        if self.cache is None or not t["steps"] or self.runtime.device.type != "cpu":  # CUDA: not timed (async)
-            return 0.0
-        recording = t["recording_s"] / t["recording_steps"] if t["recording_steps"] else 0.0
-        expected = recording if epoch < self.cache.views else 0.0
-        return expected - t["teacher_s"] / t["steps"]
+        return self.store.forecast_seconds(epoch)
 
     def _teacher_temp(self, sched: ScheduleValues) -> float:
         """loss=dino: the teacher temperature of the ``dino`` section's schedule at this step."""
