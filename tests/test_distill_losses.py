@@ -253,13 +253,13 @@ def test_the_students_dino_head_keeps_its_last_layer_in_float32_under_autocast()
     autocast (they are divided by a small temperature), shaped like the teacher run's head."""
     from types import SimpleNamespace
 
-    from unsupdistill.config import ModelConfig
+    from unsupdistill.methods.dino.settings import DINOConfig
     from unsupdistill.methods.distill.method import Distillation
 
     method = Distillation.__new__(Distillation)  # only what _head reads: the loss, the teacher's head, the width
     method.config = SimpleNamespace(distill=SimpleNamespace(loss="dino"))
-    method.teacher = SimpleNamespace(head_config=ModelConfig(head_hidden_dim=32, head_bottleneck_dim=16,
-                                                             head_output_dim=48))
+    method.teacher = SimpleNamespace(head_config=DINOConfig(head_hidden_dim=32, head_bottleneck_dim=16,
+                                                            head_output_dim=48))
     method.spec = SimpleNamespace(feature_dim=24)
     head = method._head()
     with torch.autocast("cpu", dtype=torch.bfloat16):

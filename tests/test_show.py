@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from unsupdistill.methods.dino.method import DINO
 from unsupdistill.models.frozen import FeatureModel, PixelFeatures
 from unsupdistill.show import (
     attention_picture,
@@ -233,10 +234,13 @@ def test_training_curves_png_has_a_panel_per_series_and_skips_a_half_line(tmp_pa
     records, skipped = read_metrics(tmp_path / "metrics.jsonl")
     assert (len(records), skipped) == (6, 1)
     with caplog.at_level(logging.WARNING, logger="unsupdistill.show.curves"):
-        out = plot_training_curves(tmp_path, tmp_path / "curves.png")
+        out = plot_training_curves(tmp_path, tmp_path / "curves.png", DINO.curves)
     assert "skipped 1 line" in caplog.text
     pixels = np.asarray(Image.open(out).convert("RGB")).astype(np.int64)
     assert pixels.shape == (3 * 300, 2 * 500, 3)  # five panels: two columns, three rows of 500 x 300
+    # without the method's own panels (teacher entropy and momentum), the shared three: loss, k-NN, lr
+    out = plot_training_curves(tmp_path, tmp_path / "shared.png")
+    assert np.asarray(Image.open(out)).shape[:2] == (2 * 300, 2 * 500)
     assert pixels.var() > 0
     line_blue = np.abs(pixels - np.array([31, 119, 180])).sum(axis=-1) < 30  # matplotlib's first line colour
     assert line_blue.sum() > 100
