@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         args.data = common.make_quick_data(args.out / "quick")
         teachers = {"tiny": str(common.make_quick_teacher(args.data, args.out / "quick" / "teacher"))}
         student, extra = common.QUICK_STUDENTS["resnet18-tiny"], common.QUICK_RUN
-        args.budget, args.per_class, args.generations = 3, 8, 2
+        args.budget, args.per_class, args.generations = 6, 8, 2  # 3 s: no step left after the teacher's pass
     if args.data is None or not teachers:
         parser.error("give --data and at least one --teacher NAME=SPEC (or --quick)")
     labels, labeled_only = draw_labels(args.data / "train", args.per_class, args.seed, args.out)

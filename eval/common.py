@@ -293,7 +293,7 @@ def training_summary(run: Path) -> dict:
     budget = [r for r in records if "budget_left_s" in r]
     return {"images_per_s": statistics.median(r["images_per_s"] for r in records) if records else None,
             "images_per_s_after_epoch_1": statistics.median(later) if later else None,
-            "steps": records[-1]["step"], "epochs": records[-1].get("epoch"),
+            "steps": records[-1]["step"] if records else 0, "epochs": records[-1].get("epoch") if records else 0,
             "budget_left_s": budget[-1]["budget_left_s"] if budget else None}
 
 
