@@ -234,21 +234,27 @@ def test_timm_teacher_through_a_local_weights_file(tmp_path):
 
 
 @pytest.mark.parametrize("teacher, override, expected", [
-    ("/no/such/teacher", [], "/no/such/teacher"),
-    ("NOTES", [], "not"),
-    ("VIT", ["distill.teacher_size=24"], "distill.teacher_size"),
-    (None, ["method=distill"], "distill.teacher"),
+    ("/no/such/teacher", [], ["teacher '/no/such/teacher' does not exist; give a run directory of ours"]),
+    ("NOTES", [], ["NOTES is not a safe unsupdistill checkpoint (it may be truncated, from another tool, or contain "
+                   "pickled code"]),
+    ("VIT", ["distill.teacher_size=24"], ["VIT) cannot take 24x24 inputs",
+                                          "set distill.teacher_size to the size it was built for"]),
+    (None, ["method=distill"], ["distill.teacher: expected a teacher when method=distill"]),
 ])
 def test_a_bad_teacher_fails_before_training_with_a_clear_message(vit_export, tmp_path, caplog, teacher, override,
                                                                     expected):
     notes = tmp_path / "notes.pt"
-    notes.write_text("not a model\n")
-    teacher = {"NOTES": str(notes), "VIT": str(vit_export)}.get(teacher, teacher)
+    notes.write_text("a text file, not a model\n")
+    names = {"NOTES": str(notes), "VIT": str(vit_export)}
+    teacher = names.get(teacher, teacher)
     out = tmp_path / "run"
     args = ["pretrain", "--out", str(out), *STUDENT, *override] if teacher is None else \
         ["distill", "--out", str(out), "--teacher", teacher, *STUDENT, *override]
     assert main(args) == 2
-    assert expected in caplog.text
+    for text in expected:
+        for name, path in names.items():
+            text = text.replace(name, path)
+        assert text in caplog.text, caplog.text
     assert not (out / "checkpoints").exists()
 
 
