@@ -1,10 +1,8 @@
 """Shared helpers: a tiny configuration for fast end-to-end runs, and running the CLI."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,25 +29,6 @@ def cli(*args: str, cwd: Path | None = None, timeout: float = 300, **popen) -> s
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "unsupdistill", *args], cwd=cwd, env=env, timeout=timeout,
                           capture_output=True, text=True, **popen)
-
-
-def sigkill_then_resume(verb: str, out: Path, args: list[str], after_step: int) -> tuple[int, list[dict]]:
-    """Start ``unsupdistill VERB --out OUT ARGS``, SIGKILL it once it has logged ``after_step``, resume it with
-    ``--resume OUT`` to the end; the step its checkpoint resumed from, and the run's metrics."""
-    proc = subprocess.Popen([sys.executable, "-m", "unsupdistill", verb, "--out", str(out), *args],
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not any(m["step"] >= after_step
-                                                                     for m in read_metrics(out)):
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed_from = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["step"]
-    result = cli(verb, "--resume", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return resumed_from, read_metrics(out)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

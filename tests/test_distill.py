@@ -1,5 +1,5 @@
 """Knowledge distillation end to end: every teacher form, the frozen teacher, the student learning from it, its EMA,
-resume (and resume with another teacher), export, errors."""
+resume with another teacher (resume after SIGKILL: test_resume.py), export, errors."""
 
 import json
 import shutil
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import TINY, cli, read_metrics, sigkill_then_resume
+from conftest import TINY, read_metrics
 from safetensors.torch import load_file, save_file
 
 from unsupdistill.cli import main
@@ -256,25 +256,6 @@ def test_a_bad_teacher_fails_before_training_with_a_clear_message(vit_export, tm
             text = text.replace(name, path)
         assert text in caplog.text, caplog.text
     assert not (out / "checkpoints").exists()
-
-
-@pytest.mark.parametrize("targets", [
-    ["distill.mixup_alpha=0.2"],  # the teacher on every step's (mixed) view
-    ["distill.targets=map", "distill.teacher_runtime=eager fp32"],  # stored maps (a resume reuses them)
-])
-def test_resume_after_sigkill_gives_the_same_losses(teacher_run, tmp_path, targets):
-    args = ["--teacher", str(teacher_run), *STUDENT, "train.max_steps=24", "train.save_every_steps=4",
-            "train.seed=3", "distill.ema_momentum=0.9", "distill.loss=queue_kl", *targets]  # stateful
-    reference = tmp_path / "reference"
-    assert cli("distill", "--out", str(reference), *args).returncode == 0
-    expected = {m["step"]: m["loss"] for m in read_metrics(reference)}
-
-    resumed_from, metrics = sigkill_then_resume("distill", tmp_path / "killed", args, after_step=9)
-    assert 8 <= resumed_from < 24
-    got = {m["step"]: m["loss"] for m in metrics}
-    assert sorted(got) == list(range(1, 25))
-    for step in range(resumed_from + 1, 25):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), f"step {step}"
 
 
 @pytest.fixture(scope="module")

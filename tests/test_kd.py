@@ -1,22 +1,18 @@
 """Distillation with labels (method kd): the KD loss, a labeled + unlabeled folder, the teacher's head, the exported
-classifier (eval, embed), born-again generations (frozen teacher, resume in generation 2) and bad labels."""
+classifier (eval, embed), born-again generations (frozen teacher; resume after SIGKILL in generation 2 is in
+test_resume.py) and bad labels."""
 
 import csv
 import hashlib
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import cli, export_teacher, read_metrics
+from conftest import export_teacher, read_metrics
 from PIL import Image
 
 from unsupdistill.cli import main
@@ -241,30 +237,6 @@ def test_a_generations_teacher_is_frozen_and_bit_identical_after_training(chain,
     rows = [own.classes.index(c) for c in CLASSES]
     assert torch.equal(head["weight"], own.weight[rows]) and torch.equal(head["bias"], own.bias[rows])
     assert before == {name: hashlib.sha256((teacher / name).read_bytes()).hexdigest() for name in before}
-
-
-def test_resume_after_sigkill_in_generation_2_continues_it_with_equal_losses(chain, data, tmp_path):
-    out = tmp_path / "born_again"
-    args = ["distill", str(data["pool"]), "--out", str(out), "--teacher", str(data["teacher"]), "--labels",
-            str(data["labels"]), "--generations", "2", *STUDENT]
-    proc = subprocess.Popen([sys.executable, "-m", "unsupdistill", *args], env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not any(m["step"] >= 7
-                                                                     for m in read_metrics(out / "gen_2")):
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (out / "gen_1" / "backbone.safetensors").is_file() and not (out / "gen_2" / "backbone.json").exists()
-    gen1 = (out / "gen_1" / "backbone.safetensors").stat().st_mtime_ns
-    result = cli("distill", "--resume", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (out / "gen_1" / "backbone.safetensors").stat().st_mtime_ns == gen1  # generation 1 is not trained again
-    expected = {m["step"]: m["loss"] for m in read_metrics(chain / "gen_2") if "loss" in m}
-    got = {m["step"]: m["loss"] for m in read_metrics(out / "gen_2") if "loss" in m}
-    assert got.keys() == expected.keys()
-    assert all(got[s] == pytest.approx(expected[s], rel=1e-5) for s in expected), (got, expected)
 
 
 def test_kd_needs_a_teacher_as_distillation_does():

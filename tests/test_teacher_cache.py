@@ -1,5 +1,6 @@
 """Distillation's teacher cache (stored views replay pixel for pixel; a changed teacher, view recipe or image
-invalidates it; resume and torchrun), and distillation's automatic settings on a folder of photos."""
+invalidates it; torchrun; resume after SIGKILL is in test_resume.py), and distillation's automatic settings on a
+folder of photos."""
 
 import json
 import logging
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli, export_teacher, read_metrics, sigkill_then_resume, write_images
+from conftest import export_teacher, read_metrics, write_images
 
 from unsupdistill.cli import main
 from unsupdistill.config import load_config
@@ -133,24 +134,6 @@ def test_a_changed_teacher_view_recipe_or_image_invalidates_the_cache(teacher, i
     write_images(tmp_path / "changed", 1, 20, 20, seed=9)
     os.replace(tmp_path / "changed" / "000.png", copy / "005.png")  # one image replaced
     assert stored_after("distill.crop_scale=[0.5, 1.0]", folder=copy) == 0
-
-
-def test_resume_after_sigkill_with_the_cache_gives_the_same_losses(teacher, images, tmp_path):
-    args = ["--teacher", str(teacher), str(images), *STUDENT, *CACHED, "train.max_steps=21",
-            "train.save_every_steps=3", "train.seed=5", "distill.loss=queue_kl"]  # a queue: state across steps
-    reference = tmp_path / "reference"
-    assert cli("distill", "--out", str(reference), *args).returncode == 0
-    expected = {m["step"]: m["loss"] for m in read_metrics(reference)}
-    assert [m["teacher_cache_hits"] for m in read_metrics(reference)][3:] == [1.0] * 18  # epochs 2-7 replay
-
-    killed = tmp_path / "killed"
-    resumed_from, metrics = sigkill_then_resume("distill", killed, args, after_step=8)
-    assert 6 <= resumed_from < 21
-    assert "reused" in (killed / "train.log").read_text()  # the resumed run replays the views stored before
-    got = {m["step"]: m["loss"] for m in metrics}
-    assert sorted(got) == list(range(1, 22))
-    for step in range(resumed_from + 1, 22):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), f"step {step}"
 
 
 def test_two_process_torchrun_with_the_cache(teacher, images, tmp_path):
