@@ -1,6 +1,6 @@
 """Distillation's teacher cache (stored views replay pixel for pixel; a changed teacher, view recipe or image
-invalidates it; torchrun; resume after SIGKILL is in test_resume.py), and distillation's automatic settings on a
-folder of photos."""
+invalidates it; distill.cache_max_gb limits the views stored; torchrun; resume after SIGKILL is in test_resume.py),
+and distillation's automatic settings on a folder of photos."""
 
 import json
 import logging
@@ -14,11 +14,14 @@ import pytest
 import torch
 from conftest import export_teacher, read_metrics, write_images
 
+from unsupdistill.augment.distill import VIEW_PARAMS
 from unsupdistill.cli import main
 from unsupdistill.config import load_config
 from unsupdistill.data import build_dataset
+from unsupdistill.methods import build_trainer
 from unsupdistill.methods.distill import Distillation
 from unsupdistill.models.backbone import create_backbone, pooled_and_spatial
+from unsupdistill.models.teacher_cache import cache_bytes
 from unsupdistill.train.method import Batch, Runtime
 from unsupdistill.train.schedules import schedule_at
 
@@ -134,6 +137,26 @@ def test_a_changed_teacher_view_recipe_or_image_invalidates_the_cache(teacher, i
     write_images(tmp_path / "changed", 1, 20, 20, seed=9)
     os.replace(tmp_path / "changed" / "000.png", copy / "005.png")  # one image replaced
     assert stored_after("distill.crop_scale=[0.5, 1.0]", folder=copy) == 0
+
+
+def test_cache_max_gb_stores_fewer_views_and_the_teacher_runs_fewer_epochs(teacher, images, tmp_path, caplog):
+    """distill.cache_views=3 in a limit that holds 2 views per image: 2 are stored (a warning says so), so the teacher
+    runs in epochs 1-2 and epoch 3 replays; a limit under one view per image turns the cache off."""
+    per_view = cache_bytes(48, 1, 32, len(VIEW_PARAMS))  # 48 images, the teacher's 32-d features
+    limit = f"distill.cache_max_gb={2.5 * per_view / 1e9}"
+    with caplog.at_level(logging.INFO):
+        trainer = build_trainer(load_config(None, ["method=distill", f"distill.teacher={teacher}",
+                                                   f"data.path={images}", *STUDENT, *CACHED, "distill.cache_views=3",
+                                                   limit, "train.max_steps=9"]), tmp_path / "run")
+        trainer.fit()
+    assert trainer.method.cache.views == 2 and trainer.method.cache.filled.shape == (48, 2)
+    assert "teacher cache: 3 views per image would take" in caplog.text and "storing 2" in caplog.text
+    assert [m["teacher_cache_hits"] for m in read_metrics(tmp_path / "run")] == [0.0] * 6 + [1.0] * 3
+    assert int(trainer.method.cache.filled.sum()) == 96
+    method, _ = build(teacher, images, tmp_path / "small", f"distill.cache_max_gb={0.5 * per_view / 1e9}")
+    assert method.cache is None
+    assert method.cache_reason.startswith("off: one view per image takes") and "> distill.cache_max_gb" in \
+        method.cache_reason
 
 
 def test_two_process_torchrun_with_the_cache(teacher, images, tmp_path):
