@@ -51,6 +51,11 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Standard normals (float32) from NumPy's generator: the same values on every torch version."""
+    return torch.from_numpy(np.random.default_rng(seed).normal(size=shape)).float()
+
+
 def write_images(folder: Path, count: int, width: int, height: int, seed: int = 0, fmt: str = "PNG") -> Path:
     """``count`` images of random blocks (each different), as PNG or JPEG."""
     rng = np.random.default_rng(seed)
