@@ -1,4 +1,4 @@
-"""Shared helpers: a tiny configuration for fast end-to-end runs, and running the CLI."""
+"""Shared helpers: a tiny configuration for fast end-to-end runs, and running the CLI; one thread per process."""
 
 import os
 import subprocess
@@ -15,6 +15,13 @@ from unsupdistill import run_dir as run_directory
 from unsupdistill.config import load_config
 from unsupdistill.models.backbone import create_backbone, describe_backbone
 from unsupdistill.storage import save_backbone
+
+# One intra-op thread in this process (the fixture below) and in every process a test starts (the CLI, torchrun,
+# eval/'s scripts): the networks are tiny, and on a busy 2-core machine a second thread mostly spins waiting (20 steps
+# of recipes/digits.yaml took 18 s with one thread and 62 s with two at a load of 6). `OMP_NUM_THREADS=N pytest` runs
+# with N.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+THREADS = int(os.environ["OMP_NUM_THREADS"])
 
 # A network small enough that a training step takes tens of milliseconds on 2 CPU cores.
 TINY = [
@@ -41,14 +48,12 @@ def tiny() -> list[str]:
     return list(TINY)
 
 
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny networks
-    gain nothing from more on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True)
+def threads() -> Iterator[None]:
+    """Every test starts with THREADS intra-op threads (a run's train.threads or a script may change them)."""
+    torch.set_num_threads(THREADS)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(THREADS)
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:

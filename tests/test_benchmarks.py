@@ -188,6 +188,14 @@ def test_bench_train_quick_reports_every_variant_ratio_and_stage(tmp_path):
     assert multicrop / cifar10 == pytest.approx((8 + 3 * 6 / 4) / 8, rel=0.01)
 
 
+def test_bench_knn_quick_runs(tmp_path):
+    results, stdout = run_script("bench_knn.py", "--quick", "--repeats", "1", "--json", str(tmp_path / "bench.json"))
+    assert "knn_evaluate:" in stdout and "scikit-learn:" in stdout and "| method" in stdout
+    assert results["knn_evaluate"]["seconds"] > 0 and results["sklearn"]["seconds"] > 0
+    assert results["config"]["train"] == 2000 and results["config"]["dim"] == 64 and results["config"]["test"] == 500
+    assert results["accuracies_agree"], results
+
+
 def test_bench_eval_quick_reports_knn_kmeans_and_extraction(tmp_path):
     results, stdout = run_script("bench_eval.py", "--quick", "--json", str(tmp_path / "eval.json"))
     assert set(results["classes"]) == {"10", "100"}

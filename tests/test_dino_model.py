@@ -10,8 +10,6 @@ from unsupdistill.losses import MaskedPatchLoss
 from unsupdistill.models import build_student_teacher
 from unsupdistill.models.dino import vit_tokens
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 VIT = ModelConfig(backbone="vit_tiny_patch16_224", small_image_stem=False, head_batch_norm=False,
                   backbone_kwargs={"img_size": 16, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2,
                                    "drop_path_rate": 0.2},

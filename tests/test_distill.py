@@ -18,8 +18,6 @@ from unsupdistill.methods import build_trainer
 from unsupdistill.models.backbone import create_backbone, describe_backbone
 from unsupdistill.storage import load_checkpoint, save_backbone
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks; the CLI's subprocesses are not affected
-
 STUDENT = ["model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", "train.batch_size=16",
            "data.num_workers=0", "train.log_every_steps=1", "eval.summary=false"]
 """A student narrower than the tiny teachers below; no end-of-run summary (k-NN and speed of three networks)."""

@@ -30,8 +30,6 @@ from unsupdistill.models.teachers import load_teacher
 from unsupdistill.storage import load_checkpoint, save_classifier
 from unsupdistill.train.method import Runtime
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 CLASSES = ("blue", "green", "red")
 STUDENT = ["model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", "augment.global_1.size=12",
            "train.batch_size=16", "data.num_workers=0", "train.log_every_steps=1", "optim.lr=0.3",

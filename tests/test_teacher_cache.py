@@ -25,8 +25,6 @@ from unsupdistill.models.teacher_cache import cache_bytes
 from unsupdistill.train.method import Batch, Runtime
 from unsupdistill.train.schedules import schedule_at
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 STUDENT = ["model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", "augment.global_1.size=12",
            "train.batch_size=16", "data.num_workers=0", "train.log_every_steps=1", "eval.summary=false",
            "distill.targets=views"]  # the teacher on the views: the cache of stored views applies
