@@ -1,5 +1,9 @@
 """Shared helpers: a tiny configuration for fast end-to-end runs, and running the CLI; one thread per process."""
 
+import contextlib
+import importlib.util
+import io
+import logging
 import os
 import subprocess
 import sys
@@ -23,6 +27,8 @@ from unsupdistill.storage import save_backbone
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 THREADS = int(os.environ["OMP_NUM_THREADS"])
 
+REPO = Path(__file__).resolve().parents[1]
+
 # A network small enough that a training step takes tens of milliseconds on 2 CPU cores.
 TINY = [
     "model.backbone_kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
@@ -36,6 +42,32 @@ def cli(*args: str, cwd: Path | None = None, timeout: float = 300, **popen) -> s
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "unsupdistill", *args], cwd=cwd, env=env, timeout=timeout,
                           capture_output=True, text=True, **popen)
+
+
+def eval_script(path: str, *args: str) -> tuple[object, str]:
+    """Run eval/PATH's ``main(ARGS)`` in this process, from the repository root, the way ``python eval/PATH ARGS``
+    would (in-process, the package is imported once for all the scripts, not once each: seconds each); restore what
+    a script sets for the whole process (torch's thread count, the root logger, sys.argv). What ``main`` returned,
+    and what it printed."""
+    name = Path(path).stem  # as a script's import of another finds it (and a worker process unpickles from it)
+    spec = importlib.util.spec_from_file_location(name, REPO / "eval" / path)
+    script = sys.modules[name] = importlib.util.module_from_spec(spec)
+    root, cwd, threads, argv = logging.getLogger(), Path.cwd(), torch.get_num_threads(), sys.argv
+    level, handlers = root.level, list(root.handlers)
+    printed = io.StringIO()
+    try:
+        os.chdir(REPO)
+        sys.argv = [str(REPO / "eval" / path), *args]  # the command a script records
+        spec.loader.exec_module(script)
+        with contextlib.redirect_stdout(printed):
+            code = script.main(list(args))
+    finally:
+        os.chdir(cwd)
+        sys.argv = argv
+        torch.set_num_threads(threads)
+        root.setLevel(level)
+        root.handlers[:] = handlers
+    return code, printed.getvalue()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -3,12 +3,7 @@ checked against the figures it is derived from (a ratio against its two rates, a
 sum against its parts), against the run's own evaluation or a recomputation by the package on the same features,
 and the printed markdown table against the JSON. No timing is asserted: the figures depend on the machine."""
 
-import contextlib
-import importlib.util
-import io
 import json
-import logging
-import os
 import re
 import statistics
 import sys
@@ -17,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, eval_script
 from PIL import Image
 
 from unsupdistill.augment import MultiCropAugmentation
@@ -29,8 +25,7 @@ from unsupdistill.models.load import load_model
 from unsupdistill.run_dir import read_metrics
 from unsupdistill.train.precision import precision_name, resolve_precision
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "eval"))
+sys.path.insert(0, str(REPO / "eval"))
 import bench_knn  # noqa: E402  (eval/ is a folder of scripts, not a package)
 import bench_train  # noqa: E402
 import common  # noqa: E402
@@ -44,29 +39,10 @@ DIGITS_TEST_IMAGES = 540
 
 
 def run_main(path: str, *args: str) -> str:
-    """Run eval/PATH's ``main(ARGS)`` in this process, from the repository root, the way ``python eval/PATH ARGS``
-    would (in-process, the package is imported once for all the scripts, not once each: about 4 s each); restore
-    what a script sets for the whole process (torch's thread count, the root logger, sys.argv). What it printed."""
-    name = Path(path).stem  # as a script's import of another finds it (and a worker process unpickles from it)
-    spec = importlib.util.spec_from_file_location(name, ROOT / "eval" / path)
-    script = sys.modules[name] = importlib.util.module_from_spec(spec)
-    root, cwd, threads, argv = logging.getLogger(), Path.cwd(), torch.get_num_threads(), sys.argv
-    level, handlers = root.level, list(root.handlers)
-    printed = io.StringIO()
-    try:
-        os.chdir(ROOT)
-        sys.argv = [str(ROOT / "eval" / path), *args]  # the command a script records
-        spec.loader.exec_module(script)
-        with contextlib.redirect_stdout(printed):
-            code = script.main(list(args))
-    finally:
-        os.chdir(cwd)
-        sys.argv = argv
-        torch.set_num_threads(threads)
-        root.setLevel(level)
-        root.handlers[:] = handlers
+    """:func:`conftest.eval_script`, which must succeed; what the script printed."""
+    code, printed = eval_script(path, *args)
     assert code in (0, None) or isinstance(code, dict), code
-    return printed.getvalue()
+    return printed
 
 
 def run_script(path: str, *args: str) -> tuple[dict, str]:
