@@ -120,6 +120,7 @@ def assert_summary_is_the_metrics(row: dict, run: Path) -> None:
     assert row["images_per_s"] == statistics.median(r["images_per_s"] for r in records)
 
 
+@pytest.mark.slow
 def test_bench_train_quick_reports_every_variant_ratio_and_stage(tmp_path):
     results, stdout = run_script("bench_train.py", "--quick", "--breakdown", "--json", str(tmp_path / "train.json"))
     assert set(results["workloads"]) == {"cifar10", "multicrop"}
@@ -237,6 +238,7 @@ def test_both_pipelines_make_the_same_views(workload):
     assert [tuple(view.shape) for view in reference] == ours
 
 
+@pytest.mark.slow
 def test_bench_budget_quick_trains_the_reference_until_its_budget_ends_and_scores_it(tmp_path):
     out = tmp_path / "ref"
     run_main("bench_budget.py", "--quick", "--out", str(out))
@@ -256,6 +258,7 @@ def test_bench_budget_quick_trains_the_reference_until_its_budget_ends_and_score
     assert summary["eval"]["knn"]["20"]["top1"] == package_knn_top1(out, images, images)
 
 
+@pytest.mark.slow
 def test_bench_photos_quick_distills_and_scores_the_run_its_teacher_pixels_and_random_init(tmp_path):
     result, stdout = run_script("bench_photos.py", "--quick", "--out", str(tmp_path), "--json",
                                 str(tmp_path / "r.json"))
@@ -273,6 +276,7 @@ def test_bench_photos_quick_distills_and_scores_the_run_its_teacher_pixels_and_r
     assert len(markdown_tables(stdout)[0]) == 4
 
 
+@pytest.mark.slow
 def test_bench_distill_quick_distills_trains_dino_and_scores_every_run(tmp_path):
     result, stdout = run_script("bench_distill.py", "--quick", "--out", str(tmp_path), "--json",
                                 str(tmp_path / "r.json"))
@@ -303,6 +307,7 @@ def test_bench_distill_quick_distills_trains_dino_and_scores_every_run(tmp_path)
         "GFLOPs/image": ("gflops_per_image", ".3f")})
 
 
+@pytest.mark.slow
 def test_bench_kd_quick_runs_every_row_and_scores_the_classifiers(tmp_path):
     result, stdout = run_script("bench_kd.py", "--quick", "--out", str(tmp_path), "--json", str(tmp_path / "r.json"))
     rows = result["rows"]
@@ -333,6 +338,7 @@ def test_bench_kd_quick_runs_every_row_and_scores_the_classifiers(tmp_path):
         "k-NN top-1": ("knn_top1", ".2f"), "train img/s": ("images_per_s", ".0f")})
 
 
+@pytest.mark.slow
 def test_bench_trials_quick_runs_and_scores_each_trial(tmp_path):
     result, stdout = run_script("bench_trials.py", "--quick", "--out", str(tmp_path), "--json",
                                 str(tmp_path / "r.json"))
@@ -350,6 +356,7 @@ def test_bench_trials_quick_runs_and_scores_each_trial(tmp_path):
         "images/s": ("images_per_s", ".0f"), "k-NN top-1": ("knn_top1", ".2f")})
 
 
+@pytest.mark.slow
 def test_bench_probe_quick_runs_both_probes_on_the_same_features(tmp_path):
     result, stdout = run_script("bench_probe.py", "--quick", "--json", str(tmp_path / "probe.json"))
     rows = result["rows"]

@@ -98,6 +98,7 @@ def pixel_teacher(tmp_path_factory) -> Path:
                          tmp_path_factory.mktemp("pixel_teacher"))
 
 
+@pytest.mark.slow
 def test_the_student_learns_from_its_teacher(pixel_teacher, tmp_path):
     """One epoch of the digits (56 steps of 32) against the same network at the same init trained with lr ~ 0,
     whose BatchNorm statistics adapt to the digits alike: the student's k-NN on the digits rises well above it

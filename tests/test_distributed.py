@@ -68,6 +68,7 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_without_per_process_randomness_two_processes_equal_one(tmp_path: Path) -> None:
     """Same seed and global batch (16): 2 processes x 8 images against 1 process x 16 images.
 
@@ -90,6 +91,7 @@ def test_without_per_process_randomness_two_processes_equal_one(tmp_path: Path) 
         assert two[step] == pytest.approx(one[step], abs=EXACT_TOLERANCE), step
 
 
+@pytest.mark.slow
 def test_two_processes_stay_close_to_one_on_the_tiny_config(two_process_run: Path, tmp_path: Path) -> None:
     """The tiny config as is: same seed and global batch (16), 2 processes x 8 against 1 x 16 images.
 
@@ -109,6 +111,7 @@ def test_two_processes_stay_close_to_one_on_the_tiny_config(two_process_run: Pat
     assert abs(sum(two.values()) - sum(one.values())) / STEPS <= MEAN_TOLERANCE
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes_files(two_process_run: Path) -> None:
     files = sorted(p.relative_to(two_process_run).as_posix() for p in two_process_run.rglob("*") if p.is_file())
     events = [f for f in files if f.startswith("tensorboard/")]
@@ -139,6 +142,7 @@ def worker_pids(parent: int) -> dict[int, int]:
     return workers
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
 def test_a_signalled_process_stops_both_at_one_step_and_the_resume_under_torchrun_continues(two_process_run: Path,
                                                                                          tmp_path: Path) -> None:
@@ -181,6 +185,7 @@ def test_a_signalled_process_stops_both_at_one_step_and_the_resume_under_torchru
         assert m["loss"] == pytest.approx(uninterrupted[m["step"]], rel=1e-5), m["step"]
 
 
+@pytest.mark.slow
 def test_collectives_under_torchrun(tmp_path: Path) -> None:
     """The helpers in unsupdistill.distributed, in two real gloo processes."""
     script = tmp_path / "collectives.py"
@@ -221,6 +226,7 @@ def test_single_process_needs_no_setup(monkeypatch: pytest.MonkeyPatch) -> None:
     distributed.cleanup()  # nothing to clean up: no error
 
 
+@pytest.mark.slow
 def test_process_0_decides_for_both_the_run_directory_the_scan_and_the_time_budgets_steps(tmp_path: Path) -> None:
     """A folder, no --out, a time budget, under torchrun: process 0 names the run directory for both; process 0
     alone scans the folder, logs and writes the scan, and the automatic settings split the batch over the two

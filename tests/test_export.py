@@ -114,6 +114,7 @@ def reloaded(runs, tmp_path_factory) -> dict[str, dict]:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_every_export_reloads_without_unsupdistill_and_matches_pytorch(reloaded, name):
     run = reloaded[name]

@@ -106,6 +106,7 @@ def kd_run(data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_labeled_and_unlabeled_images_train_a_classifier_above_random_init(kd_run):
     config = (kd_run / "config.yaml").read_text()
     assert "method: kd" in config and "kd:" in config and "\ndino:" not in config
@@ -121,6 +122,7 @@ def test_labeled_and_unlabeled_images_train_a_classifier_above_random_init(kd_ru
     assert json.loads((kd_run / "classifier.json").read_text())["classes"] == list(CLASSES)
 
 
+@pytest.mark.slow
 def test_eval_and_embed_use_the_exported_classifier(kd_run, data, tmp_path):
     assert main(["eval", str(kd_run), "--train", str(data["labels"]), "--test", str(data["test"]), "--no-linear",
                  "--no-clustering", "--no-plots", "--out", str(tmp_path / "eval")]) == 0
@@ -281,6 +283,7 @@ def chain(data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_generations_learn_from_the_one_before_and_end_with_one_table(chain, caplog):
     assert (chain / "gen_1" / "classifier.safetensors").is_file() and (chain / "gen_2" / "backbone.json").is_file()
     gen2 = (chain / "gen_2" / "config.yaml").read_text()
@@ -310,6 +313,7 @@ def reordered_copy(run: Path, folder: Path, order: list[str]) -> Path:
     return folder / "backbone.safetensors"
 
 
+@pytest.mark.slow
 def test_a_generations_teacher_is_frozen_and_bit_identical_after_training(chain, data, tmp_path):
     """Generation 1 as the teacher, its classifier's classes stored in another order (red, blue, green): the
     teacher's class probabilities are mapped onto the labels' classes by name, so the head is generation 1's own."""
@@ -384,8 +388,9 @@ def write_rows(path: Path, rows: list[list[str]]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["empty class", "missing file", "outside data.path", "label outside the classes"])
-def test_bad_labels_fail_before_training_with_the_file_and_the_fix(case, data, chain, tmp_path, caplog):
+@pytest.mark.parametrize("case", ["empty class", "missing file", "outside data.path",
+                                  pytest.param("label outside the classes", marks=pytest.mark.slow)])  # generations
+def test_bad_labels_fail_before_training_with_the_file_and_the_fix(case, data, tmp_path, caplog, request):
     teacher, labels, folder = data["teacher"], None, data["pool"]
     if case == "empty class":
         folder = tmp_path / "labeled"
@@ -404,7 +409,7 @@ def test_bad_labels_fail_before_training_with_the_file_and_the_fix(case, data, c
                                                        [str(data["pool"] / "00_blue.png"), "blue"]])
         expected = [str(data["test"] / "red" / "0.png"), "put the labeled images inside data.path"]
     else:
-        teacher = chain / "gen_1"  # a classifier over blue, green, red
+        teacher = request.getfixturevalue("chain") / "gen_1"  # a classifier over blue, green, red
         labels = write_rows(data["root"] / "purple.csv", [["pool/00_blue.png", "blue"], ["pool/01_red.png", "purple"]])
         expected = ["'purple'", "teacher's classifier does not know", "Label with those classes"]
     out = tmp_path / "run"

@@ -7,6 +7,7 @@ recipes/digits.yaml's 12 epochs on the 1,257 training digits: 71.1 % random, 76.
 BatchNorm, 83.5 % pretrained).
 """
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -19,6 +20,8 @@ from unsupdistill.evaluate.run import EvalOptions, evaluate
 from unsupdistill.methods import train
 from unsupdistill.models.backbone import create_backbone
 from unsupdistill.run_dir import read_metrics
+
+pytestmark = pytest.mark.slow  # end-to-end runs
 
 
 def write_pngs(indices, folder):

@@ -21,6 +21,7 @@ from unsupdistill.storage import load_checkpoint
 from unsupdistill.train import loop
 
 
+@pytest.mark.slow
 def test_run_directory_holds_everything(tmp_path, tiny):
     out = tmp_path / "run"
     result = cli("pretrain", "--out", str(out), *tiny, "train.max_steps=6", "train.log_every_steps=2",
@@ -49,6 +50,7 @@ def test_run_directory_holds_everything(tmp_path, tiny):
     assert model.eval()(torch.rand(2, 3, size, size)).shape == (2, meta["feature_dim"])
 
 
+@pytest.mark.slow
 def test_vit_recipe_trains_exports_evaluates_and_resumes(tmp_path, monkeypatch):
     """recipes/cifar10_vit_cpu.yaml (iBOT, Sinkhorn-Knopp, KoLeo, per-parameter clipping) on the built-in digits,
     shrunk to a two-block ViT: it trains, logs its loss terms, exports and evaluates; stopped by Ctrl-C after

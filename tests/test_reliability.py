@@ -50,6 +50,7 @@ def assert_losses_equal(run: Path, reference: dict[int, float]) -> None:
         assert m["loss"] == pytest.approx(reference[m["step"]], rel=1e-6, abs=1e-7), f"step {m['step']}"
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_stops_at_a_step_boundary_and_resume_matches(tmp_path, reference):
     """A scheduler's preemption: SIGTERM to the training process and its DataLoader worker. The process
     writes a checkpoint of the step it reached and exits with status 75; the resumed run's losses equal
@@ -266,6 +267,7 @@ def test_signal_handlers_live_in_the_main_thread_during_training_only(tmp_path, 
     assert codes == [0] and during[1] == before[signal.SIGTERM]
 
 
+@pytest.mark.slow
 def test_chaos_quick_finds_no_corrupt_checkpoint(tmp_path):
     report_path = tmp_path / "chaos.json"
     code, printed = eval_script("tools/chaos.py", "--quick", "--out", str(tmp_path), "--json", str(report_path))

@@ -21,6 +21,8 @@ from conftest import TINY, export_teacher, read_metrics, write_images
 from unsupdistill.cli import main
 from unsupdistill.storage import load_checkpoint
 
+pytestmark = pytest.mark.slow  # end-to-end runs
+
 STEPS, SAVE_EVERY = 6, 2
 """Every run: 6 steps, a checkpoint every 2 (and at each epoch's end)."""
 COMMON = [f"train.max_steps={STEPS}", f"train.save_every_steps={SAVE_EVERY}", "train.log_every_steps=1",

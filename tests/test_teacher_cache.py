@@ -157,6 +157,7 @@ def test_cache_max_gb_stores_fewer_views_and_the_teacher_runs_fewer_epochs(teach
         method.cache_reason
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_with_the_cache(teacher, images, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -201,6 +202,7 @@ def test_a_photo_folder_gets_distillation_settings_and_no_dino_keys(tmp_path, ca
     assert json.loads((tmp_path / "mine" / "backbone.json").read_text())["input_size"] == 48
 
 
+@pytest.mark.slow
 def test_a_time_budget_warms_up_and_decays_within_its_planned_steps(images, teacher, tmp_path):
     """The automatic warm-up is a share of the planned steps: a 6-s budget of a folder planned for 100+ epochs
     still reaches the peak lr early and ends near the minimum (it rose until the last step before)."""
