@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY, export_teacher, read_metrics, write_images
+from safetensors.torch import load_file
 
 from unsupdistill.cli import main
 from unsupdistill.storage import load_checkpoint
@@ -29,11 +31,15 @@ COMMON = [f"train.max_steps={STEPS}", f"train.save_every_steps={SAVE_EVERY}", "t
           "train.seed=3", "train.threads=1", "data.num_workers=0", "eval.summary=false"]
 """One intra-op thread in the killed process as in this one: the same arithmetic, so the losses are equal."""
 STUDENT = ["model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", "augment.global_1.size=12",
-           "train.batch_size=16", "distill.loss=queue_kl", "distill.ema_momentum=0.9"]  # a queue and an EMA: state
-"""A student narrower than the teacher; 48 images make 3 steps an epoch."""
+           "train.batch_size=16", "distill.loss=queue_kl", "distill.queue_size=48", "distill.ema_momentum=0.9"]
+"""A student narrower than the teacher; 48 images make 3 steps an epoch. State carried across steps: a queue of 48
+teacher embeddings (the batch's 16 and 32 stored; the default for 48 images, 16, would hold the batch alone) and an
+EMA of the student, which is exported."""
 
 KILL_ON_ENTERING = """
 import os, signal, sys
+from safetensors.torch import load_file
+
 from unsupdistill.cli import main
 from unsupdistill.train import loop
 
@@ -104,6 +110,9 @@ def test_resume_after_sigkill_gives_the_losses_of_the_uninterrupted_run(folder, 
     assert [step for step, _ in got] == list(range(1, STEPS + 1))  # the lines after the checkpoint were replaced
     for step, loss in got:
         assert loss == pytest.approx(expected[step], rel=1e-6, abs=1e-7), f"step {step}"
+    exported = load_file(run(killed) / "backbone.safetensors")  # DINO's teacher, distillation's EMA student
+    for name, tensor in load_file(run(reference) / "backbone.safetensors").items():
+        assert torch.equal(exported[name], tensor), name
     log = caplog.text
     assert f"resumed at step {resumed_from}" in log
     if method == "distill, teacher cache":
