@@ -139,22 +139,26 @@ def test_a_changed_teacher_view_recipe_or_image_invalidates_the_cache(teacher, i
 
 def test_cache_max_gb_stores_fewer_views_and_the_teacher_runs_fewer_epochs(teacher, images, tmp_path, caplog):
     """distill.cache_views=3 in a limit that holds 2 views per image: 2 are stored (a warning says so), so the teacher
-    runs in epochs 1-2 and epoch 3 replays; a limit under one view per image turns the cache off."""
+    runs in epochs 1-2 and epoch 3 replays; a limit under one view per image turns the cache off, saying why."""
     per_view = cache_bytes(48, 1, 32, len(VIEW_PARAMS))  # 48 images, the teacher's 32-d features
-    limit = f"distill.cache_max_gb={2.5 * per_view / 1e9}"
-    with caplog.at_level(logging.INFO):
-        trainer = build_trainer(load_config(None, ["method=distill", f"distill.teacher={teacher}",
-                                                   f"data.path={images}", *STUDENT, *CACHED, "distill.cache_views=3",
-                                                   limit, "train.max_steps=9"]), tmp_path / "run")
-        trainer.fit()
-    assert trainer.method.cache.views == 2 and trainer.method.cache.filled.shape == (48, 2)
+
+    def run(name: str, views_that_fit: float) -> Path:
+        config = load_config(None, ["method=distill", f"distill.teacher={teacher}", f"data.path={images}", *STUDENT,
+                                    *CACHED, "distill.cache_views=3", "train.max_steps=9",
+                                    f"distill.cache_max_gb={views_that_fit * per_view / 1e9}"])
+        with caplog.at_level(logging.INFO):
+            build_trainer(config, tmp_path / name).fit()
+        return tmp_path / name
+
+    two = run("two", 2.5)
     assert "teacher cache: 3 views per image would take" in caplog.text and "storing 2" in caplog.text
-    assert [m["teacher_cache_hits"] for m in read_metrics(tmp_path / "run")] == [0.0] * 6 + [1.0] * 3
-    assert int(trainer.method.cache.filled.sum()) == 96
-    method, _ = build(teacher, images, tmp_path / "small", f"distill.cache_max_gb={0.5 * per_view / 1e9}")
-    assert method.cache is None
-    assert method.cache_reason.startswith("off: one view per image takes") and "> distill.cache_max_gb" in \
-        method.cache_reason
+    assert [m["teacher_cache_hits"] for m in read_metrics(two)] == [0.0] * 6 + [1.0] * 3  # 3 steps an epoch
+    filled = np.load(two / "teacher_cache" / "filled.npy")
+    assert filled.shape == (48, 2) and filled.all()
+    caplog.clear()
+    off = run("off", 0.5)
+    assert "teacher cache off: one view per image takes" in caplog.text and "> distill.cache_max_gb" in caplog.text
+    assert not (off / "teacher_cache").exists()
 
 
 @pytest.mark.slow
