@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import queue
 import time
 
 import common
@@ -34,27 +35,47 @@ from unsupdistill.evaluate.run import EvalOptions, model_features
 from unsupdistill.models.load import load_model
 
 
-def _sklearn_child(queue: mp.Queue, data: tuple) -> None:
-    tic = time.perf_counter()
-    result = linear_probe(*data)
-    queue.put({"top1": result["top1"], "seconds": time.perf_counter() - tic, "best": {"C": result["best_C"]}})
+def _sklearn_worker(jobs: mp.Queue, results: mp.Queue) -> None:
+    for data in iter(jobs.get, None):
+        tic = time.perf_counter()
+        result = linear_probe(*data)
+        results.put({"top1": result["top1"], "seconds": time.perf_counter() - tic, "best": {"C": result["best_C"]}})
 
 
-def sklearn_probe(data: tuple, timeout: float) -> dict:
-    """scikit-learn's probe in a child process; ``finished`` False when it ran past ``timeout`` seconds.
+class SklearnProbe:
+    """scikit-learn's probe in a child process, one for every model (a child imports the package again: seconds);
+    a probe still running after ``timeout`` seconds is stopped with its child (``finished`` False), and the next
+    model gets a new child.
 
     The child is spawned, not forked: a fork of a process whose OpenMP threads have run hangs in the child.
     """
-    queue: mp.Queue = mp.get_context("spawn").Queue()
-    child = mp.get_context("spawn").Process(target=_sklearn_child, args=(queue, data))
-    tic = time.perf_counter()
-    child.start()
-    child.join(timeout)
-    if child.is_alive():
-        child.terminate()
-        child.join()
-        return {"top1": None, "seconds": time.perf_counter() - tic, "finished": False}
-    return {**queue.get(timeout=10), "finished": True}
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout, self.child = timeout, None
+
+    def __call__(self, data: tuple) -> dict:
+        context = mp.get_context("spawn")
+        if self.child is None:
+            self.jobs, self.results = context.Queue(), context.Queue()
+            self.child = context.Process(target=_sklearn_worker, args=(self.jobs, self.results))
+            self.child.start()
+        tic = time.perf_counter()
+        self.jobs.put(data)
+        while True:
+            try:
+                return {**self.results.get(timeout=1.0), "finished": True}
+            except queue.Empty:
+                if not self.child.is_alive():
+                    raise RuntimeError(f"the scikit-learn probe's process died (exit {self.child.exitcode})") from None
+                if time.perf_counter() - tic > self.timeout:
+                    self.close()
+                    return {"top1": None, "seconds": time.perf_counter() - tic, "finished": False}
+
+    def close(self) -> None:
+        if self.child is not None:
+            self.child.terminate()
+            self.child.join()
+            self.child = None
 
 
 def torch_probe(data: tuple) -> dict:
@@ -69,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-sklearn", action="store_true", help="the torch probe only")
     args = common.parse_labeled_pair(parser, argv, ["pixels", common.TINY_NETWORK])
     threads = torch.get_num_threads()
-    rows = []
+    rows, sklearn_probe = [], SklearnProbe(args.sklearn_timeout)
     for spec in args.model:
         model = load_model(spec, image_size=args.image_size)
         train_set = load_labeled(args.train, model.input_size, "train")
@@ -80,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         data = (train_x, train_set.labels, test_x, align_labels(train_set, test_set))
         ours = torch_probe(data)
         theirs = ({"top1": None, "seconds": None, "finished": False} if args.no_sklearn
-                  else sklearn_probe(data, args.sklearn_timeout))
+                  else sklearn_probe(data))
         torch.set_num_threads(threads)
         row = {"model": model.name, "train": len(train_x), "dim": train_x.shape[1],
                "torch_top1": ours["top1"], "torch_s": ours["seconds"], "torch_best": ours["best"],
@@ -89,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                "speedup": theirs["seconds"] / ours["seconds"] if theirs["seconds"] else None}
         print(json.dumps(row), flush=True)
         rows.append(row)
+    sklearn_probe.close()
     columns = ["model", "train", "dim", "torch_top1", "torch_s", "sklearn_top1", "sklearn_s", "sklearn_finished",
                "speedup"]
     common.print_table(rows, columns)

@@ -340,14 +340,16 @@ def flops_per_image(pipeline: UnsupdistillPipeline) -> float:
 
 def measure_peak(device: torch.device, dtype: torch.dtype, quick: bool) -> dict[str, float]:
     """GFLOP/s of a square matmul and of a ResNet-18-style 3x3 convolution (64 channels, 32x32) in ``dtype``."""
-    n = 512 if quick else (8192 if device.type == "cuda" else 2048)
+    n = 256 if quick else (8192 if device.type == "cuda" else 2048)  # quick: a smoke run (CPU bf16 may be emulated)
+    repeats = 2 if quick else 5
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    matmul = 2 * n**3 / common.best_time(lambda: a @ b, device=device).seconds / 1e9
-    batch = 16 if quick else 128
+    matmul = 2 * n**3 / common.best_time(lambda: a @ b, repeats, device=device).seconds / 1e9
+    batch = 4 if quick else 128
     x = torch.randn(batch, 64, 32, 32, device=device, dtype=dtype)
     w = torch.randn(64, 64, 3, 3, device=device, dtype=dtype)
     conv_flops = 2 * batch * 64 * 32 * 32 * 64 * 9
-    conv_seconds = common.best_time(lambda: torch.nn.functional.conv2d(x, w, padding=1), device=device).seconds
+    conv_seconds = common.best_time(lambda: torch.nn.functional.conv2d(x, w, padding=1), repeats,
+                                    device=device).seconds
     conv = conv_flops / conv_seconds / 1e9
     return {"matmul_gflop_per_s": matmul, "conv2d_gflop_per_s": conv, "peak_gflop_per_s": max(matmul, conv)}
 
@@ -483,7 +485,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int,
                         help="untimed steps per round (default 2 x workers + 1, which drains the prefetched "
                              "batches; --quick 1)")
-    parser.add_argument("--steps", type=int, help="timed steps per round (default 10; --quick 2)")
+    parser.add_argument("--steps", type=int, help="timed steps per round (default 10; --quick 1)")
     parser.add_argument("--batch-size", type=int, help="images per step (default 128, the recipe's; --quick 8)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="training device (both)")
     parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
@@ -492,7 +494,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also time each stage of an unsupdistill step, its FLOPs and the machine's peak")
     args = parser.parse_args(argv)
     workers = num_workers(DataConfig(path=str(args.data), num_workers=args.workers))
-    common.quick_defaults(args, rounds=(3, 1), steps=(10, 2), batch_size=(128, 8), threads=(torch.get_num_threads(), 1),
+    common.quick_defaults(args, rounds=(3, 1), steps=(10, 1), batch_size=(128, 8), threads=(torch.get_num_threads(), 1),
                           warmup_steps=(2 * workers + 1, 1))
     return args
 

@@ -1,10 +1,12 @@
-"""Shared helpers: a tiny configuration for fast end-to-end runs, and running the CLI."""
+"""Shared helpers: a tiny configuration for fast end-to-end runs, and running the CLI; one thread per process."""
 
+import contextlib
+import importlib.util
+import io
+import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,15 @@ from unsupdistill import run_dir as run_directory
 from unsupdistill.config import load_config
 from unsupdistill.models.backbone import create_backbone, describe_backbone
 from unsupdistill.storage import save_backbone
+
+# One intra-op thread in this process (the fixture below) and in every process a test starts (the CLI, torchrun,
+# eval/'s scripts): the networks are tiny, and on a busy 2-core machine a second thread mostly spins waiting (20 steps
+# of recipes/digits.yaml took 18 s with one thread and 62 s with two at a load of 6). `OMP_NUM_THREADS=N pytest` runs
+# with N.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+THREADS = int(os.environ["OMP_NUM_THREADS"])
+
+REPO = Path(__file__).resolve().parents[1]
 
 # A network small enough that a training step takes tens of milliseconds on 2 CPU cores.
 TINY = [
@@ -33,23 +44,30 @@ def cli(*args: str, cwd: Path | None = None, timeout: float = 300, **popen) -> s
                           capture_output=True, text=True, **popen)
 
 
-def sigkill_then_resume(verb: str, out: Path, args: list[str], after_step: int) -> tuple[int, list[dict]]:
-    """Start ``unsupdistill VERB --out OUT ARGS``, SIGKILL it once it has logged ``after_step``, resume it with
-    ``--resume OUT`` to the end; the step its checkpoint resumed from, and the run's metrics."""
-    proc = subprocess.Popen([sys.executable, "-m", "unsupdistill", verb, "--out", str(out), *args],
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not any(m["step"] >= after_step
-                                                                     for m in read_metrics(out)):
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed_from = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["step"]
-    result = cli(verb, "--resume", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return resumed_from, read_metrics(out)
+def eval_script(path: str, *args: str) -> tuple[object, str]:
+    """Run eval/PATH's ``main(ARGS)`` in this process, from the repository root, the way ``python eval/PATH ARGS``
+    would (in-process, the package is imported once for all the scripts, not once each: seconds each); restore what
+    a script sets for the whole process (torch's thread count, the root logger, sys.argv). What ``main`` returned,
+    and what it printed."""
+    name = Path(path).stem  # as a script's import of another finds it (and a worker process unpickles from it)
+    spec = importlib.util.spec_from_file_location(name, REPO / "eval" / path)
+    script = sys.modules[name] = importlib.util.module_from_spec(spec)
+    root, cwd, threads, argv = logging.getLogger(), Path.cwd(), torch.get_num_threads(), sys.argv
+    level, handlers = root.level, list(root.handlers)
+    printed = io.StringIO()
+    try:
+        os.chdir(REPO)
+        sys.argv = [str(REPO / "eval" / path), *args]  # the command a script records
+        spec.loader.exec_module(script)
+        with contextlib.redirect_stdout(printed):
+            code = script.main(list(args))
+    finally:
+        os.chdir(cwd)
+        sys.argv = argv
+        torch.set_num_threads(threads)
+        root.setLevel(level)
+        root.handlers[:] = handlers
+    return code, printed.getvalue()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -62,14 +80,17 @@ def tiny() -> list[str]:
     return list(TINY)
 
 
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny networks
-    gain nothing from more on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True)
+def threads() -> Iterator[None]:
+    """Every test starts with THREADS intra-op threads (a run's train.threads or a script may change them)."""
+    torch.set_num_threads(THREADS)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(THREADS)
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Standard normals (float32) from NumPy's generator: the same values on every torch version."""
+    return torch.from_numpy(np.random.default_rng(seed).normal(size=shape)).float()
 
 
 def write_images(folder: Path, count: int, width: int, height: int, seed: int = 0, fmt: str = "PNG") -> Path:

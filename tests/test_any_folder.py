@@ -13,7 +13,7 @@ from PIL import Image
 
 from unsupdistill.auto import auto_settings, explicit_keys
 from unsupdistill.cli import main
-from unsupdistill.config import Config, load_config
+from unsupdistill.config import Config, ConfigError, load_config
 from unsupdistill.data import scan_folder
 from unsupdistill.data.scan import SCAN_FILE, FolderScan
 from unsupdistill.storage import load_checkpoint
@@ -170,10 +170,12 @@ def test_path_keys_are_not_parsed_as_yaml(tmp_path):
     config = load_config(None, ["data.path=2024", "eval.train=true", "eval.test=run #1"])
     assert (config.data.path, config.eval.train, config.eval.test) == ("2024", "true", "run #1")
     assert load_config(None, ["data.path='null'"]).data.path == "null"  # quotes as a shell user types them
-    with pytest.raises(Exception, match="expected a path .*quote"):
-        recipe = tmp_path / "r.yaml"
-        recipe.write_text("data: {path: 2024}\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {path: 2024}\n")  # unquoted in a YAML file: YAML reads a number
+    with pytest.raises(ConfigError) as error:
         load_config(str(recipe))
+    assert str(error.value) == (f"{recipe}: data.path=2024 is invalid; expected a path (in a YAML file, quote a path "
+                                "that YAML would read as a number, a boolean or null, e.g. '2024')")
 
 
 def test_eval_takes_labeled_folders_with_such_names(tmp_path, monkeypatch):

@@ -1,14 +1,29 @@
-"""Multi-crop augmentation: shapes, reproducibility and the statistics of each random stage."""
+"""Multi-crop augmentation: shapes, reproducibility and the statistics of each random stage; iBOT's masks; the batched
+crop against the sliced one; progressive resizing."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
-from unsupdistill.augment import MultiCropAugmentation, blur_kernel_size, blur_sigma, build_view_transform
-from unsupdistill.config import CropSpec
+from unsupdistill.augment import (
+    MultiCropAugmentation,
+    blur_kernel_size,
+    blur_sigma,
+    build_view_transform,
+    ibot_masks,
+    sized,
+)
+from unsupdistill.config import Config, ConfigError, CropSpec, load_config
+from unsupdistill.methods.dino.method import DINO
+from unsupdistill.methods.dino.settings import DINOConfig
+from unsupdistill.train.method import Batch, Runtime
+from unsupdistill.train.schedules import ScheduleValues
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean, std that leave values unchanged
 
@@ -187,3 +202,69 @@ def test_blur_smooths_and_skips_when_probability_zero() -> None:
     torch.testing.assert_close(untouched, images)
     # sigma 1-2 px averages neighbouring pixels, so the per-image variance of white noise drops sharply.
     assert (blurred.flatten(1).var(1) < 0.5 * images.flatten(1).var(1)).all()
+
+
+def test_local_crops_get_the_global_blur_sigma():
+    cfg, size = DINOConfig(), Config().model.input_size
+    assert blur_sigma(cfg.local, size) == blur_sigma(sized(cfg.global_1, size))
+    assert blur_sigma(cfg.local, 224) == pytest.approx((0.1, 2.0))  # DINO's 96-px local crops
+
+
+def test_resample_crop_mode_matches_slice_statistics():
+    """The batched crop draws the same crops: on a horizontal ramp, every output's mean is the crop's centre."""
+    ramp = torch.linspace(0, 1, 64).expand(1, 3, 64, 64).repeat(512, 1, 1, 1)
+    means = {}
+    for mode in ("slice", "resample"):
+        cfg = DINOConfig()
+        specs = [sized(spec, 16) for spec in (cfg.global_1, cfg.global_2)]
+        for spec in specs:
+            spec.flip_p = spec.color_jitter_p = spec.grayscale_p = spec.blur_p = spec.solarize_p = 0.0
+        torch.manual_seed(0)
+        views, _ = MultiCropAugmentation(*specs, cfg.local, 0, (0, 0, 0), (1, 1, 1), crop_mode=mode)(ramp)
+        means[mode] = views.mean(dim=(1, 2, 3))
+    assert means["slice"].mean().item() == pytest.approx(means["resample"].mean().item(), abs=0.01)
+    assert means["slice"].std().item() == pytest.approx(means["resample"].std().item(), rel=0.1)
+    assert math.isfinite(means["resample"].sum().item())
+
+
+def test_progressive_resizing_shrinks_every_crop_then_switches_once():
+    """dino.low_res_share=0.5 with low_res_scale=0.75: 12 / 6-px crops for the first half of the planned
+    steps, then the configured 16 / 8 px, never back (as after a resume past the switch)."""
+    config = load_config(None, [*TINY, "dino.low_res_share=0.5", "dino.low_res_scale=0.75"])
+    dino = DINO(config, Runtime(torch.device("cpu"), None, 1))
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+
+    def sizes(progress: float) -> list[tuple[int, ...]]:
+        sched = ScheduleValues(step=round(100 * progress), total_steps=100, steps_per_epoch=10, lr=1e-3,
+                               weight_decay=0.04)
+        return [tuple(v.shape) for v in dino.views(Batch(images, torch.arange(4)), sched)]
+
+    low, full = [(8, 3, 12, 12), (8, 3, 6, 6)], [(8, 3, 16, 16), (8, 3, 8, 8)]
+    assert sizes(0.0) == low and sizes(0.49) == low
+    assert sizes(0.5) == full
+    assert sizes(0.1) == full
+    for bad in ("dino.low_res_share=1", "dino.low_res_scale=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, [bad])
+
+
+# ----------------------------------------------------------------------------------------------
+# iBOT masks
+# ----------------------------------------------------------------------------------------------
+
+
+def test_ibot_masks_share_and_ratio_bounds():
+    torch.manual_seed(0)
+    ratios = []
+    for _ in range(20):
+        masks = ibot_masks(64, (8, 8), mask_p=0.5, ratio=(0.1, 0.5), device=torch.device("cpu"))
+        assert masks.shape == (64, 8, 8) and masks.dtype == torch.bool
+        per_image = masks.flatten(1).float().mean(1)
+        assert (per_image > 0).sum() == 32  # half of the crops are masked
+        assert per_image.max() <= 0.5  # no crop above the largest ratio
+        ratios += per_image[per_image > 0].tolist()
+    assert 0.2 < np.mean(ratios) < 0.35  # spread over 0.1-0.5 (blocks may fall a little short of their target)
+    torch.manual_seed(1)
+    first = ibot_masks(8, (4, 4), 0.5, (0.1, 0.5), torch.device("cpu"))
+    torch.manual_seed(1)
+    assert torch.equal(first, ibot_masks(8, (4, 4), 0.5, (0.1, 0.5), torch.device("cpu")))  # follows torch's RNG

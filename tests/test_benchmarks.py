@@ -3,12 +3,7 @@ checked against the figures it is derived from (a ratio against its two rates, a
 sum against its parts), against the run's own evaluation or a recomputation by the package on the same features,
 and the printed markdown table against the JSON. No timing is asserted: the figures depend on the machine."""
 
-import contextlib
-import importlib.util
-import io
 import json
-import logging
-import os
 import re
 import statistics
 import sys
@@ -17,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, eval_script
 from PIL import Image
 
 from unsupdistill.config import Config, load_config, read_recipe
@@ -29,8 +25,7 @@ from unsupdistill.models.load import load_model
 from unsupdistill.run_dir import read_metrics
 from unsupdistill.train.precision import precision_name, resolve_precision
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "eval"))
+sys.path.insert(0, str(REPO / "eval"))
 import bench_knn  # noqa: E402  (eval/ is a folder of scripts, not a package)
 import bench_train  # noqa: E402
 import common  # noqa: E402
@@ -44,29 +39,10 @@ DIGITS_TEST_IMAGES = 540
 
 
 def run_main(path: str, *args: str) -> str:
-    """Run eval/PATH's ``main(ARGS)`` in this process, from the repository root, the way ``python eval/PATH ARGS``
-    would (in-process, the package is imported once for all the scripts, not once each: about 4 s each); restore
-    what a script sets for the whole process (torch's thread count, the root logger, sys.argv). What it printed."""
-    name = Path(path).stem  # as a script's import of another finds it (and a worker process unpickles from it)
-    spec = importlib.util.spec_from_file_location(name, ROOT / "eval" / path)
-    script = sys.modules[name] = importlib.util.module_from_spec(spec)
-    root, cwd, threads, argv = logging.getLogger(), Path.cwd(), torch.get_num_threads(), sys.argv
-    level, handlers = root.level, list(root.handlers)
-    printed = io.StringIO()
-    try:
-        os.chdir(ROOT)
-        sys.argv = [str(ROOT / "eval" / path), *args]  # the command a script records
-        spec.loader.exec_module(script)
-        with contextlib.redirect_stdout(printed):
-            code = script.main(list(args))
-    finally:
-        os.chdir(cwd)
-        sys.argv = argv
-        torch.set_num_threads(threads)
-        root.setLevel(level)
-        root.handlers[:] = handlers
+    """:func:`conftest.eval_script`, which must succeed; what the script printed."""
+    code, printed = eval_script(path, *args)
     assert code in (0, None) or isinstance(code, dict), code
-    return printed.getvalue()
+    return printed
 
 
 def run_script(path: str, *args: str) -> tuple[dict, str]:
@@ -144,6 +120,7 @@ def assert_summary_is_the_metrics(row: dict, run: Path) -> None:
     assert row["images_per_s"] == statistics.median(r["images_per_s"] for r in records)
 
 
+@pytest.mark.slow
 def test_bench_train_quick_reports_every_variant_ratio_and_stage(tmp_path):
     results, stdout = run_script("bench_train.py", "--quick", "--breakdown", "--json", str(tmp_path / "train.json"))
     assert set(results["workloads"]) == {"cifar10", "multicrop"}
@@ -186,6 +163,14 @@ def test_bench_train_quick_reports_every_variant_ratio_and_stage(tmp_path):
     # 6 local crops of multicrop add 3 x 6 / 4 global forwards to the 2 + 3 x 2 of cifar10
     multicrop, cifar10 = (results["workloads"][w]["breakdown"]["gflop_per_image"] for w in ("multicrop", "cifar10"))
     assert multicrop / cifar10 == pytest.approx((8 + 3 * 6 / 4) / 8, rel=0.01)
+
+
+def test_bench_knn_quick_runs(tmp_path):
+    results, stdout = run_script("bench_knn.py", "--quick", "--repeats", "1", "--json", str(tmp_path / "bench.json"))
+    assert "knn_evaluate:" in stdout and "scikit-learn:" in stdout and "| method" in stdout
+    assert results["knn_evaluate"]["seconds"] > 0 and results["sklearn"]["seconds"] > 0
+    assert results["config"]["train"] == 2000 and results["config"]["dim"] == 64 and results["config"]["test"] == 500
+    assert results["accuracies_agree"], results
 
 
 def test_bench_eval_quick_reports_knn_kmeans_and_extraction(tmp_path):
@@ -253,6 +238,7 @@ def test_both_pipelines_make_the_same_views(workload):
     assert [tuple(view.shape) for view in reference] == ours
 
 
+@pytest.mark.slow
 def test_bench_budget_quick_trains_the_reference_until_its_budget_ends_and_scores_it(tmp_path):
     out = tmp_path / "ref"
     run_main("bench_budget.py", "--quick", "--out", str(out))
@@ -272,6 +258,7 @@ def test_bench_budget_quick_trains_the_reference_until_its_budget_ends_and_score
     assert summary["eval"]["knn"]["20"]["top1"] == package_knn_top1(out, images, images)
 
 
+@pytest.mark.slow
 def test_bench_photos_quick_distills_and_scores_the_run_its_teacher_pixels_and_random_init(tmp_path):
     result, stdout = run_script("bench_photos.py", "--quick", "--out", str(tmp_path), "--json",
                                 str(tmp_path / "r.json"))
@@ -289,6 +276,7 @@ def test_bench_photos_quick_distills_and_scores_the_run_its_teacher_pixels_and_r
     assert len(markdown_tables(stdout)[0]) == 4
 
 
+@pytest.mark.slow
 def test_bench_distill_quick_distills_trains_dino_and_scores_every_run(tmp_path):
     result, stdout = run_script("bench_distill.py", "--quick", "--out", str(tmp_path), "--json",
                                 str(tmp_path / "r.json"))
@@ -319,6 +307,7 @@ def test_bench_distill_quick_distills_trains_dino_and_scores_every_run(tmp_path)
         "GFLOPs/image": ("gflops_per_image", ".3f")})
 
 
+@pytest.mark.slow
 def test_bench_kd_quick_runs_every_row_and_scores_the_classifiers(tmp_path):
     result, stdout = run_script("bench_kd.py", "--quick", "--out", str(tmp_path), "--json", str(tmp_path / "r.json"))
     rows = result["rows"]
@@ -349,6 +338,7 @@ def test_bench_kd_quick_runs_every_row_and_scores_the_classifiers(tmp_path):
         "k-NN top-1": ("knn_top1", ".2f"), "train img/s": ("images_per_s", ".0f")})
 
 
+@pytest.mark.slow
 def test_bench_trials_quick_runs_and_scores_each_trial(tmp_path):
     result, stdout = run_script("bench_trials.py", "--quick", "--out", str(tmp_path), "--json",
                                 str(tmp_path / "r.json"))
@@ -366,6 +356,7 @@ def test_bench_trials_quick_runs_and_scores_each_trial(tmp_path):
         "images/s": ("images_per_s", ".0f"), "k-NN top-1": ("knn_top1", ".2f")})
 
 
+@pytest.mark.slow
 def test_bench_probe_quick_runs_both_probes_on_the_same_features(tmp_path):
     result, stdout = run_script("bench_probe.py", "--quick", "--json", str(tmp_path / "probe.json"))
     rows = result["rows"]

@@ -14,8 +14,6 @@ from unsupdistill.train import schedules
 from unsupdistill.train.loop import Trainer
 from unsupdistill.train.schedules import TimeBudget
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: 2 threads on 2 busy cores only wait
-
 
 class FakeClock:
     def __init__(self) -> None:

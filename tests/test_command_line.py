@@ -25,6 +25,7 @@ VERBS = ("pretrain", "distill", "eval", "export", "embed", "show")
 BATCHED = {"pretrain": ("auto", "fp32", "bf16", "fp16"), "distill": ("auto", "fp32", "bf16", "fp16"),
            "eval": ("auto", "fp32", "bf16"), "embed": ("auto", "fp32", "bf16")}
 """The verbs that run a network in batches, and the precisions each offers."""
+TRAINING = ("pretrain", "distill")
 OLD_LABELED = {"pretrain": ("--probe-train", "--probe-test"), "distill": ("--probe-train", "--probe-test"),
                "eval": ("--train", "--test")}
 FAST_EVAL = ["--image-size", "8", "--no-linear", "--no-clustering", "--no-plots", "--no-cache"]
@@ -61,8 +62,11 @@ def test_every_verbs_help_follows_the_one_rule(verb):
     assert ("--batch-size" in found) == (verb != "export")  # show embeds its retrieval gallery in batches
     if batched:
         assert tuple(found["--precision"].choices) == BATCHED[verb]
-        assert found["--precision"].default in ("auto", None)  # None: train.precision, whose default is auto
-        assert found["--device"].default in ("auto", None) and "{auto,cpu,cuda" in text
+        # a training verb's flags default to nothing: the recipe's or the automatic train.precision and train.device
+        # apply unless the flag is given; eval and embed choose auto themselves
+        default = None if verb in TRAINING else "auto"
+        assert found["--precision"].default == default and found["--device"].default == default
+        assert "(default auto" in found["--device"].help and "{auto,cpu,cuda" in text
         assert found["--workers"].metavar == found["--batch-size"].metavar == "N"
         assert "--precision {" + ",".join(BATCHED[verb]) + "}" in text
 
@@ -161,6 +165,9 @@ def test_training_flags_set_their_config_keys_and_refuse_a_disagreeing_override(
     config = load_config(None, overrides)
     assert (config.train.precision, config.train.device, config.data.num_workers, config.train.batch_size,
             config.eval.train, config.eval.test) == ("fp32", "cpu", 0, 8, "digits", "digits")
+    # flags not given set nothing: the recipe's values (here as key=value) stay, with no disagreement
+    recipe = ["train.precision=bf16", "train.device=cpu", "data.num_workers=3", "train.batch_size=32"]
+    assert training_overrides(parser.parse_args(["pretrain"]), recipe) == recipe
 
     code = main(["pretrain", "--dry-run", "--out", str(tmp_path / "r"), "--batch-size", "8", "train.batch_size=16"])
     assert code == 2

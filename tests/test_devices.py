@@ -20,7 +20,6 @@ TINY_VIT = "timm:vit_tiny_patch16_224,img_size=16,patch_size=4,depth=1,embed_dim
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

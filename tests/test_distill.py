@@ -1,5 +1,5 @@
 """Knowledge distillation end to end: every teacher form, the frozen teacher, the student learning from it, its EMA,
-resume (and resume with another teacher), export, errors."""
+resume with another teacher (resume after SIGKILL: test_resume.py), export, errors."""
 
 import json
 import shutil
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import TINY, cli, read_metrics, sigkill_then_resume
+from conftest import TINY, read_metrics
 from safetensors.torch import load_file, save_file
 
 from unsupdistill.cli import main
@@ -17,8 +17,6 @@ from unsupdistill.evaluate.probe import KNNProbe
 from unsupdistill.methods import build_trainer
 from unsupdistill.models.backbone import create_backbone, describe_backbone
 from unsupdistill.storage import load_checkpoint, save_backbone
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks; the CLI's subprocesses are not affected
 
 STUDENT = ["model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", "train.batch_size=16",
            "data.num_workers=0", "train.log_every_steps=1", "eval.summary=false"]
@@ -100,6 +98,7 @@ def pixel_teacher(tmp_path_factory) -> Path:
                          tmp_path_factory.mktemp("pixel_teacher"))
 
 
+@pytest.mark.slow
 def test_the_student_learns_from_its_teacher(pixel_teacher, tmp_path):
     """One epoch of the digits (56 steps of 32) against the same network at the same init trained with lr ~ 0,
     whose BatchNorm statistics adapt to the digits alike: the student's k-NN on the digits rises well above it
@@ -234,41 +233,28 @@ def test_timm_teacher_through_a_local_weights_file(tmp_path):
 
 
 @pytest.mark.parametrize("teacher, override, expected", [
-    ("/no/such/teacher", [], "/no/such/teacher"),
-    ("NOTES", [], "not"),
-    ("VIT", ["distill.teacher_size=24"], "distill.teacher_size"),
-    (None, ["method=distill"], "distill.teacher"),
+    ("/no/such/teacher", [], ["teacher '/no/such/teacher' does not exist; give a run directory of ours"]),
+    ("NOTES", [], ["NOTES is not a safe unsupdistill checkpoint (it may be truncated, from another tool, or contain "
+                   "pickled code"]),
+    ("VIT", ["distill.teacher_size=24"], ["VIT) cannot take 24x24 inputs",
+                                          "set distill.teacher_size to the size it was built for"]),
+    (None, ["method=distill"], ["distill.teacher: expected a teacher when method=distill"]),
 ])
 def test_a_bad_teacher_fails_before_training_with_a_clear_message(vit_export, tmp_path, caplog, teacher, override,
                                                                     expected):
     notes = tmp_path / "notes.pt"
-    notes.write_text("not a model\n")
-    teacher = {"NOTES": str(notes), "VIT": str(vit_export)}.get(teacher, teacher)
+    notes.write_text("a text file, not a model\n")
+    names = {"NOTES": str(notes), "VIT": str(vit_export)}
+    teacher = names.get(teacher, teacher)
     out = tmp_path / "run"
     args = ["pretrain", "--out", str(out), *STUDENT, *override] if teacher is None else \
         ["distill", "--out", str(out), "--teacher", teacher, *STUDENT, *override]
     assert main(args) == 2
-    assert expected in caplog.text
+    for text in expected:
+        for name, path in names.items():
+            text = text.replace(name, path)
+        assert text in caplog.text, caplog.text
     assert not (out / "checkpoints").exists()
-
-
-@pytest.mark.parametrize("targets", [
-    ["distill.mixup_alpha=0.2"],  # the teacher on every step's (mixed) view
-    ["distill.targets=map", "distill.teacher_runtime=eager fp32"],  # stored maps (a resume reuses them)
-])
-def test_resume_after_sigkill_gives_the_same_losses(teacher_run, tmp_path, targets):
-    args = ["--teacher", str(teacher_run), *STUDENT, "train.max_steps=24", "train.save_every_steps=4",
-            "train.seed=3", "distill.ema_momentum=0.9", "distill.loss=queue_kl", *targets]  # stateful
-    reference = tmp_path / "reference"
-    assert cli("distill", "--out", str(reference), *args).returncode == 0
-    expected = {m["step"]: m["loss"] for m in read_metrics(reference)}
-
-    resumed_from, metrics = sigkill_then_resume("distill", tmp_path / "killed", args, after_step=9)
-    assert 8 <= resumed_from < 24
-    got = {m["step"]: m["loss"] for m in metrics}
-    assert sorted(got) == list(range(1, 25))
-    for step in range(resumed_from + 1, 25):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), f"step {step}"
 
 
 @pytest.fixture(scope="module")

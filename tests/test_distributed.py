@@ -1,12 +1,15 @@
-"""Many processes: torchrun on CPU (gloo) against one process, resuming under torchrun, rank 0 alone writes."""
+"""Many processes: torchrun on CPU (gloo) against one process, a signal to one process and resuming under torchrun,
+rank 0 alone writes."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ import yaml
 from conftest import TINY, read_metrics
 
 from unsupdistill import distributed
+from unsupdistill.cli import EXIT_STOPPED, main
 from unsupdistill.storage import load_checkpoint
 
 STEPS = 20
@@ -51,13 +55,6 @@ def torchrun(*args: str, timeout: float = 180, cwd: Path | None = None) -> subpr
                            *args], env=_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
-def one_process(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    """``python -m unsupdistill ARGS`` with one intra-op thread, like each torchrun process (2 threads on
-    a busy 2-core machine made a 9 s run take a minute)."""
-    return subprocess.run([sys.executable, "-m", "unsupdistill", *args], env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def _losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
 
@@ -71,6 +68,7 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_without_per_process_randomness_two_processes_equal_one(tmp_path: Path) -> None:
     """Same seed and global batch (16): 2 processes x 8 images against 1 process x 16 images.
 
@@ -82,8 +80,7 @@ def test_without_per_process_randomness_two_processes_equal_one(tmp_path: Path) 
     same 8 images moved the losses by 0.03 at the first step and by up to 0.44 later.
     """
     args = ["pretrain", *RUN_ARGS, *NO_PER_PROCESS_RANDOMNESS, f"train.max_steps={STEPS}"]
-    single = one_process(*args, "--out", str(tmp_path / "one"))
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0  # in this process, with one thread as each of the two
     double = torchrun("-m", "unsupdistill", *args, "--out", str(tmp_path / "two"))
     assert double.returncode == 0, double.stderr[-3000:]
 
@@ -94,6 +91,7 @@ def test_without_per_process_randomness_two_processes_equal_one(tmp_path: Path) 
         assert two[step] == pytest.approx(one[step], abs=EXACT_TOLERANCE), step
 
 
+@pytest.mark.slow
 def test_two_processes_stay_close_to_one_on_the_tiny_config(two_process_run: Path, tmp_path: Path) -> None:
     """The tiny config as is: same seed and global batch (16), 2 processes x 8 against 1 x 16 images.
 
@@ -104,8 +102,7 @@ def test_two_processes_stay_close_to_one_on_the_tiny_config(two_process_run: Pat
     20 steps (seeds 0 and 1): at most 0.78 apart at a step, mean losses 0.056 apart. Tolerances: 1.5
     at a step, 0.25 for the mean. The exact agreement of the mechanics is the test above.
     """
-    single = one_process("pretrain", "--out", str(tmp_path / "one"), *RUN_ARGS, f"train.max_steps={STEPS}")
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert main(["pretrain", "--out", str(tmp_path / "one"), *RUN_ARGS, f"train.max_steps={STEPS}"]) == 0
 
     one, two = _losses(tmp_path / "one"), _losses(two_process_run)
 
@@ -114,6 +111,7 @@ def test_two_processes_stay_close_to_one_on_the_tiny_config(two_process_run: Pat
     assert abs(sum(two.values()) - sum(one.values())) / STEPS <= MEAN_TOLERANCE
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes_files(two_process_run: Path) -> None:
     files = sorted(p.relative_to(two_process_run).as_posix() for p in two_process_run.rglob("*") if p.is_file())
     events = [f for f in files if f.startswith("tensorboard/")]
@@ -129,28 +127,65 @@ def test_only_rank_zero_writes_files(two_process_run: Path) -> None:
     assert state["step"] == STEPS and state["world_size"] == 2 and len(state["rng"]) == 2
 
 
-def test_resume_under_torchrun_continues_where_it_stopped(two_process_run: Path, tmp_path: Path) -> None:
-    """Stop a 2-process run at step 8, resume it under torchrun to step 14: the step sequence goes on
-    unbroken and the losses after the resume are those of the uninterrupted 2-process run."""
-    out = tmp_path / "run"
-    first = torchrun("-m", "unsupdistill", "pretrain", "--out", str(out), *RUN_ARGS, "train.max_steps=8",
-                     "train.save_every_steps=4")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 8
+def worker_pids(parent: int) -> dict[int, int]:
+    """Rank -> pid of the torchrun workers under ``parent`` (Linux /proc)."""
+    workers = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            env = dict(item.split("=", 1) for item in (stat.parent / "environ").read_text().split("\0") if "=" in item)
+        except (OSError, IndexError, ValueError):
+            continue
+        if "RANK" in env:
+            workers[int(env["RANK"])] = int(stat.parent.name)
+    return workers
 
-    second = torchrun("-m", "unsupdistill", "pretrain", "--resume", str(out), "train.max_steps=14")
-    assert second.returncode == 0, second.stderr[-3000:]
 
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
+def test_a_signalled_process_stops_both_at_one_step_and_the_resume_under_torchrun_continues(two_process_run: Path,
+                                                                                         tmp_path: Path) -> None:
+    """SIGTERM to rank 1 only (a preemption): both processes stop after the same step, rank 0 writes its checkpoint
+    and status.json says how to resume; resumed under torchrun to step 14, the step sequence goes on unbroken and the
+    losses are those of the uninterrupted 2-process run."""
+    out, log = tmp_path / "run", tmp_path / "stderr.txt"
+    with open(log, "w") as stderr_file:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                 "-m", "unsupdistill", "pretrain", "--out", str(out), *RUN_ARGS, "train.max_steps=60"],
+                                env=_env(), stdout=subprocess.DEVNULL, stderr=stderr_file)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not any(m["step"] >= 3 for m in read_metrics(out)):
+        time.sleep(0.01)
+    workers = worker_pids(proc.pid)
+    assert proc.poll() is None and sorted(workers) == [0, 1]
+    os.kill(workers[1], signal.SIGTERM)
+    proc.wait(timeout=120)
+    stderr = log.read_text()
+
+    assert proc.returncode != 0, stderr[-3000:]  # torchrun reports the workers' status 75 as a failure
+    reached = max(m["step"] for m in read_metrics(out))
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["step"] == reached < 14 and state["world_size"] == 2 and len(state["rng"]) == 2, stderr[-3000:]
+    assert f"stopped by a signal to another process after step {reached}" in (out / "train.log").read_text()
+    # torchrun turned the workers' 75 into 1; status.json still tells a requeue script what happened
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "preempted" and status["exit_code"] == EXIT_STOPPED and status["step"] == reached
+    assert status["resume"] == f"torchrun --standalone --nproc_per_node 2 -m unsupdistill pretrain --resume {out}"
+
+    resumed = torchrun("-m", "unsupdistill", "pretrain", "--resume", str(out), "train.max_steps=14")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == list(range(1, 15))
-    assert "resumed at step 8" in (out / "train.log").read_text()
+    assert f"resumed at step {reached}" in (out / "train.log").read_text()
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 14
     assert len(list((out / "tensorboard").iterdir())) == 2  # one events file per launch, from rank 0 only
-    uninterrupted = {m["step"]: m["loss"] for m in read_metrics(two_process_run)}
+    uninterrupted = _losses(two_process_run)  # 20 steps: the schedules follow the epochs, not train.max_steps
     for m in metrics:
         assert m["loss"] == pytest.approx(uninterrupted[m["step"]], rel=1e-5), m["step"]
 
 
+@pytest.mark.slow
 def test_collectives_under_torchrun(tmp_path: Path) -> None:
     """The helpers in unsupdistill.distributed, in two real gloo processes."""
     script = tmp_path / "collectives.py"
@@ -191,28 +226,19 @@ def test_single_process_needs_no_setup(monkeypatch: pytest.MonkeyPatch) -> None:
     distributed.cleanup()  # nothing to clean up: no error
 
 
-def test_time_budget_under_torchrun_ends_every_process_at_the_same_step(tmp_path: Path) -> None:
-    """Process 0's step plan is broadcast: with a budget, both processes stop after the same step."""
-    out = tmp_path / "run"
-    result = torchrun("-m", "unsupdistill", "pretrain", "--out", str(out), *RUN_ARGS, "train.epochs=10000",
-                      "train.time_budget_s=6", "train.save_every_steps=100000")
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = [r for r in read_metrics(out) if "loss" in r]
-    assert records[-1]["planned_steps"] == records[-1]["step"] == load_checkpoint(out / "checkpoints" / "last.pt")[
-        "step"]
-    assert records[-1]["budget_left_s"] < 2.0
-
-
-def test_a_folder_under_torchrun_is_scanned_once_into_one_default_run_directory(tmp_path: Path) -> None:
-    """No --out: process 0 names the run directory for both; process 0 alone scans the folder, logs and
-    writes the scan, and the automatic settings split the batch over the two processes."""
+@pytest.mark.slow
+def test_process_0_decides_for_both_the_run_directory_the_scan_and_the_time_budgets_steps(tmp_path: Path) -> None:
+    """A folder, no --out, a time budget, under torchrun: process 0 names the run directory for both; process 0
+    alone scans the folder, logs and writes the scan, and the automatic settings split the batch over the two
+    processes; process 0's step plan is broadcast, so with the budget both processes stop after the same step."""
     from PIL import Image
 
     images = tmp_path / "images"
     images.mkdir()
     for i in range(24):
         Image.new("RGB", (20, 20), (i * 10, 255 - i * 10, 7 * i)).save(images / f"{i:02d}.png")
-    result = torchrun("-m", "unsupdistill", "pretrain", "images", *TINY[:3], "train.max_steps=2", cwd=tmp_path)
+    result = torchrun("-m", "unsupdistill", "pretrain", "images", *TINY[:3], "train.log_every_steps=1",
+                      "train.epochs=10000", "train.time_budget_s=6", "train.save_every_steps=100000", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1, runs  # one directory, not one per process
@@ -223,4 +249,9 @@ def test_a_folder_under_torchrun_is_scanned_once_into_one_default_run_directory(
     # epoch (a batch of 8 in each would make 1)
     assert yaml.safe_load((runs[0] / "config.yaml").read_text())["train"]["batch_size"] == 8
     assert "global batch 8 over 2 process(es)" in (runs[0] / "train.log").read_text()
-    assert [(m["step"], m["epoch"]) for m in read_metrics(runs[0])] == [(2, pytest.approx(2 / 3))]
+    records = [r for r in read_metrics(runs[0]) if "loss" in r]
+    assert [(r["step"], r["epoch"]) for r in records] == [(r["step"], pytest.approx(r["step"] / 3)) for r in records]
+    # the budget's last step is the one both processes planned, and the one checkpointed
+    assert records[-1]["planned_steps"] == records[-1]["step"] == load_checkpoint(runs[0] / "checkpoints" /
+                                                                                   "last.pt")["step"]
+    assert records[-1]["budget_left_s"] < 2.0

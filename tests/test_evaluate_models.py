@@ -2,7 +2,6 @@
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,6 @@ from unsupdistill.storage import CHECKPOINT_FORMAT
 
 FEATURE_DIM = 64  # the last stage width of TINY's ResNet
 CROP = 16  # the default global crop size
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: these tiny networks gain nothing from more, and on a shared machine a
-    second thread contending with other jobs makes a 0.3 s training take 10 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

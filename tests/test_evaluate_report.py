@@ -1,9 +1,7 @@
-"""Multi-k k-NN evaluation, report tables and JSON, PNG plots (checked pixel by pixel), and the k-NN benchmark
-script."""
+"""Multi-k k-NN evaluation, report tables and JSON, PNG plots (checked pixel by pixel). The k-NN benchmark script is
+tested in test_benchmarks.py."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +20,6 @@ from unsupdistill.evaluate.report import (
     plot_knn_vs_k,
     write_json,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def clusters(num_points: int, num_classes: int, dim: int = 16, noise: float = 1.5, seed: int = 0):
@@ -284,20 +280,3 @@ def test_plot_knn_vs_k_draws_each_model_at_its_accuracies_on_a_log_axis(tmp_path
         other = "random init" if name == "dino" else "dino"
         assert colour_near(image, x, y, colour[name], radius=1), (name, k, accuracy)  # its marker is there
         assert not colour_near(image, x, y, colour[other], radius=1), (name, k, accuracy)
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmark script
-# ----------------------------------------------------------------------------------------------
-
-
-def test_bench_knn_quick_runs(tmp_path):
-    out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "eval/bench_knn.py", "--quick", "--repeats", "1", "--json", str(out)],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert "knn_evaluate:" in run.stdout and "scikit-learn:" in run.stdout and "| method" in run.stdout
-    results = json.loads(out.read_text())
-    assert results["knn_evaluate"]["seconds"] > 0 and results["sklearn"]["seconds"] > 0
-    assert results["config"]["train"] == 2000 and results["config"]["dim"] == 64 and results["config"]["test"] == 500
-    assert results["accuracies_agree"], results

@@ -1,6 +1,8 @@
 """Exports (safetensors, TorchScript, ONNX) reload without unsupdistill and match PyTorch; embed; Python API."""
 
+import contextlib
 import csv
+import io
 import json
 import logging
 import os
@@ -36,7 +38,8 @@ RUNS = {
             "model.backbone_kwargs={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}"],
 }
 
-# Runs in a fresh interpreter where `import unsupdistill` fails: only torch, timm, safetensors, onnxruntime.
+# Runs in a fresh interpreter where `import unsupdistill` fails: only torch, timm, safetensors, onnxruntime. One
+# interpreter for every run's exports (each start imports torch, timm and onnxruntime: seconds).
 RELOAD_WITHOUT_UNSUPDISTILL = r"""
 import json, sys
 sys.modules["unsupdistill"] = None  # any import of the package now raises ImportError
@@ -48,24 +51,23 @@ except ImportError:
 import numpy as np, timm, torch, onnxruntime
 from safetensors.torch import load_file
 
-export_dir, images_path, out_path = sys.argv[1:4]
-images = torch.from_numpy(np.load(images_path))  # (N, 3, S, S) float in [0, 1]
-out = {}
-
-meta = json.load(open(f"{export_dir}/teacher.json"))
-model = timm.create_model(meta["timm_name"], num_classes=0, **meta["timm_kwargs"])
-if meta["small_image_stem"]:  # as the sidecar's "rebuild" says
-    model.conv1 = torch.nn.Conv2d(3, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
-    model.maxpool = torch.nn.Identity()
-model.load_state_dict(load_file(f"{export_dir}/teacher.safetensors"), strict=True)
-mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)
-std = torch.tensor(meta["std"]).view(1, 3, 1, 1)
-with torch.no_grad():
-    out["safetensors"] = model.eval()((images - mean) / std).numpy()
-    out["torchscript"] = torch.jit.load(f"{export_dir}/teacher.torchscript.pt")(images).numpy()
-session = onnxruntime.InferenceSession(f"{export_dir}/teacher.onnx", providers=["CPUExecutionProvider"])
-out["onnx"] = session.run(["features"], {"images": images.numpy()})[0]
-np.savez(out_path, **out)
+for export_dir, images_path, out_path in zip(*[iter(sys.argv[1:])] * 3):
+    images = torch.from_numpy(np.load(images_path))  # (N, 3, S, S) float in [0, 1]
+    out = {}
+    meta = json.load(open(f"{export_dir}/teacher.json"))
+    model = timm.create_model(meta["timm_name"], num_classes=0, **meta["timm_kwargs"])
+    if meta["small_image_stem"]:  # as the sidecar's "rebuild" says
+        model.conv1 = torch.nn.Conv2d(3, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        model.maxpool = torch.nn.Identity()
+    model.load_state_dict(load_file(f"{export_dir}/teacher.safetensors"), strict=True)
+    mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out["safetensors"] = model.eval()((images - mean) / std).numpy()
+        out["torchscript"] = torch.jit.load(f"{export_dir}/teacher.torchscript.pt")(images).numpy()
+    session = onnxruntime.InferenceSession(f"{export_dir}/teacher.onnx", providers=["CPUExecutionProvider"])
+    out["onnx"] = session.run(["features"], {"images": images.numpy()})[0]
+    np.savez(out_path, **out)
 """
 
 
@@ -84,31 +86,50 @@ def real_images(size, count=5):
     return torch.stack([digits[i] for i in range(count)]).float() / 255
 
 
+@pytest.fixture(scope="module")
+def reloaded(runs, tmp_path_factory) -> dict[str, dict]:
+    """Each run exported in every format by ``unsupdistill export`` (what it printed, the sidecars), the features of
+    the Python API on real images, and those of the exports reloaded in a fresh interpreter without unsupdistill."""
+    root = tmp_path_factory.mktemp("exports")
+    results, argv = {}, []
+    for name in RUNS:
+        export_dir, printed = root / name, {}
+        for fmt, file in FORMATS.items():
+            with contextlib.redirect_stdout(io.StringIO()) as stdout:
+                assert main(["export", str(runs / name), "--format", fmt, "--out", str(export_dir / file)]) == 0
+            printed[fmt] = stdout.getvalue()
+        extractor = load_feature_extractor(runs / name)
+        images = real_images(extractor.input_size)
+        np.save(root / f"{name}.npy", images.numpy())
+        results[name] = {"export_dir": export_dir, "printed": printed, "expected": extractor(images).numpy(),
+                         "sidecars": {fmt: json.loads(formats.sidecar_path(export_dir / file).read_text())
+                                      for fmt, file in FORMATS.items()}}
+        argv += [str(export_dir), str(root / f"{name}.npy"), str(root / f"{name}.npz")]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", RELOAD_WITHOUT_UNSUPDISTILL, *argv], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in RUNS:
+        results[name]["got"] = dict(np.load(root / f"{name}.npz"))
+    return results
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
-def test_every_export_reloads_without_unsupdistill_and_matches_pytorch(runs, tmp_path, capsys, name):
-    export_dir = tmp_path / "export"
+def test_every_export_reloads_without_unsupdistill_and_matches_pytorch(reloaded, name):
+    run = reloaded[name]
     for fmt, file in FORMATS.items():
-        assert main(["export", str(runs / name), "--format", fmt, "--out", str(export_dir / file)]) == 0
-        printed = capsys.readouterr().out
-        assert "max abs error" in printed and "passed" in printed and str(export_dir / file) in printed
-    sidecars = {fmt: json.loads(formats.sidecar_path(export_dir / file).read_text()) for fmt, file in FORMATS.items()}
+        printed = run["printed"][fmt]
+        assert "max abs error" in printed and "passed" in printed and str(run["export_dir"] / file) in printed
+    sidecars = run["sidecars"]
     assert sidecars["onnx"]["onnx_opset"] == formats.ONNX_OPSET
     assert all(meta["parity"]["max_abs_error"] <= meta["parity"]["tolerance"] for meta in sidecars.values())
-
-    extractor = load_feature_extractor(runs / name)
-    images = real_images(extractor.input_size)
-    expected = extractor(images).numpy()
-    np.save(tmp_path / "images.npy", images.numpy())
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", RELOAD_WITHOUT_UNSUPDISTILL, str(export_dir),
-                             str(tmp_path / "images.npy"), str(tmp_path / "out.npz")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    got = np.load(tmp_path / "out.npz")
+    expected = run["expected"]
     tolerance = formats.ATOL + formats.RTOL * np.abs(expected).max()
     for fmt in FORMATS:
-        assert got[fmt].shape == expected.shape, fmt
-        error = np.abs(got[fmt] - expected).max()
+        got = run["got"][fmt]
+        assert got.shape == expected.shape, fmt
+        error = np.abs(got - expected).max()
         assert error <= tolerance, f"{fmt}: max abs error {error} > {tolerance}"
 
 

@@ -14,8 +14,6 @@ import gpu_check  # noqa: E402  (eval/tools/ is a folder of scripts, not a packa
 
 from unsupdistill.train.precision import precision_name, resolve_precision  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def vit_forward_flops(size: int, kwargs: dict, head_dims: tuple[int, ...]) -> float:
     """Matmul FLOPs of one image's forward through a timm ViT and a DINO head (attention scores left out)."""

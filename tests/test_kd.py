@@ -1,30 +1,26 @@
-"""Distillation with labels (method kd): the KD loss, a labeled + unlabeled folder, the teacher's head, the exported
-classifier (eval, embed, export) and an epoch checkpoint's own, born-again generations (frozen teacher, resume in
-generation 2, what a resume of them takes and refuses) and bad labels."""
+"""Distillation with labels (method kd): the KD loss and the images its soft term covers, a labeled + unlabeled folder,
+the built-in digits' labels, the teacher's head (fitted, or the teacher's own classifier mapped by class name), the
+exported classifier (eval, embed), a resume with other classes, born-again generations with and without labels
+(frozen teacher; resume after SIGKILL in generation 2 is in test_resume.py) and bad labels."""
 
 import csv
 import hashlib
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import cli, export_teacher, read_metrics
+from conftest import export_teacher, read_metrics
 from PIL import Image
 from safetensors.torch import load_file
 
 from unsupdistill.cli import main
 from unsupdistill.config import ConfigError, load_config
-from unsupdistill.data import build_dataset
+from unsupdistill.data import DataError, build_dataset, digits_split
 from unsupdistill.data.labeled import training_labels
 from unsupdistill.evaluate.features import NormalizedBackbone
 from unsupdistill.evaluate.run import classifier_accuracy
@@ -35,10 +31,8 @@ from unsupdistill.methods.kd.method import KnowledgeDistillation
 from unsupdistill.models.classifier import Classifier
 from unsupdistill.models.load import load_model
 from unsupdistill.models.teachers import load_teacher
-from unsupdistill.storage import load_checkpoint, save_checkpoint
+from unsupdistill.storage import load_checkpoint, save_checkpoint, save_classifier
 from unsupdistill.train.method import Runtime
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLASSES = ("blue", "green", "red")
 STUDENT = ["model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", "model.input_size=12",
@@ -116,6 +110,7 @@ def kd_run(data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_labeled_and_unlabeled_images_train_a_classifier_above_random_init(kd_run):
     config = (kd_run / "config.yaml").read_text()
     assert "method: kd" in config and "kd:" in config and "\ndino:" not in config
@@ -131,6 +126,7 @@ def test_labeled_and_unlabeled_images_train_a_classifier_above_random_init(kd_ru
     assert json.loads((kd_run / "classifier.json").read_text())["classes"] == list(CLASSES)
 
 
+@pytest.mark.slow
 def test_eval_and_embed_use_the_exported_classifier(kd_run, data, tmp_path):
     assert main(["eval", str(kd_run), "--train", str(data["labels"]), "--test", str(data["test"]), "--no-linear",
                  "--no-clustering", "--no-plots", "--out", str(tmp_path / "eval")]) == 0
@@ -176,6 +172,69 @@ def test_the_teacher_head_is_fitted_on_the_training_labels_only(data, tmp_path, 
     assert seen["labels"].tolist() == expected
 
 
+def kd_method(data: dict, tmp_path: Path, *overrides: str, labels: Path | None = None,
+              teacher: Path | None = None) -> KnowledgeDistillation:
+    """The kd method on the pool with its training labels, set up (no step trained)."""
+    config = load_config(None, ["method=kd", f"distill.teacher={teacher or data['teacher']}",
+                                f"data.path={data['pool']}", f"data.labels={labels or data['labels']}", *STUDENT,
+                                *overrides])
+    method = KnowledgeDistillation(config, Runtime(torch.device("cpu"), None, 1, tmp_path))
+    dataset = build_dataset(config.data, method.image_size)
+    method.setup(dataset, training_labels(config.data.labels, dataset))
+    return method
+
+
+def test_a_teachers_classifier_is_mapped_onto_the_labels_classes_by_name(data, tmp_path, monkeypatch):
+    """A teacher whose classifier knows more classes than the labels, in another order (red, purple, blue, green):
+    its class probabilities come from its rows for the labels' classes, in the labels' order; labels of only some of
+    its classes (blue, red) take those rows alone. No head is fitted."""
+    monkeypatch.setattr(KnowledgeDistillation, "_fit_teacher_head",
+                        lambda *args: pytest.fail("a head was fitted for a teacher with a classifier"))
+    teacher = tmp_path / "teacher"
+    shutil.copytree(data["teacher"].parent, teacher)
+    own = Classifier(32, ["red", "purple", "blue", "green"])  # over the teacher's 32-d features
+    torch.nn.init.normal_(own.weight), torch.nn.init.normal_(own.bias)
+    own.requires_grad_(False)
+    save_classifier(own.weight, own.bias, own.classes, teacher)
+    features = torch.randn(5, 32)
+    subset = write_rows(tmp_path / "blue_red.csv", [[str(data["pool"] / f"{i:02d}_{name}.png"), name]
+                                                     for name in ("blue", "red") for i in range(8)])
+    for labels, rows in ((data["labels"], [2, 3, 0]), (subset, [2, 0])):
+        method = kd_method(data, tmp_path / labels.stem, labels=labels, teacher=teacher / data["teacher"].name)
+        head = method.teacher_classifier
+        assert method.teacher_head_source == "the teacher's own classifier (4 classes)"
+        assert head.classes == [own.classes[r] for r in rows] == method.student.classifier.classes
+        assert torch.equal(head.weight, own.weight[rows]) and torch.equal(head.bias, own.bias[rows])
+        with torch.no_grad():
+            torch.testing.assert_close(head(features), own(features)[:, rows])
+
+
+@pytest.mark.parametrize("soft_images", ["all", "labeled"])
+def test_soft_images_chooses_the_images_of_the_soft_term(data, tmp_path, monkeypatch, soft_images):
+    """kd.soft_images=all: the KD loss sees every image of the batch (the unlabeled ones, label -1, join its soft
+    term); labeled: only the labeled images, with the teacher's and the student's logits of the same images."""
+    seen = []
+    forward = KDLoss.forward
+
+    def spy(self, student, teacher, labels):
+        assert student.shape == teacher.shape == (len(labels), len(CLASSES))
+        seen.append(labels.clone())
+        return forward(self, student, teacher, labels)
+
+    monkeypatch.setattr(KDLoss, "forward", spy)
+    config = load_config(None, ["method=kd", f"distill.teacher={data['teacher']}", f"data.path={data['pool']}",
+                                f"data.labels={data['labels']}", *STUDENT, "train.max_steps=3",
+                                f"kd.soft_images={soft_images}"])
+    build_trainer(config, tmp_path / "run").fit()
+    shares = [m["labeled_share"] for m in read_metrics(tmp_path / "run")]
+    assert len(seen) == len(shares) == 3 and all(0 < share < 1 for share in shares)  # every batch has both kinds
+    for labels, share in zip(seen, shares):
+        if soft_images == "all":
+            assert len(labels) == 16 and (labels >= 0).float().mean().item() == share
+        else:
+            assert (labels >= 0).all() and len(labels) == round(16 * share)
+
+
 def test_under_torchrun_process_0_fits_the_teacher_head_and_the_others_take_it(data, tmp_path, monkeypatch):
     """Every process trains with one head: process 0 fits it and broadcasts it; another process fits nothing."""
     config = load_config(None, ["method=kd", f"distill.teacher={data['teacher']}", f"data.path={data['pool']}",
@@ -203,6 +262,24 @@ def test_under_torchrun_process_0_fits_the_teacher_head_and_the_others_take_it(d
     assert "61.0 % on a held-out fifth" in method.describe()
 
 
+def test_a_resume_with_labels_of_other_classes_is_refused(data, tmp_path, caplog):
+    """The student's classifier has a row per class of the run's labels: a resume with labels of other classes (blue
+    and red only) is refused before any step, naming both; its checkpoint, metrics and export stay as they were, and
+    it resumes with its own labels."""
+    out = tmp_path / "run"
+    assert kd(out, data, "train.max_steps=2") == 0
+    exported = (out / "backbone.safetensors").read_bytes()
+    other = write_rows(tmp_path / "blue_red.csv", [[str(data["pool"] / f"{i:02d}_{name}.png"), name]
+                                                    for name in ("blue", "red") for i in range(8)])
+    assert main(["distill", "--resume", str(out), "--labels", str(other), "train.max_steps=3"]) == 2
+    assert (f"the checkpoint was trained on classes ['blue', 'green', 'red'], but data.labels={other} gives "
+            "['blue', 'red']; resume with the run's own data.labels") in caplog.text
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2 and len(read_metrics(out)) == 2
+    assert (out / "backbone.safetensors").read_bytes() == exported
+    assert main(["distill", "--resume", str(out), "train.max_steps=3"]) == 0
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2, 3]
+
+
 @pytest.fixture(scope="module")
 def chain(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("chain") / "born_again"
@@ -210,6 +287,7 @@ def chain(data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_generations_learn_from_the_one_before_and_end_with_one_table(chain, caplog):
     assert (chain / "gen_1" / "classifier.safetensors").is_file() and (chain / "gen_2" / "backbone.json").is_file()
     gen2 = (chain / "gen_2" / "config.yaml").read_text()
@@ -227,15 +305,30 @@ def test_generations_learn_from_the_one_before_and_end_with_one_table(chain, cap
     assert "--batch-size" in caplog.text and "generations.json" in caplog.text
 
 
+def reordered_copy(run: Path, folder: Path, order: list[str]) -> Path:
+    """``run``'s exported backbone in ``folder`` with its classifier's rows in the class order ``order``: the same
+    classifier, other indices."""
+    folder.mkdir()
+    for name in ("backbone.safetensors", "backbone.json"):
+        shutil.copy(run / name, folder / name)
+    own = load_model(str(run)).classifier
+    rows = [own.classes.index(name) for name in order]
+    save_classifier(own.weight[rows], own.bias[rows], order, folder)
+    return folder / "backbone.safetensors"
+
+
+@pytest.mark.slow
 def test_a_generations_teacher_is_frozen_and_bit_identical_after_training(chain, data, tmp_path):
-    teacher = chain / "gen_1"
-    before = {name: hashlib.sha256((teacher / name).read_bytes()).hexdigest()
+    """Generation 1 as the teacher, its classifier's classes stored in another order (red, blue, green): the
+    teacher's class probabilities are mapped onto the labels' classes by name, so the head is generation 1's own."""
+    teacher = reordered_copy(chain / "gen_1", tmp_path / "teacher", ["red", "blue", "green"])
+    before = {name: hashlib.sha256((teacher.parent / name).read_bytes()).hexdigest()
               for name in ("backbone.safetensors", "classifier.safetensors")}
     config = load_config(None, ["method=kd", f"distill.teacher={teacher}", f"data.path={data['pool']}",
                                 f"data.labels={data['labels']}", *STUDENT, "train.max_steps=4"])
     trainer = build_trainer(config, tmp_path / "gen")
     method = trainer.method
-    assert method.teacher_head_source.startswith("the teacher's own classifier")
+    assert method.teacher_head_source == "the teacher's own classifier (3 classes)"
     frozen = {k: v.clone() for k, v in method.teacher.backbone.state_dict().items()}
     head = {k: v.clone() for k, v in method.teacher_classifier.state_dict().items()}
     trainer.fit()
@@ -244,34 +337,45 @@ def test_a_generations_teacher_is_frozen_and_bit_identical_after_training(chain,
     assert all(torch.equal(v, head[k]) for k, v in method.teacher_classifier.state_dict().items())
     fresh = load_teacher(str(teacher))
     assert all(torch.equal(v, fresh.backbone.state_dict()[k]) for k, v in frozen.items())
-    own = load_model(str(teacher)).classifier
-    rows = [own.classes.index(c) for c in CLASSES]
-    assert torch.equal(head["weight"], own.weight[rows]) and torch.equal(head["bias"], own.bias[rows])
-    assert before == {name: hashlib.sha256((teacher / name).read_bytes()).hexdigest() for name in before}
+    assert method.teacher_classifier.classes == list(CLASSES)
+    original = load_model(str(chain / "gen_1")).classifier  # blue, green, red
+    assert torch.equal(head["weight"], original.weight) and torch.equal(head["bias"], original.bias)
+    assert before == {name: hashlib.sha256((teacher.parent / name).read_bytes()).hexdigest() for name in before}
 
 
-def test_resume_after_sigkill_in_generation_2_continues_it_with_equal_losses(chain, data, tmp_path):
+def test_generations_without_labels_distill_each_from_the_one_before(data, tmp_path):
+    """Born-again generations of plain distillation (no labels): generation 2's teacher is generation 1's exported
+    student (its 16-d features, not the first teacher's 32-d ones); no classifier anywhere."""
     out = tmp_path / "born_again"
-    args = ["distill", str(data["pool"]), "--out", str(out), "--teacher", str(data["teacher"]), "--labels",
-            str(data["labels"]), "--generations", "2", *STUDENT]
-    proc = subprocess.Popen([sys.executable, "-m", "unsupdistill", *args], env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not any(m["step"] >= 7
-                                                                     for m in read_metrics(out / "gen_2")):
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (out / "gen_1" / "backbone.safetensors").is_file() and not (out / "gen_2" / "backbone.json").exists()
-    gen1 = (out / "gen_1" / "backbone.safetensors").stat().st_mtime_ns
-    result = cli("distill", "--resume", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (out / "gen_1" / "backbone.safetensors").stat().st_mtime_ns == gen1  # generation 1 is not trained again
-    expected = {m["step"]: m["loss"] for m in read_metrics(chain / "gen_2") if "loss" in m}
-    got = {m["step"]: m["loss"] for m in read_metrics(out / "gen_2") if "loss" in m}
-    assert got.keys() == expected.keys()
-    assert all(got[s] == pytest.approx(expected[s], rel=1e-5) for s in expected), (got, expected)
+    assert main(["distill", str(data["pool"]), "--out", str(out), "--teacher", str(data["teacher"]), "--generations",
+                 "2", *STUDENT, "train.max_steps=2"]) == 0
+    for k, teacher, width in ((1, data["teacher"], 32), (2, out / "gen_1", 16)):
+        state = load_checkpoint(out / f"gen_{k}" / "checkpoints" / "last.pt")
+        assert state["method"] == "distill" and state["config"]["distill"]["teacher"] == str(teacher)
+        assert state["distill_teacher"]["key"] == load_teacher(str(teacher)).cache_key
+        assert state["distill_teacher"]["feature_dim"] == width and state["student"]["head.weight"].shape == (width, 16)
+        assert not (out / f"gen_{k}" / "classifier.safetensors").exists()
+    table = (out / "generations.md").read_text()
+    assert "gen_1" in table and table.count("\n") == 4  # header, rule, two generations
+    assert json.loads((out / "status.json").read_text())["state"] == "done"
+
+
+def test_digits_labels_label_the_train_split_of_the_built_in_digits(data, tmp_path):
+    """data.labels=digits: the built-in digits' own labels on their train split, the test split unlabeled (the
+    end-of-run scores on it stay honest); kd trains on them with the classes "0" to "9"."""
+    config = load_config(None, ["data.labels=digits"])
+    dataset = build_dataset(config.data, 12)
+    labels = training_labels("digits", dataset)
+    train, test = digits_split()
+    assert labels.classes == [str(i) for i in range(10)] and labels.labeled == len(train)
+    assert torch.equal(labels.labels[train], dataset.labels[train]) and (labels.labels[test] == -1).all()
+    out = tmp_path / "run"
+    assert main(["distill", "--out", str(out), "--teacher", str(data["teacher"]), "--labels", "digits", *STUDENT,
+                 "train.max_steps=2"]) == 0
+    assert json.loads((out / "classifier.json").read_text())["classes"] == [str(i) for i in range(10)]
+    assert 0 < read_metrics(out)[-1]["labeled_share"] < 1
+    with pytest.raises(DataError, match="data.labels=digits labels the built-in digits only"):
+        training_labels("digits", build_dataset(load_config(None, [f"data.path={data['pool']}"]).data, 12))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,8 +497,9 @@ def write_rows(path: Path, rows: list[list[str]]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["empty class", "missing file", "outside data.path", "label outside the classes"])
-def test_bad_labels_fail_before_training_with_the_file_and_the_fix(case, data, chain, tmp_path, caplog):
+@pytest.mark.parametrize("case", ["empty class", "missing file", "outside data.path",
+                                  pytest.param("label outside the classes", marks=pytest.mark.slow)])  # generations
+def test_bad_labels_fail_before_training_with_the_file_and_the_fix(case, data, tmp_path, caplog, request):
     teacher, labels, folder = data["teacher"], None, data["pool"]
     if case == "empty class":
         folder = tmp_path / "labeled"
@@ -413,7 +518,7 @@ def test_bad_labels_fail_before_training_with_the_file_and_the_fix(case, data, c
                                                        [str(data["pool"] / "00_blue.png"), "blue"]])
         expected = [str(data["test"] / "red" / "0.png"), "put the labeled images inside data.path"]
     else:
-        teacher = chain / "gen_1"  # a classifier over blue, green, red
+        teacher = request.getfixturevalue("chain") / "gen_1"  # a classifier over blue, green, red
         labels = write_rows(data["root"] / "purple.csv", [["pool/00_blue.png", "blue"], ["pool/01_red.png", "purple"]])
         expected = ["'purple'", "teacher's classifier does not know", "Label with those classes"]
     out = tmp_path / "run"

@@ -7,6 +7,7 @@ recipes/digits.yaml's 12 epochs on the 1,257 training digits: 71.1 % random, 76.
 BatchNorm, 83.5 % pretrained).
 """
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -14,9 +15,13 @@ from safetensors.torch import load_file
 from unsupdistill.config import load_config
 from unsupdistill.data import DigitsDataset, ImageFolderDataset, digits_split
 from unsupdistill.evaluate import extract_features, knn_accuracy
+from unsupdistill.evaluate.probe import KNNProbe
 from unsupdistill.evaluate.run import EvalOptions, evaluate
 from unsupdistill.methods import train
 from unsupdistill.models.backbone import create_backbone
+from unsupdistill.run_dir import read_metrics
+
+pytestmark = pytest.mark.slow  # end-to-end runs
 
 
 def write_pngs(indices, folder):
@@ -32,9 +37,12 @@ def test_pretrained_teacher_beats_random_init_by_5_knn_points(tmp_path):
     train_labels = write_pngs(train_idx, tmp_path / "train")
     test_labels = write_pngs(test_idx, tmp_path / "test")
 
-    # the built-in run's settings (recipes/digits.yaml, 12 epochs), pretrained on the train split only (240 steps)
-    config = load_config("digits", [f"data.path={tmp_path / 'train'}", "data.num_workers=0"])
-    train(config, tmp_path / "run")
+    # the built-in run's settings (recipes/digits.yaml, 12 epochs), pretrained on the train split only (228 steps),
+    # with the k-NN probe of pretraining (eval.train/eval.test) at the end of the run
+    config = load_config("digits", [f"data.path={tmp_path / 'train'}", "data.num_workers=0", "eval.train=digits",
+                                    "eval.test=digits", "eval.every_epochs=12"])
+    probe = KNNProbe(config, torch.device("cpu"))
+    train(config, tmp_path / "run", probe=probe)
 
     size = config.model.input_size
     train_set, test_set = ImageFolderDataset(tmp_path / "train", size), ImageFolderDataset(tmp_path / "test", size)
@@ -50,6 +58,10 @@ def test_pretrained_teacher_beats_random_init_by_5_knn_points(tmp_path):
     trained, _ = create_backbone(config.model)
     trained.load_state_dict(load_file(tmp_path / "run" / "backbone.safetensors"))
     random_accuracy, trained_accuracy = knn(random_init), knn(trained)
+    # the probe logged the pretrained network's k-NN, and the same probe scores random init 5 points lower
+    [logged] = [m for m in read_metrics(tmp_path / "run")[0] if "knn_top1" in m]
+    assert logged["step"] == 228 and logged["knn_top1"] == probe(trained)["knn_top1"]
+    assert logged["knn_top1"] >= probe(random_init)["knn_top1"] + 5, (logged, probe(random_init))
     recalibrate_batchnorm(random_init, train_set, config)
     recalibrated_accuracy = knn(random_init)
     print(f"k-NN top-1 on held-out digits: random init {random_accuracy:.1f} %, with recalibrated BatchNorm "

@@ -12,8 +12,6 @@ from unsupdistill.evaluate import linear_grid
 from unsupdistill.evaluate.linear import linear_probe
 from unsupdistill.evaluate.linear_grid import linear_probe_grid
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def blobs(num_classes: int, n: int, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Linearly separable features (n, dim): unit-variance Gaussians around class centres 10 apart."""

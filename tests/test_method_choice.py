@@ -14,8 +14,6 @@ from unsupdistill.cli import main
 from unsupdistill.config import ConfigError, load_config
 from unsupdistill.methods.distill import method as distill_method
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 TINY = ["model.backbone_kwargs={channels: [8, 16, 32, 64], stem_width: 8, layers: [1, 1, 1, 1]}",
         "data.num_workers=0", "train.device=cpu", "train.precision=fp32"]
 TEACHER = ["--teacher", "timm:resnet10t", "distill.teacher_size=16"]

@@ -30,8 +30,6 @@ from unsupdistill.models.load import load_model
 from unsupdistill.train.method import Batch, Export, Method, Runtime
 from unsupdistill.train.schedules import ScheduleValues, cosine_at
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 TINY = ["model.backbone_kwargs={channels: [8, 16, 32, 64], stem_width: 8, layers: [1, 1, 1, 1]}",
         "train.batch_size=32", "data.num_workers=0", "train.log_every_steps=1", "train.device=cpu",
         "train.precision=fp32"]

@@ -1,5 +1,5 @@
-"""Reliability: preemption by SIGTERM/SIGINT, resume from the newest checkpoint that loads, checkpoint
-write failures, non-finite losses and gradients, and the chaos script."""
+"""Reliability: preemption by SIGTERM/SIGINT (of one process of a torchrun: test_distributed.py), resume from the
+newest checkpoint that loads, checkpoint write failures, non-finite losses and gradients, and the chaos script."""
 
 import itertools
 import json
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, cli, read_metrics
+from conftest import TINY, eval_script, read_metrics
 from lightly.loss import DINOLoss
 from PIL import Image
 
@@ -26,7 +26,6 @@ from unsupdistill.methods.dino import method as dino
 from unsupdistill.storage import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from unsupdistill.train import loop
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20
 ARGS = [*TINY, f"train.max_steps={STEPS}", "train.log_every_steps=1", "train.seed=5"]  # saves at the end
 
@@ -52,6 +51,7 @@ def assert_losses_equal(run: Path, reference: dict[int, float]) -> None:
         assert m["loss"] == pytest.approx(reference[m["step"]], rel=1e-6, abs=1e-7), f"step {m['step']}"
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_stops_at_a_step_boundary_and_resume_matches(tmp_path, reference):
     """A scheduler's preemption: SIGTERM to the training process and its DataLoader worker. The process
     writes a checkpoint of the step it reached and exits with status 75; the resumed run's losses equal
@@ -79,8 +79,7 @@ def test_sigterm_to_the_process_group_stops_at_a_step_boundary_and_resume_matche
     assert (status["state"], status["exit_code"], status["step"]) == ("preempted", EXIT_STOPPED, reached)
     assert status["resume"] == f"unsupdistill pretrain --resume {out}"
 
-    result = cli("pretrain", "--resume", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["pretrain", "--resume", str(out)]) == 0
     assert_losses_equal(out, reference)
 
 
@@ -269,61 +268,14 @@ def test_signal_handlers_live_in_the_main_thread_during_training_only(tmp_path, 
     assert codes == [0] and during[1] == before[signal.SIGTERM]
 
 
+@pytest.mark.slow
 def test_chaos_quick_finds_no_corrupt_checkpoint(tmp_path):
     report_path = tmp_path / "chaos.json"
-    chaos = ROOT / "eval" / "tools" / "chaos.py"
-    result = subprocess.run([sys.executable, str(chaos), "--quick", "--out", str(tmp_path), "--json", str(report_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert "corrupt checkpoints found" in result.stdout and "all checks passed" in result.stdout
+    code, printed = eval_script("tools/chaos.py", "--quick", "--out", str(tmp_path), "--json", str(report_path))
+    assert code == 0, printed
+    assert "corrupt checkpoints found" in printed and "all checks passed" in printed
     report = json.loads(report_path.read_text())
     assert report["passed"] and report["corrupt_checkpoints"] == 0
     assert (report["sigkills"], report["sigterms"], report["resumes"]) == (2, 1, 3)
     assert report["final_step"] == report["reference_final_step"] == 30
     assert report["losses_equal"] == 30
-
-
-def worker_pids(parent: int) -> dict[int, int]:
-    """Rank -> pid of the torchrun workers under ``parent`` (Linux /proc)."""
-    workers = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != parent:
-                continue
-            env = dict(item.split("=", 1) for item in (stat.parent / "environ").read_text().split("\0") if "=" in item)
-        except (OSError, IndexError, ValueError):
-            continue
-        if "RANK" in env:
-            workers[int(env["RANK"])] = int(stat.parent.name)
-    return workers
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
-def test_torchrun_processes_stop_after_the_same_step_when_one_is_signalled(tmp_path):
-    """SIGTERM to rank 1 only: both processes stop after the same step and rank 0 writes its checkpoint."""
-    out = tmp_path / "ddp"
-    log = tmp_path / "stderr.txt"
-    with open(log, "w") as stderr_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-             "unsupdistill", "pretrain", "--out", str(out), *TINY, "train.max_steps=60", "train.log_every_steps=1"],
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-            stderr=stderr_file)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None and not any(m["step"] >= 3 for m in read_metrics(out)):
-        time.sleep(0.01)
-    workers = worker_pids(proc.pid)
-    assert proc.poll() is None and sorted(workers) == [0, 1]
-    os.kill(workers[1], signal.SIGTERM)
-    proc.wait(timeout=120)
-    stderr = log.read_text()
-
-    assert proc.returncode != 0, stderr[-3000:]  # torchrun reports the workers' status 75 as a failure
-    reached = max(m["step"] for m in read_metrics(out))
-    state = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert state["step"] == reached < 60 and state["world_size"] == 2 and len(state["rng"]) == 2, stderr[-3000:]
-    assert f"stopped by a signal to another process after step {reached}" in (out / "train.log").read_text()
-    # torchrun turned the workers' 75 into 1; status.json still tells a requeue script what happened
-    status = json.loads((out / "status.json").read_text())
-    assert status["state"] == "preempted" and status["exit_code"] == EXIT_STOPPED and status["step"] == reached
-    assert status["resume"] == f"torchrun --standalone --nproc_per_node 2 -m unsupdistill pretrain --resume {out}"

@@ -30,8 +30,6 @@ from unsupdistill.show import (
 )
 from unsupdistill.show.retrieval import QUERY_FRAME
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 TARGET = (1, 2)  # the patch (row, column) of the 4 x 4 grid the focused ViT's first head attends to
 
 

@@ -21,8 +21,6 @@ from unsupdistill.models.frozen import FeatureModel
 from unsupdistill.models.load import load_model
 from unsupdistill.storage import save_backbone
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 STUDENT = "timm:resnet18,channels=[8,8,16,16],stem_width=8,small_image_stem=true"
 FAST = ["--no-linear", "--no-clustering", "--no-plots", "--no-cache", "--precision", "fp32"]
 

@@ -10,8 +10,6 @@ from unsupdistill.config import ConfigError
 from unsupdistill.evaluate.run import EvalOptions, evaluate
 from unsupdistill.evaluate.suite import load_suite
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 FAST = ["--no-clustering", "--no-plots", "--no-linear"]
 
 

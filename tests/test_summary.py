@@ -16,8 +16,6 @@ from unsupdistill.evaluate.run import EvalOptions, evaluate
 from unsupdistill.evaluate.summary import random_init_spec, run_summary
 from unsupdistill.run_dir import read_metrics
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def test_the_built_in_run_takes_the_digits_recipe(tmp_path, tiny):
     run = tmp_path / "run"

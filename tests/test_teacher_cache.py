@@ -1,5 +1,6 @@
 """Distillation's teacher cache (stored views replay pixel for pixel; a changed teacher, view recipe or image
-invalidates it; resume and torchrun), and distillation's automatic settings on a folder of photos."""
+invalidates it; distill.cache_max_gb limits the views stored; torchrun; resume after SIGKILL is in test_resume.py),
+and distillation's automatic settings on a folder of photos."""
 
 import json
 import logging
@@ -12,19 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli, export_teacher, read_metrics, sigkill_then_resume, write_images
+from conftest import export_teacher, read_metrics, write_images
 
+from unsupdistill.augment.distill import VIEW_PARAMS
 from unsupdistill.cli import main
 from unsupdistill.config import load_config
 from unsupdistill.data import build_dataset
+from unsupdistill.methods import build_trainer
 from unsupdistill.methods.distill.method import Distillation
 from unsupdistill.models.backbone import create_backbone, pooled_and_spatial
-from unsupdistill.models.teacher_cache import TeacherCache
+from unsupdistill.models.teacher_cache import TeacherCache, cache_bytes
 from unsupdistill.storage import DiskSpaceError
 from unsupdistill.train.method import Batch, Runtime
 from unsupdistill.train.schedules import schedule_at
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 STUDENT = ["model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}", "model.input_size=12",
            "train.batch_size=16", "data.num_workers=0", "train.log_every_steps=1", "eval.summary=false",
@@ -138,24 +139,31 @@ def test_a_changed_teacher_view_recipe_or_image_invalidates_the_cache(teacher, i
     assert stored_after("distill.view.scale=[0.5, 1.0]", folder=copy) == 0
 
 
-def test_resume_after_sigkill_with_the_cache_gives_the_same_losses(teacher, images, tmp_path):
-    args = ["--teacher", str(teacher), str(images), *STUDENT, *CACHED, "train.max_steps=21",
-            "train.save_every_steps=3", "train.seed=5", "distill.loss=queue_kl"]  # a queue: state across steps
-    reference = tmp_path / "reference"
-    assert cli("distill", "--out", str(reference), *args).returncode == 0
-    expected = {m["step"]: m["loss"] for m in read_metrics(reference)}
-    assert [m["teacher_cache_hits"] for m in read_metrics(reference)][3:] == [1.0] * 18  # epochs 2-7 replay
+def test_cache_max_gb_stores_fewer_views_and_the_teacher_runs_fewer_epochs(teacher, images, tmp_path, caplog):
+    """distill.cache_views=3 in a limit that holds 2 views per image: 2 are stored (a warning says so), so the teacher
+    runs in epochs 1-2 and epoch 3 replays; a limit under one view per image turns the cache off, saying why."""
+    per_view = cache_bytes(48, 1, 32, len(VIEW_PARAMS))  # 48 images, the teacher's 32-d features
 
-    killed = tmp_path / "killed"
-    resumed_from, metrics = sigkill_then_resume("distill", killed, args, after_step=8)
-    assert 6 <= resumed_from < 21
-    assert "reused" in (killed / "train.log").read_text()  # the resumed run replays the views stored before
-    got = {m["step"]: m["loss"] for m in metrics}
-    assert sorted(got) == list(range(1, 22))
-    for step in range(resumed_from + 1, 22):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), f"step {step}"
+    def run(name: str, views_that_fit: float) -> Path:
+        config = load_config(None, ["method=distill", f"distill.teacher={teacher}", f"data.path={images}", *STUDENT,
+                                    *CACHED, "distill.cache_views=3", "train.max_steps=9",
+                                    f"distill.cache_max_gb={views_that_fit * per_view / 1e9}"])
+        with caplog.at_level(logging.INFO):
+            build_trainer(config, tmp_path / name).fit()
+        return tmp_path / name
+
+    two = run("two", 2.5)
+    assert "teacher cache: 3 views per image would take" in caplog.text and "storing 2" in caplog.text
+    assert [m["teacher_cache_hits"] for m in read_metrics(two)] == [0.0] * 6 + [1.0] * 3  # 3 steps an epoch
+    filled = np.load(two / "teacher_cache" / "filled.npy")
+    assert filled.shape == (48, 2) and filled.all()
+    caplog.clear()
+    off = run("off", 0.5)
+    assert "teacher cache off: one view per image takes" in caplog.text and "> distill.cache_max_gb" in caplog.text
+    assert not (off / "teacher_cache").exists()
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_with_the_cache(teacher, images, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -200,6 +208,7 @@ def test_a_photo_folder_gets_distillation_settings_and_no_dino_keys(tmp_path, ca
     assert json.loads((tmp_path / "mine" / "backbone.json").read_text())["input_size"] == 48
 
 
+@pytest.mark.slow
 def test_a_time_budget_warms_up_and_decays_within_its_planned_steps(images, teacher, tmp_path):
     """The automatic warm-up is a share of the planned steps: a 6-s budget of a folder planned for 100+ epochs
     still reaches the peak lr early and ends near the minimum (it rose until the last step before)."""

@@ -24,7 +24,6 @@ VIT = "timm:vit_tiny_patch16_224,img_size=16,patch_size=4,embed_dim=32,depth=1,n
 OVERLAY_CFG = "mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25], input_size: [3, 16, 16]"
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass
