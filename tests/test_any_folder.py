@@ -126,7 +126,7 @@ def handed_to_training(monkeypatch, *args: str) -> tuple[Config, bool]:
         handed.append((config, automatic))
         return 0, config, None
 
-    monkeypatch.setattr(training, "_train_run", run)
+    monkeypatch.setattr(training, "train_run", run)
     assert main(["pretrain", *args]) == 0
     return handed[0]
 

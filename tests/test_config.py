@@ -23,7 +23,7 @@ def built_in_run(monkeypatch, tmp_path, *args: str) -> Config:
         handed.append(config)
         return 0, config, None
 
-    monkeypatch.setattr(training, "_train_run", run)
+    monkeypatch.setattr(training, "train_run", run)
     assert main(["pretrain", "--out", str(tmp_path / "run"), *args]) == 0
     return handed[0]
 
