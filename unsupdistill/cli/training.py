@@ -51,9 +51,7 @@ def train_command(args: argparse.Namespace) -> int:
 
     paths, overrides = split_pretrain_args(args.args)
     overrides = training_overrides(args, overrides)  # --precision, --eval-train, ...: key=value as written
-    generations = getattr(args, "generations", None)  # distill's --generations; None: not given (one student)
-    if generations is not None and generations < 1:
-        raise ConfigError(f"--generations {generations}: allowed values are 1 (one student) or more")
+    generations = getattr(args, "generations", None)  # distill's --generations (>= 1, argparse); None: one student
     checkpoint, ckpt_path = None, None
     if args.resume and is_generations_root(args.resume):  # born-again generations: go on with them
         return resume_generations(args, Path(args.resume), paths, overrides, generations)
