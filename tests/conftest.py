@@ -1,10 +1,18 @@
 """Shared helpers: a tiny configuration for fast end-to-end runs, and running the CLI; one thread per process."""
 
+import os
+
+# One intra-op thread in this process (the fixture below) and in every process a test starts (the CLI, torchrun,
+# eval/'s scripts): the networks are tiny, and on a busy 2-core machine a second thread mostly spins waiting (20 steps
+# of recipes/digits.yaml took 18 s with one thread and 62 s with two at a load of 6). Set before torch is imported:
+# set after, it made this process's training steps 10 times slower. `OMP_NUM_THREADS=N pytest` runs with N.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+THREADS = int(os.environ["OMP_NUM_THREADS"])
+
 import contextlib
 import importlib.util
 import io
 import logging
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,13 +27,6 @@ from unsupdistill import run_dir as run_directory
 from unsupdistill.config import load_config
 from unsupdistill.models.backbone import create_backbone, describe_backbone
 from unsupdistill.storage import save_backbone
-
-# One intra-op thread in this process (the fixture below) and in every process a test starts (the CLI, torchrun,
-# eval/'s scripts): the networks are tiny, and on a busy 2-core machine a second thread mostly spins waiting (20 steps
-# of recipes/digits.yaml took 18 s with one thread and 62 s with two at a load of 6). `OMP_NUM_THREADS=N pytest` runs
-# with N.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-THREADS = int(os.environ["OMP_NUM_THREADS"])
 
 REPO = Path(__file__).resolve().parents[1]
 
