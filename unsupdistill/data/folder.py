@@ -197,10 +197,16 @@ def resize_center_crop(img: Image.Image, size: int) -> torch.Tensor:
 
 
 def list_skipped(skipped: list[tuple[str, str]]) -> str:
-    """The first skipped files as "path: reason" lines (indented), and how many more there are."""
-    listed = "\n  ".join(f"{path}: {reason}" for path, reason in skipped[:_MAX_LISTED])
+    """The first skipped files as "path: reason" lines (indented), and how many more there are; bytes of a name that
+    are not UTF-8 are shown as ``\\xNN`` (a message any terminal, log file or test report can carry)."""
+    listed = "\n  ".join(f"{printable(path)}: {printable(reason)}" for path, reason in skipped[:_MAX_LISTED])
     more = f"\n  ... and {len(skipped) - _MAX_LISTED} more" if len(skipped) > _MAX_LISTED else ""
     return f"  {listed}{more}"
+
+
+def printable(text: str) -> str:
+    """``text`` with the undecodable bytes of a file name (``os.fsdecode``'s surrogates) written as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _describe(err: BaseException) -> str:

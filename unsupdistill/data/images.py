@@ -9,7 +9,15 @@ from typing import Literal
 import torch
 from torch.utils.data import Dataset
 
-from unsupdistill.data.folder import _MAX_LISTED, DataError, _describe, list_skipped, load_rgb, resize_center_crop
+from unsupdistill.data.folder import (
+    _MAX_LISTED,
+    DataError,
+    _describe,
+    list_skipped,
+    load_rgb,
+    printable,
+    resize_center_crop,
+)
 from unsupdistill.data.scan import FolderScan, scan_folder
 
 logger = logging.getLogger(__name__)
@@ -70,7 +78,7 @@ class ImageFolderDataset(Dataset):
                 f"{count} of {num_found} image files in {self.root} could not be read:\n"
                 f"{list_skipped(self.skipped)}\nfix or remove them, or set data.strict=false to skip them"
             )
-        first = ", ".join(path for path, _ in self.skipped[:_MAX_LISTED])
+        first = ", ".join(printable(path) for path, _ in self.skipped[:_MAX_LISTED])
         logger.warning(
             "skipped %d unreadable of %d image files in %s (first: %s%s); "
             "set data.strict=true to stop on them instead",
