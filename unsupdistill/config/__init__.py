@@ -20,6 +20,7 @@ from unsupdistill.config.loading import (
 )
 from unsupdistill.config.sections import (
     PATH,
+    AudioConfig,
     Config,
     ConfigError,
     CropSpec,
@@ -27,14 +28,15 @@ from unsupdistill.config.sections import (
     EvalConfig,
     ModelConfig,
     OptimConfig,
+    SoundViewSpec,
     TrainConfig,
     ViewSpec,
     method_sections,
     reads_section,
 )
 
-__all__ = ["PATH", "Config", "ConfigError", "CropSpec",
+__all__ = ["PATH", "AudioConfig", "Config", "ConfigError", "CropSpec",
            "DataConfig", "EvalConfig", "ModelConfig", "OptimConfig", "TrainConfig", "absolute_paths", "apply_overrides",
            "config_errors", "config_from_dict", "load_config", "merge", "parse_override", "path_keys", "read_recipe",
            "recipe_names", "method_sections",
-           "reads_section", "validate", "ViewSpec"]
+           "reads_section", "SoundViewSpec", "validate", "ViewSpec"]

@@ -46,6 +46,7 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
          "a mapping of argument names to numbers, strings, booleans, null, or lists and mappings of these")
     need(m.input_size >= 1, "model.input_size", "an integer >= 1")
     need(all(s > 0 for s in m.std), "model.std", "three positive numbers")
+    checks.extend(config.audio.checks())
 
     o = config.optim
     need(o.lr > 0, "optim.lr", "a number > 0")

@@ -59,6 +59,42 @@ class CropSpec(ViewSpec):
         return [(self.size >= 1, f"{key}.size", "an integer >= 1"), *super().checks(key)]
 
 
+@dataclass
+class SoundViewSpec:
+    """The random augmentation of one kind of view of a sound, on its mel spectrogram: a random span of the clip,
+    resized in time to the view's frames, a random gain, mixing with another clip of the batch, then SpecAugment's
+    frequency and time masks (Park et al. 2019)."""
+
+    scale: tuple[float, float] = (0.5, 1.0)
+    """Range of the span's length as a share of the clip (a random resized crop in time)."""
+    gain_db: float = 6.0
+    """The view's level changes by a uniform draw in [-gain_db, gain_db] decibels."""
+    mix_p: float = 0.5
+    """Probability that the view is mixed with another clip of the batch (in power, BYOL-A's mixup)."""
+    mix_max: float = 0.4
+    """Largest share of the other clip in a mix (drawn uniformly in [0, mix_max])."""
+    freq_masks: int = 2
+    """Frequency masks per view."""
+    freq_mask_bands: int = 8
+    """Widest frequency mask, in mel bands (each mask's width is drawn in [0, freq_mask_bands])."""
+    time_masks: int = 2
+    """Time masks per view."""
+    time_mask_share: float = 0.1
+    """Widest time mask, as a share of the view's frames."""
+
+    def checks(self, key: str) -> list[tuple[bool, str, str]]:
+        """(ok, key, what is allowed) for the view's ranges; ``key`` is its dotted name."""
+        return [
+            (0 < self.scale[0] <= self.scale[1] <= 1, f"{key}.scale", "[min, max] with 0 < min <= max <= 1"),
+            (self.gain_db >= 0, f"{key}.gain_db", "a number of decibels >= 0"),
+            (0 <= self.mix_p <= 1, f"{key}.mix_p", "a probability in [0, 1]"),
+            (0 <= self.mix_max < 1, f"{key}.mix_max", "a share in [0, 1)"),
+            (self.freq_masks >= 0 and self.time_masks >= 0, f"{key}.freq_masks/time_masks", "integers >= 0"),
+            (self.freq_mask_bands >= 0, f"{key}.freq_mask_bands", "an integer >= 0"),
+            (0 <= self.time_mask_share < 1, f"{key}.time_mask_share", "a share in [0, 1)"),
+        ]
+
+
 CSV_FORMAT = ("the header line path,label first, then one path,label row per image; a relative path is read from "
               "the CSV's own folder")
 """How a labeled CSV is written, for help texts and errors."""
@@ -121,6 +157,53 @@ class ModelConfig:
     """Per-channel mean the input is normalised with (ImageNet's)."""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     """Per-channel standard deviation the input is divided by."""
+
+
+@dataclass
+class AudioConfig:
+    """Sound: how a folder of audio files becomes the one-channel images a network sees (log-mel spectrograms
+    computed in the batch, on the device), and the views of a sound. Read only when the data are sounds; the
+    front end's values go with the exported model. null: chosen from the folder, with the reason printed."""
+
+    sample_rate: int | None = None
+    """Every file is read mono and resampled to this rate (Hz); null: the folder's most common rate, at most 16 kHz."""
+    clip_seconds: float | None = None
+    """Each file is cut (centred) or padded with silence to this length; null: the 90th percentile of the
+    folder's durations, at most 10 s."""
+    n_mels: int = 64
+    """Mel bands: the rows of the spectrogram image."""
+    window_ms: float = 25.0
+    """STFT window length (Hann); the FFT size is the next power of two."""
+    hop_ms: float = 10.0
+    """STFT hop: one spectrogram column per hop."""
+    f_min: float = 0.0
+    f_max: float | None = None
+    """Highest mel band edge in Hz; null: half the sample rate."""
+    mean: float | None = None
+    std: float | None = None
+    """Normalisation of the log-mel values; null: measured on a sample of the folder's clips."""
+    local_frames: int = 32
+    """Columns of a local view (DINO's local crops); a global view has ``model.input_size`` columns."""
+    global_view: SoundViewSpec = field(default_factory=SoundViewSpec)
+    """The global views (DINO) and the one shared view of distillation."""
+    local_view: SoundViewSpec = field(default_factory=lambda: SoundViewSpec(scale=(0.15, 0.4), mix_p=0.0))
+    """DINO's local views: short spans of the clip."""
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        """(ok, key, what is allowed) for the section."""
+        return [
+            (self.sample_rate is None or self.sample_rate >= 1000, "audio.sample_rate", "null or a rate in Hz >= 1000"),
+            (self.clip_seconds is None or self.clip_seconds > 0, "audio.clip_seconds", "null or seconds > 0"),
+            (self.n_mels >= 1, "audio.n_mels", "an integer >= 1"),
+            (self.window_ms > 0 and 0 < self.hop_ms <= self.window_ms, "audio.hop_ms",
+             "milliseconds > 0, at most audio.window_ms"),
+            (self.f_min >= 0 and (self.f_max is None or self.f_max > self.f_min), "audio.f_max",
+             "null or a frequency in Hz above audio.f_min"),
+            (self.std is None or self.std > 0, "audio.std", "null or a number > 0"),
+            (self.local_frames >= 1, "audio.local_frames", "an integer >= 1"),
+            *self.global_view.checks("audio.global_view"),
+            *self.local_view.checks("audio.local_view"),
+        ]
 
 
 @dataclass
@@ -216,6 +299,7 @@ class Config:
     the same with labels. null: the verb's own (``pretrain``: dino; ``distill``: distill, or kd with labels)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
