@@ -139,8 +139,9 @@ class LogMel(nn.Module):
 def time_resize_weights(start: Tensor, length: Tensor, columns: int, frames: int) -> Tensor:
     """Weights that take a span of each spectrogram's columns to ``frames`` columns: a linear (triangle) filter,
     widened to the span's columns per output column when shrinking (antialiased), as ``F.interpolate(mode=
-    "bilinear", align_corners=False, antialias=True)`` does, but with a span of its own for every sample, so the
-    whole batch is one matmul instead of a loop of interpolations.
+    "bilinear", align_corners=False, antialias=True)`` of the span's columns does, but with a span of its own for
+    every sample, so the whole batch is one matmul instead of a loop of interpolations (F.interpolate takes one
+    size for a whole batch; an unantialiased resize would skip most columns of a long clip's span).
 
     Args:
         start: (B,) the span's first column, fractional, in [0, columns).
@@ -154,8 +155,12 @@ def time_resize_weights(start: Tensor, length: Tensor, columns: int, frames: int
     scale = length / frames  # (B,) input columns per output column
     support = scale.clamp(min=1.0)[:, None, None]  # (B, 1, 1)
     centre = start[:, None] + scale[:, None] * (torch.arange(frames, device=start.device) + 0.5)  # (B, frames)
-    source = torch.arange(columns, device=start.device, dtype=start.dtype) + 0.5  # pixel centres, (columns,)
-    weights = (1 - (source[None, :, None] - centre[:, None, :]).abs() / support).clamp(min=0)  # (B, columns, frames)
+    column = torch.arange(columns, device=start.device, dtype=start.dtype)  # (columns,)
+    distance = (column[None, :, None] + 0.5 - centre[:, None, :]).abs()  # (B, columns, frames)
+    weights = (1 - distance / support).clamp(min=0)
+    # Only the columns the span touches, as if it had been cut out first (each output column's own is among them).
+    inside = (column[None, :] >= start.floor()[:, None]) & (column[None, :] < (start + length).ceil()[:, None])
+    weights = weights * inside[:, :, None]  # (B, columns, frames)
     return weights / weights.sum(dim=1, keepdim=True)
 
 
@@ -200,7 +205,8 @@ def _masks(n: int, count: int, widest: int, size: int, device: torch.device) -> 
 def _apply_masks(views: Tensor, masks: Tensor, dim: int) -> Tensor:
     """Zero the masked rows (dim=2) or columns (dim=3) of views (B, 1, M, T), in place."""
     index = torch.arange(views.shape[dim], device=views.device)  # (M,) or (T,)
-    for first, width in masks.unbind(dim=1):  # (B,), (B,) each; a loop over masks, not samples
+    for mask in masks.unbind(dim=1):  # a loop over masks, not samples
+        first, width = mask.unbind(dim=-1)  # (B,), (B,)
         hit = (index >= first[:, None]) & (index < (first + width)[:, None])  # (B, M) or (B, T)
         views.masked_fill_(hit[:, None, :, None] if dim == 2 else hit[:, None, None, :], 0.0)
     return views
