@@ -301,3 +301,17 @@ def test_image_teacher_input() -> None:
     normalised = to_image_teacher(views, 48, mean, std)
     torch.testing.assert_close(normalised[:, 1], (images[:, 1] - mean[1]) / std[1])
     assert to_image_teacher(views, 16, mean, std).shape == (2, 3, 16, 16)  # shrinking too
+
+
+def test_views_are_float32_under_bfloat16_autocast() -> None:
+    crop = SoundMultiCrop(frontend(), SoundViewSpec(), SoundViewSpec(scale=(0.15, 0.4)), 24, 8, 2)
+    waves = torch.stack([chirp(), noise(9)])[:, None]
+    torch.manual_seed(0)
+    with torch.autocast("cpu", torch.bfloat16):
+        autocast = crop(waves)
+        whole = full_clip(crop.frontend, waves, 24)
+    torch.manual_seed(0)
+    plain = crop(waves)
+    assert autocast[0].dtype == torch.float32 and whole.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain)
+    torch.testing.assert_close(whole, full_clip(crop.frontend, waves, 24))

@@ -251,14 +251,17 @@ class SoundViews(nn.Module):
         return SoundViewParams(clip, start, length, partner, mix, gain_db, freq_masks, time_masks)
 
     def render(self, power: Tensor, params: SoundViewParams) -> Tensor:
-        """Draw the views ``params`` describe from the mel power (B, M, T) of a batch: (V*B, 1, M, frames)."""
+        """Draw the views ``params`` describe from the mel power (B, M, T) of a batch: (V*B, 1, M, frames), float32
+        even under autocast."""
         columns = power.shape[-1]
-        mix = params.mix[:, None, None]  # (V*B, 1, 1)
-        mixed = power[params.clip] * (1 - mix) + power[params.partner] * mix  # (V*B, M, T)
-        weights = time_resize_weights(params.start * columns, params.length * columns, columns, self.frames)
-        views = torch.bmm(mixed, weights)  # (V*B, M, T) @ (V*B, T, frames) -> (V*B, M, frames)
-        views = views * torch.pow(10.0, params.gain_db / 10)[:, None, None]
-        views = self.frontend.log_mel(views)  # (V*B, 1, M, frames)
+        with torch.autocast(power.device.type, enabled=False):
+            power = power.float()
+            mix = params.mix[:, None, None]  # (V*B, 1, 1)
+            mixed = power[params.clip] * (1 - mix) + power[params.partner] * mix  # (V*B, M, T)
+            weights = time_resize_weights(params.start * columns, params.length * columns, columns, self.frames)
+            views = torch.bmm(mixed, weights)  # (V*B, M, T) @ (V*B, T, frames) -> (V*B, M, frames)
+            views = views * torch.pow(10.0, params.gain_db / 10)[:, None, None]
+            views = self.frontend.log_mel(views)  # (V*B, 1, M, frames)
         views = _apply_masks(views, params.freq_masks, dim=2)
         return _apply_masks(views, params.time_masks, dim=3)
 
@@ -266,12 +269,12 @@ class SoundViews(nn.Module):
     def forward(self, power: Tensor, num_views: int = 1) -> Tensor:
         """``num_views`` random views of each clip of the mel power (B, M, T): (V*B, 1, M, frames), view 1 of all B
         clips, then view 2, ..."""
-        return self.render(power.float(), self.sample(power.shape[0], num_views, power.device))
+        return self.render(power, self.sample(power.shape[0], num_views, power.device))
 
 
 def full_clip(frontend: LogMel, waves: Tensor, frames: int) -> Tensor:
     """The deterministic view for evaluation and export: the whole clip's log-mel resized in time to ``frames``
-    columns, by the views' resize (in power, antialiased), without gain, mix or masks.
+    columns, by the views' resize (in power, antialiased), without gain, mix or masks; float32 even under autocast.
 
     Args:
         frontend: the front end.
@@ -285,7 +288,8 @@ def full_clip(frontend: LogMel, waves: Tensor, frames: int) -> Tensor:
     batch, columns = power.shape[0], power.shape[-1]
     whole = torch.full((batch,), float(columns), device=power.device)
     weights = time_resize_weights(torch.zeros_like(whole), whole, columns, frames)  # (B, T, frames)
-    return frontend.log_mel(torch.bmm(power, weights))
+    with torch.autocast(power.device.type, enabled=False):
+        return frontend.log_mel(torch.bmm(power, weights))  # (B, 1, M, frames)
 
 
 class SoundMultiCrop(nn.Module):
