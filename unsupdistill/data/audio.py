@@ -37,6 +37,7 @@ SILENCE_PEAK = 1e-4
 """A file whose largest absolute sample is below this (-80 dBFS) is silent, and skipped by a full scan."""
 
 _BLOCK_FRAMES = 1 << 16  # frames decoded at a time when a scan reads a whole file
+_RESAMPLE_MARGIN = 64  # samples read beyond either end of a clip, where resampling a cut-out span differs
 # libsndfile's log of a container whose header promises more data than the file holds: "data : 16000 (should be 7978)"
 _SIZE_IN_LOG = re.compile(r"^\s*([^:\n]+?)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 _SIZED_CHUNKS = frozenset({"riff", "data", "form", "ssnd", "data size"})  # WAV, W64, AIFF, AU
@@ -146,8 +147,9 @@ def read_sound(path: str | Path, sample_rate: int, max_samples: int | None = Non
     Args:
         path: the file.
         sample_rate: the rate of the returned samples, in Hz.
-        max_samples: if set, only about this many samples (at ``sample_rate``) from the middle of the file are read
-            and returned (a few more at most, for :func:`fit_clip` to crop): a long file is not decoded whole.
+        max_samples: if set, a file longer than this (at ``sample_rate``) is read only around its middle and these
+            samples returned: what :func:`fit_clip` would cut from the whole file (up to the resampler's rounding
+            near the cut), without decoding a long file whole.
 
     Returns:
         ``(samples,)`` float32.
@@ -156,21 +158,36 @@ def read_sound(path: str | Path, sample_rate: int, max_samples: int | None = Non
         Whatever soundfile or the OS raises for a file that cannot be read (see :func:`describe_sound_error`).
     """
     with soundfile.SoundFile(str(path)) as file:
-        rate = file.samplerate
+        rate, start, stop, keep = file.samplerate, 0, file.frames, slice(None)
         if max_samples is not None:
-            margin = 0 if rate == sample_rate else 1  # resampling may round one sample short
-            wanted = math.ceil((max_samples + margin) * rate / sample_rate)
-            if wanted < file.frames:
-                file.seek((file.frames - wanted) // 2)
-                frames = file.read(wanted, dtype="float32", always_2d=True)
-            else:
-                frames = file.read(dtype="float32", always_2d=True)
-        else:
-            frames = file.read(dtype="float32", always_2d=True)  # (frames, channels)
+            start, stop, keep = _centre_span(file.frames, rate, sample_rate, max_samples)
+        if start:
+            file.seek(start)
+        frames = file.read(stop - start, dtype="float32", always_2d=True)  # (frames, channels)
     wave = frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else frames[:, 0]
     if rate != sample_rate:
         wave = soxr.resample(wave, rate, sample_rate)
-    return np.ascontiguousarray(wave, dtype=np.float32)
+    return np.ascontiguousarray(wave[keep], dtype=np.float32)
+
+
+def _centre_span(frames: int, rate: int, sample_rate: int, samples: int) -> tuple[int, int, slice]:
+    """The frames ``[start, stop)`` of a file to read for the middle ``samples`` of it at ``sample_rate``, and which
+    of the (resampled) samples read those are."""
+    if rate == sample_rate:
+        start = max(0, frames - samples) // 2
+        return start, min(frames, start + samples), slice(None)
+    length = (2 * frames * sample_rate + rate) // (2 * rate)  # soxr's output: frames * sample_rate / rate, rounded
+    if length <= samples:
+        return 0, frames, slice(None)
+    clip_start = (length - samples) // 2
+    # start on a frame that falls on an output sample, so the samples are those of resampling the whole file
+    common = math.gcd(rate, sample_rate)
+    frame_step, sample_step = rate // common, sample_rate // common
+    first = max(0, clip_start - _RESAMPLE_MARGIN) // sample_step
+    end = clip_start + samples + _RESAMPLE_MARGIN
+    stop = min(frames, -(-end * rate // sample_rate) + 1)
+    offset = clip_start - first * sample_step
+    return first * frame_step, stop, slice(offset, offset + samples)
 
 
 def fit_clip(wave: np.ndarray, samples: int) -> np.ndarray:
