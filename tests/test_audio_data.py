@@ -377,16 +377,18 @@ def test_labeled_kind_of_a_mixed_set_counts_both(tmp_path: Path) -> None:
 
 
 def test_training_labels_of_a_sound_folder(tmp_path: Path) -> None:
-    root = _labeled_folder(tmp_path / "train")
-    _write(root / "unlabeled" / "x.wav", _tone())  # a third class folder in data.path, left out of the labels
+    labeled = _labeled_folder(tmp_path / "train" / "labeled")
+    _write(tmp_path / "train" / "unlabeled" / "x.wav", _tone())
+    dataset = AudioFolderDataset(tmp_path / "train", RATE, CLIP)
     labels_csv = tmp_path / "labels.csv"
-    labels_csv.write_text(f"path,label\n{root / 'dog' / 'bark0.wav'},dog\n{root / 'bird' / 'song1.flac'},bird\n")
-    dataset = AudioFolderDataset(root, RATE, CLIP)
+    labels_csv.write_text(f"path,label\n{labeled / 'dog' / 'bark0.wav'},dog\n{labeled / 'bird' / 'song1.flac'},bird\n")
 
-    labels = training_labels(str(labels_csv), dataset)
+    by_folder = training_labels(str(labeled), dataset)
+    by_csv = training_labels(str(labels_csv), dataset)
 
-    names = [p.relative_to(root).as_posix() for p in dataset.files]
-    assert labels.classes == ["bird", "dog"]
-    assert dict(zip(names, labels.labels.tolist())) == {"bird/song0.flac": -1, "bird/song1.flac": 0,
-                                                        "dog/bark0.wav": 1, "dog/bark1.wav": -1,
-                                                        "unlabeled/x.wav": -1}
+    names = [p.relative_to(tmp_path / "train").as_posix() for p in dataset.files]
+    assert by_folder.classes == by_csv.classes == ["bird", "dog"]
+    assert dict(zip(names, by_folder.labels.tolist())) == {
+        "labeled/bird/song0.flac": 0, "labeled/bird/song1.flac": 0, "labeled/dog/bark0.wav": 1,
+        "labeled/dog/bark1.wav": 1, "unlabeled/x.wav": -1}
+    assert by_csv.labels.tolist() == [-1, 0, 1, -1, -1]
