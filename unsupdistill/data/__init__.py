@@ -1,4 +1,4 @@
-"""Unlabeled image datasets: a recursive image folder, or scikit-learn's built-in digits.
+"""Unlabeled datasets: a recursive folder of images or of sounds, or scikit-learn's built-in digits.
 
 Every dataset returns ``uint8`` tensors of shape ``(3, S, S)``: the image decoded to RGB, its
 shorter side resized to ``S`` and centre-cropped. The multi-crop augmentation runs batched on
@@ -7,6 +7,10 @@ these tensors afterwards, so decoding is the only per-image work done in DataLoa
 An image folder is scanned once at start-up: files that cannot be decoded (empty, truncated,
 corrupt, not an image, unreadable, decompression bombs) are skipped and counted, or stop the run
 when ``data.strict`` is true.
+
+A folder of sound files (:data:`AUDIO_EXTENSIONS`) is scanned the same way (and silent files skipped too); its
+dataset, :class:`AudioFolderDataset`, returns float32 clips of shape ``(1, samples)``, mono at one rate. A folder
+holds one kind of data or the other (:func:`folder_kind`).
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from unsupdistill.config import DataConfig
+from unsupdistill.data.audio import AUDIO_EXTENSIONS, fit_clip, folder_kind, list_audio_files, read_sound
 from unsupdistill.data.digits import DigitsDataset, digits_split
 from unsupdistill.data.folder import IMAGE_EXTENSIONS, DataError, list_image_files, load_rgb, resize_center_crop
 from unsupdistill.data.images import ImageFolderDataset
 from unsupdistill.data.scan import FolderScan, scan_folder, scan_for_run
+from unsupdistill.data.sounds import AudioFolderDataset, sound_summary
 
-__all__ = ["IMAGE_EXTENSIONS", "DataError", "DigitsDataset", "FolderScan", "ImageFolderDataset", "build_dataset",
-           "digits_split", "list_image_files", "load_rgb", "num_workers", "resize_center_crop", "scan_folder",
-           "scan_for_run", "list_late_failures", "write_skipped"]
+__all__ = ["AUDIO_EXTENSIONS", "IMAGE_EXTENSIONS", "AudioFolderDataset", "DataError", "DigitsDataset", "FolderScan",
+           "ImageFolderDataset", "build_dataset", "digits_split", "fit_clip", "folder_kind", "list_audio_files",
+           "list_image_files", "load_rgb", "num_workers", "read_sound", "resize_center_crop", "scan_folder",
+           "scan_for_run", "sound_summary", "list_late_failures", "write_skipped"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +93,13 @@ def list_late_failures(dataset: Dataset, failed: Tensor, path: Path) -> int:
     ``path``, one "path<TAB>reason" line each as :func:`write_skipped` writes them; their count.
 
     Args:
-        dataset: an :class:`ImageFolderDataset` with ``substitute=True``.
+        dataset: an :class:`ImageFolderDataset` or :class:`AudioFolderDataset` with ``substitute=True``.
         failed: per sample of the batch, the index of the file that failed, or -1.
         path: the run's ``skipped.txt``.
     """
     indices = [int(i) for i in failed if i >= 0]
     if indices:
-        reason = f"failed after the start-up scan (data.verify={dataset.verify}); replaced by another image"
+        reason = f"failed after the start-up scan (data.verify={dataset.verify}); replaced by another {dataset.noun}"
         lines = "".join(f"{_one_line(str(dataset.files[i]))}\t{reason}\n" for i in indices)
         with open(path, "a", encoding="utf-8", errors="surrogateescape") as f:
             f.write(lines)

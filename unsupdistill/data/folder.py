@@ -1,4 +1,4 @@
-"""Image files: recursive listing of a folder, robust decoding to RGB, resizing to a square.
+"""Image files: recursive listing of a folder (of any file type), robust decoding to RGB, resizing to a square.
 
 The start-up scan that checks every file is in ``scan.py``, the dataset built on it in ``images.py``.
 """
@@ -10,7 +10,7 @@ import errno
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,20 +52,32 @@ _MAX_LISTED = 5  # paths named in warnings and errors
 
 
 def list_image_files(root: str | Path) -> list[Path]:
-    """Image files under ``root``, recursively, sorted by their POSIX path relative to ``root``.
+    """Image files under ``root`` (extension in :data:`IMAGE_EXTENSIONS`), as :func:`list_files` lists them."""
+    return list_files(root, IMAGE_EXTENSIONS, "image folder")
+
+
+def list_files(root: str | Path, extensions: Collection[str], what: str = "folder") -> list[Path]:
+    """Files under ``root`` with one of ``extensions``, recursively, sorted by their POSIX path relative to ``root``.
 
     Follows symlinked folders but visits each real folder once (so symlink loops end); ignores
     hidden files and folders (names starting with '.') and files whose extension, in any case,
-    is not in :data:`IMAGE_EXTENSIONS`. Symlinks with an image extension that lead nowhere
+    is not in ``extensions``. Symlinks with such an extension that lead nowhere
     (missing target, a loop of links, a target that cannot be looked at) are kept so the scan
-    reports them. A subfolder that cannot be listed is logged and ignored. Raises
-    :class:`DataError` if ``root`` is missing, not a folder or cannot be listed.
+    reports them. A subfolder that cannot be listed is logged and ignored.
+
+    Args:
+        root: the folder.
+        extensions: lower-case extensions, with the dot.
+        what: how errors name ``root`` ("image folder").
+
+    Raises:
+        DataError: ``root`` is missing, not a folder or cannot be listed.
     """
     root = Path(root).expanduser()
     if not root.exists():
-        raise DataError(f"image folder {root} does not exist")
+        raise DataError(f"{what} {root} does not exist")
     if not root.is_dir():
-        raise DataError(f"image folder {root} is not a directory")
+        raise DataError(f"{what} {root} is not a directory")
     visited: set[str] = set()
     files: list[Path] = []
     pending = [root]
@@ -80,8 +92,8 @@ def list_image_files(root: str | Path) -> list[Path]:
                 entries = sorted(scan, key=lambda entry: entry.name)
         except OSError as err:
             if folder == root:
-                raise DataError(f"cannot list image folder {root}: {err.strerror or err}") from err
-            logger.warning("cannot list folder %s (%s); its images are ignored", folder, err.strerror or err)
+                raise DataError(f"cannot list {what} {root}: {err.strerror or err}") from err
+            logger.warning("cannot list folder %s (%s); its files are ignored", folder, err.strerror or err)
             continue
         for entry in entries:
             if entry.name.startswith("."):
@@ -95,7 +107,7 @@ def list_image_files(root: str | Path) -> list[Path]:
                 keep = entry.is_file() or (entry.is_symlink() and not path.exists())
             except OSError:  # a symlink loop or a target that cannot be looked at: the scan reports it
                 keep = True
-            if keep and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            if keep and os.path.splitext(entry.name)[1].lower() in extensions:
                 files.append(path)
     return sorted(files, key=lambda path: path.relative_to(root).as_posix())
 

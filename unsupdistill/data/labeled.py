@@ -1,10 +1,13 @@
-"""Labeled images: the built-in digits, a folder of class subfolders, or a ``path,label`` CSV.
+"""Labeled images or sounds: the built-in digits, a folder of class subfolders, or a ``path,label`` CSV.
 
 For evaluation (:func:`load_labeled`), every dataset returns ``uint8`` tensors of shape ``(3, S, S)`` like the
 training datasets and carries ``labels`` (int64 class indices) and ``classes`` (class names, index order); it must
 be complete: an unreadable image is an error naming the file. For training (``data.labels``,
 :func:`training_labels`), a labeled set gives some of the training images their class and leaves the others
 unlabeled (-1): semi-supervised training on a folder of images of which a subset is labeled.
+
+Labeled sounds (:func:`load_labeled_sounds`) come as the same class folders or CSV, and return float32 clips of shape
+``(1, samples)`` like :class:`unsupdistill.data.AudioFolderDataset`; :func:`labeled_kind` tells which kind a set holds.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -23,17 +26,22 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from unsupdistill.config.sections import CSV_FORMAT
+from unsupdistill.data.audio import AUDIO_EXTENSIONS, check_sound, describe_sound_error, fit_clip, read_sound
 from unsupdistill.data.digits import DigitsDataset, digits_split
-from unsupdistill.data.folder import DataError, list_image_files, load_rgb, resize_center_crop
+from unsupdistill.data.folder import IMAGE_EXTENSIONS, DataError, list_files, load_rgb, resize_center_crop
 
 logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 5  # paths named in one error message
 _SPEC_HELP = f"give 'digits', a folder with one subfolder of images per class, or a .csv file: {CSV_FORMAT}"
+# per kind of labeled set: the extensions a class folder's files have, and what they are called in messages
+_KINDS = {"image": (IMAGE_EXTENSIONS, "images"), "audio": (AUDIO_EXTENSIONS, "sound files"),
+          "any": (IMAGE_EXTENSIONS | AUDIO_EXTENSIONS, "images or sound files")}
 
 
 class LabeledDataset(Protocol):
-    """What evaluation needs: ``(3, S, S)`` uint8 images, their class indices and the class names."""
+    """What evaluation needs: items (``(3, S, S)`` uint8 images, ``(1, samples)`` float32 clips), their class indices
+    and the class names."""
 
     labels: Tensor
     classes: list[str]
@@ -68,21 +76,7 @@ class LabeledImages(Dataset):
         self.classes = list(classes)
         self.image_size = image_size
         if verify:
-            self._verify_headers()
-
-    def _verify_headers(self) -> None:
-        """Raise :class:`DataError` naming the files whose header cannot be read."""
-        failed = []
-        for path in tqdm(self.paths, desc="checking images", unit="file", disable=len(self.paths) < 1000):
-            try:
-                load_rgb(path, verify_only=True)
-            except Exception as err:  # noqa: BLE001 - decoders raise many types on corrupt data
-                failed.append(f"{path}: {type(err).__name__}: {err}")
-        if failed:
-            listed = "\n  ".join(failed[:_MAX_LISTED])
-            more = f"\n  ... and {len(failed) - _MAX_LISTED} more" if len(failed) > _MAX_LISTED else ""
-            raise DataError(f"{len(failed)} of {len(self.paths)} labeled images cannot be read:\n  {listed}{more}\n"
-                            "evaluation needs every image: fix or remove them")
+            _check_every_file(self.paths, _image_header_error, "image")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -100,6 +94,77 @@ class LabeledImages(Dataset):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(images={len(self.paths)}, classes={len(self.classes)}, "
                 f"image_size={self.image_size})")
+
+
+class LabeledSounds(Dataset):
+    """Sound files with class labels, each read mono at one rate and cut or padded to a clip (see
+    :class:`unsupdistill.data.AudioFolderDataset`).
+
+    Args:
+        paths: the sound files.
+        labels: class index of each file, into ``classes``.
+        classes: class names, in index order.
+        sample_rate: the clips' rate in Hz.
+        clip_samples: the clips' length in samples.
+        verify: read every file's header now, so a missing or unreadable file fails before feature extraction
+            starts (a corrupt stream still fails when read).
+    """
+
+    def __init__(
+        self, paths: Sequence[str | Path], labels: Sequence[int], classes: Sequence[str], sample_rate: int,
+        clip_samples: int, verify: bool = True,
+    ) -> None:
+        if sample_rate < 1 or clip_samples < 1:
+            raise ValueError(f"sample_rate and clip_samples must be >= 1, got {sample_rate} and {clip_samples}")
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        self.paths = [str(path) for path in paths]
+        self.labels = torch.as_tensor(list(labels), dtype=torch.int64)
+        self.classes = list(classes)
+        self.sample_rate = sample_rate
+        self.clip_samples = clip_samples
+        if verify:
+            _check_every_file(self.paths, lambda path: check_sound(Path(path), "header")[0], "sound")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Tensor:
+        """The clip as a float32 tensor of shape ``(1, clip_samples)``."""
+        path = self.paths[index]
+        try:
+            wave = read_sound(path, self.sample_rate, self.clip_samples)
+        except Exception as err:  # noqa: BLE001 - decoders raise many types on corrupt data
+            raise DataError(f"labeled sound {path} cannot be read ({describe_sound_error(err)}); "
+                            "evaluation needs every sound: fix or remove it") from err
+        return torch.from_numpy(fit_clip(wave, self.clip_samples).copy())[None]  # (1, clip_samples)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(sounds={len(self.paths)}, classes={len(self.classes)}, "
+                f"sample_rate={self.sample_rate}, clip_samples={self.clip_samples})")
+
+
+def _image_header_error(path: str) -> str | None:
+    """Why an image's header cannot be read, or None."""
+    try:
+        load_rgb(path, verify_only=True)
+    except Exception as err:  # noqa: BLE001 - decoders raise many types on corrupt data
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _check_every_file(paths: list[str], error: Callable[[str], str | None], noun: str) -> None:
+    """Raise :class:`DataError` naming the files for which ``error`` gives a reason."""
+    failed = []
+    for path in tqdm(paths, desc=f"checking {noun}s", unit="file", disable=len(paths) < 1000):
+        reason = error(path)
+        if reason is not None:
+            failed.append(f"{path}: {reason}")
+    if failed:
+        listed = "\n  ".join(failed[:_MAX_LISTED])
+        more = f"\n  ... and {len(failed) - _MAX_LISTED} more" if len(failed) > _MAX_LISTED else ""
+        raise DataError(f"{len(failed)} of {len(paths)} labeled {noun}s cannot be read:\n  {listed}{more}\n"
+                        f"evaluation needs every {noun}: fix or remove them")
 
 
 class LabeledDigits(DigitsDataset):
@@ -135,12 +200,56 @@ def load_labeled(spec: str | Path, image_size: int, split: Literal["train", "tes
     return LabeledImages(paths, [index[name] for name in names], classes, image_size)
 
 
-def labeled_files(spec: str | Path, role: str) -> tuple[list[Path], list[str], list[str]]:
-    """The image paths, class names and classes (sorted) of a folder of class subfolders or a ``path,label`` CSV.
+def load_labeled_sounds(spec: str | Path, sample_rate: int, clip_samples: int,
+                        split: Literal["train", "test"]) -> LabeledSounds:
+    """Load one split of a labeled evaluation set of sounds.
+
+    Args:
+        spec: a folder with one subfolder per class, or a ``path,label`` CSV, as for :func:`load_labeled`.
+        sample_rate: the clips' rate in Hz.
+        clip_samples: the clips' length in samples.
+        split: ``"train"`` or ``"test"``; names the set in errors.
+
+    Raises:
+        DataError: the folder or CSV is missing, malformed, has fewer than two classes, an empty class, or files
+            that cannot be read; the message names the offending path.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r} is invalid; allowed values: train, test")
+    if str(spec) == "digits":
+        raise DataError("the digits are images: give a folder of class subfolders of sound files, or a path,label CSV "
+                        "of sound files")
+    paths, names, classes = labeled_files(spec, f"{split} set", "audio")
+    index = {name: i for i, name in enumerate(classes)}
+    return LabeledSounds(paths, [index[name] for name in names], classes, sample_rate, clip_samples)
+
+
+def labeled_kind(spec: str | Path) -> Literal["image", "audio"]:
+    """Whether a labeled set (``digits``, a folder of class subfolders, a ``path,label`` CSV) holds images or sounds
+    (a CSV's files by their extension; one that is neither counts as an image).
+
+    Raises:
+        DataError: a bad labeled set (see :func:`labeled_files`), or one holding both (the message counts each).
+    """
+    if str(spec) == "digits":
+        return "image"
+    paths, _, _ = labeled_files(spec, "labeled set", "any")
+    sounds = sum(path.suffix.lower() in AUDIO_EXTENSIONS for path in paths)
+    if sounds and sounds < len(paths):
+        images = len(paths) - sounds
+        raise DataError(f"labeled set {spec} holds {images} images and {sounds} sound files; a labeled set is one kind "
+                        f"of data: move the {sounds} sound files (or the {images} images) into a set of their own")
+    return "audio" if sounds else "image"
+
+
+def labeled_files(spec: str | Path, role: str,
+                  kind: Literal["image", "audio", "any"] = "image") -> tuple[list[Path], list[str], list[str]]:
+    """The file paths, class names and classes (sorted) of a folder of class subfolders or a ``path,label`` CSV.
 
     Args:
         spec: the folder or CSV.
         role: how errors name the set (``train set``, ``data.labels``).
+        kind: the files a class folder's listing keeps: images, sounds, or either (a CSV's rows are all kept).
 
     Raises:
         DataError: the folder or CSV is missing or malformed, names a missing file, has an empty class or fewer
@@ -150,7 +259,7 @@ def labeled_files(spec: str | Path, role: str) -> tuple[list[Path], list[str], l
     if path.suffix.lower() == ".csv":
         paths, names = _read_csv(path, role)
     elif path.is_dir():
-        paths, names = _read_class_folders(path, role)
+        paths, names = _read_class_folders(path, role, kind)
     elif path.exists():
         raise DataError(f"{role} {path} is neither a folder nor a .csv file; {_SPEC_HELP}")
     else:
@@ -158,7 +267,7 @@ def labeled_files(spec: str | Path, role: str) -> tuple[list[Path], list[str], l
     classes = sorted(set(names))
     if len(classes) < 2:
         raise DataError(f"{role} {path} has only one class ({classes[0]!r}); "
-                        "classification needs at least two: add the other classes' images")
+                        f"classification needs at least two: add the other classes' {_KINDS[kind][1]}")
     return paths, names, classes
 
 
@@ -206,7 +315,9 @@ def training_labels(spec: str | None, dataset: Dataset) -> TrainingLabels | None
     if files is None:
         raise DataError(f"data.labels={spec} labels images of an image folder: set data.path to the folder that "
                         "holds them")
-    paths, names, classes = labeled_files(spec, "data.labels")
+    kind = getattr(dataset, "kind", "image")
+    noun = _KINDS[kind][1]
+    paths, names, classes = labeled_files(spec, "data.labels", kind)
     position = {os.path.realpath(file): i for i, file in enumerate(files)}
     index = {name: i for i, name in enumerate(classes)}
     labels = torch.full((len(files),), -1, dtype=torch.int64)
@@ -221,29 +332,31 @@ def training_labels(spec: str | None, dataset: Dataset) -> TrainingLabels | None
         listed = "\n  ".join(outside[:_MAX_LISTED])
         more = f"\n  ... and {len(outside) - _MAX_LISTED} more" if len(outside) > _MAX_LISTED else ""
         root = getattr(dataset, "root", "data.path")
-        raise DataError(f"{len(outside)} images of data.labels {spec} are not among the readable training images in "
-                        f"data.path {root}:\n  {listed}{more}\nput the labeled images inside data.path (or set "
+        raise DataError(f"{len(outside)} {noun} of data.labels {spec} are not among the readable training {noun} in "
+                        f"data.path {root}:\n  {listed}{more}\nput the labeled {noun} inside data.path (or set "
                         "data.path to the folder that holds them); unreadable ones are listed in skipped.txt")
     return TrainingLabels(labels, classes, f"data.labels={spec}")
 
 
-def _read_class_folders(root: Path, split: str) -> tuple[list[Path], list[str]]:
-    """Image paths and class names of a folder holding one subfolder per class (``split``: how errors name it)."""
+def _read_class_folders(root: Path, split: str, kind: str) -> tuple[list[Path], list[str]]:
+    """File paths and class names of a folder holding one subfolder per class (``split``: how errors name it;
+    ``kind``: the files kept, a key of ``_KINDS``)."""
+    extensions, noun = _KINDS[kind]
     class_dirs = sorted(entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     if not class_dirs:
-        raise DataError(f"{split} folder {root} has no class subfolders; put each class's images "
-                        f"in a subfolder named after the class ({root}/<class>/<image>)")
+        raise DataError(f"{split} folder {root} has no class subfolders; put each class's {noun} "
+                        f"in a subfolder named after the class ({root}/<class>/<file>)")
     loose = [entry for entry in root.iterdir() if entry.is_file() and not entry.name.startswith(".")]
     if loose:
-        logger.warning("%d files directly in %s are ignored: only images inside class subfolders are used",
-                       len(loose), root)
+        logger.warning("%d files directly in %s are ignored: only %s inside class subfolders are used",
+                       len(loose), root, noun)
     paths: list[Path] = []
     names: list[str] = []
     for class_dir in class_dirs:
-        files = list_image_files(class_dir)
+        files = list_files(class_dir, extensions, "class folder")
         if not files:
-            raise DataError(f"class folder {class_dir} of {split} {root} holds no images; "
-                            "add images or remove the folder")
+            raise DataError(f"class folder {class_dir} of {split} {root} holds no {noun}; "
+                            f"add {noun} or remove the folder")
         paths += files
         names += [class_dir.name] * len(files)
     return paths, names
