@@ -15,7 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from conftest import TINY, export_teacher, read_metrics, write_images
 from safetensors.torch import load_file
@@ -60,19 +62,27 @@ directory named RUN starts."""
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> dict[str, Path]:
-    """48 images (3 steps an epoch), 8 of them labeled in each of 3 classes, and a teacher of 16 px."""
+    """48 images (3 steps an epoch), 8 of them labeled in each of 3 classes, a teacher of 16 px, and 48 sounds."""
     root = tmp_path_factory.mktemp("resume")
     images = write_images(root / "images", 48, 20, 20)
+    (root / "sounds").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(48):  # tones of 200-3,000 Hz, 0.2-0.4 s, at 8 kHz
+        t = np.arange(int(8000 * rng.uniform(0.2, 0.4))) / 8000
+        tone = (0.5 * np.sin(2 * np.pi * rng.uniform(200, 3000) * t)).astype(np.float32)
+        sf.write(root / "sounds" / f"{i:02d}.wav", tone, 8000)
     labels = root / "labels.csv"
     with open(labels, "w", newline="") as f:
         csv.writer(f).writerows([["path", "label"], *([str(images / f"{i:03d}.png"), "abc"[i % 3]] for i in range(24))])
-    return {"images": images, "labels": labels, "teacher": export_teacher(root / "teacher", 16, seed=0)}
+    return {"images": images, "labels": labels, "teacher": export_teacher(root / "teacher", 16, seed=0),
+            "sounds": root / "sounds"}
 
 
 KILLED_AFTER = 5
 """The killed process dies as step 6 starts: its last checkpoint is step 4's, step 5 is logged (and replaced)."""
 CASES = {  # method: the verb, its arguments after --out, the run directory that dies (None: the one of --out)
     "dino": ("pretrain", [*TINY], None),  # the built-in digits
+    "dino, sounds": ("pretrain", [*TINY], None),  # a folder of sounds: its views, the front end chosen on resume too
     "distill, stored teacher maps": ("distill", ["distill.targets=map", "distill.teacher_runtime=eager fp32"], None),
     # one stored view per image: epoch 1 (steps 1-3) records, epoch 2 (steps 4-6) replays
     "distill, teacher cache": ("distill", ["distill.targets=views", "distill.cache=on", "distill.cache_views=1"],
@@ -88,6 +98,8 @@ def test_resume_after_sigkill_gives_the_losses_of_the_uninterrupted_run(folder, 
         args = [str(folder["images"]), "--teacher", str(folder["teacher"]), *STUDENT, *args]
         if method.startswith("kd"):
             args += ["--labels", str(folder["labels"])]
+    if method == "dino, sounds":
+        args = [str(folder["sounds"]), *args]
     args = [*args, *COMMON]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert main([verb, "--out", str(reference), *args]) == 0

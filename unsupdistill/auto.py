@@ -37,7 +37,7 @@ MIN_STEPS = 1_000
 
 SHARED_KEYS = frozenset({
     "model.input_size", "model.backbone_kwargs", "model.small_image_stem", "train.batch_size", "train.epochs",
-    "optim.warmup_share",
+    "optim.warmup_share", "audio.local_frames",
 })
 """The keys the shared part of :func:`auto_settings` may set; a method adds its own (``Method.automatic_keys``)."""
 SAMPLE_FILES = 16
@@ -60,8 +60,8 @@ class FolderFacts:
     """What the automatic settings know of the data and the machine.
 
     Attributes:
-        images: readable images in the folder.
-        shorter_side: the images' median shorter side in pixels.
+        images: readable images (or sound files) in the folder.
+        shorter_side: the images' median shorter side in pixels (sounds: the spectrogram's mel bands).
         device_type: ``"cpu"`` or ``"cuda"``.
         world_size: processes the global batch is split over.
         sample_paths: a few of the images' files, spread over the folder (a method may time decoding them).
@@ -72,10 +72,28 @@ class FolderFacts:
     device_type: str
     world_size: int
     sample_paths: tuple[str, ...] = ()
+    kind: str = "image"
+    """``image`` or ``audio`` (``data.kind``)."""
 
     @property
     def device(self) -> str:
         return self.device_type.upper()
+
+
+MAX_SAMPLE_RATE = 16_000
+"""Sounds are read at their folder's most common rate, at most this (AST, BYOL-A, EfficientAT: 16 kHz)."""
+MIN_CLIP_SECONDS, MAX_CLIP_SECONDS = 0.1, 10.0
+"""The clip's length follows the folder's durations within these bounds (AudioSet's clips last 10 s)."""
+STAT_CLIPS = 256
+"""Clips the log-mel normalisation of a folder of sounds is measured on."""
+SOUND_SMALL_STEM_BELOW = 32
+"""ResNets of spectrograms with fewer mel bands or columns than this get the small-image stem: on FSDD's 64 bands x 56
+columns the stride-1 stem took 13 s a step of 64 clips on 2 CPU cores."""
+LOCAL_SHARE = 96 / 224
+"""A local view's columns as a share of the global view's (DINO's 96 and 224 px)."""
+SOUND_KEYS = frozenset({"data.kind", "model.in_chans", "audio.sample_rate", "audio.clip_seconds", "audio.mean",
+                        "audio.std"})
+"""The keys :func:`sound_settings` may set."""
 
 
 def automatic_keys(method: Any) -> frozenset[str]:
@@ -106,10 +124,15 @@ def auto_settings(config: Config, scan: FolderScan, device_type: str, explicit: 
     if method is None:
         method = registry.method_class(config.method or registry.names()[0])
     sample = scan.files[::max(1, len(scan.files) // SAMPLE_FILES)][:SAMPLE_FILES]  # not a Path per file: 20 s for 2M
-    facts = FolderFacts(len(scan.files), statistics.median(min(w, h) for w, h in scan.sizes), device_type,
-                        world_size, tuple(str(Path(scan.root) / name) for name in sample))
+    sound = config.data.kind == "audio"
+    shorter = config.audio.n_mels if sound else statistics.median(min(w, h) for w, h in scan.sizes)
+    facts = FolderFacts(len(scan.files), shorter, device_type, world_size,
+                        tuple(str(Path(scan.root) / name) for name in sample), "audio" if sound else "image")
     chooser = Chooser(explicit, automatic_keys(method))
-    _network(chooser, config, facts, method.crop_headroom)
+    if sound:
+        _sound_network(chooser, config, facts)
+    else:
+        _network(chooser, config, facts, method.crop_headroom)
     _schedule(chooser, chooser.apply(config), facts, getattr(method, "auto_batch", {}))
     method.auto_settings(chooser, chooser.apply(config), facts)
     config = chooser.apply(config)
@@ -161,6 +184,93 @@ def _network(chooser: Chooser, config: Config, facts: FolderFacts, headroom: flo
         chooser.set("model.backbone_kwargs", {}, "full-width ResNet-18 on a GPU")
     else:
         chooser.set("model.backbone_kwargs", dict(m.backbone_kwargs), "half-width ResNet-18: 4x fewer FLOPs on CPU")
+
+
+def _sound_network(chooser: Chooser, config: Config, facts: FolderFacts) -> None:
+    """A network of spectrograms: one input channel, the global view's columns (``model.input_size``) from the clip's
+    (at most :data:`MAX_CROP` on the device), the local views' at DINO's share, and the stem from the smaller side."""
+    m, audio = config.model, config.audio
+    columns = 1 + round(audio.clip_seconds * 1000 / audio.hop_ms)
+    cap = MAX_CROP["cuda" if facts.device_type == "cuda" else "cpu"]
+    frames = m.input_size
+    if not chooser.is_explicit("model.input_size"):
+        frames = max(16, min(cap, columns) // 8 * 8)
+        why = f"the clip's {columns} spectrogram columns ({audio.clip_seconds:g} s at {audio.hop_ms:g} ms a hop)"
+        chooser.set("model.input_size", frames, why + (f", at most {cap} on {facts.device}" if columns > cap else
+                                                       ", to a multiple of 8"))
+    local = max(8, round(frames * LOCAL_SHARE / 4) * 4)
+    chooser.set("audio.local_frames", local, f"{LOCAL_SHARE:.2f} x the global view's columns (DINO: 96 / 224)")
+    small = min(audio.n_mels, frames) < SOUND_SMALL_STEM_BELOW
+    if m.backbone.startswith(("resnet", "wide_resnet", "resnext", "seresnet", "skresnet")) and not m.pretrained:
+        chooser.set("model.small_image_stem", small,
+                    f"3x3 stride-1 stem for spectrograms under {SOUND_SMALL_STEM_BELOW} rows or columns" if small else
+                    f"ImageNet stem (4x fewer rows and columns) for {audio.n_mels} mel bands x {frames} columns: "
+                    "the stride-1 stem trained 16x slower")
+    else:
+        chooser.set("model.small_image_stem", False, f"{m.backbone} is not a ResNet trained from scratch")
+    if chooser.is_explicit("model.backbone"):
+        chooser.set("model.backbone_kwargs", {}, f"timm's own arguments for {m.backbone}")
+    elif facts.device_type == "cuda":
+        chooser.set("model.backbone_kwargs", {}, "full-width ResNet-18 on a GPU")
+    else:
+        chooser.set("model.backbone_kwargs", dict(m.backbone_kwargs), "half-width ResNet-18: 4x fewer FLOPs on CPU")
+
+
+def sound_settings(config: Config, scan: FolderScan, explicit: set[str]) -> tuple[Config, list[Choice]]:
+    """The front end of a folder of sounds, with or without a recipe: ``data.kind``, the rate files are read at, the
+    clip's length and the log-mel normalisation (measured on up to :data:`STAT_CLIPS` clips spread over the folder).
+    Only the keys left null are chosen (a recipe's values, a resumed run's and the user's are kept).
+
+    Returns:
+        The config with the choices applied and validated, and the choices.
+    """
+    from unsupdistill.data.sounds import sound_summary
+
+    rate, durations = sound_summary(scan)
+    audio = config.audio
+    chooser = Chooser(explicit, SOUND_KEYS)
+    if config.data.kind is None:
+        chooser.set("data.kind", "audio", f"{len(scan.files)} sound files")
+    chooser.set("model.in_chans", 1, "one input channel: the log-mel spectrogram")
+    if audio.sample_rate is None:
+        if rate > MAX_SAMPLE_RATE:
+            chooser.set("audio.sample_rate", MAX_SAMPLE_RATE, f"the folder's most common rate {rate} Hz, at most "
+                        f"{MAX_SAMPLE_RATE} Hz (speech and most sounds lie below {MAX_SAMPLE_RATE // 2000} kHz)")
+        else:
+            chooser.set("audio.sample_rate", rate, "the folder's most common rate")
+    if audio.clip_seconds is None:
+        longest = statistics.quantiles(durations, n=10)[-1] if len(durations) > 1 else durations[0]
+        clip = round(min(MAX_CLIP_SECONDS, max(MIN_CLIP_SECONDS, longest)), 2)
+        chooser.set("audio.clip_seconds", clip, f"90 % of the files last {longest:.2f} s or less"
+                    + (f" (at most {MAX_CLIP_SECONDS:g} s)" if longest > MAX_CLIP_SECONDS else ""))
+    config = chooser.apply(config)
+    if config.audio.mean is None or config.audio.std is None:
+        mean, std, count = _log_mel_statistics(config, scan)
+        if config.audio.mean is None:
+            chooser.set("audio.mean", round(mean, 4), f"mean log-mel of {count} clips spread over the folder")
+        if config.audio.std is None:
+            chooser.set("audio.std", round(std, 4), f"its standard deviation over those {count} clips")
+        config = chooser.apply(config)
+    validate(config)
+    return config, chooser.choices
+
+
+def _log_mel_statistics(config: Config, scan: FolderScan) -> tuple[float, float, int]:
+    """Mean and standard deviation of the un-normalised log-mel of up to :data:`STAT_CLIPS` clips of the folder."""
+    import torch
+
+    from unsupdistill.augment.audio import LogMel
+    from unsupdistill.data import clip_samples
+    from unsupdistill.data.audio import fit_clip, read_sound
+
+    audio = config.audio
+    samples = clip_samples(audio)
+    files = scan.paths[::max(1, len(scan.files) // STAT_CLIPS)][:STAT_CLIPS]
+    waves = torch.stack([torch.from_numpy(fit_clip(read_sound(f, audio.sample_rate, samples), samples))
+                         for f in files])  # (N, S)
+    frontend = LogMel(audio.sample_rate, audio.window_ms, audio.hop_ms, audio.n_mels, audio.f_min, audio.f_max)
+    mean, std = frontend.statistics(waves)
+    return mean, std, len(files)
 
 
 def _schedule(chooser: Chooser, config: Config, facts: FolderFacts, bases: dict[str, int]) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unsupdistill.config import SoundViewSpec
+from unsupdistill.config import AudioConfig, SoundViewSpec
 
 LOG_FLOOR = 1e-6
 """Added to the mel power before the log: digital silence (a clip's padding, a silent file) stays finite, and what
@@ -134,6 +134,15 @@ class LogMel(nn.Module):
             raise ValueError(f"the front end cannot compute this description: {', '.join(differ)} differ "
                              f"({frontend.describe()} is what it would compute)")
         return frontend
+
+
+def sound_frontend(audio: AudioConfig) -> LogMel:
+    """The front end the ``audio`` section describes (its rate and normalisation chosen already)."""
+    if audio.sample_rate is None or audio.mean is None or audio.std is None:
+        raise ValueError("the sound front end needs audio.sample_rate, audio.mean and audio.std (chosen from the "
+                         "folder by the command line, or set in the recipe)")
+    return LogMel(audio.sample_rate, audio.window_ms, audio.hop_ms, audio.n_mels, audio.f_min, audio.f_max,
+                  audio.mean, audio.std)
 
 
 def time_resize_weights(start: Tensor, length: Tensor, columns: int, frames: int) -> Tensor:

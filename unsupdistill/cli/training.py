@@ -14,7 +14,7 @@ import torch
 
 from unsupdistill import distributed, registry
 from unsupdistill import run_dir as layout
-from unsupdistill.auto import auto_settings, automatic_keys, explicit_keys, format_choices
+from unsupdistill.auto import auto_settings, automatic_keys, explicit_keys, format_choices, sound_settings
 from unsupdistill.cli.options import EXIT_STOPPED, LABELED_HELP, TRAINING_KEYS, spelled, training_overrides
 from unsupdistill.config import (
     Config,
@@ -263,15 +263,23 @@ def _settings_for_data(config: Config, run_dir: Path | None, automatic: bool, ov
     if config.data.path is None:
         return config, None, ""
     scan = scan_for_run(config.data.path, config.data.verify, run_dir, max(1, num_workers(config.data)))
-    if not automatic:
+    if config.data.kind is not None and config.data.kind != scan.kind:
+        raise ConfigError(f"data.kind={config.data.kind}, but {config.data.path} holds {scan.noun}s: set data.kind to "
+                          f"{scan.kind} or null (found by the scan), or give a folder of {config.data.kind}s")
+    choices = []
+    if scan.kind == "audio":  # the front end, recipe or not: the rate, the clip and the normalisation
+        config, choices = sound_settings(config, scan, explicit_keys(overrides))
+    if automatic:
+        config, more = auto_settings(config, scan, device.type, explicit_keys(overrides),
+                                     distributed.launched_world_size())
+        choices += more
+    if not choices:
         return config, scan, ""
-    config, choices = auto_settings(config, scan, device.type, explicit_keys(overrides),
-                                    distributed.launched_world_size())
     table = format_choices(choices)
-    logger.info("settings chosen for %d images in %s on %s (a key=value argument or --recipe overrides any):\n%s",
-                len(scan.files), config.data.path, device.type.upper(), table)
-    notes = (f"Settings chosen automatically for {len(scan.files)} images on {device.type.upper()} (value, why):\n"
-             + table)
+    logger.info("settings chosen for %d %s in %s on %s (a key=value argument or --recipe overrides any):\n%s",
+                len(scan.files), scan.noun + "s", config.data.path, device.type.upper(), table)
+    notes = (f"Settings chosen automatically for {len(scan.files)} {scan.noun}s on {device.type.upper()} "
+             "(value, why):\n" + table)
     return config, scan, notes
 
 

@@ -45,6 +45,7 @@ def config_errors(config: Config) -> list[tuple[str, str]]:
     need(_is_plain_mapping(m.backbone_kwargs), "model.backbone_kwargs",
          "a mapping of argument names to numbers, strings, booleans, null, or lists and mappings of these")
     need(m.input_size >= 1, "model.input_size", "an integer >= 1")
+    need(m.in_chans in (1, 3), "model.in_chans", "3 (images) or 1 (sounds)")
     need(all(s > 0 for s in m.std), "model.std", "three positive numbers")
     checks.extend(config.audio.checks())
 

@@ -107,7 +107,10 @@ YAML (a folder named ``2024``, ``true``, ``null`` or ``run #1`` stays that folde
 @dataclass
 class DataConfig:
     path: str | None = field(default=None, metadata=PATH)
-    """Folder of unlabeled images (searched recursively); null trains on scikit-learn's digits."""
+    """Folder of unlabeled images or sound files (searched recursively); null trains on scikit-learn's digits."""
+    kind: Literal["image", "audio"] | None = None
+    """What ``data.path`` holds: images, or sound files read through the ``audio`` section's front end; null: what
+    the folder's scan finds (a folder holding both is refused)."""
     image_size: int | None = None
     """Side of the square each image is decoded to (shorter side resized, centre crop) before
     the batched augmentation crops it; null: the method's choice (``model.input_size``)."""
@@ -152,7 +155,10 @@ class ModelConfig:
     model), as timm's ``pretrained_cfg_overlay={file: PATH}`` takes it; null: timm's own source."""
     input_size: int = 16
     """Side of the network's input in pixels (square): the size of the views it trains on (a method may add smaller
-    ones) and the size a user's images are resized to for its features; the exported model's ``input_size``."""
+    ones) and the size a user's images are resized to for its features; the exported model's ``input_size``. For
+    sounds: the columns (time steps) of the log-mel image it sees, whose rows are ``audio.n_mels``."""
+    in_chans: int = 3
+    """Channels of the network's input: 3 for images; 1 for sounds (set with ``data.kind``: a log-mel image)."""
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     """Per-channel mean the input is normalised with (ImageNet's)."""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)

@@ -22,7 +22,7 @@ from pathlib import Path
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from unsupdistill.config import DataConfig
+from unsupdistill.config import AudioConfig, DataConfig
 from unsupdistill.data.audio import AUDIO_EXTENSIONS, fit_clip, folder_kind, list_audio_files, read_sound
 from unsupdistill.data.digits import DigitsDataset, digits_split
 from unsupdistill.data.folder import IMAGE_EXTENSIONS, DataError, list_image_files, load_rgb, resize_center_crop
@@ -31,15 +31,15 @@ from unsupdistill.data.scan import FolderScan, scan_folder, scan_for_run
 from unsupdistill.data.sounds import AudioFolderDataset, sound_summary
 
 __all__ = ["AUDIO_EXTENSIONS", "IMAGE_EXTENSIONS", "AudioFolderDataset", "DataError", "DigitsDataset", "FolderScan",
-           "ImageFolderDataset", "build_dataset", "digits_split", "fit_clip", "folder_kind", "list_audio_files",
-           "list_image_files", "load_rgb", "num_workers", "read_sound", "resize_center_crop", "scan_folder",
-           "scan_for_run", "sound_summary", "list_late_failures", "write_skipped"]
+           "ImageFolderDataset", "build_dataset", "clip_samples", "digits_split", "fit_clip", "folder_kind",
+           "list_audio_files", "list_image_files", "load_rgb", "num_workers", "read_sound", "resize_center_crop",
+           "scan_folder", "scan_for_run", "sound_summary", "list_late_failures", "write_skipped"]
 
 logger = logging.getLogger(__name__)
 
 
 def build_dataset(cfg: DataConfig, image_size: int, scan: FolderScan | None = None,
-                  substitute: bool = False) -> Dataset:
+                  substitute: bool = False, audio: AudioConfig | None = None) -> Dataset:
     """The dataset ``cfg`` describes.
 
     Args:
@@ -47,8 +47,19 @@ def build_dataset(cfg: DataConfig, image_size: int, scan: FolderScan | None = No
         image_size: the global crop size, used when ``cfg.image_size`` is null.
         scan: the folder's scan, if made already (see :func:`scan_for_run`).
         substitute: replace (and report) files that fail after the scan, see :class:`ImageFolderDataset`.
+        audio: the sound section, whose rate and clip length a folder of sounds is read at (``cfg.kind`` audio).
     """
     size = cfg.image_size or image_size
+    if cfg.path is not None and cfg.kind == "audio":
+        if audio is None or audio.sample_rate is None or audio.clip_seconds is None:
+            raise ValueError("a folder of sounds needs audio.sample_rate and audio.clip_seconds (chosen from the "
+                             "folder by the command line, or set in the recipe)")
+        dataset = AudioFolderDataset(cfg.path, audio.sample_rate, clip_samples(audio), strict=cfg.strict,
+                                     verify=cfg.verify, num_threads=max(1, num_workers(cfg)), scan=scan,
+                                     substitute=substitute)
+        logger.info("%d sound files in %s (%d skipped), read mono at %d Hz, %g s clips", len(dataset), dataset.root,
+                    len(dataset.skipped), audio.sample_rate, audio.clip_seconds)
+        return dataset
     if cfg.path is None:
         logger.info("no image folder given: training on scikit-learn's built-in digits (1,797 images)")
         return DigitsDataset(size)
@@ -56,6 +67,11 @@ def build_dataset(cfg: DataConfig, image_size: int, scan: FolderScan | None = No
                                  num_threads=max(1, num_workers(cfg)), scan=scan, substitute=substitute)
     logger.info("%d images in %s (%d skipped)", len(dataset), dataset.root, len(dataset.skipped))
     return dataset
+
+
+def clip_samples(audio: AudioConfig) -> int:
+    """Samples of one clip: ``audio.clip_seconds`` at ``audio.sample_rate``."""
+    return max(1, round(audio.clip_seconds * audio.sample_rate))
 
 
 def num_workers(cfg: DataConfig) -> int:

@@ -95,8 +95,9 @@ def keep_decoded(dataset: Dataset, cfg: Any, run_dir: Path | None) -> Dataset:
     """``dataset`` with its images kept decoded in ``run_dir`` (see :class:`DecodedImages`) where ``cfg`` (the
     data section) allows it: an image folder (the digits are in memory already), a run directory (not a dry run),
     at most ``cfg.keep_decoded_max_gb`` and room on the disk (else a warning); else ``dataset`` itself."""
-    if cfg.keep_decoded is False or run_dir is None or not hasattr(dataset, "files"):
-        return dataset
+    if cfg.keep_decoded is False or run_dir is None or getattr(dataset, "image_size", None) is None \
+            or not hasattr(dataset, "files"):
+        return dataset  # the digits (in memory), sounds (read and resampled in milliseconds), a dry run
     size = int(dataset.image_size)
     need = decoded_bytes(len(dataset), size)
     if need > cfg.keep_decoded_max_gb * 1e9:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from unsupdistill.models.frozen import SoundFeatures
 from unsupdistill.models.inference import CHOICE_IMAGES, REFERENCE, fastest_path
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def extract_features(
     progress: bool = True,
     num_workers: int = 0,
     optimize: bool = True,
+    frontend: dict | None = None,
 ) -> Tensor:
     """Features (N, D) of every image of a dataset of uint8 (3, H, W) tensors, in dataset order.
 
@@ -87,8 +89,15 @@ def extract_features(
     the first batch by :func:`~unsupdistill.models.inference.fastest_path`); ``optimize=False`` runs the eager network
     throughout.
     The features are float32 on the CPU whatever the device and precision.
+
+    With a sound ``frontend`` (:attr:`~unsupdistill.models.frozen.FeatureModel.frontend`) the dataset holds waves
+    ``(1, S)`` and the network gets their log-mel (:class:`~unsupdistill.models.frozen.SoundFeatures`); ``input_size``,
+    ``mean`` and ``std`` are then unused and ``optimize`` does not apply.
     """
     device = torch.device(device)
+    if frontend is not None:
+        return _sound_features(SoundFeatures(backbone, frontend).eval().to(device), dataset, batch_size, precision,
+                               device, progress, num_workers)
     # channels-last: the convolution kernels' preferred layout (as in training)
     model = NormalizedBackbone(backbone, mean, std).eval().to(device, memory_format=torch.channels_last)
     out = []
@@ -108,4 +117,17 @@ def extract_features(
             if (time.perf_counter() - tic) * len(loader) >= CHOICE_PAYS_S:
                 run = fastest_path(model, x[:CHOICE_IMAGES], device, allowed=FP32_PATHS,
                                    min_cosine=FP32_MIN_COSINE).run
+    return torch.cat(out)
+
+
+def _sound_features(model: nn.Module, dataset: Dataset, batch_size: int, precision: torch.dtype | None,
+                    device: torch.device, progress: bool, num_workers: int) -> Tensor:
+    """Features (N, D) of a dataset of waves (1, S) through a :class:`SoundFeatures` network, float32 on the CPU."""
+    autocast = (torch.autocast(device.type, dtype=precision) if precision is not None
+                else contextlib.nullcontext())
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    out = []
+    for waves in tqdm(loader, desc="features", unit="batch", disable=not progress):
+        with autocast:
+            out.append(model(waves.to(device, non_blocking=True)).float().cpu())  # (B, 1, S) -> (B, D)
     return torch.cat(out)

@@ -50,3 +50,6 @@ class EvalOptions:
     """Images per pass of the throughput timing."""
     speed_seconds: float = 2.0
     """Time limit of each of the two speed timings (throughput, latency)."""
+    frontend: dict | None = None
+    """A sound front end (a model of sounds' ``frontend`` in its ``backbone.json``) for the models without one of
+    their own: ``timm:`` networks of sounds and ``logmel``, the log-mel statistics baseline."""

@@ -17,7 +17,7 @@ from torch import nn
 
 from unsupdistill.config import DataConfig
 from unsupdistill.data import DataError, DigitsDataset, num_workers
-from unsupdistill.data.labeled import LabeledDataset, align_labels, load_labeled
+from unsupdistill.data.labeled import LabeledDataset, align_labels, load_labeled, load_labeled_sounds
 from unsupdistill.devices import cpu_has_native_bf16, resolve_device
 from unsupdistill.evaluate.cache import cached_features, data_fingerprint, default_cache_dir
 from unsupdistill.evaluate.clustering import cluster
@@ -61,7 +61,7 @@ def model_features(model: FeatureModel, dataset, options: EvalOptions, device: t
                     "bf16" if precision else "fp32", workers)
         return extract_features(backbone, dataset, model.input_size, model.mean, model.std,
                                 batch_size=options.batch_size, precision=precision, device=device,
-                                num_workers=workers)
+                                num_workers=workers, frontend=model.frontend)
 
     features, hit = cached_features(model.cache_key, data_fingerprint(dataset), extra, cache_dir, extract)
     if hit:
@@ -98,9 +98,9 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
     """
     options = options or EvalOptions()
     device = resolve_device(options.device)
-    model = load_model(model_spec, image_size=options.image_size, student=options.student)
-    train_set = load_labeled(train_spec, model.input_size, "train")
-    test_set = load_labeled(test_spec, model.input_size, "test")
+    model = load_model(model_spec, image_size=options.image_size, student=options.student, frontend=options.frontend)
+    train_set = labeled_inputs(model, train_spec, "train")
+    test_set = labeled_inputs(model, test_spec, "test")
     train_labels, test_labels = train_set.labels, align_labels(train_set, test_set)
     classes = train_set.classes
     if options.linear:  # before the features are extracted
@@ -178,6 +178,14 @@ def evaluate(model_spec: str, train_spec: str, test_spec: str, options: EvalOpti
                                title=f"{model.name}: linear probe")
             write_pictures(model, train_set, test_set, train_features, test_features, out_dir)
     return results
+
+
+def labeled_inputs(model: FeatureModel, spec: str, split: str) -> LabeledDataset:
+    """The labeled set ``spec`` as ``model`` takes it: images at its input size, or for a model of sounds the files
+    read at its front end's rate and cut or padded to its clip."""
+    if model.frontend is None:
+        return load_labeled(spec, model.input_size, split)
+    return load_labeled_sounds(spec, int(model.frontend["sample_rate"]), int(model.frontend["clip_samples"]), split)
 
 
 def check_probe_split(train_set: LabeledDataset, spec: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from unsupdistill.evaluate.report import format_table, write_json
 from unsupdistill.evaluate.run import HEADLINE_K, EvalOptions, evaluate
 from unsupdistill.evaluate.speed import SPEED_COLUMNS, speed_cells, speed_ratio
+from unsupdistill.models.load import LOGMEL
 from unsupdistill.run_dir import BACKBONE_SIDECAR, METRICS, read_metrics
 
 SUMMARY_FILE = "summary.json"
@@ -59,10 +60,12 @@ def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str
     """
     sidecar = json.loads((run_dir / BACKBONE_SIDECAR).read_text())
     size = int(sidecar["input_size"])
+    frontend = sidecar.get("frontend")  # a model of sounds: its baselines hear through its front end
     options = EvalOptions(image_size=size, linear=False, clustering=False, plots=False, cache=False, device=device,
-                          speed_seconds=speed_seconds)
+                          speed_seconds=speed_seconds, frontend=frontend)
+    baseline, baseline_spec = ("log-mel statistics", LOGMEL) if frontend else ("raw pixels", "pixels")
     specs = {"this run": str(run_dir), "same network, random init": random_init_spec(sidecar, seed),
-             "raw pixels": "pixels"}
+             baseline: baseline_spec}
     scores, speeds, sizes = {}, {}, dict.fromkeys(specs, size)
     classifier = None
     for name, spec in specs.items():
@@ -72,7 +75,7 @@ def run_summary(run_dir: Path, train: str, test: str, seed: int = 0, device: str
         if name == "this run" and "top1" in result.get("classifier", {}):  # distilled with labels: its classifier
             classifier = result["classifier"]["top1"]
     trained, random, pixels = scores.values()
-    text = reading(trained, random, pixels, run_facts(run_dir, sidecar))
+    text = reading(trained, random, pixels, run_facts(run_dir, sidecar), baseline)
     if classifier is not None:
         text += f" Its classifier: {classifier:.1f} % top-1 on the test set."
     shares = time_shares(run_dir)
@@ -163,8 +166,9 @@ def run_facts(run_dir: Path, sidecar: dict[str, Any]) -> RunFacts:
                     int(sidecar["input_size"]), change)
 
 
-def reading(trained: float, random: float, pixels: float, facts: RunFacts) -> str:
-    """What the three k-NN figures and the run's facts say: whether it learned, and what would help."""
+def reading(trained: float, random: float, pixels: float, facts: RunFacts, baseline: str = "raw pixels") -> str:
+    """What the three k-NN figures and the run's facts say: whether it learned, and what would help (``pixels``: the
+    k-NN of the ``baseline`` features, raw pixels or a sound's log-mel statistics)."""
     gain = f"{trained - random:+.1f} points over the same network at random initialisation"
     length = f"{facts.steps} steps" + (f" ({facts.epochs:.1f} epochs)" if facts.epochs is not None else "")
     run = f"It trained {length} on {facts.images} at {facts.input_size} px"
@@ -186,5 +190,5 @@ def reading(trained: float, random: float, pixels: float, facts: RunFacts) -> st
                   "network or distillation from a pretrained teacher (unsupdistill distill --teacher) may close the "
                   "gap."
                   if facts.loss_change is not None else "")
-        return f"Learned: {gain}, still {pixels - trained:.1f} below raw pixels. {run} {advice}".rstrip()
-    return f"Learned: {gain}, and {trained - pixels:.1f} above raw pixels. {run}"
+        return f"Learned: {gain}, still {pixels - trained:.1f} below {baseline}. {run} {advice}".rstrip()
+    return f"Learned: {gain}, and {trained - pixels:.1f} above {baseline}. {run}"

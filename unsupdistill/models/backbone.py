@@ -47,6 +47,8 @@ def create_backbone(cfg: ModelConfig, crop_sizes: tuple[int, ...] = ()) -> tuple
             "python -c \"import timm; print(timm.list_models('*vit*'))\""
         )
     kwargs = dict(cfg.backbone_kwargs)
+    if cfg.in_chans != 3:  # timm adapts a pretrained first convolution (sums its RGB weights for one channel)
+        kwargs.setdefault("in_chans", cfg.in_chans)
     weights = {"pretrained": cfg.pretrained}
     if cfg.pretrained and cfg.small_image_stem:
         raise ConfigError("model.pretrained=true with model.small_image_stem=true: the small-image stem would replace "
@@ -182,17 +184,35 @@ def describe_backbone(spec: BackboneSpec, config: Config, step: int, source: str
                    "center_crop": m.input_size, "interpolation": "bilinear"},
         "mean": list(m.mean), "std": list(m.std), "step": step, "source": source,
         "trained_on": config.data.path or "digits",
+        **({"frontend": sound_frontend_description(config)} if config.data.kind == "audio" else {}),
     }
 
 
+def sound_frontend_description(config: Config) -> dict[str, Any]:
+    """How a sound model's input is made (:attr:`~unsupdistill.models.frozen.FeatureModel.frontend`): the log-mel
+    front end of ``config.audio``, the columns the network sees (``model.input_size``) and the clip's samples."""
+    from unsupdistill.augment.audio import sound_frontend
+    from unsupdistill.data import clip_samples
+
+    return {**sound_frontend(config.audio).describe(), "frames": config.model.input_size,
+            "clip_samples": clip_samples(config.audio)}
+
+
+def input_channels(backbone: nn.Module) -> int:
+    """Channels of the backbone's input, from its first convolution: 3 for images, 1 for spectrograms."""
+    return next((m.in_channels for m in backbone.modules() if isinstance(m, nn.Conv2d)), 3)
+
+
 @torch.no_grad()
-def forward_gflops(backbone: nn.Module, input_size: int) -> float:
-    """Forward GFLOPs of one image through ``backbone`` at ``input_size`` px, in eval mode, as counted by
+def forward_gflops(backbone: nn.Module, input_size: int | tuple[int, int]) -> float:
+    """Forward GFLOPs of one input through ``backbone`` at ``input_size`` px (a side, or (height, width) for a
+    spectrogram), in eval mode, as counted by
     :class:`torch.utils.flop_counter.FlopCounterMode`: a multiply-add counts as 2 FLOPs, and only matrix
     products, convolutions and attention are counted (normalisations, activations and pooling are not)."""
     device = next(backbone.parameters(), torch.empty(0)).device
     was_training = backbone.training
     with FlopCounterMode(display=False) as counter:
-        backbone.eval()(torch.zeros(1, 3, input_size, input_size, device=device))  # (1, 3, S, S)
+        size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        backbone.eval()(torch.zeros(1, input_channels(backbone), *size, device=device))  # (1, C, H, W)
     backbone.train(was_training)
     return counter.get_total_flops() / 1e9

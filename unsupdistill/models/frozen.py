@@ -51,6 +51,9 @@ class FeatureModel:
         classifier: the network's own classifier over its pooled features, frozen (a
             :class:`~unsupdistill.models.classifier.Classifier`, for a model distilled with labels): the one exported
             beside the backbone, or the one a checkpoint holds; None without one.
+        frontend: for a model of sounds, its front end (:meth:`~unsupdistill.augment.audio.LogMel.describe`, plus
+            ``frames``, the columns the network sees, and ``clip_samples``, the length files are cut or padded to):
+            its inputs are then waves ``(B, 1, clip_samples)`` and ``input_size`` is ``frames``; None for images.
     """
 
     name: str
@@ -62,6 +65,44 @@ class FeatureModel:
     architecture: str
     description: dict[str, Any] | None = None
     classifier: nn.Module | None = None
+    frontend: dict[str, Any] | None = None
+
+
+class SoundFeatures(nn.Module):
+    """A network of spectrograms fed with waves: the front end's log-mel of the whole clip, resized in time to the
+    network's ``frames`` columns (:func:`~unsupdistill.augment.audio.full_clip`, what evaluation, ``embed`` and the
+    exports give it), then the network.
+
+    Args:
+        backbone: maps normalised log-mel images ``(B, 1, M, frames)`` to features ``(B, D)``.
+        frontend: the description of the front end (:attr:`FeatureModel.frontend`).
+    """
+
+    def __init__(self, backbone: nn.Module, frontend: dict[str, Any]) -> None:
+        super().__init__()
+        from unsupdistill.augment.audio import LogMel
+
+        self.backbone = backbone
+        self.frontend = LogMel.from_description({k: v for k, v in frontend.items()
+                                                 if k not in ("frames", "clip_samples")})
+        self.frames = int(frontend["frames"])
+
+    def forward(self, waves: Tensor) -> Tensor:
+        """Args: waves (B, 1, S). Returns features (B, D)."""
+        from unsupdistill.augment.audio import full_clip
+
+        return self.backbone(full_clip(self.frontend, waves, self.frames))  # (B, 1, M, frames) -> (B, D)
+
+
+class LogMelStatistics(nn.Module):
+    """The "raw pixels" of sound: the mean and standard deviation of each mel band over the clip's frames (2 x M
+    features of the normalised log-mel, centred per clip like :class:`PixelFeatures`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Args: x (B, 1, M, T) log-mel images. Returns (B, 2M), every row with zero mean."""
+        bands = x.flatten(1, 2)  # (B, M, T)
+        stats = torch.cat([bands.mean(dim=2), bands.std(dim=2)], dim=1)  # (B, 2M)
+        return stats - stats.mean(dim=1, keepdim=True)
 
 
 class PixelFeatures(nn.Module):

@@ -10,6 +10,7 @@ and exports through safetensors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -27,6 +28,7 @@ from unsupdistill.models.frozen import (
     IMAGENET_STD,
     RANDOM_INIT_SEED,
     FeatureModel,
+    LogMelStatistics,
     ModelSpecError,
     PixelFeatures,
     cache_digest,
@@ -43,8 +45,12 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "RANDOM_INIT_SEED", "FeatureModel", 
 
 logger = logging.getLogger(__name__)
 
+LOGMEL = "logmel"
+"""The MODEL spec of the log-mel statistics baseline of sounds."""
 
-def load_model(spec: str, *, image_size: int | None = None, student: bool = False) -> FeatureModel:
+
+def load_model(spec: str, *, image_size: int | None = None, student: bool = False,
+               frontend: dict | None = None) -> FeatureModel:
     """Load the feature extractor a MODEL argument names, with the classifier that belongs to its weights
     (``FeatureModel.classifier``: an export's, or the one a checkpoint holds; None without one).
 
@@ -57,6 +63,8 @@ def load_model(spec: str, *, image_size: int | None = None, student: bool = Fals
             input size (training crop, timm's pretrained config).
         student: use the student's backbone instead of the teacher's (checkpoints and run directories
             with a checkpoint only); ignored by ``timm:`` and ``pixels``, which have no teacher.
+        frontend: a sound front end (:attr:`FeatureModel.frontend`) for the models that have none of their own:
+            ``timm:`` networks (then of sounds) and ``logmel``, the log-mel statistics baseline of sounds.
 
     Raises:
         ModelSpecError: the spec names nothing loadable; the message names it and the accepted forms.
@@ -66,8 +74,11 @@ def load_model(spec: str, *, image_size: int | None = None, student: bool = Fals
         raise ModelSpecError(f"image size {image_size} for model '{spec}' must be >= 1")
     if spec == "pixels":
         return _load_pixels(image_size)
+    if spec == LOGMEL:
+        return _load_logmel(spec, frontend)
     if spec.startswith("timm:"):
-        return load_timm(spec, image_size)
+        model = load_timm(spec, image_size if frontend is None else int(frontend["frames"]))
+        return model if frontend is None else dataclasses.replace(model, frontend=frontend)
     path = Path(spec).expanduser()
     if not path.exists() and path.with_name(path.name + ".safetensors").is_file():  # an export named by its stem
         path = path.with_name(path.name + ".safetensors")
@@ -132,6 +143,7 @@ def _load_checkpoint(spec: str, path: Path, image_size: int | None, student: boo
         source = "student" if student else state.get("exported", "teacher")  # distillation: student(_ema)
         network = state[source]
         description = describe_backbone(backbone_spec, config, int(state["step"]), source)
+        frontend = description.get("frontend")
     except (KeyError, TypeError, ValueError) as err:
         raise ModelSpecError(f"model '{spec}': checkpoint {path} lacks the backbone spec, model config or "
                              f"weights ({type(err).__name__}: {err}); it may come from an older version") from err
@@ -140,7 +152,7 @@ def _load_checkpoint(spec: str, path: Path, image_size: int | None, student: boo
     classifier = _checkpoint_classifier(spec, path, network, state.get("classes"))
     size = image_size or input_size
     key = cache_digest(file_sha256(path), backbone_spec.to_dict(), size, mean, std, student)
-    return FeatureModel(name, backbone, size, mean, std, key, backbone_spec.name, description, classifier)
+    return FeatureModel(name, backbone, size, mean, std, key, backbone_spec.name, description, classifier, frontend)
 
 
 def _checkpoint_classifier(spec: str, path: Path, network: dict[str, Tensor], classes: object) -> Classifier | None:
@@ -184,7 +196,7 @@ def _load_export(spec: str, weights_path: Path, image_size: int | None, name: st
     size = image_size or input_size
     key = cache_digest(file_sha256(weights_path), backbone_spec.to_dict(), size, mean, std, False)
     return FeatureModel(name, backbone, size, mean, std, key, backbone_spec.name, meta,
-                        export_classifier(weights_path, meta))
+                        export_classifier(weights_path, meta), meta.get("frontend"))
 
 
 def _rebuild(spec: str, backbone_spec: BackboneSpec, weights: dict[str, Tensor]) -> nn.Module:
@@ -204,6 +216,22 @@ def _rebuild(spec: str, backbone_spec: BackboneSpec, weights: dict[str, Tensor])
 # ----------------------------------------------------------------------------------------------
 # Raw pixels
 # ----------------------------------------------------------------------------------------------
+
+
+def _load_logmel(spec: str, frontend: dict | None) -> FeatureModel:
+    """The log-mel statistics of sounds (:class:`LogMelStatistics`), through ``frontend`` at the clip's own
+    columns."""
+    if frontend is None:
+        raise ModelSpecError(f"model '{spec}' (log-mel statistics of sounds) needs a sound front end: score it beside "
+                             "a model of sounds (the end-of-run summary does)")
+    from unsupdistill.augment.audio import LogMel
+
+    description = {k: v for k, v in frontend.items() if k not in ("frames", "clip_samples")}
+    columns = LogMel.from_description(description).frames(int(frontend["clip_samples"]))
+    own = {**frontend, "frames": columns}  # the whole clip, not resized
+    zero, one = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    key = cache_digest("logmel|" + json.dumps(own, sort_keys=True), None, columns, zero, one, False)
+    return FeatureModel(LOGMEL, LogMelStatistics().eval(), columns, zero, one, key, LOGMEL, frontend=own)
 
 
 def _load_pixels(image_size: int | None) -> FeatureModel:

@@ -93,7 +93,8 @@ class Trainer:
         self.method = method(config, Runtime(self.device, self.autocast_dtype, self.world,
                                              None if dry_run else run_dir, self.timer))
         # a file that fails after the start-up scan is replaced in its batch, counted and listed (not a crash)
-        self.dataset = build_dataset(config.data, self.method.image_size, scan=scan, substitute=True)
+        self.dataset = build_dataset(config.data, self.method.image_size, scan=scan, substitute=True,
+                                     audio=config.audio)
         self.files_failed = 0
         per_process = len(self.dataset) // self.world
         if per_process < self.local_batch:

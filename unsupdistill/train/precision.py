@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from unsupdistill.config import ConfigError
 from unsupdistill.devices import cpu_has_native_bf16
+from unsupdistill.models.backbone import input_channels
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def _width_one_inputs(backbone: nn.Module, convs: dict[str, nn.Module], crop_siz
         with torch.no_grad():
             for size in sorted(set(crop_sizes)):
                 hit.clear()
-                backbone(torch.zeros(2, 3, size, size))  # (2, 3, S, S)
+                backbone(torch.zeros(2, input_channels(backbone), size, size))  # (2, C, S, S)
                 for name in hit:
                     seen.setdefault(name, set()).add(size)
     finally:

@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from unsupdistill.augment import MultiCropAugmentation, ibot_masks, sized
+from unsupdistill.augment import MultiCropAugmentation, SoundMultiCrop, ibot_masks, sized
+from unsupdistill.augment.audio import sound_frontend
 from unsupdistill.auto import Chooser, FolderFacts, is_vit, patch_size
 from unsupdistill.config import Config
 from unsupdistill.losses import KoLeo, MaskedPatchLoss, build_dino_loss, teacher_temperature
@@ -112,15 +113,16 @@ class DINO(Method):
         """
         m, n = config.model, facts.images
         crop, vit = m.input_size, is_vit(m.backbone)
-        unit = patch_size(crop) if vit else 4
-        local = min(crop, max(unit if vit else 8, round(crop * LOCAL_RATIO / unit) * unit))
-        chooser.set("dino.local.size", local, f"{LOCAL_RATIO:.2f} x the global crop (DINO: 96 / 224)")
-        decode = max(crop, min(int(facts.shorter_side), round(crop * DECODE_RATIO)))
-        chooser.set("data.image_size", decode,
-                    f"decode to {decode / crop:.2f} x the global crop, no larger than the images: crops stay near 1:1")
-        if crop < 64:
-            for name in ("global_1", "global_2", "local"):
-                chooser.set(f"dino.{name}.blur_p", 0.0, "no Gaussian blur on crops under 64 px (too little detail)")
+        if facts.kind == "image":  # a sound's views are the audio section's (auto.py chooses their columns)
+            unit = patch_size(crop) if vit else 4
+            local = min(crop, max(unit if vit else 8, round(crop * LOCAL_RATIO / unit) * unit))
+            chooser.set("dino.local.size", local, f"{LOCAL_RATIO:.2f} x the global crop (DINO: 96 / 224)")
+            decode = max(crop, min(int(facts.shorter_side), round(crop * DECODE_RATIO)))
+            chooser.set("data.image_size", decode, f"decode to {decode / crop:.2f} x the global crop, no larger than "
+                        "the images: crops stay near 1:1")
+            if crop < 64:
+                for name in ("global_1", "global_2", "local"):
+                    chooser.set(f"dino.{name}.blur_p", 0.0, "no Gaussian blur on crops under 64 px (too little detail)")
         local_crops = 6 if facts.device_type == "cuda" else 4
         chooser.set("dino.num_local_crops", local_crops, f"{local_crops} local crops on {facts.device}")
         if vit:
@@ -243,10 +245,14 @@ class DINO(Method):
         return Export(self.teacher.backbone.state_dict(), self.spec, "teacher", {})
 
 
-def multi_crop(config: Config, scale: float) -> MultiCropAugmentation:
+def multi_crop(config: Config, scale: float) -> MultiCropAugmentation | SoundMultiCrop:
     """DINO's views at ``scale`` x the configured sizes (rounded, at least 1 px; below 1 for the low-resolution part of
-    a progressively resized run, ``dino.low_res_share``)."""
+    a progressively resized run, ``dino.low_res_share``); of a sound, its multi-crop in time (``audio`` section)."""
     lo, m = config.dino, config.model
+    if config.data.kind == "audio":
+        audio = config.audio
+        return SoundMultiCrop(sound_frontend(audio), audio.global_view, audio.local_view, scaled(m.input_size, scale),
+                              scaled(audio.local_frames, scale), lo.num_local_crops)
     size, local = scaled(m.input_size, scale), dataclasses.replace(lo.local, size=scaled(lo.local.size, scale))
     return MultiCropAugmentation(sized(lo.global_1, size), sized(lo.global_2, size), local, lo.num_local_crops,
                                  m.mean, m.std, lo.crop_mode)
