@@ -205,12 +205,13 @@ def test_recipe_backbone_kwargs_replace_defaults_but_overrides_update_them():
 
 
 def test_config_is_dataclasses_per_component_and_each_method_owns_its_section():
-    assert {f.name for f in dataclasses.fields(Config)} == {"method", "data", "model", "optim", "train",
+    assert {f.name for f in dataclasses.fields(Config)} == {"method", "data", "model", "audio", "optim", "train",
                                                             "eval", "sections"}
     from unsupdistill.methods import METHODS
 
     config = Config()
-    assert set(config.to_dict()) == {"method", "data", "model", "optim", "train", "eval", "dino", "distill", "kd"}
+    assert set(config.to_dict()) == {"method", "data", "model", "audio", "optim", "train", "eval", "dino", "distill",
+                                     "kd"}
     for method in METHODS.values():  # every section is defined in a method's package (kd reads distill's too)
         for name, section in method.settings.items():
             assert section.__module__.startswith(f"unsupdistill.methods.{name}.")
