@@ -267,16 +267,17 @@ def speed_seconds(args: argparse.Namespace) -> float:
 
 
 def score_run(model: Path | str, train: Path, test: Path, out: Path, linear: bool = True,
-              size: int | None = None, speed_seconds: float = 2.0) -> dict:
+              size: int | None = None, speed_seconds: float = 2.0, extra: Sequence[str] = ()) -> dict:
     """``unsupdistill eval --speed`` of ``model`` with ``train`` (a folder or a labels CSV) as the k-NN memory and
     the probe's training set, kept in ``out/eval.json`` (run again only to add the linear probe; the features come
-    from the feature cache); its classifier, linear and k-NN (k = 20) top-1 and its inference speed."""
+    from the feature cache); its classifier, linear and k-NN (k = 20) top-1 and its inference speed. ``extra``:
+    more ``eval`` arguments (``--frontend-of RUN``)."""
     report = out / "eval.json"
     if not report.is_file() or (linear and "linear" not in json.loads(report.read_text())):
         run_cli("eval", str(model), "--eval-train", str(train), "--eval-test", str(test), "--out", str(out),
                 "--no-plots", "--no-clustering", "--speed", "--speed-seconds", str(speed_seconds),
                 *([] if linear else ["--no-linear"]),
-                *([] if size is None else ["--image-size", str(size)]))
+                *([] if size is None else ["--image-size", str(size)]), *extra)
     results = json.loads(report.read_text())
     speed = results.get("speed") or {}
     return {"knn_top1": results["knn"][str(HEADLINE_K)]["top1"], "linear_top1": results.get("linear", {}).get("top1"),

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = commands.add_parser(
         "eval", help="k-NN, linear probe and clustering of frozen features on a labeled train/test pair",
         description="Evaluate frozen features. MODEL is a run directory, a checkpoint (.pt), an exported "
-                    "backbone (.safetensors with its .json), timm:<name>[,key=value...] (random init) or pixels. "
+                    "backbone (.safetensors with its .json), timm:<name>[,key=value...] (random init), pixels, or "
+                    "logmel (sounds: each mel band's mean and spread, with --frontend-of). "
                     f"The labeled sets are folders with one subfolder per class, .csv files ({CSV_FORMAT}), or "
                     "digits.",
     )
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"numbers of neighbours of the k-NN classifier (default {' '.join(map(str, EvalOptions.ks))}; "
                         f"the table shows k={HEADLINE_K}, or the smallest k without it)")
     e.add_argument("--image-size", type=positive, metavar="PX", help="input size for pixels and timm: models")
+    e.add_argument("--frontend-of", metavar="MODEL",
+                   help="sounds: the front end of MODEL (a run, export or checkpoint of sounds) for the models without "
+                        "one of their own: timm: networks of sounds and logmel (the log-mel statistics of each band)")
     add_batch_options(e, training=False, batch_default=256, images="the test set holds",
                       workers_help="image-decoding processes (default: one per core, up to 8; none for the "
                                    "in-memory digits)")

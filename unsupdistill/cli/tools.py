@@ -28,6 +28,7 @@ def eval_command(args: argparse.Namespace) -> int:
         vit_blocks=args.vit_blocks, avgpool=args.avgpool, student=args.student, cache=not args.no_cache,
         cache_dir=args.cache_dir, plots=not args.no_plots, device=args.device, workers=args.workers,
         speed=args.speed, speed_batch_size=args.speed_batch, speed_seconds=args.speed_seconds, ks=tuple(args.k),
+        frontend=frontend_of(args.frontend_of) if args.frontend_of else None,
     )
     out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
     if args.suite or len(args.model) > 1:
@@ -165,3 +166,14 @@ def method_curves(run: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
         return ()
     return registry.method_class(name).curves if name in registry.names() else ()
+
+
+def frontend_of(spec: str) -> dict:
+    """The sound front end of the model ``spec`` names (``eval --frontend-of``)."""
+    from unsupdistill.models.load import ModelSpecError, load_model
+
+    frontend = load_model(spec).frontend
+    if frontend is None:
+        raise ModelSpecError(f"--frontend-of {spec}: a model of images has no sound front end; give a run, export or "
+                             "checkpoint trained on sounds")
+    return frontend

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from unsupdistill.models.backbone import forward_gflops
+from unsupdistill.models.backbone import forward_gflops, input_channels
 from unsupdistill.models.frozen import FeatureModel
 
 PRECISIONS = ("fp32", "bf16")
@@ -58,12 +58,14 @@ def measure_speed(model: FeatureModel, device: str | torch.device = "cpu", batch
         raise ValueError(f"precision must be {' or '.join(PRECISIONS)}, got {precision!r}")
     if batch_size < 1 or seconds < 0:
         raise ValueError(f"batch_size must be >= 1 and seconds >= 0, got {batch_size} and {seconds}")
-    if model.architecture == "pixels":
+    if model.architecture in ("pixels", "logmel"):
         return None
     device = torch.device(device)
     # channels-last: the convolution kernels' preferred layout, as in feature extraction and training
     backbone = model.backbone.eval().to(device, memory_format=torch.channels_last)
     size = model.input_size
+    # (C, H, W) of one input: an image's, or a sound's log-mel image (mel bands x columns; the front end not timed)
+    shape = (input_channels(backbone), *((model.frontend["n_mels"], size) if model.frontend else (size, size)))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
 
@@ -74,12 +76,12 @@ def measure_speed(model: FeatureModel, device: str | torch.device = "cpu", batch
             torch.cuda.synchronize(device)
 
     with torch.inference_mode():
-        images = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+        images = torch.randn(batch_size, *shape, device=device).contiguous(memory_format=torch.channels_last)
         batch_s = _median_seconds(forward, images, seconds)
-        latency_s = _median_seconds(forward, images[:1], seconds)  # (1, 3, S, S)
+        latency_s = _median_seconds(forward, images[:1], seconds)  # (1, C, H, W)
     return {"images_per_s": batch_size / batch_s, "latency_ms": latency_s * 1e3,
             "parameters": sum(p.numel() for p in backbone.parameters()),
-            "gflops": forward_gflops(backbone, size), "input_size": size, "batch_size": batch_size,
+            "gflops": forward_gflops(backbone, shape[1:]), "input_size": size, "batch_size": batch_size,
             "precision": precision, "device": str(device), "threads": torch.get_num_threads()}
 
 

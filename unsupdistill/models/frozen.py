@@ -25,7 +25,8 @@ ACCEPTED = (
     "a checkpoint file (.pt), an exported backbone (.safetensors with its .json beside it), "
     "'timm:<name>[,key=value...]' for a randomly initialised timm backbone "
     "(e.g. timm:resnet18,small_image_stem=true or timm:vit_tiny_patch16_224,img_size=32,patch_size=4), "
-    "'timm:<name>,pretrained=true[,key=value...]' for timm's pretrained weights, or 'pixels'"
+    "'timm:<name>,pretrained=true[,key=value...]' for timm's pretrained weights, 'pixels', or 'logmel' (the log-mel "
+    "statistics of sounds)"
 )
 
 
