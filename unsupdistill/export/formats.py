@@ -5,6 +5,11 @@ Every export is written to a temporary file, reloaded the way a user would load 
 if the features agree within the tolerance is the file renamed into place, so a failed export
 leaves nothing behind.
 
+A model of sounds (its sidecar has a ``frontend``) is exported with its front end: the TorchScript and ONNX graphs take
+waves ``(N, 1, clip_samples)`` at the front end's rate (input ``waves``) and compute the log-mel inside
+(:class:`~unsupdistill.models.frozen.SoundFeatures`: STFT, mel, log, normalisation, the resize in time to ``frames``
+columns), and the parity check runs on real clips (:func:`parity_clips`).
+
 A model with a classifier (distilled with labels) keeps it, its class scores checked for parity too: the ONNX graph
 has a second output ``logits`` after ``features``, the TorchScript module a ``logits`` method beside ``forward``
 (which still returns the features), and a safetensors export a ``<stem>.classifier.safetensors`` file beside it; the
@@ -25,10 +30,21 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from unsupdistill import run_dir as layout
-from unsupdistill.data import DataError, DigitsDataset, list_image_files, load_rgb, resize_center_crop
+from unsupdistill.data import (
+    DataError,
+    DigitsDataset,
+    fit_clip,
+    list_audio_files,
+    list_image_files,
+    load_rgb,
+    read_sound,
+    resize_center_crop,
+)
+from unsupdistill.data.audio import describe_sound_error
 from unsupdistill.evaluate.features import NormalizedBackbone
 from unsupdistill.export.names import ATOL, EXPORT_FORMATS, RTOL
 from unsupdistill.models.backbone import BACKBONE_FORMAT, BackboneSpec, rebuild_backbone
+from unsupdistill.models.frozen import SoundFeatures
 from unsupdistill.models.load import FeatureModel, load_model
 from unsupdistill.storage import atomic_write, save_weights, write_json_atomic
 
@@ -39,7 +55,14 @@ SUFFIXES = {"safetensors": (".safetensors",), "torchscript": (".torchscript.pt",
 ONNX_OPSET = 18
 """The ONNX opset of exported graphs (torch.export-based exporter)."""
 PARITY_IMAGES = 16
+"""Real images (or sound clips) of the parity check."""
 INPUT_NAME, OUTPUT_NAME = "images", "features"
+SOUND_INPUT_NAME = "waves"
+"""The input of a sound model's TorchScript and ONNX graphs: float32 waves (N, 1, clip_samples)."""
+GENERATED_CLIPS = ("generated: clip i of n a harmonic tone (fundamental log-spaced from 100 Hz to a tenth of the rate, "
+                   "harmonics 1-3 at amplitudes 0.5, 0.25, 0.125) over white noise of amplitude 0.01 (numpy seed 0), "
+                   "sounding in the middle of the clip for a share going from 1 down to 0.3, silence around it")
+"""Where the parity clips of a model of sounds come from without a sound folder (:func:`generated_clips`)."""
 LOGITS_NAME = "logits"
 """A model with a classifier: the ONNX graph's second output and the TorchScript module's method, class scores
 (N, C) whose column i is the sidecar's ``classes[i]`` (softmax gives the probabilities)."""
@@ -60,7 +83,7 @@ class Parity:
     """The max_abs_error allowed: atol + rtol * max |pytorch|."""
     batch_sizes: list[int]
     images: str
-    """Where the real images came from."""
+    """Where the real images (or sound clips: the sidecar names it ``clips``) came from."""
 
     @property
     def passed(self) -> bool:
@@ -82,7 +105,8 @@ class ExportResult:
 
 class ClassifyingBackbone(nn.Module):
     """An exported network with its classifier: ``forward`` gives the features (B, D) as every export's does,
-    ``logits`` the class scores (B, C), both from float RGB batches (B, 3, S, S) in [0, 1]."""
+    ``logits`` the class scores (B, C), both from the network's input (float RGB batches (B, 3, S, S) in [0, 1], or
+    waves (B, 1, clip_samples) for a model of sounds)."""
 
     def __init__(self, network: nn.Module, classifier: nn.Module) -> None:
         super().__init__()
@@ -122,7 +146,9 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, out_dir
         out_dir: instead of ``out``, the folder to write into, the file named as in ``<run>/export/``.
         student: export the student instead of the teacher.
         data: where the real parity images come from: an image folder or ``digits``; by default the
-            run's training folder if it still exists, else the built-in digits.
+            run's training folder if it still exists, else the built-in digits. For a model of sounds, a sound
+            folder; by default the run's training folder if it still exists, else generated clips
+            (:data:`GENERATED_CLIPS`).
         atol: absolute parity tolerance.
         rtol: tolerance relative to the largest feature magnitude.
 
@@ -147,10 +173,10 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, out_dir
     if out_path.is_dir():
         raise ExportError(f"--out {out_path} is a directory; give a file name ending in {SUFFIXES[fmt][0]}")
 
-    reference: nn.Module = NormalizedBackbone(loaded.backbone, loaded.mean, loaded.std).eval()
+    reference = feature_network(loaded.backbone, loaded)
     if loaded.classifier is not None:
         reference = ClassifyingBackbone(reference, loaded.classifier).eval()
-    images, source = parity_images(data, loaded)
+    images, source = parity_clips(data, loaded) if loaded.frontend is not None else parity_images(data, loaded)
     with torch.no_grad():
         expected = (reference(images),)  # features (B, D)
         if loaded.classifier is not None:
@@ -160,8 +186,8 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, out_dir
     def check(tmp: str, *classifier_tmp: str) -> None:
         parity[:] = measure_parity(_RUNNERS[fmt](tmp, loaded, *classifier_tmp), images, expected, atol, rtol, source)
         for name, result in zip((OUTPUT_NAME, LOGITS_NAME), parity):
-            logger.info("%s parity of the %s on %d real images from %s: max abs error %.3g, max rel error %.3g "
-                        "(tolerance %.3g)", fmt, name, len(images), source, result.max_abs_error,
+            logger.info("%s parity of the %s on %d real %s from %s: max abs error %.3g, max rel error %.3g "
+                        "(tolerance %.3g)", fmt, name, len(images), _noun(loaded), source, result.max_abs_error,
                         result.max_rel_error, result.tolerance)
             if not result.passed:
                 raise ExportError(
@@ -176,6 +202,18 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, out_dir
     meta = export_description(loaded, fmt, parity, atol, rtol, classifier)
     write_json_atomic(meta, sidecar)
     return ExportResult(out_path, sidecar, fmt, parity[0], parity[1] if len(parity) > 1 else None, classifier)
+
+
+def feature_network(backbone: nn.Module, model: FeatureModel) -> nn.Module:
+    """What an export holds, in eval mode: the backbone with its normalisation (:class:`NormalizedBackbone`, float RGB
+    in [0, 1]) or, for a model of sounds, with its front end (:class:`SoundFeatures`, waves (B, 1, clip_samples))."""
+    if model.frontend is not None:
+        return SoundFeatures(backbone, model.frontend).eval()
+    return NormalizedBackbone(backbone, model.mean, model.std).eval()
+
+
+def _noun(model: FeatureModel) -> str:
+    return "clips" if model.frontend is not None else "images"
 
 
 def default_export_path(model: Path, fmt: str, source: str) -> Path:
@@ -219,9 +257,19 @@ def export_description(model: FeatureModel, fmt: str, parity: list[Parity], atol
             "output": f"features (N, {meta.get('feature_dim')})",
         })
         meta.pop("rebuild", None)
+        if model.frontend is not None:  # the graph takes waves: the image preprocessing does not apply
+            frontend = model.frontend
+            meta.update({"input": f"float32 mono waves (N, 1, {frontend['clip_samples']}) at "
+                                  f"{frontend['sample_rate']} Hz, any N: a file read mono (the mean of its channels), "
+                                  "resampled to the rate, its centre cut out or zero-padded equally on both sides to "
+                                  "clip_samples; the front end is inside the graph (STFT, mel, log, normalisation, "
+                                  "the whole clip resized in time to frames columns, as 'frontend' describes)",
+                         "input_name": SOUND_INPUT_NAME})
+            for key in ("mean", "std", "resize"):
+                meta.pop(key, None)
     if fmt == "onnx":
         meta["onnx_opset"] = ONNX_OPSET
-    meta["parity"] = {**asdict(parity[0]), "atol": atol, "rtol": rtol}
+    meta["parity"] = _parity_record(parity[0], atol, rtol, model)
     if model.classifier is not None:
         classes = list(model.classifier.classes)
         where = {"onnx": f"the second output, named {LOGITS_NAME!r} (output_names)",
@@ -229,12 +277,20 @@ def export_description(model: FeatureModel, fmt: str, parity: list[Parity], atol
                  "safetensors": "the classifier file's weight (C, D) and bias (C,): features @ weight.T + bias"}[fmt]
         meta.update({"classes": classes, "logits": f"class scores (N, {len(classes)}), column i for classes[i] "
                                                    f"(softmax gives the probabilities): {where}",
-                     "logits_parity": {**asdict(parity[1]), "atol": atol, "rtol": rtol}})
+                     "logits_parity": _parity_record(parity[1], atol, rtol, model)})
         if fmt == "onnx":
             meta["output_names"] = [OUTPUT_NAME, LOGITS_NAME]
         if classifier is not None:
             meta["classifier"] = classifier.name
     return meta
+
+
+def _parity_record(parity: Parity, atol: float, rtol: float, model: FeatureModel) -> dict[str, Any]:
+    """A parity as the sidecar keeps it; a model of sounds names where its inputs came from ``clips``."""
+    record = {**asdict(parity), "atol": atol, "rtol": rtol}
+    if model.frontend is not None:
+        record["clips"] = record.pop("images")
+    return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,9 +338,68 @@ def parity_images(data: str | None, model: FeatureModel, count: int = PARITY_IMA
     return torch.stack(images).float() / 255, str(data)
 
 
+def parity_clips(data: str | None, model: FeatureModel, count: int = PARITY_IMAGES) -> tuple[Tensor, str]:
+    """``count`` real clips of a model of sounds, spread over the sound folder ``data``, as float32 waves
+    ``(B, 1, clip_samples)``, and where they came from.
+
+    Each file is read as evaluation and ``embed`` read it: mono at the front end's rate (resampled if the file's
+    differs), its centre cut out or zero-padded to the clip (:func:`~unsupdistill.data.audio.fit_clip`). Unreadable
+    files among the chosen ones are skipped (and logged). Without ``data``: the run's training folder if it still
+    exists, else :func:`generated_clips`.
+    """
+    rate, samples = int(model.frontend["sample_rate"]), int(model.frontend["clip_samples"])
+    if data is None:
+        trained_on = (model.description or {}).get("trained_on")
+        if trained_on and Path(trained_on).is_dir():
+            data = trained_on
+        else:
+            if trained_on:
+                logger.info("the run's training folder %s is gone: checking parity on generated clips", trained_on)
+            return generated_clips(rate, samples, count), GENERATED_CLIPS
+    try:
+        files = list_audio_files(data)
+    except DataError as err:
+        raise ExportError(f"--data {data}: {err} (a model of sounds is checked on a sound folder)") from err
+    picks = np.linspace(0, len(files) - 1, min(count * 2, len(files))).round().astype(int) if files else []
+    clips, unreadable = [], 0
+    for i in picks:
+        if len(clips) == count:
+            break
+        try:
+            clips.append(torch.from_numpy(fit_clip(read_sound(files[int(i)], rate, samples), samples).copy()))
+        except Exception as err:  # noqa: BLE001 - decoders raise many types; the count is reported
+            logger.debug("parity clip %s unreadable: %s", files[int(i)], describe_sound_error(err))
+            unreadable += 1
+    if unreadable:
+        logger.warning("%d unreadable files skipped while choosing parity clips in %s", unreadable, data)
+    if not clips:
+        raise ExportError(f"--data {data} holds no readable sound file for the parity check; give a sound folder")
+    return torch.stack(clips)[:, None], str(data)  # (B, 1, S)
+
+
+def generated_clips(sample_rate: int, samples: int, count: int = PARITY_IMAGES) -> Tensor:
+    """The parity clips of a model of sounds without a sound folder (the rule :data:`GENERATED_CLIPS` states):
+    harmonic tones over faint noise, shorter and shorter in the middle of silence, as short files are padded.
+
+    Returns:
+        ``(count, 1, samples)`` float32 waves.
+    """
+    rng = np.random.default_rng(0)
+    fundamentals = np.geomspace(100.0, max(sample_rate / 10, 101.0), count)  # (count,)
+    shares = np.linspace(1.0, 0.3, count)
+    t = np.arange(samples) / sample_rate  # (S,)
+    clips = np.zeros((count, samples), dtype=np.float32)
+    for i, (f0, share) in enumerate(zip(fundamentals, shares)):
+        tone = sum(0.5 ** k * np.sin(2 * np.pi * k * f0 * t) for k in (1, 2, 3))  # (S,)
+        sound = tone + 0.01 * rng.standard_normal(samples)
+        length = max(1, round(share * samples))
+        clips[i] = fit_clip(sound[:length].astype(np.float32), samples)
+    return torch.from_numpy(clips)[:, None]  # (count, 1, S)
+
+
 def measure_parity(run: Any, images: Tensor, expected: tuple[Tensor, ...], atol: float, rtol: float,
                    source: str) -> list[Parity]:
-    """Run the exported model on the whole batch and on a single image (the dynamic batch axis); one parity per
+    """Run the exported model on the whole batch and on a single image or clip (the dynamic batch axis); one parity per
     output of ``expected``: the features (B, D), then the logits (B, C) of a model with a classifier. ``run`` returns
     the features, or (features, logits)."""
     errors: list[list[float]] = [[] for _ in expected]
@@ -352,10 +467,10 @@ def _write_onnx(out: Path, model: FeatureModel, reference: nn.Module, images: Te
     def write(tmp: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                network, (images[:2],), tmp, input_names=[INPUT_NAME], output_names=outputs,
+            torch.onnx.export(  # opset 18 has STFT: a sound model's front end is in the graph
+                network, (images[:2],), tmp, input_names=[_input_name(model)], output_names=outputs,
                 opset_version=ONNX_OPSET, dynamo=True, external_data=False, verbose=False,
-                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},  # (N, 3, S, S) with any N
+                dynamic_shapes=({0: torch.export.Dim("batch")},),  # (N, 3, S, S) or (N, 1, S) with any N
             )
 
     atomic_write(out, write, check)
@@ -367,7 +482,7 @@ def _run_safetensors(path: str, model: FeatureModel, classifier_path: str | None
                         bool(description.get("small_image_stem")))
     backbone = rebuild_backbone(spec)
     backbone.load_state_dict(load_file(path), strict=True)
-    network = NormalizedBackbone(backbone, model.mean, model.std).eval()
+    network = feature_network(backbone, model)  # a model of sounds: the sidecar's frontend before it
     if classifier_path is None:
         return torch.no_grad()(network)
     tensors = load_file(classifier_path)  # logits = features @ weight.T + bias, as a user computes them
@@ -393,9 +508,14 @@ def _run_onnx(path: str, model: FeatureModel) -> Any:
     import onnxruntime  # imported here: only ONNX exports need it
 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = _input_name(model)
     if model.classifier is None:
-        return lambda batch: session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
-    return lambda batch: tuple(session.run([OUTPUT_NAME, LOGITS_NAME], {INPUT_NAME: batch.numpy()}))
+        return lambda batch: session.run([OUTPUT_NAME], {name: batch.numpy()})[0]
+    return lambda batch: tuple(session.run([OUTPUT_NAME, LOGITS_NAME], {name: batch.numpy()}))
+
+
+def _input_name(model: FeatureModel) -> str:
+    return SOUND_INPUT_NAME if model.frontend is not None else INPUT_NAME
 
 
 _WRITERS = {"safetensors": _write_safetensors, "torchscript": _write_torchscript, "onnx": _write_onnx}
