@@ -22,7 +22,7 @@ from unsupdistill.cli import main
 from unsupdistill.data import read_sound
 from unsupdistill.evaluate.features import extract_features
 from unsupdistill.evaluate.run import labeled_inputs
-from unsupdistill.export import formats
+from unsupdistill.export import formats, parity
 from unsupdistill.models.load import load_model
 
 RATE = 8000
@@ -187,10 +187,10 @@ def test_without_a_sound_folder_parity_runs_on_the_generated_clips(run, tmp_path
     meta = json.loads((run / "backbone.json").read_text())
     (moved / "backbone.json").write_text(json.dumps({**meta, "trained_on": str(tmp_path / "gone")}))
     assert main(["export", str(moved), "--format", "safetensors", "--out", str(tmp_path / "out")]) == 0
-    assert json.loads((tmp_path / "out" / "teacher.json").read_text())["parity"]["clips"] == formats.GENERATED_CLIPS
-    clips = formats.generated_clips(RATE, 4000, 16)
+    assert json.loads((tmp_path / "out" / "teacher.json").read_text())["parity"]["clips"] == parity.GENERATED_CLIPS
+    clips = parity.generated_clips(RATE, 4000, 16)
     assert clips.shape == (16, 1, 4000) and clips.dtype == torch.float32
-    assert torch.equal(clips, formats.generated_clips(RATE, 4000, 16))  # the rule, not chance
+    assert torch.equal(clips, parity.generated_clips(RATE, 4000, 16))  # the rule, not chance
     assert (clips[0, 0] != 0).all() and (clips[-1, 0, :1000] == 0).all()  # the last sounds in 30 % of the clip
     assert clips.abs().max() < 1
 

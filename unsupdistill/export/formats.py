@@ -8,7 +8,7 @@ leaves nothing behind.
 A model of sounds (its sidecar has a ``frontend``) is exported with its front end: the TorchScript and ONNX graphs take
 waves ``(N, 1, clip_samples)`` at the front end's rate (input ``waves``) and compute the log-mel inside
 (:class:`~unsupdistill.models.frozen.SoundFeatures`: STFT, mel, log, normalisation, the resize in time to ``frames``
-columns), and the parity check runs on real clips (:func:`parity_clips`).
+columns), and the parity check runs on real clips (:func:`~unsupdistill.export.parity.parity_clips`).
 
 A model with a classifier (distilled with labels) keeps it, its class scores checked for parity too: the ONNX graph
 has a second output ``logits`` after ``features``, the TorchScript module a ``logits`` method beside ``forward``
@@ -30,19 +30,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from unsupdistill import run_dir as layout
-from unsupdistill.data import (
-    DataError,
-    DigitsDataset,
-    fit_clip,
-    list_audio_files,
-    list_image_files,
-    load_rgb,
-    read_sound,
-    resize_center_crop,
-)
-from unsupdistill.data.audio import describe_sound_error
 from unsupdistill.evaluate.features import NormalizedBackbone
-from unsupdistill.export.names import ATOL, EXPORT_FORMATS, RTOL
+from unsupdistill.export.names import ATOL, EXPORT_FORMATS, RTOL, ExportError
+from unsupdistill.export.parity import parity_clips, parity_images
 from unsupdistill.models.backbone import BACKBONE_FORMAT, BackboneSpec, rebuild_backbone
 from unsupdistill.models.frozen import SoundFeatures
 from unsupdistill.models.load import FeatureModel, load_model
@@ -54,22 +44,12 @@ SUFFIXES = {"safetensors": (".safetensors",), "torchscript": (".torchscript.pt",
 """The file endings each format's export may have; the first is the one a default export name gets."""
 ONNX_OPSET = 18
 """The ONNX opset of exported graphs (torch.export-based exporter)."""
-PARITY_IMAGES = 16
-"""Real images (or sound clips) of the parity check."""
 INPUT_NAME, OUTPUT_NAME = "images", "features"
 SOUND_INPUT_NAME = "waves"
 """The input of a sound model's TorchScript and ONNX graphs: float32 waves (N, 1, clip_samples)."""
-GENERATED_CLIPS = ("generated: clip i of n a harmonic tone (fundamental log-spaced from 100 Hz to a tenth of the rate, "
-                   "harmonics 1-3 at amplitudes 0.5, 0.25, 0.125) over white noise of amplitude 0.01 (numpy seed 0), "
-                   "sounding in the middle of the clip for a share going from 1 down to 0.3, silence around it")
-"""Where the parity clips of a model of sounds come from without a sound folder (:func:`generated_clips`)."""
 LOGITS_NAME = "logits"
 """A model with a classifier: the ONNX graph's second output and the TorchScript module's method, class scores
 (N, C) whose column i is the sidecar's ``classes[i]`` (softmax gives the probabilities)."""
-
-
-class ExportError(ValueError):
-    """An export that cannot be made or does not match the PyTorch model; nothing was written."""
 
 
 @dataclass
@@ -101,6 +81,8 @@ class ExportResult:
     """Of the class scores, for a model with a classifier; else None."""
     classifier: Path | None = None
     """A safetensors export's classifier file beside it (a model with a classifier); else None."""
+    inputs: str = "images"
+    """What the parity ran on: images, or clips (a model of sounds)."""
 
 
 class ClassifyingBackbone(nn.Module):
@@ -148,7 +130,7 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, out_dir
         data: where the real parity images come from: an image folder or ``digits``; by default the
             run's training folder if it still exists, else the built-in digits. For a model of sounds, a sound
             folder; by default the run's training folder if it still exists, else generated clips
-            (:data:`GENERATED_CLIPS`).
+            (:data:`~unsupdistill.export.parity.GENERATED_CLIPS`).
         atol: absolute parity tolerance.
         rtol: tolerance relative to the largest feature magnitude.
 
@@ -201,7 +183,8 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, out_dir
     sidecar = sidecar_path(out_path)
     meta = export_description(loaded, fmt, parity, atol, rtol, classifier)
     write_json_atomic(meta, sidecar)
-    return ExportResult(out_path, sidecar, fmt, parity[0], parity[1] if len(parity) > 1 else None, classifier)
+    return ExportResult(out_path, sidecar, fmt, parity[0], parity[1] if len(parity) > 1 else None, classifier,
+                        _noun(loaded))
 
 
 def feature_network(backbone: nn.Module, model: FeatureModel) -> nn.Module:
@@ -294,107 +277,8 @@ def _parity_record(parity: Parity, atol: float, rtol: float, model: FeatureModel
 
 
 # ----------------------------------------------------------------------------------------------
-# Real images for the parity check
+# The parity check
 # ----------------------------------------------------------------------------------------------
-
-
-def parity_images(data: str | None, model: FeatureModel, count: int = PARITY_IMAGES) -> tuple[Tensor, str]:
-    """``count`` real images spread over ``data`` as float ``(B, 3, S, S)`` in [0, 1], and where they came from.
-
-    Unreadable files among the chosen ones are skipped (and logged); the images are decoded and
-    resized exactly as training and evaluation decode them.
-    """
-    size = model.input_size
-    if data is None:
-        trained_on = (model.description or {}).get("trained_on")
-        if trained_on and trained_on != "digits" and Path(trained_on).is_dir():
-            data = trained_on
-        else:
-            if trained_on and trained_on != "digits":
-                logger.info("the run's training folder %s is gone: checking parity on the built-in digits", trained_on)
-            data = "digits"
-    if data == "digits":
-        digits = DigitsDataset(size)
-        picks = np.linspace(0, len(digits) - 1, count).round().astype(int)
-        return torch.stack([digits[int(i)] for i in picks]).float() / 255, "digits"
-    try:
-        files = list_image_files(data)
-    except DataError as err:
-        raise ExportError(f"--data {data}: {err}") from err
-    picks = np.linspace(0, len(files) - 1, min(count * 2, len(files))).round().astype(int) if files else []
-    images, unreadable = [], 0
-    for i in picks:
-        if len(images) == count:
-            break
-        try:
-            images.append(resize_center_crop(load_rgb(files[int(i)], draft_size=size), size))
-        except Exception:  # noqa: BLE001 - decoders raise many types; the count is reported
-            unreadable += 1
-    if unreadable:
-        logger.warning("%d unreadable files skipped while choosing parity images in %s", unreadable, data)
-    if not images:
-        raise ExportError(f"--data {data} holds no readable image for the parity check; give an image folder "
-                          "or digits")
-    return torch.stack(images).float() / 255, str(data)
-
-
-def parity_clips(data: str | None, model: FeatureModel, count: int = PARITY_IMAGES) -> tuple[Tensor, str]:
-    """``count`` real clips of a model of sounds, spread over the sound folder ``data``, as float32 waves
-    ``(B, 1, clip_samples)``, and where they came from.
-
-    Each file is read as evaluation and ``embed`` read it: mono at the front end's rate (resampled if the file's
-    differs), its centre cut out or zero-padded to the clip (:func:`~unsupdistill.data.audio.fit_clip`). Unreadable
-    files among the chosen ones are skipped (and logged). Without ``data``: the run's training folder if it still
-    exists, else :func:`generated_clips`.
-    """
-    rate, samples = int(model.frontend["sample_rate"]), int(model.frontend["clip_samples"])
-    if data is None:
-        trained_on = (model.description or {}).get("trained_on")
-        if trained_on and Path(trained_on).is_dir():
-            data = trained_on
-        else:
-            if trained_on:
-                logger.info("the run's training folder %s is gone: checking parity on generated clips", trained_on)
-            return generated_clips(rate, samples, count), GENERATED_CLIPS
-    try:
-        files = list_audio_files(data)
-    except DataError as err:
-        raise ExportError(f"--data {data}: {err} (a model of sounds is checked on a sound folder)") from err
-    picks = np.linspace(0, len(files) - 1, min(count * 2, len(files))).round().astype(int) if files else []
-    clips, unreadable = [], 0
-    for i in picks:
-        if len(clips) == count:
-            break
-        try:
-            clips.append(torch.from_numpy(fit_clip(read_sound(files[int(i)], rate, samples), samples).copy()))
-        except Exception as err:  # noqa: BLE001 - decoders raise many types; the count is reported
-            logger.debug("parity clip %s unreadable: %s", files[int(i)], describe_sound_error(err))
-            unreadable += 1
-    if unreadable:
-        logger.warning("%d unreadable files skipped while choosing parity clips in %s", unreadable, data)
-    if not clips:
-        raise ExportError(f"--data {data} holds no readable sound file for the parity check; give a sound folder")
-    return torch.stack(clips)[:, None], str(data)  # (B, 1, S)
-
-
-def generated_clips(sample_rate: int, samples: int, count: int = PARITY_IMAGES) -> Tensor:
-    """The parity clips of a model of sounds without a sound folder (the rule :data:`GENERATED_CLIPS` states):
-    harmonic tones over faint noise, shorter and shorter in the middle of silence, as short files are padded.
-
-    Returns:
-        ``(count, 1, samples)`` float32 waves.
-    """
-    rng = np.random.default_rng(0)
-    fundamentals = np.geomspace(100.0, max(sample_rate / 10, 101.0), count)  # (count,)
-    shares = np.linspace(1.0, 0.3, count)
-    t = np.arange(samples) / sample_rate  # (S,)
-    clips = np.zeros((count, samples), dtype=np.float32)
-    for i, (f0, share) in enumerate(zip(fundamentals, shares)):
-        tone = sum(0.5 ** k * np.sin(2 * np.pi * k * f0 * t) for k in (1, 2, 3))  # (S,)
-        sound = tone + 0.01 * rng.standard_normal(samples)
-        length = max(1, round(share * samples))
-        clips[i] = fit_clip(sound[:length].astype(np.float32), samples)
-    return torch.from_numpy(clips)[:, None]  # (count, 1, S)
 
 
 def measure_parity(run: Any, images: Tensor, expected: tuple[Tensor, ...], atol: float, rtol: float,
