@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export the teacher (or student) backbone of a trained model. After writing, the export is "
                     "reloaded (plain timm, torch.jit.load, onnxruntime) and run next to the PyTorch model on 16 "
                     "real images on the CPU in fp32; it is kept only if the features agree within the tolerance. "
-                    "TorchScript and ONNX graphs take float RGB batches in [0, 1] and include the normalisation. "
+                    "TorchScript and ONNX graphs take float RGB batches in [0, 1] and include the normalisation; "
+                    "those of a model of sounds take waves (N, 1, clip_samples) at its rate and include its front "
+                    "end (log-mel), checked on real clips. "
                     "A model distilled with labels keeps its classifier, checked too: ONNX output 'logits' after "
                     "'features', TorchScript method logits(), safetensors <name>.classifier.safetensors; the sidecar "
                     "lists the classes. "
@@ -126,19 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
                "holds)", "<run>/export")
     x.add_argument("--student", action="store_true", help="export the student instead of the teacher")
     x.add_argument("--data", help="real images for the parity check: an image folder or digits "
-                                  "(default: the run's training folder if it still exists, else digits)")
+                                  "(default: the run's training folder if it still exists, else digits); for a model "
+                                  "of sounds a sound folder (default: the run's training folder if it still exists, "
+                                  "else generated clips)")
     x.add_argument("--atol", type=float, default=ATOL, help=f"absolute parity tolerance (default {ATOL})")
     x.add_argument("--rtol", type=float, default=RTOL,
                    help=f"parity tolerance relative to the largest feature magnitude (default {RTOL})")
 
     m = commands.add_parser(
         "embed", help="features of every image in a folder, to features.npy + features.csv of paths (or one .npz)",
-        description="Embed every readable image under DATA (recursively) with a frozen backbone. Unreadable "
-                    "files are skipped, counted and listed in skipped.txt.",
+        description="Embed every readable image under DATA (recursively) with a frozen backbone; a model of sounds "
+                    "embeds every sound file instead, read as evaluation reads it (mono at its rate, cut or padded "
+                    "to its clip). Unreadable files are skipped, counted and listed in skipped.txt.",
     )
     m.add_argument("model", metavar="MODEL", help="run directory, checkpoint, exported .safetensors, "
                                                   "timm:<name>[,key=value...] or pixels")
-    m.add_argument("data", metavar="DATA", help="image folder")
+    m.add_argument("data", metavar="DATA", help="image folder (a sound folder for a model of sounds)")
     add_out(m, "features.npy + features.csv (row, path) or features.npz, embed.json (what and how fast), "
                "predictions.csv (a model with a classifier) and skipped.txt", "runs/embed-<timestamp>")
     m.add_argument("--format", choices=EMBED_FORMATS,

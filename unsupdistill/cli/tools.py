@@ -66,7 +66,7 @@ def export_command(args: argparse.Namespace) -> int:
                           out_dir=None if out_file else args.out, student=args.student, data=args.data,
                           atol=args.atol, rtol=args.rtol)
     checked = [("features", result.parity)] + ([("logits", result.logits_parity)] if result.logits_parity else [])
-    print(f"\n{args.format} parity against PyTorch on {result.parity.batch_sizes[0]} real images from "
+    print(f"\n{args.format} parity against PyTorch on {result.parity.batch_sizes[0]} real {result.inputs} from "
           f"{result.parity.images} (and a batch of 1):\n"
           + "".join(f"  {name + ':':<10}max abs error {p.max_abs_error:.3g}, max rel error {p.max_rel_error:.3g}, "
                     f"tolerance {p.tolerance:.3g}: passed\n" for name, p in checked)
@@ -92,8 +92,9 @@ def embed_command(args: argparse.Namespace) -> int:
     result = embed_folder(args.model, args.data, out, fmt=args.format, student=args.student,
                           image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
                           device=args.device, precision=args.precision, top_k=args.top_k)
-    print(f"\nembedded {result.count} images ({result.feature_dim} features each) at "
-          f"{result.images_per_s:.0f} images/s on {result.device} in {result.precision} ({result.workers} decoding "
+    noun = "images" if result.kind == "image" else "sound files"
+    print(f"\nembedded {result.count} {noun} ({result.feature_dim} features each) at "
+          f"{result.images_per_s:.0f} {noun}/s on {result.device} in {result.precision} ({result.workers} decoding "
           f"workers); {result.skipped} unreadable files skipped\n"
           f"features: {result.features}\npaths:    {result.paths}\nsummary:  {result.summary}"
           + (f"\nskipped:  {result.skipped_list}" if result.skipped_list else "")

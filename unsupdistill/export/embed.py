@@ -1,4 +1,5 @@
-"""``unsupdistill embed``: the features of every image in a folder, in a file any tool reads."""
+"""``unsupdistill embed``: the features of every image (or, for a model of sounds, every sound file) in a folder, in a
+file any tool reads."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from unsupdistill.config import DataConfig
-from unsupdistill.data import ImageFolderDataset, num_workers, write_skipped
+from unsupdistill.data import AudioFolderDataset, ImageFolderDataset, num_workers, write_skipped
 from unsupdistill.devices import resolve_device
 from unsupdistill.evaluate.features import extract_features
 from unsupdistill.evaluate.run import extraction_precision
@@ -46,6 +47,8 @@ class EmbedResult:
     workers: int
     precision: str
     """fp32 or bf16: the extraction's precision, auto resolved."""
+    kind: str = "image"
+    """What was embedded: image, or audio (``count`` sound files at ``images_per_s`` files per second)."""
 
 
 @dataclass
@@ -86,6 +89,11 @@ def embed_folder(model: str, data: str | Path, out: str | Path, *, fmt: str | No
                  workers: int | None = None, device: str | torch.device = "auto", top_k: int = 5) -> EmbedResult:
     """Embed every readable image under ``data`` (recursively) with a frozen backbone.
 
+    A model of sounds (:attr:`~unsupdistill.models.load.FeatureModel.frontend`) embeds every readable sound file
+    instead, as evaluation reads it: mono at the front end's rate (resampled if the file's differs), its centre cut
+    out or zero-padded to the clip, then the front end's log-mel of the whole clip; unreadable and silent files are
+    skipped and counted as unreadable images are, and the files written are the same.
+
     Writes, in the folder ``out``: ``features.npy`` (features ``(N, D)`` float32) with ``features.csv`` of the
     image paths in the same row order, or (``fmt`` npz) one ``features.npz`` holding ``features`` and ``paths``;
     ``embed.json``, what was embedded and how fast; ``skipped.txt``, the unreadable files (skipped and counted); and
@@ -95,7 +103,7 @@ def embed_folder(model: str, data: str | Path, out: str | Path, *, fmt: str | No
 
     Args:
         model: anything ``unsupdistill eval`` takes as MODEL (run, checkpoint, export, ``timm:``, ``pixels``).
-        data: an image folder.
+        data: an image folder (a sound folder for a model of sounds).
         out: the folder to write into (created), or a ``.npy``/``.npz`` file.
         fmt: npy or npz for a folder (default npy); for a file, its suffix (a different ``fmt`` is an error).
         student: embed with the student's backbone (and its classifier, with a checkpoint of a model distilled
@@ -119,14 +127,20 @@ def embed_folder(model: str, data: str | Path, out: str | Path, *, fmt: str | No
         raise ExportError(f"precision {precision!r} is unknown; allowed values: auto, fp32, bf16")
     loaded = load_model(model, image_size=image_size, student=student)
     workers = num_workers(DataConfig(path=str(data), num_workers=workers))
-    dataset = ImageFolderDataset(data, loaded.input_size, num_threads=max(1, workers))
+    frontend = loaded.frontend
+    if frontend is None:
+        dataset = ImageFolderDataset(data, loaded.input_size, num_threads=max(1, workers))
+    else:  # read as evaluation reads labeled sounds (evaluate/run.py: labeled_inputs)
+        dataset = AudioFolderDataset(data, int(frontend["sample_rate"]), int(frontend["clip_samples"]),
+                                     num_threads=max(1, workers))
+    noun = "images" if frontend is None else "sound files"
     precision = extraction_precision(precision, device, len(dataset))
-    logger.info("embedding %d images with %s: %s, %s, %d decoding workers", len(dataset), loaded.name, device,
+    logger.info("embedding %d %s with %s: %s, %s, %d decoding workers", len(dataset), noun, loaded.name, device,
                 precision, workers)
     tic = time.perf_counter()
     features = extract_features(loaded.backbone, dataset, loaded.input_size, loaded.mean, loaded.std,
                                 batch_size=batch_size, precision=torch.bfloat16 if precision == "bf16" else None,
-                                device=device, num_workers=workers)
+                                device=device, num_workers=workers, frontend=frontend)
     seconds = time.perf_counter() - tic
     array = features.numpy().astype(np.float32)  # (N, D)
     paths = [str(path) for path in dataset.files]
@@ -148,13 +162,15 @@ def embed_folder(model: str, data: str | Path, out: str | Path, *, fmt: str | No
     per_image = min(top_k, len(classifier.classes)) if classifier is not None else 0
     result = EmbedResult(files.features, files.paths, files.summary, files.skipped if skipped else None,
                          predictions, per_image, len(paths), int(array.shape[1]), skipped, len(paths) / seconds,
-                         str(device), workers, precision)
-    summary = {"model": loaded.name, "model_spec": str(model), "data": str(data), "images": result.count,
-               "feature_dim": result.feature_dim, "skipped": skipped, "input_size": loaded.input_size,
-               "precision": precision, "device": result.device, "workers": workers,
+                         str(device), workers, precision, dataset.kind)
+    summary = {"model": loaded.name, "model_spec": str(model), "data": str(data), "kind": dataset.kind,
+               "images": result.count, "feature_dim": result.feature_dim, "skipped": skipped,
+               "input_size": loaded.input_size, "precision": precision, "device": result.device, "workers": workers,
                "seconds": seconds, "images_per_s": result.images_per_s,
                "features": str(files.features), "paths": str(files.paths),
                "predictions": str(predictions) if predictions else None}
+    if frontend is not None:  # "images" counts the sound files; the front end says how they were read
+        summary["frontend"] = frontend
     write_json_atomic(summary, result.summary)
     return result
 

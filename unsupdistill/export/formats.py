@@ -5,6 +5,11 @@ Every export is written to a temporary file, reloaded the way a user would load 
 if the features agree within the tolerance is the file renamed into place, so a failed export
 leaves nothing behind.
 
+A model of sounds (its sidecar has a ``frontend``) is exported with its front end: the TorchScript and ONNX graphs take
+waves ``(N, 1, clip_samples)`` at the front end's rate (input ``waves``) and compute the log-mel inside
+(:class:`~unsupdistill.models.frozen.SoundFeatures`: STFT, mel, log, normalisation, the resize in time to ``frames``
+columns), and the parity check runs on real clips (:func:`~unsupdistill.export.parity.parity_clips`).
+
 A model with a classifier (distilled with labels) keeps it, its class scores checked for parity too: the ONNX graph
 has a second output ``logits`` after ``features``, the TorchScript module a ``logits`` method beside ``forward``
 (which still returns the features), and a safetensors export a ``<stem>.classifier.safetensors`` file beside it; the
@@ -25,10 +30,11 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from unsupdistill import run_dir as layout
-from unsupdistill.data import DataError, DigitsDataset, list_image_files, load_rgb, resize_center_crop
 from unsupdistill.evaluate.features import NormalizedBackbone
-from unsupdistill.export.names import ATOL, EXPORT_FORMATS, RTOL
+from unsupdistill.export.names import ATOL, EXPORT_FORMATS, RTOL, ExportError
+from unsupdistill.export.parity import parity_clips, parity_images
 from unsupdistill.models.backbone import BACKBONE_FORMAT, BackboneSpec, rebuild_backbone
+from unsupdistill.models.frozen import SoundFeatures
 from unsupdistill.models.load import FeatureModel, load_model
 from unsupdistill.storage import atomic_write, save_weights, write_json_atomic
 
@@ -38,15 +44,12 @@ SUFFIXES = {"safetensors": (".safetensors",), "torchscript": (".torchscript.pt",
 """The file endings each format's export may have; the first is the one a default export name gets."""
 ONNX_OPSET = 18
 """The ONNX opset of exported graphs (torch.export-based exporter)."""
-PARITY_IMAGES = 16
 INPUT_NAME, OUTPUT_NAME = "images", "features"
+SOUND_INPUT_NAME = "waves"
+"""The input of a sound model's TorchScript and ONNX graphs: float32 waves (N, 1, clip_samples)."""
 LOGITS_NAME = "logits"
 """A model with a classifier: the ONNX graph's second output and the TorchScript module's method, class scores
 (N, C) whose column i is the sidecar's ``classes[i]`` (softmax gives the probabilities)."""
-
-
-class ExportError(ValueError):
-    """An export that cannot be made or does not match the PyTorch model; nothing was written."""
 
 
 @dataclass
@@ -60,7 +63,7 @@ class Parity:
     """The max_abs_error allowed: atol + rtol * max |pytorch|."""
     batch_sizes: list[int]
     images: str
-    """Where the real images came from."""
+    """Where the real images (or sound clips: the sidecar names it ``clips``) came from."""
 
     @property
     def passed(self) -> bool:
@@ -78,11 +81,14 @@ class ExportResult:
     """Of the class scores, for a model with a classifier; else None."""
     classifier: Path | None = None
     """A safetensors export's classifier file beside it (a model with a classifier); else None."""
+    inputs: str = "images"
+    """What the parity ran on: images, or clips (a model of sounds)."""
 
 
 class ClassifyingBackbone(nn.Module):
     """An exported network with its classifier: ``forward`` gives the features (B, D) as every export's does,
-    ``logits`` the class scores (B, C), both from float RGB batches (B, 3, S, S) in [0, 1]."""
+    ``logits`` the class scores (B, C), both from the network's input (float RGB batches (B, 3, S, S) in [0, 1], or
+    waves (B, 1, clip_samples) for a model of sounds)."""
 
     def __init__(self, network: nn.Module, classifier: nn.Module) -> None:
         super().__init__()
@@ -122,7 +128,9 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, out_dir
         out_dir: instead of ``out``, the folder to write into, the file named as in ``<run>/export/``.
         student: export the student instead of the teacher.
         data: where the real parity images come from: an image folder or ``digits``; by default the
-            run's training folder if it still exists, else the built-in digits.
+            run's training folder if it still exists, else the built-in digits. For a model of sounds, a sound
+            folder; by default the run's training folder if it still exists, else generated clips
+            (:data:`~unsupdistill.export.parity.GENERATED_CLIPS`).
         atol: absolute parity tolerance.
         rtol: tolerance relative to the largest feature magnitude.
 
@@ -147,10 +155,10 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, out_dir
     if out_path.is_dir():
         raise ExportError(f"--out {out_path} is a directory; give a file name ending in {SUFFIXES[fmt][0]}")
 
-    reference: nn.Module = NormalizedBackbone(loaded.backbone, loaded.mean, loaded.std).eval()
+    reference = feature_network(loaded.backbone, loaded)
     if loaded.classifier is not None:
         reference = ClassifyingBackbone(reference, loaded.classifier).eval()
-    images, source = parity_images(data, loaded)
+    images, source = parity_clips(data, loaded) if loaded.frontend is not None else parity_images(data, loaded)
     with torch.no_grad():
         expected = (reference(images),)  # features (B, D)
         if loaded.classifier is not None:
@@ -160,8 +168,8 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, out_dir
     def check(tmp: str, *classifier_tmp: str) -> None:
         parity[:] = measure_parity(_RUNNERS[fmt](tmp, loaded, *classifier_tmp), images, expected, atol, rtol, source)
         for name, result in zip((OUTPUT_NAME, LOGITS_NAME), parity):
-            logger.info("%s parity of the %s on %d real images from %s: max abs error %.3g, max rel error %.3g "
-                        "(tolerance %.3g)", fmt, name, len(images), source, result.max_abs_error,
+            logger.info("%s parity of the %s on %d real %s from %s: max abs error %.3g, max rel error %.3g "
+                        "(tolerance %.3g)", fmt, name, len(images), _noun(loaded), source, result.max_abs_error,
                         result.max_rel_error, result.tolerance)
             if not result.passed:
                 raise ExportError(
@@ -175,7 +183,20 @@ def export_model(model: str, fmt: str, out: str | Path | None = None, *, out_dir
     sidecar = sidecar_path(out_path)
     meta = export_description(loaded, fmt, parity, atol, rtol, classifier)
     write_json_atomic(meta, sidecar)
-    return ExportResult(out_path, sidecar, fmt, parity[0], parity[1] if len(parity) > 1 else None, classifier)
+    return ExportResult(out_path, sidecar, fmt, parity[0], parity[1] if len(parity) > 1 else None, classifier,
+                        _noun(loaded))
+
+
+def feature_network(backbone: nn.Module, model: FeatureModel) -> nn.Module:
+    """What an export holds, in eval mode: the backbone with its normalisation (:class:`NormalizedBackbone`, float RGB
+    in [0, 1]) or, for a model of sounds, with its front end (:class:`SoundFeatures`, waves (B, 1, clip_samples))."""
+    if model.frontend is not None:
+        return SoundFeatures(backbone, model.frontend).eval()
+    return NormalizedBackbone(backbone, model.mean, model.std).eval()
+
+
+def _noun(model: FeatureModel) -> str:
+    return "clips" if model.frontend is not None else "images"
 
 
 def default_export_path(model: Path, fmt: str, source: str) -> Path:
@@ -219,9 +240,19 @@ def export_description(model: FeatureModel, fmt: str, parity: list[Parity], atol
             "output": f"features (N, {meta.get('feature_dim')})",
         })
         meta.pop("rebuild", None)
+        if model.frontend is not None:  # the graph takes waves: the image preprocessing does not apply
+            frontend = model.frontend
+            meta.update({"input": f"float32 mono waves (N, 1, {frontend['clip_samples']}) at "
+                                  f"{frontend['sample_rate']} Hz, any N: a file read mono (the mean of its channels), "
+                                  "resampled to the rate, its centre cut out or zero-padded equally on both sides to "
+                                  "clip_samples; the front end is inside the graph (STFT, mel, log, normalisation, "
+                                  "the whole clip resized in time to frames columns, as 'frontend' describes)",
+                         "input_name": SOUND_INPUT_NAME})
+            for key in ("mean", "std", "resize"):
+                meta.pop(key, None)
     if fmt == "onnx":
         meta["onnx_opset"] = ONNX_OPSET
-    meta["parity"] = {**asdict(parity[0]), "atol": atol, "rtol": rtol}
+    meta["parity"] = _parity_record(parity[0], atol, rtol, model)
     if model.classifier is not None:
         classes = list(model.classifier.classes)
         where = {"onnx": f"the second output, named {LOGITS_NAME!r} (output_names)",
@@ -229,7 +260,7 @@ def export_description(model: FeatureModel, fmt: str, parity: list[Parity], atol
                  "safetensors": "the classifier file's weight (C, D) and bias (C,): features @ weight.T + bias"}[fmt]
         meta.update({"classes": classes, "logits": f"class scores (N, {len(classes)}), column i for classes[i] "
                                                    f"(softmax gives the probabilities): {where}",
-                     "logits_parity": {**asdict(parity[1]), "atol": atol, "rtol": rtol}})
+                     "logits_parity": _parity_record(parity[1], atol, rtol, model)})
         if fmt == "onnx":
             meta["output_names"] = [OUTPUT_NAME, LOGITS_NAME]
         if classifier is not None:
@@ -237,54 +268,22 @@ def export_description(model: FeatureModel, fmt: str, parity: list[Parity], atol
     return meta
 
 
+def _parity_record(parity: Parity, atol: float, rtol: float, model: FeatureModel) -> dict[str, Any]:
+    """A parity as the sidecar keeps it; a model of sounds names where its inputs came from ``clips``."""
+    record = {**asdict(parity), "atol": atol, "rtol": rtol}
+    if model.frontend is not None:
+        record["clips"] = record.pop("images")
+    return record
+
+
 # ----------------------------------------------------------------------------------------------
-# Real images for the parity check
+# The parity check
 # ----------------------------------------------------------------------------------------------
-
-
-def parity_images(data: str | None, model: FeatureModel, count: int = PARITY_IMAGES) -> tuple[Tensor, str]:
-    """``count`` real images spread over ``data`` as float ``(B, 3, S, S)`` in [0, 1], and where they came from.
-
-    Unreadable files among the chosen ones are skipped (and logged); the images are decoded and
-    resized exactly as training and evaluation decode them.
-    """
-    size = model.input_size
-    if data is None:
-        trained_on = (model.description or {}).get("trained_on")
-        if trained_on and trained_on != "digits" and Path(trained_on).is_dir():
-            data = trained_on
-        else:
-            if trained_on and trained_on != "digits":
-                logger.info("the run's training folder %s is gone: checking parity on the built-in digits", trained_on)
-            data = "digits"
-    if data == "digits":
-        digits = DigitsDataset(size)
-        picks = np.linspace(0, len(digits) - 1, count).round().astype(int)
-        return torch.stack([digits[int(i)] for i in picks]).float() / 255, "digits"
-    try:
-        files = list_image_files(data)
-    except DataError as err:
-        raise ExportError(f"--data {data}: {err}") from err
-    picks = np.linspace(0, len(files) - 1, min(count * 2, len(files))).round().astype(int) if files else []
-    images, unreadable = [], 0
-    for i in picks:
-        if len(images) == count:
-            break
-        try:
-            images.append(resize_center_crop(load_rgb(files[int(i)], draft_size=size), size))
-        except Exception:  # noqa: BLE001 - decoders raise many types; the count is reported
-            unreadable += 1
-    if unreadable:
-        logger.warning("%d unreadable files skipped while choosing parity images in %s", unreadable, data)
-    if not images:
-        raise ExportError(f"--data {data} holds no readable image for the parity check; give an image folder "
-                          "or digits")
-    return torch.stack(images).float() / 255, str(data)
 
 
 def measure_parity(run: Any, images: Tensor, expected: tuple[Tensor, ...], atol: float, rtol: float,
                    source: str) -> list[Parity]:
-    """Run the exported model on the whole batch and on a single image (the dynamic batch axis); one parity per
+    """Run the exported model on the whole batch and on a single image or clip (the dynamic batch axis); one parity per
     output of ``expected``: the features (B, D), then the logits (B, C) of a model with a classifier. ``run`` returns
     the features, or (features, logits)."""
     errors: list[list[float]] = [[] for _ in expected]
@@ -352,10 +351,10 @@ def _write_onnx(out: Path, model: FeatureModel, reference: nn.Module, images: Te
     def write(tmp: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                network, (images[:2],), tmp, input_names=[INPUT_NAME], output_names=outputs,
+            torch.onnx.export(  # opset 18 has STFT: a sound model's front end is in the graph
+                network, (images[:2],), tmp, input_names=[_input_name(model)], output_names=outputs,
                 opset_version=ONNX_OPSET, dynamo=True, external_data=False, verbose=False,
-                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},  # (N, 3, S, S) with any N
+                dynamic_shapes=({0: torch.export.Dim("batch")},),  # (N, 3, S, S) or (N, 1, S) with any N
             )
 
     atomic_write(out, write, check)
@@ -367,7 +366,7 @@ def _run_safetensors(path: str, model: FeatureModel, classifier_path: str | None
                         bool(description.get("small_image_stem")))
     backbone = rebuild_backbone(spec)
     backbone.load_state_dict(load_file(path), strict=True)
-    network = NormalizedBackbone(backbone, model.mean, model.std).eval()
+    network = feature_network(backbone, model)  # a model of sounds: the sidecar's frontend before it
     if classifier_path is None:
         return torch.no_grad()(network)
     tensors = load_file(classifier_path)  # logits = features @ weight.T + bias, as a user computes them
@@ -393,9 +392,14 @@ def _run_onnx(path: str, model: FeatureModel) -> Any:
     import onnxruntime  # imported here: only ONNX exports need it
 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = _input_name(model)
     if model.classifier is None:
-        return lambda batch: session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
-    return lambda batch: tuple(session.run([OUTPUT_NAME, LOGITS_NAME], {INPUT_NAME: batch.numpy()}))
+        return lambda batch: session.run([OUTPUT_NAME], {name: batch.numpy()})[0]
+    return lambda batch: tuple(session.run([OUTPUT_NAME, LOGITS_NAME], {name: batch.numpy()}))
+
+
+def _input_name(model: FeatureModel) -> str:
+    return SOUND_INPUT_NAME if model.frontend is not None else INPUT_NAME
 
 
 _WRITERS = {"safetensors": _write_safetensors, "torchscript": _write_torchscript, "onnx": _write_onnx}

@@ -5,3 +5,7 @@ ATOL, RTOL = 1e-4, 1e-3
 """Parity tolerance: the export passes when max |exported - pytorch| <= ATOL + RTOL * max |pytorch|."""
 EMBED_SUFFIXES = (".npy", ".npz")
 EMBED_FORMATS = ("npy", "npz")
+
+
+class ExportError(ValueError):
+    """An export that cannot be made or does not match the PyTorch model; nothing was written."""
