@@ -16,7 +16,15 @@ from PIL import Image
 
 from unsupdistill.cli import main
 from unsupdistill.models.load import load_model
-from unsupdistill.show import PictureDoesNotFit, run_multi_crop, save_png, show_sound_retrieval, spectrogram_rgb
+from unsupdistill.show import (
+    PictureDoesNotFit,
+    load_clips,
+    run_multi_crop,
+    save_png,
+    show_sound_pca,
+    show_sound_retrieval,
+    spectrogram_rgb,
+)
 from unsupdistill.show.sound import SCALE, VIEW_CLIPS
 
 RATE = 8000
@@ -74,10 +82,11 @@ def test_show_draws_a_sound_runs_views_neighbours_pca_and_curves(run: Path, soun
     assert main(["show", str(run), str(sounds / "test"), "--gallery", str(sounds / "train"), "--out", str(out),
                  "--k", "3"]) == 0
     printed = capsys.readouterr().out
-    for kind in ("views", "retrieval", "pca", "curves"):
+    for kind in ("views", "retrieval", "curves"):
         assert str(out / f"{kind}.png") in printed
         assert 0 < (out / f"{kind}.png").stat().st_size < MAX_BYTES
     assert "not drawn: attention" in printed  # a ResNet of spectrograms has no class token
+    assert "not drawn: pca" in printed and "too coarse" in printed  # nor a grid finer than 2 x 1 (stride 32)
 
     sidecar = json.loads((run / "backbone.json").read_text())
     rows, frames = 64 * SCALE, sidecar["input_size"] * SCALE  # audio.n_mels bands, the network's columns
@@ -121,10 +130,10 @@ def test_eval_of_a_sound_model_writes_the_pictures_that_fit(run: Path, sounds: P
     out = tmp_path / "eval"
     evaluate(str(run), str(sounds / "train"), str(sounds / "test"),
              EvalOptions(linear=False, clustering=False, cache=False), out)
-    assert {p.stem for p in out.glob("*.png")} == {"feature_map", "knn_vs_k", "pca", "retrieval"}
+    assert {p.stem for p in out.glob("*.png")} == {"feature_map", "knn_vs_k", "retrieval"}  # no PCA: see below
     assert all(p.stat().st_size < MAX_BYTES for p in out.glob("*.png"))
     assert _rgb(out / "retrieval.png").std() > 0
-    baseline = tmp_path / "logmel"  # log-mel statistics: no network, so no PCA; its neighbours still drawn
+    baseline = tmp_path / "logmel"  # log-mel statistics: no network; its neighbours still drawn
     evaluate("logmel", str(sounds / "train"), str(sounds / "test"),
              EvalOptions(linear=False, clustering=False, cache=False,
                          frontend=json.loads((run / "backbone.json").read_text())["frontend"]), baseline)
@@ -138,3 +147,16 @@ def test_a_palette_png_keeps_every_pixel_of_a_picture_of_few_colours(tmp_path: P
     path = save_png(picture, tmp_path / "few.png", palette=True)
     assert Image.open(path).mode == "P"
     np.testing.assert_array_equal(_rgb(path), picture)
+
+
+def test_pca_of_spectrograms_is_drawn_where_the_grid_is_fine_enough(run: Path, sounds: Path) -> None:
+    """A stride-8 ResNet (small_image_stem) makes an 8 x 4 grid of 64 bands x 32 frames: one row per clip, the
+    spectrogram beside its colours; the ImageNet stem's 2 x 1 grid is refused with the reason."""
+    frontend = json.loads((run / "backbone.json").read_text())["frontend"]
+    spec = "timm:resnet18,channels=[8,8,16,16],stem_width=8,in_chans=1"
+    waves = load_clips(sorted((sounds / "test").rglob("*.wav"))[:3], load_model(spec, frontend=frontend))
+    picture = show_sound_pca(load_model(spec + ",small_image_stem=true", frontend=frontend), waves)
+    rows, columns = 64 * SCALE, frontend["frames"] * SCALE
+    assert picture.shape == (3 * rows + 2 * 2, 2 * columns + 2, 3)
+    with pytest.raises(PictureDoesNotFit, match="too coarse"):
+        show_sound_pca(load_model(spec, frontend=frontend), waves)

@@ -31,6 +31,9 @@ SCALE = 2
 """Pixels per mel band and per frame: a 64-band spectrogram is 128 pixels high."""
 VIEW_CLIPS = 4
 """Clips in the views picture: one row each, its whole clip and then its DINO views."""
+MIN_GRID = 4
+"""The PCA picture of a sound needs a grid of at least this many cells in mel bands and in frames: a ResNet's 2 x 2
+map of a 64-band spectrogram (stride 32) colours four squares that say nothing about where in time or pitch."""
 VIEWS_SEED = 0
 """The views picture draws its random views from this seed (torch's global RNG is left as it was)."""
 
@@ -206,10 +209,20 @@ def show_sound_attention(model: FeatureModel, waves: Tensor, threshold: float = 
 
 def show_sound_pca(model: FeatureModel, waves: Tensor) -> np.ndarray:
     """The PCA colours of the spatial features of spectrograms (one PCA for all clips): one row per clip, its
-    spectrogram beside the colours of its grid of mel bands and frames."""
+    spectrogram beside the colours of its grid of mel bands and frames.
+
+    Raises:
+        PictureDoesNotFit: the model is not a network with spatial features, or its grid is coarser than
+            :data:`MIN_GRID`.
+    """
     _network(model, "spatial features")
     x = whole_clips(model, waves)  # (B, 1, M, frames)
     grid = spatial_features(model.backbone, x)  # (B, h, w, C)
+    if min(grid.shape[1:3]) < MIN_GRID:
+        raise PictureDoesNotFit(f"{model.name} makes a {grid.shape[1]} x {grid.shape[2]} grid of its {x.shape[-2]} x "
+                                f"{x.shape[-1]} spectrograms, too coarse to show where in pitch and time its features "
+                                f"differ (at least {MIN_GRID} x {MIN_GRID}); a stride-1 stem (model.small_image_stem) "
+                                "or a ViT of small patches has one")
     colours = pca_colours(grid.cpu())[:, ::-1]  # (B, h, w, 3), the lowest bands at the bottom
     return join([pca_picture(picture, cells) for picture, cells in zip(spectrogram_pictures(x), colours)],
                 axis=0, gap=2)
