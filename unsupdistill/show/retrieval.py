@@ -80,7 +80,7 @@ def retrieval_grid(query_images: np.ndarray, gallery_images: np.ndarray | Mappin
         border: frame width in pixels.
         gap: white pixels between cells and rows.
         query_names: with ``scores``, each query's caption (e.g. its class); default none.
-        gallery_names: with ``scores``, a name after each neighbour's score, by gallery index.
+        gallery_names: with ``scores``, a name after each neighbour's score ("0.93, low"), by gallery index.
 
     Returns:
         (Q * R + (Q - 1) * gap, (k + 1) * C + k * gap, 3) uint8 with cells C = W + 2 border wide and rows
@@ -92,7 +92,7 @@ def retrieval_grid(query_images: np.ndarray, gallery_images: np.ndarray | Mappin
                                                         for i in neighbours]
         if scores is not None:
             texts = [query_names[row_index] if query_names is not None else ""]  # else the query: its blue frame
-            texts += [f"{score:.2f}" + (f" {gallery_names[i]}" if gallery_names is not None else "")
+            texts += [f"{score:.2f}" + (f", {gallery_names[i]}" if gallery_names is not None else "")
                       for score, i in zip(scores[row_index].tolist(), neighbours)]
             cells = [join([cell, caption(text, cell.shape[1])], axis=0) for cell, text in zip(cells, texts)]
         rows.append(join(cells, axis=1, gap=gap))
