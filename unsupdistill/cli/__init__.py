@@ -159,17 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = commands.add_parser(
         "show", help="pictures of what a backbone sees: ViT attention, PCA of patch features, nearest neighbours, "
-                     "and a run's training curves",
+                     "a run's training curves, and for sounds its views as spectrograms",
         description="Draw pictures of MODEL (a run directory, checkpoint, exported .safetensors or timm:<name>) on "
                     "IMAGE files or folders: the last block's class-token attention per head for ViTs (DINO), the "
                     "first PCA components of patch or feature-map features as RGB with the background removed "
                     "(DINOv2), each image's nearest neighbours in --gallery, and a run's training curves. Without "
                     "--kind every picture that fits is drawn and the others are named. It runs on the CPU in fp32, "
                     "decoding in the main process (no --precision/--device/--workers); --batch-size sets the "
-                    "gallery's batches.",
+                    "gallery's batches. A model of sounds takes sound files and folders instead, drawn as log-mel "
+                    "spectrograms (low frequencies at the bottom), and a DINO run of sounds draws its views: a few "
+                    "clips, each whole and as its global and local views in time.",
     )
     s.add_argument("model", metavar="MODEL")
-    s.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (their first --max-images)")
+    s.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files or folders (their first --max-images); sound files for a model of sounds")
     s.add_argument("--kind", action="append", choices=SHOW_KINDS, help="a picture to draw (repeat for several; "
                                                                        "default: every one that fits)")
     add_out(s, "the PNGs", "runs/show-<timestamp>")

@@ -188,7 +188,7 @@ def training_overrides(args: argparse.Namespace, overrides: list[str]) -> list[s
     return [*overrides, *added]
 
 
-SHOW_KINDS = ("attention", "pca", "retrieval", "curves")
+SHOW_KINDS = ("attention", "pca", "retrieval", "views", "curves")
 """The pictures ``unsupdistill show`` draws."""
 RETRIEVAL_K = 5
 """``show --k``'s default: neighbours per image in the retrieval picture."""

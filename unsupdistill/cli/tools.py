@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from unsupdistill import run_dir
 from unsupdistill.cli.options import RETRIEVAL_K, SHOW_KINDS, deprecated, looks_like_file
 from unsupdistill.export.names import EMBED_SUFFIXES
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import Tensor
+
+    from unsupdistill.models.frozen import FeatureModel
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -109,50 +116,90 @@ def show_command(args: argparse.Namespace) -> int:
     """Pictures of what a backbone sees; the kinds not asked for by ``--kind`` are drawn where they fit."""
     from unsupdistill import show
     from unsupdistill.config import ConfigError
-    from unsupdistill.data import list_image_files
+    from unsupdistill.data import list_audio_files, list_image_files
     from unsupdistill.models.load import load_model
 
     model = load_model(args.model, image_size=args.image_size, student=args.student)
+    sound = model.frontend is not None  # a model of sounds: its inputs are sound files, drawn as spectrograms
+    list_files, what = (list_audio_files, "sound") if sound else (list_image_files, "image")
     queries: list[Path] = []
     for item in args.images:  # files as given, folders in sorted order
-        queries += list_image_files(item) if Path(item).is_dir() else [Path(item)]
+        queries += list_files(item) if Path(item).is_dir() else [Path(item)]
     queries = queries[:args.max_images]
     if not queries:
-        raise ConfigError(f"no image files in {' '.join(args.images)}; give image files or a folder holding some")
-    pixels = show.load_pixels(queries, model.input_size)  # (N, 3, S, S) in [0, 1]
+        raise ConfigError(f"no {what} files in {' '.join(args.images)}; give {what} files or a folder holding some")
+    inputs = show.load_clips(queries, model) if sound else show.load_pixels(queries, model.input_size)
     out = args.out or Path("runs") / time.strftime("show-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
     for kind in args.kind or SHOW_KINDS:
         path = out / f"{kind}.png"
         try:
-            if kind == "attention":
-                written.append(show.save_png(show.show_attention(model, pixels, args.threshold), path))
+            if kind == "curves":
+                if not (Path(args.model) / run_dir.METRICS).is_file():
+                    raise ValueError(f"it needs a run directory with a metrics.jsonl; {args.model} has none")
+                written.append(show.plot_training_curves(args.model, path, method_curves(Path(args.model))))
+            elif kind == "retrieval" and args.gallery is None:
+                raise ValueError(f"it needs --gallery FOLDER, the {what}s to search")
+            elif sound:
+                written.append(show.save_png(_sound_picture(kind, model, args, queries, inputs), path,
+                                             palette=True))
+            elif kind == "attention":
+                written.append(show.save_png(show.show_attention(model, inputs, args.threshold), path))
             elif kind == "pca":
-                written.append(show.save_png(show.show_pca(model, pixels), path))
+                written.append(show.save_png(show.show_pca(model, inputs), path))
             elif kind == "retrieval":
-                if args.gallery is None:
-                    raise ValueError("it needs --gallery FOLDER, the images to search")
                 k = RETRIEVAL_K if args.k is None else args.k
                 found = show.show_retrieval(model, queries, list_image_files(args.gallery), k,
                                             batch_size=args.batch_size)
                 written.append(show.save_png(found.picture, path))
-            elif not (Path(args.model) / run_dir.METRICS).is_file():
-                raise ValueError(f"it needs a run directory with a metrics.jsonl; {args.model} has none")
             else:
-                written.append(show.plot_training_curves(args.model, path, method_curves(Path(args.model))))
+                raise show.PictureDoesNotFit("the views are drawn for runs of sounds (DINO's multi-crop in time); "
+                                             "those of images are not drawn yet")
         except ValueError as err:
             if args.kind:  # asked for by name: an error
                 raise ConfigError(f"show --kind {kind}: {err}") from err
             skipped.append(f"{kind} ({err})")
     if not written:
-        raise ConfigError("no picture fits this model and these images: " + "; ".join(skipped))
-    print(f"\n{len(queries)} images from {' '.join(args.images)} through {model.name}:")
+        raise ConfigError(f"no picture fits this model and these {what}s: " + "; ".join(skipped))
+    print(f"\n{len(queries)} {what}s from {' '.join(args.images)} through {model.name}:")
     for path in written:
         print(f"  {path.stem + ':':<11}{path}")
     for note in skipped:
         print(f"  not drawn: {note}")
     return 0
+
+
+def _sound_picture(kind: str, model: FeatureModel, args: argparse.Namespace, queries: list[Path],
+                   waves: Tensor) -> np.ndarray:
+    """The picture ``kind`` of a model of sounds, of the clips ``waves`` (N, 1, S) read from ``queries``."""
+    from unsupdistill import show
+    from unsupdistill.data import list_audio_files
+
+    if kind == "views":
+        clips = slice(0, show.VIEW_CLIPS)
+        return show.show_sound_views(show.run_multi_crop(args.model), model, waves[clips],
+                                     _sound_names(queries[clips], args.images))
+    if kind == "attention":
+        return show.show_sound_attention(model, waves, args.threshold)
+    if kind == "pca":
+        return show.show_sound_pca(model, waves)
+    gallery = list_audio_files(args.gallery)
+    found = show.show_sound_retrieval(model, queries, gallery, RETRIEVAL_K if args.k is None else args.k,
+                                      args.batch_size, _sound_names(queries, args.images),
+                                      _sound_names(gallery, [args.gallery]))
+    return found.picture
+
+
+def _sound_names(files: list[Path], given: list[str]) -> list[str]:
+    """A short caption for each sound file: its path below the folder it was found in, without the extension
+    (``low/3`` in a folder of class folders), or its name without the extension for a file given itself."""
+    folders = [Path(item) for item in given if Path(item).is_dir()]
+    names = []
+    for file in files:
+        folder = next((f for f in folders if file.is_relative_to(f)), None)
+        names.append(str(file.relative_to(folder).with_suffix("")) if folder is not None else file.stem)
+    return names
 
 
 def method_curves(run: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:

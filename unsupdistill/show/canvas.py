@@ -91,11 +91,25 @@ def join(images: Sequence[np.ndarray], axis: int = 1, gap: int = 0, colour: Colo
     return np.concatenate(parts, axis=axis)
 
 
-def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write a picture (H, W, 3) uint8 as a PNG, atomically; returns the path."""
+def save_png(image: np.ndarray, path: str | Path, palette: bool = False) -> Path:
+    """Write a picture (H, W, 3) uint8 as a PNG, atomically; returns the path.
+
+    With ``palette``, it is written as a palette PNG of at most 256 colours (a third of the bytes of a spectrogram
+    picture's RGB): pixel for pixel the same where the picture has no more colours, else reduced to 256 by Pillow's
+    median cut (the grey edges of a caption's letters, a few levels apart).
+    """
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 picture (H, W, 3), got {image.dtype} {image.shape}")
+    picture = Image.fromarray(image)
+    if palette:
+        packed = image.astype(np.uint32) @ np.array([1 << 16, 1 << 8, 1], dtype=np.uint32)  # (H, W): np.unique of
+        colours, index = np.unique(packed, return_inverse=True)  # integers, 50x faster than of rows (axis=0)
+        if len(colours) <= 256:
+            picture = Image.fromarray(index.reshape(image.shape[:2]).astype(np.uint8), mode="P")
+            picture.putpalette(np.stack([colours >> 16, colours >> 8 & 255, colours & 255], axis=1).flatten().tolist())
+        else:
+            picture = picture.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     path = Path(path)
-    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
     return path

@@ -55,16 +55,22 @@ def nearest_neighbours(queries: Tensor, gallery: Tensor, k: int = 5) -> tuple[Te
     return torch.from_numpy(scores), torch.from_numpy(indices)
 
 
-def _caption(text: str, width: int) -> np.ndarray:
-    """A white strip (CAPTION_HEIGHT, width, 3) with ``text`` in black."""
+def caption(text: str, width: int) -> np.ndarray:
+    """A white strip (CAPTION_HEIGHT, width, 3) with ``text`` in black, cut at its end to fit the width."""
     strip = Image.new("RGB", (width, CAPTION_HEIGHT), (255, 255, 255))
-    ImageDraw.Draw(strip).text((1, 0), text, fill=(0, 0, 0), font=ImageFont.load_default())
+    draw, font = ImageDraw.Draw(strip), ImageFont.load_default()
+    while text and draw.textlength(text, font=font) > width - 1:
+        text = text[:-1]
+    draw.text((1, 0), text, fill=(0, 0, 0), font=font)
     return np.asarray(strip)
 
 
 def retrieval_grid(query_images: np.ndarray, gallery_images: np.ndarray | Mapping[int, np.ndarray], indices: Tensor,
-                   scores: Tensor | None = None, border: int = 2, gap: int = 2) -> np.ndarray:
-    """Each row a query (blue frame) followed by its neighbours (grey frames), optionally captioned with scores.
+                   scores: Tensor | None = None, border: int = 2, gap: int = 2,
+                   query_names: Sequence[str] | None = None,
+                   gallery_names: Sequence[str] | Mapping[int, str] | None = None) -> np.ndarray:
+    """Each row a query (blue frame) followed by its neighbours (grey frames), optionally captioned with scores
+    and names.
 
     Args:
         query_images: queries (Q, H, W, 3) uint8.
@@ -73,6 +79,8 @@ def retrieval_grid(query_images: np.ndarray, gallery_images: np.ndarray | Mappin
         scores: similarities (Q, k); when given, each cell gets a caption strip below it.
         border: frame width in pixels.
         gap: white pixels between cells and rows.
+        query_names: with ``scores``, each query's caption (e.g. its class); default none.
+        gallery_names: with ``scores``, a name after each neighbour's score ("0.93, low"), by gallery index.
 
     Returns:
         (Q * R + (Q - 1) * gap, (k + 1) * C + k * gap, 3) uint8 with cells C = W + 2 border wide and rows
@@ -83,8 +91,10 @@ def retrieval_grid(query_images: np.ndarray, gallery_images: np.ndarray | Mappin
         cells = [framed(query, border, QUERY_FRAME)] + [framed(gallery_images[i], border, NEIGHBOUR_FRAME)
                                                         for i in neighbours]
         if scores is not None:
-            texts = [""] + [f"{score:.2f}" for score in scores[row_index].tolist()]  # the query: its blue frame
-            cells = [join([cell, _caption(text, cell.shape[1])], axis=0) for cell, text in zip(cells, texts)]
+            texts = [query_names[row_index] if query_names is not None else ""]  # else the query: its blue frame
+            texts += [f"{score:.2f}" + (f", {gallery_names[i]}" if gallery_names is not None else "")
+                      for score, i in zip(scores[row_index].tolist(), neighbours)]
+            cells = [join([cell, caption(text, cell.shape[1])], axis=0) for cell, text in zip(cells, texts)]
         rows.append(join(cells, axis=1, gap=gap))
     return join(rows, axis=0, gap=gap)
 
