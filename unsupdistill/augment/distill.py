@@ -9,10 +9,14 @@ A view is a row of numbers (:data:`VIEW_PARAMS`), drawn by :meth:`DistillAugment
 the image by :meth:`DistillAugmentation.render`, so a view the teacher saw can be stored and rendered again,
 pixel for pixel, for the student in a later epoch (the teacher cache, FKD: Shen & Xing, ECCV 2022). Every
 sample draws its parameters from torch's global RNG, so ``torch.manual_seed`` makes a run reproducible.
+
+A sound's shared view is a view in time of its log-mel (:class:`SoundDistillAugmentation`), seen by a teacher of
+sounds through its own normalisation and columns, or by an image network as a grey picture.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -23,7 +27,8 @@ from kornia.enhance import adjust_hue, adjust_saturation
 from kornia.geometry.transform import crop_and_resize
 from torch import Tensor, nn
 
-from unsupdistill.config import ViewSpec
+from unsupdistill.augment.audio import LogMel, SoundViewParams, SoundViews, full_clip, to_image_teacher
+from unsupdistill.config import SoundViewSpec, ViewSpec
 
 VIEW_PARAMS = ("left", "top", "width", "height", "flip", "jitter", "brightness", "contrast", "saturation", "hue",
                "grayscale")
@@ -187,3 +192,83 @@ class DistillAugmentation(nn.Module):
         """
         student_views, teacher_views = self.render(images, self.sample(images.shape[0]))
         return student_views, teacher_views
+
+
+class SoundDistillAugmentation(nn.Module):
+    """The one shared view of a sound (:class:`~unsupdistill.augment.audio.SoundViews`: a span of the clip resized
+    in time, gain, mixing, SpecAugment's masks), seen by the student as it is and by the teacher in its own form.
+
+    The teacher is either a network of sounds, whose front end computes the same mel power (checked by the caller:
+    same rate, STFT and mel bands): it gets the same view drawn again through its own front end, i.e. renormalised
+    to its ``mean``/``std`` and resized in time to its own columns (the time masks moved with them); or an image
+    network (an ImageNet CNN), which gets the student's view as a grey picture at its size and normalisation
+    (:func:`~unsupdistill.augment.audio.to_image_teacher`).
+
+    Args:
+        frontend: the student's front end (waves to mel power, and the student's normalisation).
+        view: the shared view's random augmentation (``audio.global_view``).
+        frames: the student's columns (``model.input_size``).
+        teacher_size: a sound teacher's columns, or an image teacher's side in pixels.
+        teacher_frontend: a sound teacher's front end (its normalisation); None for an image teacher.
+        teacher_mean: an image teacher's per-channel mean (unused for a sound teacher).
+        teacher_std: an image teacher's per-channel standard deviation (unused for a sound teacher).
+    """
+
+    def __init__(self, frontend: LogMel, view: SoundViewSpec, frames: int, teacher_size: int,
+                 teacher_frontend: LogMel | None, teacher_mean: tuple[float, ...] = (0.0, 0.0, 0.0),
+                 teacher_std: tuple[float, ...] = (1.0, 1.0, 1.0)) -> None:
+        super().__init__()
+        self.frontend = frontend
+        self.student_views = SoundViews(frontend, view, frames)
+        self.teacher_views = SoundViews(teacher_frontend, view, teacher_size) if teacher_frontend is not None else None
+        self.student_size = frames
+        self.teacher_size = teacher_size
+        self.teacher_mean, self.teacher_std = tuple(teacher_mean), tuple(teacher_std)
+
+    @torch.no_grad()
+    def sample(self, batch: int, device: torch.device | str = "cpu") -> SoundViewParams:
+        """Draw one view per clip from torch's global RNG, on ``device``."""
+        return self.student_views.sample(batch, 1, device)
+
+    def _teacher_params(self, params: SoundViewParams) -> SoundViewParams:
+        """The same view at the teacher's columns: the time masks' first column and width scaled to them."""
+        if self.teacher_size == self.student_size:
+            return params
+        ratio = self.teacher_size / self.student_size
+        return dataclasses.replace(params, time_masks=(params.time_masks.float() * ratio).round().long())
+
+    @torch.no_grad()
+    def render(self, waves: Tensor, params: SoundViewParams, teacher: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Draw the views ``params`` describes of a batch of clips.
+
+        Args:
+            waves: (B, 1, S) float waves, on any device.
+            params: from :meth:`sample`.
+            teacher: also render the teacher's view.
+
+        Returns:
+            student_views: (B, 1, M, F) normalised log-mel views (the student's normalisation).
+            teacher_views: a sound teacher's (B, 1, M, T) (its normalisation, its T columns) or an image teacher's
+                (B, 3, T, T); None when ``teacher`` is False.
+        """
+        power = self.frontend.power(waves)  # (B, M, columns), once for both views
+        student = self.student_views.render(power, params)  # (B, 1, M, F)
+        if not teacher:
+            return student, None
+        if self.teacher_views is not None:
+            return student, self.teacher_views.render(power, self._teacher_params(params))  # (B, 1, M, T)
+        return student, to_image_teacher(student, self.teacher_size, self.teacher_mean, self.teacher_std)
+
+    @torch.no_grad()
+    def whole(self, waves: Tensor) -> Tensor:
+        """The teacher's input for whole clips (B, 1, S), as evaluation feeds a network
+        (:func:`~unsupdistill.augment.audio.full_clip`): (B, 1, M, T) or an image teacher's (B, 3, T, T)."""
+        if self.teacher_views is not None:
+            return full_clip(self.teacher_views.frontend, waves, self.teacher_size)
+        views = full_clip(self.frontend, waves, self.student_size)  # (B, 1, M, F)
+        return to_image_teacher(views, self.teacher_size, self.teacher_mean, self.teacher_std)
+
+    @torch.no_grad()
+    def forward(self, waves: Tensor) -> tuple[Tensor, Tensor]:
+        """One view per clip (B, 1, S), for the student and for the teacher (see :meth:`render`)."""
+        return self.render(waves, self.sample(waves.shape[0], waves.device))

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from unsupdistill.models.frozen import SoundFeatures
+from unsupdistill.models.frozen import SoundFeatures, hears_as_picture
 from unsupdistill.models.inference import CHOICE_IMAGES, REFERENCE, fastest_path
 
 logger = logging.getLogger(__name__)
@@ -96,8 +96,9 @@ def extract_features(
     """
     device = torch.device(device)
     if frontend is not None:
-        return _sound_features(SoundFeatures(backbone, frontend).eval().to(device), dataset, batch_size, precision,
-                               device, progress, num_workers)
+        picture = (input_size, mean, std) if hears_as_picture(backbone) else None  # an image network hearing sounds
+        return _sound_features(SoundFeatures(backbone, frontend, picture).eval().to(device), dataset, batch_size,
+                               precision, device, progress, num_workers)
     # channels-last: the convolution kernels' preferred layout (as in training)
     model = NormalizedBackbone(backbone, mean, std).eval().to(device, memory_format=torch.channels_last)
     out = []

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from unsupdistill.models.backbone import forward_gflops, input_channels
-from unsupdistill.models.frozen import FeatureModel
+from unsupdistill.models.frozen import FeatureModel, hears_as_picture
 
 PRECISIONS = ("fp32", "bf16")
 WARMUP_BATCHES = 2
@@ -65,7 +65,9 @@ def measure_speed(model: FeatureModel, device: str | torch.device = "cpu", batch
     backbone = model.backbone.eval().to(device, memory_format=torch.channels_last)
     size = model.input_size
     # (C, H, W) of one input: an image's, or a sound's log-mel image (mel bands x columns; the front end not timed)
-    shape = (input_channels(backbone), *((model.frontend["n_mels"], size) if model.frontend else (size, size)))
+    # (an image network hearing sounds, e.g. a distillation's ImageNet teacher, sees them as (3, S, S) pictures)
+    sound = model.frontend is not None and not hears_as_picture(backbone)
+    shape = (input_channels(backbone), *((model.frontend["n_mels"], size) if sound else (size, size)))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
 

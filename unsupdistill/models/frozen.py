@@ -69,17 +69,26 @@ class FeatureModel:
     frontend: dict[str, Any] | None = None
 
 
+def hears_as_picture(backbone: nn.Module) -> bool:
+    """Whether a network given sounds is an image network (its first convolution takes 3 channels): it then sees
+    a clip's log-mel as a grey picture (:func:`~unsupdistill.augment.audio.to_image_teacher`)."""
+    return next((m.in_channels for m in backbone.modules() if isinstance(m, nn.Conv2d)), None) == 3
+
+
 class SoundFeatures(nn.Module):
     """A network of spectrograms fed with waves: the front end's log-mel of the whole clip, resized in time to the
     network's ``frames`` columns (:func:`~unsupdistill.augment.audio.full_clip`, what evaluation, ``embed`` and the
-    exports give it), then the network.
+    exports give it), then the network. An image network (:func:`hears_as_picture`, e.g. an ImageNet teacher of a
+    distillation on sounds) gets that log-mel as a picture of ``picture``'s size and normalisation.
 
     Args:
-        backbone: maps normalised log-mel images ``(B, 1, M, frames)`` to features ``(B, D)``.
+        backbone: maps normalised log-mel images ``(B, 1, M, frames)`` (or pictures ``(B, 3, S, S)``) to ``(B, D)``.
         frontend: the description of the front end (:attr:`FeatureModel.frontend`).
+        picture: an image network's input side, mean and std; None for a network of spectrograms.
     """
 
-    def __init__(self, backbone: nn.Module, frontend: dict[str, Any]) -> None:
+    def __init__(self, backbone: nn.Module, frontend: dict[str, Any],
+                 picture: tuple[int, tuple[float, ...], tuple[float, ...]] | None = None) -> None:
         super().__init__()
         from unsupdistill.augment.audio import LogMel
 
@@ -87,12 +96,16 @@ class SoundFeatures(nn.Module):
         self.frontend = LogMel.from_description({k: v for k, v in frontend.items()
                                                  if k not in ("frames", "clip_samples")})
         self.frames = int(frontend["frames"])
+        self.picture = picture
 
     def forward(self, waves: Tensor) -> Tensor:
         """Args: waves (B, 1, S). Returns features (B, D)."""
-        from unsupdistill.augment.audio import full_clip
+        from unsupdistill.augment.audio import full_clip, to_image_teacher
 
-        return self.backbone(full_clip(self.frontend, waves, self.frames))  # (B, 1, M, frames) -> (B, D)
+        views = full_clip(self.frontend, waves, self.frames)  # (B, 1, M, frames)
+        if self.picture is not None:
+            views = to_image_teacher(views, *self.picture)  # (B, 3, S, S)
+        return self.backbone(views)
 
 
 class LogMelStatistics(nn.Module):

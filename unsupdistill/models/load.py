@@ -77,7 +77,10 @@ def load_model(spec: str, *, image_size: int | None = None, student: bool = Fals
     if spec == LOGMEL:
         return _load_logmel(spec, frontend)
     if spec.startswith("timm:"):
-        model = load_timm(spec, image_size if frontend is None else int(frontend["frames"]))
+        # a network of one input channel hears at the front end's columns; an image network (3 channels) sees the
+        # clip's log-mel as a picture at its own size (SoundFeatures)
+        of_sounds = frontend is not None and parse_timm_spec(spec)[1].get("in_chans") == 1
+        model = load_timm(spec, int(frontend["frames"]) if of_sounds else image_size)
         return model if frontend is None else dataclasses.replace(model, frontend=frontend)
     path = Path(spec).expanduser()
     if not path.exists() and path.with_name(path.name + ".safetensors").is_file():  # an export named by its stem

@@ -56,6 +56,8 @@ class Teacher:
         cache_key: sha256 hex identity of the weights and preprocessing (a teacher cache is keyed by it).
         classifier: the classifier that belongs to the teacher's weights (a model distilled with labels: its export's,
             or the one its checkpoint holds), or None.
+        frontend: a teacher of sounds' front end (:attr:`~unsupdistill.models.frozen.FeatureModel.frontend`): its
+            inputs are then log-mel images (B, 1, n_mels, input_size); None for a network of images.
     """
 
     name: str
@@ -70,6 +72,7 @@ class Teacher:
     description: dict[str, Any] | None
     cache_key: str = ""
     classifier: Classifier | None = None
+    frontend: dict[str, Any] | None = None
 
 
 def load_teacher(spec: str, input_size: int | None = None, need_head: bool = False) -> Teacher:
@@ -101,7 +104,8 @@ def load_teacher(spec: str, input_size: int | None = None, need_head: bool = Fal
         raise TeacherError(f"teacher: {err}") from err
     feature_dim = _check_inputs(spec, model, head)
     return Teacher(name or model.name, model.backbone, head, head_config, model.input_size, model.mean, model.std,
-                   feature_dim, model.architecture, model.description, model.cache_key, model.classifier)
+                   feature_dim, model.architecture, model.description, model.cache_key, model.classifier,
+                   model.frontend)
 
 
 def _source(spec: str, input_size: int | None, need_head: bool) -> tuple[str | Path, str | None]:
@@ -154,11 +158,13 @@ def _load_head(spec: str, checkpoint: str | Path) -> tuple[nn.Module, Any]:
 
 
 def _check_inputs(spec: str, model: FeatureModel, head: nn.Module | None) -> int:
-    """Run the teacher once on a zero batch of its input size; returns the pooled feature width D."""
+    """Run the teacher once on a zero batch of its input size (a teacher of sounds: a log-mel image of its mel
+    bands and columns); returns the pooled feature width D."""
     size = model.input_size
+    shape = (1, 1, int(model.frontend["n_mels"]), size) if model.frontend is not None else (1, 3, size, size)
     try:
         with torch.no_grad():
-            pooled, _ = pooled_and_spatial(model.backbone, torch.zeros(1, 3, size, size))  # (1, D)
+            pooled, _ = pooled_and_spatial(model.backbone, torch.zeros(shape))  # (1, D)
             if pooled.ndim != 2:
                 raise ValueError(f"pooled features of shape {tuple(pooled.shape)}, expected (B, D)")
             if head is not None:
@@ -168,6 +174,6 @@ def _check_inputs(spec: str, model: FeatureModel, head: nn.Module | None) -> int
         if spec.startswith("timm:"):
             fix += f", or add dynamic_img_size=true (or img_size={size}) to the timm: spec"
         cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise TeacherError(f"teacher '{model.name}' ({spec}) cannot take {size}x{size} inputs "
+        raise TeacherError(f"teacher '{model.name}' ({spec}) cannot take {shape[-2]}x{shape[-1]} inputs "
                            f"({type(err).__name__}: {cause}): {fix}") from err
     return int(pooled.shape[-1])

@@ -27,6 +27,8 @@ from torch.utils.data import Dataset
 
 from unsupdistill import distributed
 from unsupdistill.augment import DistillAugmentation
+from unsupdistill.augment.audio import sound_frontend
+from unsupdistill.augment.distill import SoundDistillAugmentation
 from unsupdistill.auto import Chooser, FolderFacts
 from unsupdistill.config import Config, ConfigError
 from unsupdistill.data import num_workers
@@ -42,6 +44,7 @@ from unsupdistill.losses import (
 )
 from unsupdistill.losses.health import feature_collapse_warning, feature_spread, health_signals
 from unsupdistill.methods.distill.settings import SECTIONS, uses_maps
+from unsupdistill.methods.distill.sound import NO_CACHE, NO_MAPS, sound_augmentation, teacher_frontend
 from unsupdistill.methods.distill.teacher_pass import (
     SpatialOutput,
     measure_rates,
@@ -156,7 +159,7 @@ class Distillation(Method):
 
     automatic_keys: ClassVar[frozenset[str]] = frozenset({
         "distill.teacher_size", "distill.teacher_runtime", "data.image_size", "model.backbone_kwargs", "optim.lr",
-        "optim.weight_decay", "optim.weight_decay_end",
+        "optim.weight_decay", "optim.weight_decay_end", "distill.targets", "distill.cache",
     })
     auto_batch: ClassVar[dict[str, int]] = {"cpu": 256, "cuda": 256}
     crop_headroom: ClassVar[float] = 1.0  # the student sees whole images, rescaled, as it will once deployed
@@ -176,6 +179,9 @@ class Distillation(Method):
         d, crop = config.distill, config.model.input_size
         given = d.teacher_size if chooser.is_explicit("distill.teacher_size") else None
         teacher = run_teacher(d.teacher, given, d.loss == "dino", keep=True) if d.teacher else None
+        if facts.kind == "audio":
+            cls._sound_settings(chooser, config, facts, teacher)
+            return
         native = teacher.input_size if teacher is not None else crop
         cap = native if facts.device_type == "cuda" else min(native, TEACHER_MAX_CPU)
         least = min(cap, max(32, round(TEACHER_LEAST_SHARE * native / 32) * 32))
@@ -221,6 +227,32 @@ class Distillation(Method):
         chooser.set("optim.weight_decay_end", 0.05, "the same as optim.weight_decay")
 
     @classmethod
+    def _sound_settings(cls, chooser: Chooser, config: Config, facts: FolderFacts, teacher: Teacher | None) -> None:
+        """The teacher's input and the optimiser for a folder of sounds: a teacher of sounds at its own columns (its
+        front end checked against the student's), an image network at its own size, capped on a CPU and no smaller
+        than :data:`TEACHER_LEAST_SHARE` of it; the teacher sees every step's view (no stored maps or cache)."""
+        if teacher is not None and teacher.frontend is not None:
+            teacher_frontend(sound_frontend(config.audio), teacher)  # refused now, before anything runs
+            if not chooser.is_explicit("distill.teacher_size"):
+                chooser.set("distill.teacher_size", teacher.input_size, "the sound teacher's own columns")
+        elif teacher is not None and not chooser.is_explicit("distill.teacher_size"):
+            native = teacher.input_size
+            cap = native if facts.device_type == "cuda" else min(native, TEACHER_MAX_CPU)
+            least = min(cap, max(32, round(TEACHER_LEAST_SHARE * native / 32) * 32))
+            chooser.set("distill.teacher_size", least if facts.device_type != "cuda" else cap,
+                        f"the log-mel view as a picture of {TEACHER_LEAST_SHARE:.1f} x the image teacher's {native} px "
+                        "on CPU (it runs on every step's view)" if facts.device_type != "cuda"
+                        else f"the image teacher's own size {native} px")
+        if not chooser.is_explicit("distill.targets"):
+            chooser.set("distill.targets", "views", NO_MAPS)
+        if not chooser.is_explicit("distill.cache"):
+            chooser.set("distill.cache", False, NO_CACHE)
+        chooser.set("optim.lr", 2e-3, "per 256 clips: recipes/cifar10_distill.yaml's for per-step teacher views "
+                    "(BENCHMARKS, Distillation)")
+        chooser.set("optim.weight_decay", 0.05, "constant 0.05: the student regresses fixed targets")
+        chooser.set("optim.weight_decay_end", 0.05, "the same as optim.weight_decay")
+
+    @classmethod
     def _plan(cls, chooser: Chooser, config: Config, facts: FolderFacts, teacher: Any, own: int) -> tuple[int, str]:
         """Measure the rates, choose the teacher's size (and runtime) for the budget, log the plan; (size, why)."""
         d, crop = config.distill, config.model.input_size
@@ -250,15 +282,21 @@ class Distillation(Method):
         if self.teacher.head is not None:
             self.teacher.head.to(runtime.device)
         size = m.input_size
-        self.use_maps = uses_maps(d)
-        if self.use_maps:  # the teacher's maps are stored; only the student's views are rendered, from small images
+        self.sound = config.data.kind == "audio"
+        self.use_maps = uses_maps(d) and not self.sound
+        self.augment: DistillAugmentation | SoundDistillAugmentation
+        if self.sound:  # a view in time of each clip's log-mel; the teacher sees it in its own form
+            self.image_size = size  # (unused: a folder of sounds is read at audio.sample_rate and clip_seconds)
+            self.augment = sound_augmentation(config, self.teacher).to(runtime.device)
+        elif self.use_maps:  # the teacher's maps are stored; only the student's views are rendered, from small images
             self.image_size = round(size * WORKING_SHARE / 8) * 8
             view_size, view_mean, view_std = size, m.mean, m.std
         else:  # the teacher sees the views: images are decoded for the larger network
             self.image_size = max(size, self.teacher.input_size)
             view_size, view_mean, view_std = self.teacher.input_size, self.teacher.mean, self.teacher.std
-        self.augment = DistillAugmentation(d.view, d.mixup_alpha, size, m.mean, m.std, view_size, view_mean,
-                                           view_std).to(runtime.device)
+        if not self.sound:
+            self.augment = DistillAugmentation(d.view, d.mixup_alpha, size, m.mean, m.std, view_size, view_mean,
+                                               view_std).to(runtime.device)
         self.maps: TeacherMaps | None = None  # the stored teacher maps (distill.targets=map), once set up
 
         backbone, self.spec = create_backbone(config.model, (size,))
@@ -285,7 +323,7 @@ class Distillation(Method):
         self.global_loss.to(runtime.device)
         self._last: dict[str, Tensor] = {}
         self.store = TeacherStore(d, config.train.epochs, self.teacher, (self.student.backbone, size), self.use_maps,
-                                  runtime.device)
+                                  runtime.device, NO_CACHE if self.sound else None)
 
     @torch.no_grad()
     def _check_spatial(self, size: int) -> None:
@@ -374,7 +412,10 @@ class Distillation(Method):
         for chunk in rows.split(batch):
             items = [dataset[int(i)] for i in chunk]
             images = torch.stack([item[0] if isinstance(item, tuple) else item for item in items])
-            x = normalize(images.to(self.runtime.device), t.input_size, t.mean, t.std)  # (b, 3, T, T)
+            if self.sound:  # waves (b, 1, S): the whole clip as the teacher hears it
+                x = self.augment.whole(images.to(self.runtime.device))  # (b, 1, M, T) or (b, 3, T, T)
+            else:
+                x = normalize(images.to(self.runtime.device), t.input_size, t.mean, t.std)  # (b, 3, T, T)
             with self.runtime.autocast():
                 if self.use_maps:
                     pooled = SpatialOutput(t.backbone)(x).float().mean(dim=(1, 2))
@@ -390,12 +431,17 @@ class Distillation(Method):
         d = self.config.distill
         dense = f" + {d.dense_weight:g} x dense" if self.dense_loss is not None else ""
         queue = f", queue {self.global_loss.queue.shape[0]}" if isinstance(self.global_loss, QueueKLLoss) else ""
-        return (f"{self.name}: {self.spec.name} ({self.config.model.input_size} px) from teacher "
-                f"{self.teacher.name} ({self.teacher.input_size} px, {self.teacher.feature_dim}-d), loss "
+        unit = "columns" if self.sound else "px"
+        teacher_unit = "columns" if self.teacher.frontend is not None else "px"
+        return (f"{self.name}: {self.spec.name} ({self.config.model.input_size} {unit}) from teacher "
+                f"{self.teacher.name} ({self.teacher.input_size} {teacher_unit}, {self.teacher.feature_dim}-d), loss "
                 f"{d.loss}{dense}{queue}; " + ("targets: the teacher's stored maps pooled over each crop"
                                                if self.use_maps else f"teacher cache {self.store.reason}"))
 
     def views(self, batch: Batch, sched: ScheduleValues) -> DistillViews:
+        if self.sound:  # one view in time of each clip, for both networks (no stored maps or cache for sounds)
+            student, teacher = self.augment(batch.images)  # (B, 1, M, F), (B, 1, M, T) | (B, 3, T, T)
+            return DistillViews(_channels_last(student), _channels_last(teacher))
         params = self.augment.sample(len(batch.indices))  # drawn every step alike, so a resume replays the RNG
         if self.use_maps:  # the student's view; its target is the stored map pooled over the same crop box
             student, _ = self.augment.render(batch.images, params, teacher=False)

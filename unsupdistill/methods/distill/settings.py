@@ -104,6 +104,16 @@ class DistillConfig:
              "auto or views with distill.mixup_alpha > 0 or distill.dense_weight > 0 (a mixed view's or a crop's "
              "patch map has no stored target)"),
         ]
+        if config.data.kind == "audio":  # what needs an image's view: refused rather than ignored
+            checks += [
+                (self.targets != "map", "distill.targets", "auto or views for sounds (the stored teacher maps pool an "
+                 "image's crop box; a sound's view has none)"),
+                (self.cache is not True, "distill.cache", "auto or off for sounds (the cache stores an image's view "
+                 "parameters)"),
+                (self.mixup_alpha == 0, "distill.mixup_alpha", "0 for sounds: their view mixes clips already "
+                 "(audio.global_view.mix_p)"),
+                (self.dense_weight == 0, "distill.dense_weight", "0 for sounds (no dense term on spectrograms yet)"),
+            ]
         return checks
 
 

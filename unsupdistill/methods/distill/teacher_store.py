@@ -57,14 +57,15 @@ class TeacherStore:
             against (about 3 forwards).
         use_maps: the run stores the teacher's maps instead (``distill.targets=map``): no cache.
         device: the run's device (the forecast times CPU runs only: CUDA runs asynchronously).
+        unavailable: why the cache cannot serve this run's data (sounds), or None where it can.
     """
 
     def __init__(self, d: DistillConfig, epochs: int, teacher: Teacher, student: tuple[nn.Module, int],
-                 use_maps: bool, device: torch.device) -> None:
+                 use_maps: bool, device: torch.device, unavailable: str | None = None) -> None:
         self.d, self.teacher, self.device = d, teacher, device
         self.cache: TeacherCache | None = None
         self.wanted = False
-        self.reason = self._decide(epochs, student, use_maps)
+        self.reason = unavailable or self._decide(epochs, student, use_maps)
         self.epoch = 0
         self._view_seconds = 0.0
         # the teacher's seconds (views and forward) over this process's steps, for a time budget's plan
