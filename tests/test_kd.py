@@ -661,3 +661,23 @@ def test_export_keeps_the_classifier_and_its_logits_match_pytorch(kd_vit, data, 
     reloaded = load_model(str(tmp_path / "student.safetensors"))
     assert reloaded.classifier.classes == list(CLASSES) and torch.equal(reloaded.classifier.weight,
                                                                         model.classifier.weight)
+
+
+def test_each_generation_is_the_run_the_command_line_hands_over_at_that_moment(monkeypatch, tmp_path):
+    """The generations call cli.training's run as it is when they run, not as it was when cli.generations was first
+    imported: a copy bound at import kept a test's stand-in for good, and every later `--generations N` of that
+    process trained nothing and returned 0 (seen under pytest-xdist)."""
+    from unsupdistill.cli import generations, training
+    from unsupdistill.config import Config
+
+    calls = []
+
+    def stopped(config, run_dir, *args):
+        calls.append(run_dir.name)
+        return training.EXIT_STOPPED, config, None
+
+    monkeypatch.setattr(training, "train_run", stopped)
+    chain = {"generations": 2, "config": Config(method="distill").to_dict(), "automatic": False, "overrides": [],
+             "pair": None}
+    assert generations.train_generations(tmp_path / "root", chain, torch.device("cpu")) == training.EXIT_STOPPED
+    assert calls == ["gen_1"]  # the run in place now; stopped, so no second generation

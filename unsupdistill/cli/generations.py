@@ -14,7 +14,8 @@ import torch
 
 from unsupdistill import distributed
 from unsupdistill import run_dir as layout
-from unsupdistill.cli.training import EXIT_STOPPED, dry_run, finish_run, train_run
+from unsupdistill.cli import training  # its functions looked up at each call: one run, whoever replaces it
+from unsupdistill.cli.options import EXIT_STOPPED
 from unsupdistill.config import Config, ConfigError, config_from_dict, merge
 from unsupdistill.devices import training_device
 from unsupdistill.storage import latest_checkpoint, write_json_atomic
@@ -140,8 +141,8 @@ def train_generations(root: Path, chain: dict, device: torch.device) -> int:
                 logger.info("generation %d: resuming from %s (step %d)", k, ckpt_path, checkpoint["step"])
             else:
                 logger.info("generation %d of %d: distilling from %s", k, chain["generations"], teacher)
-            code, config, backbone = train_run(config, run_dir, checkpoint, ckpt_path, automatic, chain["overrides"],
-                                               device)
+            code, config, backbone = training.train_run(config, run_dir, checkpoint, ckpt_path, automatic,
+                                                        chain["overrides"], device)
             if code is not None:
                 write_status(root, "preempted" if code == EXIT_STOPPED else "failed", code, generation=k,
                              resume=resume_command(root, "distill"))
@@ -151,7 +152,7 @@ def train_generations(root: Path, chain: dict, device: torch.device) -> int:
                 return code
             if backbone is None:  # another process of a torchrun: process 0 reports
                 continue
-            finish_run(run_dir, config, backbone, pair)
+            training.finish_run(run_dir, config, backbone, pair)
         rows.append(_generation_row(k, run_dir, teacher))
     if rows:
         from unsupdistill.evaluate.report import format_table
@@ -200,7 +201,7 @@ def _dry_run_generations(root: Path, chain: dict, base: Config, device: torch.de
         config, checkpoint, ckpt_path, automatic = _generation_start(root, chain, base, k)
         logger.info("dry run of generation %d of %d in %s (teacher %s%s); nothing is written", k,
                     chain["generations"], run_dir, _teacher(root, base, k), f", from {ckpt_path}" if ckpt_path else "")
-        return dry_run(config, run_dir, checkpoint, automatic, chain["overrides"], device)
+        return training.dry_run(config, run_dir, checkpoint, automatic, chain["overrides"], device)
     print(json.dumps({"dry_run": "ok", "generations": f"all {chain['generations']} generations in {root} are done: "
                                                       "nothing to train"}, indent=2))
     return 0
