@@ -112,17 +112,3 @@ def export_teacher(folder: Path, size: int, seed: int) -> Path:
     torch.manual_seed(seed)
     backbone, spec = create_backbone(config.model)
     return save_backbone(backbone.state_dict(), describe_backbone(spec, config, 0, "teacher"), folder)
-
-
-LONGEST_FIRST = ("test_learning.py", "test_distributed.py", "test_reliability.py", "test_benchmarks.py",
-                 "test_resume.py", "test_distill.py", "test_export.py", "test_kd.py")
-"""The files of longest total time (with one process per core, each goes to one process whole): started first, so
-that no process is left running one of them alone at the end."""
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        name = Path(str(item.fspath)).name
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: every file's own order is kept
