@@ -28,6 +28,8 @@ from unsupdistill.data.scan import FolderScan
 
 MAX_CROP = {"cpu": 96, "cuda": 224}
 """Largest global crop chosen per device: 96 px keeps a CPU epoch of 10k images to minutes; 224 is DINO's."""
+RESNETS = ("resnet", "wide_resnet", "resnext", "seresnet", "skresnet")
+"""timm name prefixes of the networks that take the small-image stem (``model.small_image_stem``)."""
 SMALL_STEM_BELOW = 64
 """ResNets get the 3x3 stride-1 stem (no max-pool) for global crops under this many pixels."""
 WARMUP_SHARE, WARMUP_MAX_STEPS = 0.1, 12_500
@@ -146,7 +148,7 @@ def _network(chooser: Chooser, config: Config, facts: FolderFacts, headroom: flo
     m = config.model
     cap = MAX_CROP["cuda" if facts.device_type == "cuda" else "cpu"]
     vit = is_vit(m.backbone)
-    resnet = m.backbone.startswith(("resnet", "wide_resnet", "resnext", "seresnet", "skresnet"))
+    resnet = m.backbone.startswith(RESNETS)
     if chooser.is_explicit("model.input_size"):
         crop = m.input_size
     else:
@@ -178,6 +180,12 @@ def _network(chooser: Chooser, config: Config, facts: FolderFacts, headroom: flo
                     f"ImageNet stem (7x7 stride 2 + max-pool) for crops of {SMALL_STEM_BELOW} px or more")
     else:
         chooser.set("model.small_image_stem", False, f"{m.backbone} is not a ResNet")
+    _width(chooser, m, facts)
+
+
+def _width(chooser: Chooser, m: Any, facts: FolderFacts) -> None:
+    """``model.backbone_kwargs`` of a network trained from scratch: timm's own for a backbone the user named, the
+    full width on a GPU, the default's half width on a CPU."""
     if chooser.is_explicit("model.backbone"):
         chooser.set("model.backbone_kwargs", {}, f"timm's own arguments for {m.backbone}")
     elif facts.device_type == "cuda":
@@ -201,19 +209,14 @@ def _sound_network(chooser: Chooser, config: Config, facts: FolderFacts) -> None
     local = max(8, round(frames * LOCAL_SHARE / 4) * 4)
     chooser.set("audio.local_frames", local, f"{LOCAL_SHARE:.2f} x the global view's columns (DINO: 96 / 224)")
     small = min(audio.n_mels, frames) < SOUND_SMALL_STEM_BELOW
-    if m.backbone.startswith(("resnet", "wide_resnet", "resnext", "seresnet", "skresnet")) and not m.pretrained:
+    if m.backbone.startswith(RESNETS) and not m.pretrained:
         chooser.set("model.small_image_stem", small,
                     f"3x3 stride-1 stem for spectrograms under {SOUND_SMALL_STEM_BELOW} rows or columns" if small else
                     f"ImageNet stem (4x fewer rows and columns) for {audio.n_mels} mel bands x {frames} columns: "
                     "the stride-1 stem trained 16x slower")
     else:
         chooser.set("model.small_image_stem", False, f"{m.backbone} is not a ResNet trained from scratch")
-    if chooser.is_explicit("model.backbone"):
-        chooser.set("model.backbone_kwargs", {}, f"timm's own arguments for {m.backbone}")
-    elif facts.device_type == "cuda":
-        chooser.set("model.backbone_kwargs", {}, "full-width ResNet-18 on a GPU")
-    else:
-        chooser.set("model.backbone_kwargs", dict(m.backbone_kwargs), "half-width ResNet-18: 4x fewer FLOPs on CPU")
+    _width(chooser, m, facts)
 
 
 def sound_settings(config: Config, scan: FolderScan, explicit: set[str]) -> tuple[Config, list[Choice]]:
