@@ -271,11 +271,14 @@ def test_signal_handlers_live_in_the_main_thread_during_training_only(tmp_path, 
 @pytest.mark.slow
 def test_chaos_quick_finds_no_corrupt_checkpoint(tmp_path):
     report_path = tmp_path / "chaos.json"
-    code, printed = eval_script("tools/chaos.py", "--quick", "--out", str(tmp_path), "--json", str(report_path))
+    # one SIGKILL and one SIGTERM at random moments (--quick has two SIGKILLs; each interruption costs a process's
+    # start, about 9 s here): test_resume.py kills every method at a chosen step
+    code, printed = eval_script("tools/chaos.py", "--quick", "--kills", "1", "--out", str(tmp_path), "--json",
+                                str(report_path))
     assert code == 0, printed
     assert "corrupt checkpoints found" in printed and "all checks passed" in printed
     report = json.loads(report_path.read_text())
     assert report["passed"] and report["corrupt_checkpoints"] == 0
-    assert (report["sigkills"], report["sigterms"], report["resumes"]) == (2, 1, 3)
+    assert (report["sigkills"], report["sigterms"], report["resumes"]) == (1, 1, 2)
     assert report["final_step"] == report["reference_final_step"] == 30
     assert report["losses_equal"] == 30
