@@ -227,7 +227,7 @@ def _sound_vit(chooser: Chooser, config: Config, frames: int) -> None:
     embeddings for the global view's grid, interpolated for the shorter local views. The patch is :func:`patch_size`
     of the shorter side, halved until it divides the mel bands and the global view's columns; the local views get
     whole patches too."""
-    m, audio = config.model, config.audio
+    audio = config.audio
     patch = patch_size(min(audio.n_mels, frames))
     while patch > 1 and (audio.n_mels % patch or frames % patch):
         patch //= 2
