@@ -118,3 +118,23 @@ def test_unreadable_and_silent_sounds_are_skipped_counted_and_listed(sounds: Pat
     skipped = dict(line.split("\t") for line in (out / "skipped.txt").read_text().splitlines())
     assert {Path(p).name for p in skipped} == {"empty.wav", "noise.flac", "silent.wav"}
     assert "silent" in skipped[str(folder / "silent.wav")]
+
+
+def test_a_vit_sees_the_spectrogram_in_square_patches_chosen_from_its_shape(sounds: Path, tmp_path: Path) -> None:
+    """AST's layout: ``model.backbone`` a ViT and nothing else set; the patches tile the mel bands, the global and the
+    local views' columns; the run trains and exports (TorchScript parity on the test clips, through the front end;
+    ONNX takes 20 s to export a 12-block ViT, and test_export.py exports a 2-block one)."""
+    out = tmp_path / "vit"
+    args = [item for item in SOUND if not item.startswith("model.backbone_kwargs")]
+    assert main(["pretrain", str(sounds / "train"), "--out", str(out), *args, "model.backbone=vit_tiny_patch16_224",
+                 "train.batch_size=6", "train.max_steps=2", "eval.summary=false"]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    kwargs, audio, frames = config["model"]["backbone_kwargs"], config["audio"], config["model"]["input_size"]
+    patch = kwargs["patch_size"]
+    assert kwargs["img_size"] == [audio["n_mels"], frames] and patch in (4, 8, 16)
+    assert audio["n_mels"] % patch == frames % patch == audio["local_frames"] % patch == 0
+    assert audio["local_frames"] < frames
+    assert main(["export", str(out), "--format", "torchscript", "--out", str(tmp_path / "export"),
+                 "--data", str(sounds / "test")]) == 0
+    sidecar = json.loads(next((tmp_path / "export").glob("*.json")).read_text())
+    assert sidecar["frontend"]["frames"] == frames

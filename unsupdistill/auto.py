@@ -206,6 +206,9 @@ def _sound_network(chooser: Chooser, config: Config, facts: FolderFacts) -> None
         why = f"the clip's {columns} spectrogram columns ({audio.clip_seconds:g} s at {audio.hop_ms:g} ms a hop)"
         chooser.set("model.input_size", frames, why + (f", at most {cap} on {facts.device}" if columns > cap else
                                                        ", to a multiple of 8"))
+    if is_vit(m.backbone):
+        _sound_vit(chooser, config, frames)
+        return
     local = max(8, round(frames * LOCAL_SHARE / 4) * 4)
     chooser.set("audio.local_frames", local, f"{LOCAL_SHARE:.2f} x the global view's columns (DINO: 96 / 224)")
     small = min(audio.n_mels, frames) < SOUND_SMALL_STEM_BELOW
@@ -217,6 +220,24 @@ def _sound_network(chooser: Chooser, config: Config, facts: FolderFacts) -> None
     else:
         chooser.set("model.small_image_stem", False, f"{m.backbone} is not a ResNet trained from scratch")
     _width(chooser, m, facts)
+
+
+def _sound_vit(chooser: Chooser, config: Config, frames: int) -> None:
+    """A ViT on spectrograms, AST's layout (Gong et al. 2021): square patches over mel bands x columns, position
+    embeddings for the global view's grid, interpolated for the shorter local views. The patch is :func:`patch_size`
+    of the shorter side, halved until it divides the mel bands and the global view's columns; the local views get
+    whole patches too."""
+    audio = config.audio
+    patch = patch_size(min(audio.n_mels, frames))
+    while patch > 1 and (audio.n_mels % patch or frames % patch):
+        patch //= 2
+    local = max(patch, round(frames * LOCAL_SHARE / patch) * patch)
+    chooser.set("audio.local_frames", local, f"{LOCAL_SHARE:.2f} x the global view's columns (DINO: 96 / 224), "
+                f"whole patches of {patch}")
+    chooser.set("model.backbone_kwargs", {"img_size": [audio.n_mels, frames], "patch_size": patch},
+                f"patches of {patch} x {patch}: {audio.n_mels // patch} x {frames // patch} on the global view "
+                "(AST's layout)")
+    chooser.set("model.small_image_stem", False, "a ViT has no ResNet stem")
 
 
 def sound_settings(config: Config, scan: FolderScan, explicit: set[str]) -> tuple[Config, list[Choice]]:

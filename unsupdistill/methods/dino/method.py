@@ -69,14 +69,16 @@ class DINO(Method):
         self.image_size = size
         self.augment = multi_crop(config, 1.0).to(runtime.device)
         self.num_local = lo.num_local_crops
-        crop_sizes = (size,) + ((lo.local.size,) if lo.num_local_crops else ())
+        sound = config.data.kind == "audio"
+        local = config.audio.local_frames if sound else lo.local.size  # a sound's views are columns of its log-mel
+        crop_sizes = (size,) + ((local,) if lo.num_local_crops else ()) + ((config.audio.n_mels,) if sound else ())
         # progressive resizing: smaller crops of every kind for the first part of the run
         self.low_res_share = lo.low_res_share
         self.low_res_augment = None
         if lo.low_res_share > 0:
             self.low_res_augment = multi_crop(config, lo.low_res_scale).to(runtime.device)
             crop_sizes += (scaled(size, lo.low_res_scale),) + (
-                (scaled(lo.local.size, lo.low_res_scale),) if lo.num_local_crops else ())
+                (scaled(local, lo.low_res_scale),) if lo.num_local_crops else ())
         self.ibot = lo.ibot_weight > 0
         student, teacher, self.spec = build_student_teacher(config.model, lo, crop_sizes, self.ibot,
                                                             lo.ibot_separate_head)
