@@ -31,6 +31,7 @@ from unsupdistill.data import (
     resize_center_crop,
     write_skipped,
 )
+from unsupdistill.data.digits import _load_digits
 
 SIZE = 12
 
@@ -607,6 +608,20 @@ def test_digits_dataset_pixels_shape_and_labels() -> None:
     assert big.labels.tolist() == digits.target[[5, 0, 7]].tolist()
     assert int(big.images.max()) == 255 and int(big.images.min()) == 0
     assert (big.images[:, 0] == big.images[:, 2]).all()
+
+
+def test_the_digits_read_from_the_bundled_file_are_load_digits(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sklearn.datasets
+
+    digits = sklearn.datasets.load_digits()
+
+    def refused() -> None:
+        raise AssertionError("the digits are read from scikit-learn's file, without importing scikit-learn")
+
+    monkeypatch.setattr(sklearn.datasets, "load_digits", refused)
+    images, labels = _load_digits()
+    assert np.array_equal(images, digits.images) and np.array_equal(labels, digits.target)
+    assert labels.dtype == np.int64
 
 
 def test_digits_split_is_fixed_stratified_and_covers_everything() -> None:
