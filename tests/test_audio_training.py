@@ -79,13 +79,15 @@ def test_the_summary_scores_the_run_against_log_mel_statistics_and_random_init(r
     assert "log-mel statistics" in summary["reading"]
 
 
-def test_eval_of_a_sound_model_reads_the_labeled_sounds_through_its_front_end(run: Path, sounds: Path,
-                                                                             tmp_path: Path) -> None:
+def test_eval_of_a_sound_model_reads_the_labeled_sounds_through_its_front_end(run: Path, sounds: Path, tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "eval"
+    caplog.set_level("INFO")
     assert main(["eval", str(run), "--eval-train", str(sounds / "train"), "--eval-test", str(sounds / "test"),
                  "--no-linear", "--no-clustering", "--no-plots", "--out", str(out)]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["num_train"] == 30 and result["num_test"] == 12 and result["num_classes"] == 3
+    assert "on 30 sounds:" in caplog.text and "on 12 sounds:" in caplog.text
     assert result["input_size"] == json.loads((run / "backbone.json").read_text())["input_size"]
 
 

@@ -56,8 +56,10 @@ def model_features(model: FeatureModel, dataset, options: EvalOptions, device: t
     workers = num_workers(DataConfig(path=None if isinstance(dataset, DigitsDataset) else "labeled images",
                                      num_workers=options.workers))
 
+    items = "images" if model.frontend is None else "sounds"
+
     def extract() -> torch.Tensor:
-        logger.info("features of %s on %d images: %s, %s, %d decoding workers", model.name, len(dataset), device,
+        logger.info("features of %s on %d %s: %s, %s, %d decoding workers", model.name, len(dataset), items, device,
                     "bf16" if precision else "fp32", workers)
         return extract_features(backbone, dataset, model.input_size, model.mean, model.std,
                                 batch_size=options.batch_size, precision=precision, device=device,
@@ -65,7 +67,7 @@ def model_features(model: FeatureModel, dataset, options: EvalOptions, device: t
 
     features, hit = cached_features(model.cache_key, data_fingerprint(dataset), extra, cache_dir, extract)
     if hit:
-        logger.info("features of %s on %d images read from the cache", model.name, len(dataset))
+        logger.info("features of %s on %d %s read from the cache", model.name, len(dataset), items)
     return features
 
 

@@ -241,8 +241,9 @@ class Trainer:
                             self.method.unused_keys(self.config))
             metrics = MetricsLogger(self.run_dir, resume_step=self.step if self.step else None)
             logger.info(
-                "training %s on %d images: %d epochs x %d steps, global batch %d over %d process(es), "
+                "training %s on %d %s: %d epochs x %d steps, global batch %d over %d process(es), "
                 "lr %.3g (scaled), precision %s, device %s", self.method.describe(), len(self.dataset),
+                "sounds" if self.config.data.kind == "audio" else "images",
                 cfg.epochs, self.steps_per_epoch, self.global_batch, self.world,
                 scaled_lr(self.config.optim, self.global_batch), precision_name(self.autocast_dtype), self.device)
             if self.budget is not None:
