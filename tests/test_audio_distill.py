@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,19 @@ def test_distillation_from_an_image_network_sees_the_log_mel_as_a_picture(sounds
     losses = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
     assert losses[-1]["step"] == 2 and all(np.isfinite(m["loss"]) for m in losses)
     assert "the log-mel view as a picture" not in (out / "config.yaml").read_text()  # teacher_size was given
+
+
+VIT_TEACHER = "timm:vit_tiny_patch16_224,img_size=224,dynamic_img_size=true,depth=1,embed_dim=32,num_heads=2"
+"""A tiny random image ViT of 224 px."""
+
+
+def test_an_image_teacher_sees_two_pixels_per_mel_band_on_a_cpu(sounds: Path, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    assert distill(sounds, tmp_path / "run", VIT_TEACHER, "audio.n_mels=40", "--dry-run") == 0
+    # 2 x 40 bands, up to a multiple of 32
+    assert re.search(r"distill\.teacher_size +96 +the log-mel view as a picture of 2 px per mel band \(40\), at most "
+                     r"the image teacher's 224 px", caplog.text), caplog.text
 
 
 def test_a_teacher_of_another_front_end_is_refused_with_the_settings_that_match_it(

@@ -117,8 +117,8 @@ def _source(spec: str, input_size: int | None, need_head: bool) -> tuple[str | P
         if need_head:
             raise _no_head(spec, "a timm network")
         if input_size is None and not kwargs.get("pretrained") and "img_size" not in kwargs:
-            raise TeacherError(f"teacher '{spec}' has no input size: set distill.teacher_size, or add "
-                               "img_size=<int> to the spec")
+            raise TeacherError(f"teacher '{spec}' has no input size: set distill.teacher_size=N (its input side in "
+                               "px), or add img_size=<int> to the spec of a network that takes it (a ViT)")
         return spec, None
     path = Path(spec).expanduser()
     if not path.exists() and path.with_name(path.name + ".safetensors").is_file():  # an export named by its stem

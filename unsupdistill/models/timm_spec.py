@@ -70,7 +70,8 @@ def _load_random(spec: str, name: str, kwargs: dict[str, Any], small_image_stem:
     """A timm backbone with random weights drawn with ``seed`` (the random-init baseline)."""
     size = image_size or kwargs.get("img_size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ModelSpecError(f"model '{spec}' has no input size: pass --image-size (or img_size=<int> in the spec)")
+        raise ModelSpecError(f"model '{spec}' has no input size: pass --image-size (or img_size=<int> in the spec of "
+                             "a network that takes it, a ViT)")
     # Only the CPU generator is seeded (the weights are created on CPU), and fork_rng restores it:
     # torch.manual_seed would also reseed CUDA generators, which devices=[] does not restore.
     with torch.random.fork_rng(devices=[]):

@@ -72,6 +72,10 @@ TEACHER_MAX_CPU = 224
 TEACHER_LEAST_SHARE = 0.7
 """Images smaller than this share of the teacher's size are upsampled to it: EfficientNet-Lite0 (224 px) scored
 its best CIFAR-10 k-NN at 160 px of 96-224 (BENCHMARKS, Distillation)."""
+SOUND_PICTURE_PER_BAND = 2
+"""On a CPU an image teacher sees a sound's log-mel view as a square picture of this many pixels per mel band (128 px
+for 64 bands), at most its own size. On FSDD (BENCHMARKS, Sound) EfficientNet-Lite0 scored 77.7, 81.7 and 82.3 %
+k-NN at 96, 128 and 160 px; at 128 px its 10-minute student got 111 steps instead of 80 and 69.3 % instead of 66.3."""
 WORKING_SHARE = 4 / 3
 """With stored teacher maps the images are kept decoded at this many times the student's input (128 px for 96), the
 random crops drawn from them (ImageNet's 224-px crops from 256-px images, and a bit more room)."""
@@ -229,20 +233,22 @@ class Distillation(Method):
     @classmethod
     def _sound_settings(cls, chooser: Chooser, config: Config, facts: FolderFacts, teacher: Teacher | None) -> None:
         """The teacher's input and the optimiser for a folder of sounds: a teacher of sounds at its own columns (its
-        front end checked against the student's), an image network at its own size, capped on a CPU and no smaller
-        than :data:`TEACHER_LEAST_SHARE` of it; the teacher sees every step's view (no stored maps or cache)."""
+        front end checked against the student's), an image network at its own size on a GPU and at
+        :data:`SOUND_PICTURE_PER_BAND` pixels per mel band on a CPU; the teacher sees every step's view (no stored maps
+        or cache)."""
         if teacher is not None and teacher.frontend is not None:
             teacher_frontend(sound_frontend(config.audio), teacher)  # refused now, before anything runs
             if not chooser.is_explicit("distill.teacher_size"):
                 chooser.set("distill.teacher_size", teacher.input_size, "the sound teacher's own columns")
         elif teacher is not None and not chooser.is_explicit("distill.teacher_size"):
-            native = teacher.input_size
-            cap = native if facts.device_type == "cuda" else min(native, TEACHER_MAX_CPU)
-            least = min(cap, max(32, round(TEACHER_LEAST_SHARE * native / 32) * 32))
-            chooser.set("distill.teacher_size", least if facts.device_type != "cuda" else cap,
-                        f"the log-mel view as a picture of {TEACHER_LEAST_SHARE:.1f} x the image teacher's {native} px "
-                        "on CPU (it runs on every step's view)" if facts.device_type != "cuda"
-                        else f"the image teacher's own size {native} px")
+            native, bands = teacher.input_size, config.audio.n_mels
+            if facts.device_type == "cuda":
+                chooser.set("distill.teacher_size", native, f"the image teacher's own size {native} px")
+            else:
+                side = min(native, TEACHER_MAX_CPU, max(32, -(-SOUND_PICTURE_PER_BAND * bands // 32) * 32))
+                chooser.set("distill.teacher_size", side,
+                            f"the log-mel view as a picture of {SOUND_PICTURE_PER_BAND} px per mel band ({bands}), at "
+                            f"most the image teacher's {native} px, on CPU (it runs on every step's view)")
         if not chooser.is_explicit("distill.targets"):
             chooser.set("distill.targets", "views", NO_MAPS)
         if not chooser.is_explicit("distill.cache"):
