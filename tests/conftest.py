@@ -129,3 +129,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: every file's own order is kept
+
+
+SOUND_RATE = 8000
+PITCHES = {"low": 300.0, "mid": 900.0, "high": 2500.0}
+"""The classes of the generated sound folders: tones of three pitches far apart."""
+
+
+def tone(pitch: float, seconds: float, rng: np.random.Generator, rate: int = SOUND_RATE) -> np.ndarray:
+    """A sine of ``pitch`` Hz at half scale with a little noise, float32."""
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.5 * np.sin(2 * np.pi * pitch * t) + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def write_tones(root: Path, counts: dict[str, int], longest: float) -> Path:
+    """``root/SPLIT/CLASS/I.wav`` for each split and its count of clips per class of :data:`PITCHES`: each tone 3 %
+    off its pitch (random), 0.2 s to ``longest`` long, 8 kHz WAV; the same files for the same arguments."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    for split, count in counts.items():
+        for label, pitch in PITCHES.items():
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                wave = tone(pitch * (1 + 0.03 * rng.standard_normal()), rng.uniform(0.2, longest), rng)
+                sf.write(folder / f"{i}.wav", wave, SOUND_RATE)
+    return root

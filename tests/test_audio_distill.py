@@ -12,41 +12,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 import yaml
-from conftest import TINY
+from conftest import PITCHES, TINY, tone, write_tones
+from conftest import SOUND_RATE as RATE
 
 from unsupdistill.augment.audio import LogMel
 from unsupdistill.augment.distill import SoundDistillAugmentation
 from unsupdistill.cli import main
 from unsupdistill.config import SoundViewSpec
 
-RATE = 8000
-PITCHES = {"low": 300.0, "mid": 900.0, "high": 2500.0}
 SOUND = [item for item in TINY if not item.startswith("eval.summary")] + ["train.batch_size=8", "data.verify=header"]
 IMAGE_TEACHER = "timm:resnet10t,channels=[8,16,32,64],stem_width=8"
 """A tiny random ImageNet-shaped network (3 input channels)."""
 
 
-def _tone(pitch: float, seconds: float, rng: np.random.Generator) -> np.ndarray:
-    t = np.arange(int(RATE * seconds)) / RATE
-    return (0.5 * np.sin(2 * np.pi * pitch * t) + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def sounds(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/ and test/ folders of class subfolders of tones of three pitches, 8 kHz WAV."""
-    root = tmp_path_factory.mktemp("sounds")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 6), ("test", 3)):
-        for label, pitch in PITCHES.items():
-            folder = root / split / label
-            folder.mkdir(parents=True)
-            for i in range(count):
-                sf.write(folder / f"{i}.wav", _tone(pitch * (1 + 0.03 * rng.standard_normal()),
-                                                    rng.uniform(0.2, 0.4), rng), RATE)
-    return root
+    return write_tones(tmp_path_factory.mktemp("sounds"), {"train": 6, "test": 3}, 0.4)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +113,7 @@ def test_a_sound_teacher_sees_the_students_view_in_its_own_normalisation_and_col
     student = LogMel(RATE, 25, 10, 16, mean=-5.0, std=3.0)
     other = LogMel(RATE, 25, 10, 16, mean=-2.0, std=1.5)
     no_masks = SoundViewSpec(freq_masks=0, time_masks=0)
-    waves = torch.from_numpy(np.stack([_tone(p, 0.3, np.random.default_rng(1)) for p in PITCHES.values()]))[:, None]
+    waves = torch.from_numpy(np.stack([tone(p, 0.3, np.random.default_rng(1)) for p in PITCHES.values()]))[:, None]
     same = SoundDistillAugmentation(student, no_masks, 24, 24, other)
     params = same.sample(3)
     view, seen = same.render(waves, params)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import TINY
+from conftest import SOUND_RATE as RATE
+from conftest import TINY, write_tones
 
 from unsupdistill import load_feature_extractor
 from unsupdistill.cli import main
@@ -25,8 +26,6 @@ from unsupdistill.evaluate.run import labeled_inputs
 from unsupdistill.export import formats, parity
 from unsupdistill.models.load import load_model
 
-RATE = 8000
-PITCHES = {"low": 300.0, "mid": 900.0, "high": 2500.0}
 SOUND = [item for item in TINY if not item.startswith("eval.summary")]
 EXPORTS = {"onnx": "teacher.onnx", "torchscript": "teacher.torchscript.pt"}
 
@@ -45,24 +44,10 @@ np.savez(out_path, **out)
 """
 
 
-def _tone(pitch: float, seconds: float, rng: np.random.Generator, rate: int = RATE) -> np.ndarray:
-    t = np.arange(int(rate * seconds)) / rate
-    return (0.5 * np.sin(2 * np.pi * pitch * t) + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def sounds(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/ and test/ folders of class subfolders of tones of three pitches, each of its own length, 8 kHz WAV."""
-    root = tmp_path_factory.mktemp("sounds")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 6), ("test", 3)):
-        for label, pitch in PITCHES.items():
-            folder = root / split / label
-            folder.mkdir(parents=True)
-            for i in range(count):
-                wave = _tone(pitch * (1 + 0.03 * rng.standard_normal()), rng.uniform(0.2, 0.5), rng)
-                sf.write(folder / f"{i}.wav", wave, RATE)
-    return root
+    return write_tones(tmp_path_factory.mktemp("sounds"), {"train": 6, "test": 3}, 0.5)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 import yaml
-from conftest import TINY
+from conftest import TINY, write_tones
 from PIL import Image
 
 from unsupdistill.cli import main
@@ -27,30 +26,14 @@ from unsupdistill.show import (
 )
 from unsupdistill.show.sound import SCALE, VIEW_CLIPS
 
-RATE = 8000
-PITCHES = {"low": 300.0, "mid": 900.0, "high": 2500.0}
 SOUND = [item for item in TINY if not item.startswith("eval.summary")]
 MAX_BYTES = 200_000
-
-
-def _tone(pitch: float, seconds: float, rng: np.random.Generator) -> np.ndarray:
-    t = np.arange(int(RATE * seconds)) / RATE
-    return (0.5 * np.sin(2 * np.pi * pitch * t) + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def sounds(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/ and test/ folders of class subfolders of tones of three pitches, 8 kHz WAV."""
-    root = tmp_path_factory.mktemp("sounds")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 6), ("test", 2)):
-        for label, pitch in PITCHES.items():
-            folder = root / split / label
-            folder.mkdir(parents=True)
-            for i in range(count):
-                wave = _tone(pitch * (1 + 0.03 * rng.standard_normal()), rng.uniform(0.2, 0.4), rng)
-                sf.write(folder / f"{i}.wav", wave, RATE)
-    return root
+    return write_tones(tmp_path_factory.mktemp("sounds"), {"train": 6, "test": 2}, 0.4)
 
 
 @pytest.fixture(scope="module")

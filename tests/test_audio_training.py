@@ -10,35 +10,20 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
-from conftest import TINY
+from conftest import SOUND_RATE as RATE
+from conftest import TINY, write_tones
 
 from unsupdistill.cli import main
 
-RATE = 8000
-PITCHES = {"low": 300.0, "mid": 900.0, "high": 2500.0}
 # the tiny network of the image tests, one step of the digits' size, and the clip's own columns
 SOUND = [item for item in TINY if not item.startswith("eval.summary")]
-
-
-def _tone(pitch: float, seconds: float, rng: np.random.Generator) -> np.ndarray:
-    t = np.arange(int(RATE * seconds)) / RATE
-    return (0.5 * np.sin(2 * np.pi * pitch * t) + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def sounds(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/ and test/ folders of class subfolders of tones of three pitches (each clip a little off its pitch, of
     its own length), 8 kHz WAV."""
-    root = tmp_path_factory.mktemp("sounds")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 10), ("test", 4)):
-        for label, pitch in PITCHES.items():
-            folder = root / split / label
-            folder.mkdir(parents=True)
-            for i in range(count):
-                wave = _tone(pitch * (1 + 0.03 * rng.standard_normal()), rng.uniform(0.2, 0.5), rng)
-                sf.write(folder / f"{i}.wav", wave, RATE)
-    return root
+    return write_tones(tmp_path_factory.mktemp("sounds"), {"train": 10, "test": 4}, 0.5)
 
 
 @pytest.fixture(scope="module")
