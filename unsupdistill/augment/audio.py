@@ -125,7 +125,8 @@ class LogMel(nn.Module):
 
     @classmethod
     def from_description(cls, description: dict[str, Any]) -> LogMel:
-        """Rebuild the front end :meth:`describe` gave; a description of another computation is a ValueError."""
+        """Rebuild the front end :meth:`describe` gave; a description of another computation is a ValueError. A
+        model's description may hold its input's :data:`SHAPE_FIELDS` too: they are not read."""
         frontend = cls(description["sample_rate"], description["win_length"] * 1000 / description["sample_rate"],
                        description["hop_length"] * 1000 / description["sample_rate"], description["n_mels"],
                        description["f_min"], description["f_max"], description["mean"], description["std"])
@@ -134,6 +135,11 @@ class LogMel(nn.Module):
             raise ValueError(f"the front end cannot compute this description: {', '.join(differ)} differ "
                              f"({frontend.describe()} is what it would compute)")
         return frontend
+
+
+SHAPE_FIELDS = ("frames", "clip_samples")
+"""Fields of a model's front end (``backbone.json``'s ``frontend``) that describe its input's columns and clip, not
+the log-mel computation."""
 
 
 def sound_frontend(audio: AudioConfig) -> LogMel:

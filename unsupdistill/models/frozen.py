@@ -93,8 +93,7 @@ class SoundFeatures(nn.Module):
         from unsupdistill.augment.audio import LogMel
 
         self.backbone = backbone
-        self.frontend = LogMel.from_description({k: v for k, v in frontend.items()
-                                                 if k not in ("frames", "clip_samples")})
+        self.frontend = LogMel.from_description(frontend)
         self.frames = int(frontend["frames"])
         self.picture = picture
 

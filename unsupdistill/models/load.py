@@ -229,8 +229,7 @@ def _load_logmel(spec: str, frontend: dict | None) -> FeatureModel:
                              "a model of sounds (the end-of-run summary does)")
     from unsupdistill.augment.audio import LogMel
 
-    description = {k: v for k, v in frontend.items() if k not in ("frames", "clip_samples")}
-    columns = LogMel.from_description(description).frames(int(frontend["clip_samples"]))
+    columns = LogMel.from_description(frontend).frames(int(frontend["clip_samples"]))
     own = {**frontend, "frames": columns}  # the whole clip, not resized
     zero, one = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     key = cache_digest("logmel|" + json.dumps(own, sort_keys=True), None, columns, zero, one, False)

@@ -154,6 +154,12 @@ class DistillOutputs:
     target: Tensor
 
 
+def _constant_decay(chooser: Chooser) -> None:
+    """A constant weight decay of 0.05: the student regresses fixed targets."""
+    chooser.set("optim.weight_decay", 0.05, "constant 0.05: the student regresses fixed targets")
+    chooser.set("optim.weight_decay_end", 0.05, "the same as optim.weight_decay")
+
+
 class Distillation(Method):
     """Distillation from the frozen ``distill.teacher`` into the ``model`` section's backbone."""
 
@@ -227,8 +233,7 @@ class Distillation(Method):
                         "2e-3, 35.2 % at 8e-3, 38.7 % at 2e-2; BENCHMARKS, Photos)")
         else:
             chooser.set("optim.lr", 2e-3, "per 256 images: recipes/cifar10_distill.yaml's (BENCHMARKS, Distillation)")
-        chooser.set("optim.weight_decay", 0.05, "constant 0.05: the student regresses fixed targets")
-        chooser.set("optim.weight_decay_end", 0.05, "the same as optim.weight_decay")
+        _constant_decay(chooser)
 
     @classmethod
     def _sound_settings(cls, chooser: Chooser, config: Config, facts: FolderFacts, teacher: Teacher | None) -> None:
@@ -255,8 +260,7 @@ class Distillation(Method):
             chooser.set("distill.cache", False, NO_CACHE)
         chooser.set("optim.lr", 2e-3, "per 256 clips: recipes/cifar10_distill.yaml's for per-step teacher views "
                     "(BENCHMARKS, Distillation)")
-        chooser.set("optim.weight_decay", 0.05, "constant 0.05: the student regresses fixed targets")
-        chooser.set("optim.weight_decay_end", 0.05, "the same as optim.weight_decay")
+        _constant_decay(chooser)
 
     @classmethod
     def _plan(cls, chooser: Chooser, config: Config, facts: FolderFacts, teacher: Any, own: int) -> tuple[int, str]:
@@ -294,13 +298,13 @@ class Distillation(Method):
         if self.sound:  # a view in time of each clip's log-mel; the teacher sees it in its own form
             self.image_size = size  # (unused: a folder of sounds is read at audio.sample_rate and clip_seconds)
             self.augment = sound_augmentation(config, self.teacher).to(runtime.device)
-        elif self.use_maps:  # the teacher's maps are stored; only the student's views are rendered, from small images
-            self.image_size = round(size * WORKING_SHARE / 8) * 8
-            view_size, view_mean, view_std = size, m.mean, m.std
-        else:  # the teacher sees the views: images are decoded for the larger network
-            self.image_size = max(size, self.teacher.input_size)
-            view_size, view_mean, view_std = self.teacher.input_size, self.teacher.mean, self.teacher.std
-        if not self.sound:
+        else:
+            if self.use_maps:  # the teacher's maps are stored; only the student's views are rendered, from small images
+                self.image_size = round(size * WORKING_SHARE / 8) * 8
+                view_size, view_mean, view_std = size, m.mean, m.std
+            else:  # the teacher sees the views: images are decoded for the larger network
+                self.image_size = max(size, self.teacher.input_size)
+                view_size, view_mean, view_std = self.teacher.input_size, self.teacher.mean, self.teacher.std
             self.augment = DistillAugmentation(d.view, d.mixup_alpha, size, m.mean, m.std, view_size, view_mean,
                                                view_std).to(runtime.device)
         self.maps: TeacherMaps | None = None  # the stored teacher maps (distill.targets=map), once set up

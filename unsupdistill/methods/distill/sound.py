@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from unsupdistill.augment.audio import LogMel, sound_frontend
+from unsupdistill.augment.audio import SHAPE_FIELDS, LogMel, sound_frontend
 from unsupdistill.augment.distill import SoundDistillAugmentation
 from unsupdistill.config import ConfigError
 
@@ -27,8 +27,6 @@ NO_CACHE = "off for sounds: the teacher cache stores an image's view parameters,
 """Why the teacher cache is off for sounds."""
 NORMALISATION = ("mean", "std")
 """Front-end fields a teacher of sounds may have of its own: its view is renormalised to them."""
-SHAPE = ("frames", "clip_samples")
-"""Fields of a model's front end that describe its input's columns and clip, not the log-mel computation."""
 
 
 def audio_fix(description: dict[str, Any], fields: list[str]) -> list[str]:
@@ -50,7 +48,7 @@ def teacher_frontend(student: LogMel, teacher: Teacher) -> LogMel:
         ConfigError: the front ends differ in more than the normalisation; the message names the fields and the
             ``audio.*`` settings that match the teacher's.
     """
-    description = {k: v for k, v in teacher.frontend.items() if k not in SHAPE}
+    description = {k: v for k, v in teacher.frontend.items() if k not in SHAPE_FIELDS}
     own = student.describe()
     differ = [k for k, v in description.items() if k not in NORMALISATION and own.get(k) != v]
     if differ:
